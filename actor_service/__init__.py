@@ -1,0 +1,1 @@
+"""tbrm actor_service package."""

@@ -1,0 +1,1 @@
+"""tbrm deploy package."""

@@ -1,0 +1,1 @@
+"""tbrm learner package."""

@@ -1,0 +1,84 @@
+"""Enforces the package dependency DAG of DESIGN.md §1 by parsing every import in the source tree."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+PACKAGES = ["actor_service", "buffer", "reward", "learner", "deploy"]
+PUBLIC = {"client", "schema"}
+# package -> packages it may import (only through their client/schema modules)
+ALLOWED = {
+    "buffer": set(),
+    "reward": set(),
+    "actor_service": {"buffer", "reward"},
+    "learner": {"buffer", "actor_service"},
+    "deploy": set(PACKAGES),
+}
+HEAVY = ("torch", "vllm", "deepspeed", "transformers")
+
+
+def imports_of(path: Path) -> list[tuple[str, int]]:
+    tree = ast.parse(path.read_text(), filename=str(path))
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out += [(a.name, node.lineno) for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            out.append((node.module, node.lineno))
+            out += [(f"{node.module}.{a.name}", node.lineno) for a in node.names]
+    return out
+
+
+def check(root: Path) -> list[str]:
+    errors = []
+    for pkg in PACKAGES:
+        for path in sorted((root / pkg).rglob("*.py")):
+            for name, line in imports_of(path):
+                parts = name.split(".")
+                target = parts[0]
+                if target not in PACKAGES or target == pkg:
+                    continue
+                where = f"{path.relative_to(root)}:{line}"
+                if target not in ALLOWED[pkg]:
+                    errors.append(f"{where}: {pkg} must not import {target}")
+                elif pkg != "deploy" and (len(parts) < 2 or parts[1] not in PUBLIC):
+                    if not (len(parts) == 2 and parts[1] in PUBLIC):
+                        errors.append(f"{where}: {pkg} imports {name}; only {target}.client/schema allowed")
+    return errors
+
+
+def heavy_in_light_modules(root: Path) -> list[str]:
+    errors = []
+    for pkg in PACKAGES:
+        for name in ("schema.py", "client.py", "settings.py"):
+            path = root / pkg / name
+            if path.exists():
+                for mod, line in imports_of(path):
+                    if mod.split(".")[0] in HEAVY:
+                        errors.append(f"{path.relative_to(root)}:{line} imports heavy module {mod}")
+    return errors
+
+
+def test_package_dependency_direction() -> None:
+    assert check(REPO) == []
+
+
+def test_light_modules_import_no_heavy_stack() -> None:
+    assert heavy_in_light_modules(REPO) == []
+
+
+def test_checker_catches_a_violation(tmp_path: Path) -> None:
+    for pkg in PACKAGES:
+        (tmp_path / pkg).mkdir()
+        (tmp_path / pkg / "__init__.py").write_text("")
+    (tmp_path / "buffer" / "x.py").write_text("import reward.schema\n")
+    (tmp_path / "actor_service" / "y.py").write_text("from buffer.table import ReplayTable\n")
+    (tmp_path / "learner" / "z.py").write_text("from buffer.client import ReplayTable\n")
+    (tmp_path / "reward" / "client.py").write_text("import torch\n")
+    errors = check(tmp_path)
+    assert any("buffer must not import reward" in e for e in errors)
+    assert any("only buffer.client/schema allowed" in e for e in errors)
+    assert not any("z.py" in e for e in errors)
+    assert heavy_in_light_modules(tmp_path) == ["reward/client.py:1 imports heavy module torch"]
