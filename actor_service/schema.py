@@ -10,7 +10,7 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 VERSION_HEADER = "X-TBRM-Policy-Version"
 SHA256_HEADER = "X-TBRM-Sha256"
@@ -36,3 +36,61 @@ class ActorStatus(BaseModel):
     tokens_per_s: float = 0.0
     last_batch_s: float = 0.0
     last_update_s: float = 0.0
+    trajectories_per_s: float = 0.0
+    """Trajectories inserted per second over the recent window."""
+    weight_updates: int = 0
+    """Weight pushes (and catch-up loads) applied since start."""
+    pushes_refused: int = 0
+    """Weight pushes answered with a 4xx since start."""
+    prompts_in_flight: int = 0
+    """Prompts claimed from the queue and not yet finished or given back."""
+    loop_enabled: bool = True
+    """False when the actor only serves /v1/generate and /v1/weights (no sampling loop)."""
+    last_error: str | None = None
+    """Most recent recoverable error of the sampling loop (reward or Redis unavailable, ...)."""
+
+
+MAX_GENERATE_PROMPTS = 64
+"""Most prompts one `POST /v1/generate` may carry (it runs on the shared engine, between training batches)."""
+
+
+class GenerateRequest(BaseModel):
+    """`POST /v1/generate`: read-only generation on the current weights (eval, tests, smoke checks)."""
+
+    model_config = ConfigDict(extra="forbid")
+    prompts: list[str] = Field(min_length=1, max_length=MAX_GENERATE_PROMPTS)
+    """Prompt texts: user messages (chat=True) or raw text fed to the tokenizer as is (chat=False)."""
+    chat: bool = True
+    """Wrap each prompt as a user turn after the actor's system prompt and apply the chat template."""
+    max_tokens: int = Field(default=64, ge=1, le=8192)
+    """Most new tokens per response (also clipped to the engine's max_model_len)."""
+    temperature: float = Field(default=0.0, ge=0.0, le=10.0)
+    """0 = greedy."""
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    n: int = Field(default=1, ge=1, le=16)
+    """Samples per prompt."""
+    seed: int | None = None
+    """Per-request sampling seed (None = the engine's random stream)."""
+    logprobs: bool = False
+    """Return the log-probability of each generated token."""
+
+
+class GeneratedSample(BaseModel):
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    logprobs: list[float] | None = None
+
+
+class GenerateResult(BaseModel):
+    prompt_token_ids: list[int]
+    samples: list[GeneratedSample]
+
+
+class GenerateResponse(BaseModel):
+    policy_version: int
+    """Weights version that produced every sample of this response (pushes wait for generation to end)."""
+    results: list[GenerateResult]
+    """One entry per prompt, in request order."""
+    latency_s: float
+

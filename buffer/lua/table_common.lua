@@ -1,0 +1,184 @@
+-- tbrm replay table: shared prelude of every table script (buffer/table.py prepends it, then the script body).
+--
+-- KEYS: the table's keys in the order of buffer.keys.TableKeys.FIELDS; the Python side generates the
+--       `local K = {...}` mapping line just above this prelude, so K.items == KEYS[2] etc.
+-- ARGV (common header, then script-specific arguments from ARGV[8]):
+--   [1] prioritized (1/0)   [2] priority exponent alpha   [3] samples_per_insert ("" = no ratio limit)
+--   [4] error_buffer        [5] min_size_to_sample        [6] max_size     [7] max_times_sampled (0 = unlimited)
+--
+-- Large values never pass through Lua (converting a 16 KB string into Lua costs ~30 us, 25x a native
+-- command): payloads are HSET by the client in the same MULTI/EXEC as the insert script, and read back by
+-- the client with HMGET after the sample script picked the ids.
+-- Needs Redis >= 6.2 (ZMSCORE, ZRANDMEMBER). Time comes from the server (TIME), so clocks of actors and learners on other hosts do not matter.
+-- Sum tree (prioritized sampler): capacity C = smallest power of two >= max_size; leaf of slot s is node C+s,
+-- node i = node 2i + node 2i+1, root = node 1. An available item's leaf holds p_i^alpha; a leased or free slot 0.
+
+if redis.replicate_commands then redis.replicate_commands() end
+
+local PRIO = ARGV[1] == '1'
+local ALPHA = tonumber(ARGV[2])
+local SPI = tonumber(ARGV[3])            -- nil when the ratio limit is off
+local EBUF = tonumber(ARGV[4])
+local MINSIZE = tonumber(ARGV[5])
+local MAXSIZE = tonumber(ARGV[6])
+local MAXTS = tonumber(ARGV[7])
+
+local CAP = 1
+while CAP < MAXSIZE do CAP = CAP * 2 end
+
+local function now_s()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) + tonumber(t[2]) / 1e6
+end
+
+local function fmt(x) return string.format('%.17g', x) end
+
+local function tree_get(node)
+  return tonumber(redis.call('HGET', K.tree, node) or '0') or 0
+end
+
+-- Set the leaf of `slot` to `value` and recompute the sums on the path to the root.
+local function tree_set(slot, value)
+  local node = CAP + slot
+  redis.call('HSET', K.tree, node, fmt(value))
+  node = math.floor(node / 2)
+  while node >= 1 do
+    local s = redis.call('HMGET', K.tree, 2 * node, 2 * node + 1)
+    redis.call('HSET', K.tree, node, fmt((tonumber(s[1] or '0') or 0) + (tonumber(s[2] or '0') or 0)))
+    node = math.floor(node / 2)
+  end
+end
+
+local function leaf_value(id)
+  local p = tonumber(redis.call('HGET', K.prio, id) or '1') or 1
+  if p <= 0 then return 0 end
+  return p ^ ALPHA
+end
+
+local function set_leaf_of(id, value)
+  if not PRIO then return end
+  local slot = redis.call('HGET', K.slot, id)
+  if slot then tree_set(tonumber(slot), value) end
+end
+
+-- Batched commands: one redis.call per (key, chunk) instead of one per item (the per-call overhead of
+-- redis.call dominated batches of 32+ items). Chunks stay far below Lua's unpack limit.
+local CHUNK = 2000
+local function bulk(cmd, key, args)
+  for i = 1, #args, CHUNK do
+    redis.call(cmd, key, unpack(args, i, math.min(i + CHUNK - 1, #args)))
+  end
+end
+local function bulk_get(cmd, key, ids)
+  local out = {}
+  for i = 1, #ids, CHUNK do
+    local r = redis.call(cmd, key, unpack(ids, i, math.min(i + CHUNK - 1, #ids)))
+    for j = 1, #r do out[#out + 1] = r[j] end
+  end
+  return out
+end
+
+-- Put items back into the sampleable pool (after a lease expires or an ack below max_times_sampled).
+local function make_available(ids)
+  if #ids == 0 then return end
+  local seqs = bulk_get('ZMSCORE', K.order, ids)
+  local pairs_ = {}
+  for i, id in ipairs(ids) do
+    if seqs[i] then
+      pairs_[#pairs_ + 1] = seqs[i]
+      pairs_[#pairs_ + 1] = id
+      set_leaf_of(id, leaf_value(id))
+    end
+  end
+  bulk('ZADD', K.avail, pairs_)
+end
+
+-- Remove items everywhere; `reason` is the counter to bump. For the rate limiter an item that leaves the
+-- table counts as max(0, samples_per_insert - times_handed_out) samples: the samples it will never get, so
+-- evictions, staleness drops and max_times_sampled < samples_per_insert cannot deadlock the two sides.
+local function remove_items(ids, reason)
+  if #ids == 0 then return end
+  if SPI then
+    local handed = bulk_get('HMGET', K.handed, ids)
+    local credit = 0
+    for i = 1, #ids do
+      local c = SPI - (tonumber(handed[i] or '0') or 0)
+      if c > 0 then credit = credit + c end
+    end
+    if credit > 0 then redis.call('HINCRBYFLOAT', K.counters, 'rl_samples', fmt(credit)) end
+  end
+  if PRIO then
+    local slots = bulk_get('HMGET', K.slot, ids)
+    local dels, free = {}, {}
+    for i, id in ipairs(ids) do
+      if slots[i] then
+        tree_set(tonumber(slots[i]), 0)
+        dels[#dels + 1] = id
+        dels[#dels + 1] = '#' .. slots[i]
+        free[#free + 1] = slots[i]
+      end
+    end
+    bulk('HDEL', K.slot, dels)
+    bulk('RPUSH', K.slotfree, free)
+  end
+  for _, key in ipairs({K.items, K.meta, K.handed, K.acked, K.prio, K.refs, K.lease_of}) do bulk('HDEL', key, ids) end
+  for _, key in ipairs({K.order, K.avail, K.byver}) do bulk('ZREM', key, ids) end
+  redis.call('HINCRBY', K.counters, reason, #ids)
+end
+
+-- Ids of `ids` currently held by `lease`.
+local function held_by(lease, ids)
+  local owners = bulk_get('HMGET', K.lease_of, ids)
+  local held, seen = {}, {}
+  for i, id in ipairs(ids) do
+    if owners[i] == lease and not seen[id] then held[#held + 1] = id; seen[id] = true end
+  end
+  return held
+end
+
+-- Return the items of every expired lease to the pool (lazy lease expiry; no background thread needed).
+local function reclaim(now)
+  local expired = redis.call('ZRANGEBYSCORE', K.lease_exp, '-inf', fmt(now))
+  local n = 0
+  for _, lease in ipairs(expired) do
+    local ids = redis.call('HGET', K.leases, lease)
+    if ids then
+      local held = held_by(lease, cjson.decode(ids))
+      bulk('HDEL', K.lease_of, held)
+      make_available(held)
+      n = n + #held
+    end
+    redis.call('HDEL', K.leases, lease)
+    redis.call('ZREM', K.lease_exp, lease)
+  end
+  if n > 0 then redis.call('HINCRBY', K.counters, 'expired', n) end
+  return n
+end
+
+-- Reverb's SampleToInsertRatio over cumulative counters I (inserts) and S (samples handed out, plus the
+-- removal credits above): diff = I * spi - S, min_diff = spi * min_size - error_buffer,
+-- max_diff = spi * min_size + error_buffer. Inserting k items is allowed while I + k <= min_size or
+-- diff + k * spi <= max_diff; sampling k items while diff - k >= min_diff.
+local function rl_state()
+  local c = redis.call('HMGET', K.counters, 'rl_inserts', 'rl_samples')
+  local I = tonumber(c[1] or '0') or 0
+  local S = tonumber(c[2] or '0') or 0
+  return I, S
+end
+
+-- How many of n items may be inserted now: returns status ('ok' | 'rate' | 'paused'), allowed count.
+local function insert_allowance(n)
+  if redis.call('HGET', K.paused, 'inserts') == '1' then return 'paused', 0 end
+  if not SPI then return 'ok', n end
+  local I, S = rl_state()
+  local max_diff = SPI * MINSIZE + EBUF
+  local allowed = 0
+  for k = 1, n do
+    if not ((I + k <= MINSIZE) or ((I + k) * SPI - S <= max_diff)) then break end
+    allowed = k
+  end
+  -- An empty table can never be sampled, so blocking its inserters could only deadlock.
+  if allowed == 0 and n > 0 and redis.call('ZCARD', K.order) == 0 then allowed = 1 end
+  if allowed < n then return 'rate', allowed end
+  return 'ok', n
+end

@@ -1,0 +1,70 @@
+-- tbrm replay table: register a batch of items (body; the prelude table_common.lua comes first).
+-- Runs inside MULTI/EXEC right after the client's `HSET items id1 payload1 id2 payload2 ...` of the same batch.
+-- KEYS: the table keys (see the prelude).  ARGV[8] = n (<= max_size; the client chunks), then per item 5 values:
+--   item_id, policy_version, reward, actor_id, priority
+-- Items already stored (or repeated in the batch) are skipped: retries are idempotent (the payload HSET just
+-- rewrote the same bytes). When the table would exceed max_size the fifo remover first evicts the oldest items
+-- (lowest insertion sequence; leased or not). The rate limiter may admit only the first k items; the payloads
+-- of items not admitted are deleted again, so nothing half-inserted stays behind.
+-- Returns {status, k, inserted flag per admitted item}: status 'ok', or 'paused' / 'rate' (k may be 0).
+local now = now_s()
+reclaim(now)
+local n = tonumber(ARGV[8])
+local ids = {}
+for k = 1, n do ids[k] = ARGV[8 + (k - 1) * 5 + 1] end
+local stored = bulk_get('ZMSCORE', K.order, ids)
+local status, allowed = insert_allowance(n)
+
+local undo = {}
+for k = allowed + 1, n do
+  if not stored[k] then undo[#undo + 1] = ids[k] end
+end
+bulk('HDEL', K.items, undo)
+if allowed == 0 then return {status, 0} end
+
+local fresh, seen, flags = {}, {}, {}
+for k = 1, allowed do
+  if stored[k] or seen[ids[k]] then
+    flags[k] = 0
+  else
+    seen[ids[k]] = true
+    fresh[#fresh + 1] = k
+    flags[k] = 1
+  end
+end
+
+local m = #fresh
+if m > 0 then
+  local evict = redis.call('ZCARD', K.order) + m - MAXSIZE
+  if evict > 0 then remove_items(redis.call('ZRANGE', K.order, 0, evict - 1), 'removed') end
+  local seq0 = redis.call('HINCRBY', K.counters, 'seq', m) - m
+  local order, byver, meta, prio = {}, {}, {}, {}
+  local stamp = fmt(now)
+  for j, k in ipairs(fresh) do
+    local b = 8 + (k - 1) * 5
+    local id = ARGV[b + 1]
+    order[#order + 1] = seq0 + j; order[#order + 1] = id
+    byver[#byver + 1] = ARGV[b + 2]; byver[#byver + 1] = id
+    meta[#meta + 1] = id; meta[#meta + 1] = stamp .. '|' .. ARGV[b + 3] .. '|' .. ARGV[b + 4]
+    if PRIO or ARGV[b + 5] ~= '1' then prio[#prio + 1] = id; prio[#prio + 1] = ARGV[b + 5] end
+  end
+  bulk('ZADD', K.order, order)
+  bulk('ZADD', K.avail, order)
+  bulk('ZADD', K.byver, byver)
+  bulk('HSET', K.meta, meta)
+  bulk('HSET', K.prio, prio)
+  if PRIO then
+    for _, k in ipairs(fresh) do
+      local id = ids[k]
+      local slot = redis.call('LPOP', K.slotfree)
+      if not slot then slot = redis.call('HINCRBY', K.counters, 'nextslot', 1) - 1 end
+      redis.call('HSET', K.slot, id, slot, '#' .. slot, id)
+      tree_set(tonumber(slot), leaf_value(id))
+    end
+  end
+  redis.call('HINCRBY', K.counters, 'inserts', m)
+  redis.call('HINCRBYFLOAT', K.counters, 'rl_inserts', m)
+end
+local res = {status, allowed}
+for k = 1, allowed do res[#res + 1] = flags[k] end
+return res

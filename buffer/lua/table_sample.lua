@@ -1,0 +1,106 @@
+-- tbrm replay table: sample a batch under a lease (body; the prelude table_common.lua comes first).
+-- KEYS: the table keys.  ARGV[8] sampler ('fifo'|'uniform'|'prioritized'), [9] batch size B,
+--   [10] learner_version, [11] max_staleness_versions (-1 = off), [12] lease id, [13] lease seconds, [14] seed.
+-- Order: expired leases return; stale available items (learner_version - policy_version > max) are dropped
+-- (counter dropped_stale); then all-or-nothing: B items are leased if the table holds >= min_size_to_sample
+-- items, >= B are available and the rate limiter allows B samples. Leased items are not sampleable until acked
+-- or expired. Returns {'ok', lease_expires_at, size, available_before, then per item 6 values:
+--   id, times_handed, policy_version, priority, probability, inserted_at}
+-- (the client then HMGETs payloads and cached references outside Lua; an item evicted by a concurrent insert
+-- in between is dropped from the batch).
+-- or {'paused'|'min_size'|'empty'|'rate', size, available}.
+-- probability: fifo 1; uniform B / available (inclusion probability of a draw without replacement);
+-- prioritized p_i^alpha / sum_j p_j^alpha over the items available at that draw.
+local now = now_s()
+reclaim(now)
+local sampler = ARGV[8]
+local B = tonumber(ARGV[9])
+local lv = tonumber(ARGV[10])
+local max_st = tonumber(ARGV[11])
+local lease = ARGV[12]
+local lease_s = tonumber(ARGV[13])
+math.randomseed(tonumber(ARGV[14]))
+
+if max_st >= 0 then
+  local stale = redis.call('ZRANGEBYSCORE', K.byver, '-inf', '(' .. fmt(lv - max_st))
+  if #stale > 0 then
+    local av = bulk_get('ZMSCORE', K.avail, stale)
+    local drop = {}
+    for i, id in ipairs(stale) do if av[i] then drop[#drop + 1] = id end end
+    remove_items(drop, 'dropped_stale')
+  end
+end
+
+local size = redis.call('ZCARD', K.order)
+local navail = redis.call('ZCARD', K.avail)
+if redis.call('HGET', K.paused, 'sampling') == '1' then return {'paused', size, navail} end
+if size < MINSIZE then return {'min_size', size, navail} end
+if navail < B then return {'empty', size, navail} end
+if SPI then
+  local I, S = rl_state()
+  if I * SPI - S - B < SPI * MINSIZE - EBUF then return {'rate', size, navail} end
+end
+
+local picked, probs = {}, {}
+if sampler == 'fifo' then
+  local popped = redis.call('ZPOPMIN', K.avail, B)
+  for i = 1, #popped, 2 do picked[#picked + 1] = popped[i]; probs[#probs + 1] = 1 end
+elseif sampler == 'uniform' or (sampler == 'prioritized' and tree_get(1) <= 0) then
+  picked = redis.call('ZRANDMEMBER', K.avail, B)  -- B > 0: distinct members
+  bulk('ZREM', K.avail, picked)
+  for i = 1, #picked do probs[i] = B / navail end
+  if PRIO then for _, id in ipairs(picked) do set_leaf_of(id, 0) end end
+else
+  for i = 1, B do
+    local total = tree_get(1)
+    local id = nil
+    local leafv = 0
+    for _ = 1, 20 do
+      local u = math.random() * total
+      local node = 1
+      while node < CAP do
+        local left = tree_get(2 * node)
+        if u < left then node = 2 * node else u = u - left; node = 2 * node + 1 end
+      end
+      leafv = tree_get(node)
+      local cand = redis.call('HGET', K.slot, '#' .. (node - CAP))
+      if cand and leafv > 0 and redis.call('ZSCORE', K.avail, cand) then id = cand; break end
+    end
+    if not id then  -- float round-off kept landing on empty leaves: take the oldest available item
+      id = redis.call('ZRANGE', K.avail, 0, 0)[1]
+      leafv = leaf_value(id)
+    end
+    probs[i] = (total > 0) and (leafv / total) or 0
+    picked[i] = id
+    redis.call('ZREM', K.avail, id)
+    set_leaf_of(id, 0)
+  end
+end
+
+local exp = now + lease_s
+local owner, handed_new = {}, {}
+local handed = bulk_get('HMGET', K.handed, picked)
+for i, id in ipairs(picked) do
+  owner[#owner + 1] = id; owner[#owner + 1] = lease
+  handed[i] = (tonumber(handed[i] or '0') or 0) + 1
+  handed_new[#handed_new + 1] = id; handed_new[#handed_new + 1] = handed[i]
+end
+bulk('HSET', K.lease_of, owner)
+bulk('HSET', K.handed, handed_new)
+local vers = bulk_get('ZMSCORE', K.byver, picked)
+local prios = bulk_get('HMGET', K.prio, picked)
+local metas = bulk_get('HMGET', K.meta, picked)
+local res = {'ok', fmt(exp), size, navail}
+for i, id in ipairs(picked) do
+  res[#res + 1] = id
+  res[#res + 1] = handed[i]
+  res[#res + 1] = vers[i]
+  res[#res + 1] = prios[i] or '1'
+  res[#res + 1] = fmt(probs[i])
+  res[#res + 1] = string.match(metas[i] or '', '^([^|]*)') or '0'
+end
+redis.call('HSET', K.leases, lease, cjson.encode(picked))
+redis.call('ZADD', K.lease_exp, fmt(exp), lease)
+redis.call('HINCRBY', K.counters, 'samples', B)
+redis.call('HINCRBYFLOAT', K.counters, 'rl_samples', B)
+return res

@@ -1,0 +1,33 @@
+-- tbrm replay table: small maintenance operations (body after the prelude).
+-- KEYS: the table keys.  ARGV[8] operation:
+--   'prio'    ARGV[9..]: item_id, priority pairs -> store priorities (sum-tree leaf updated unless leased);
+--             returns how many items existed
+--   'ref'     ARGV[9] item_id, ARGV[10] encoded reference record -> cached if the item still exists (1/0)
+--   'reclaim' return expired leases' items to the pool; returns the number of items returned
+--   'probe'   ARGV[9] n -> {status, allowed}: could n items be inserted now (no side effects but reclaim)
+local now = now_s()
+local op = ARGV[8]
+if op == 'reclaim' then return reclaim(now) end
+if op == 'probe' then
+  reclaim(now)
+  local status, allowed = insert_allowance(tonumber(ARGV[9]))
+  return {status, allowed}
+end
+if op == 'ref' then
+  if redis.call('HEXISTS', K.items, ARGV[9]) == 0 then return 0 end
+  redis.call('HSET', K.refs, ARGV[9], ARGV[10])
+  return 1
+end
+if op == 'prio' then
+  local n = 0
+  for i = 9, #ARGV, 2 do
+    local id = ARGV[i]
+    if redis.call('HEXISTS', K.items, id) == 1 then
+      redis.call('HSET', K.prio, id, ARGV[i + 1])
+      if redis.call('ZSCORE', K.avail, id) then set_leaf_of(id, leaf_value(id)) end
+      n = n + 1
+    end
+  end
+  return n
+end
+return redis.error_reply('unknown operation ' .. tostring(op))

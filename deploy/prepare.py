@@ -1,0 +1,118 @@
+"""One-shot preparation of a containerized run (compose `prepare` service, Kubernetes init container and Job).
+
+What `tbrm up` does in-process before starting services, for clusters where no launcher process exists:
+1. resolve the run TOML exactly as the launcher does (`deploy.run_config.resolve`: `[table]` copied into the
+   buffer/actor/learner sections, `[run]` shortcuts applied) and write it where every service reads it
+   (`TBRM_RUN_CONFIG`);
+2. build the toy model when the run uses it (no `actor.model_dir`, or no `learner.model_path`), once, before any
+   replica starts (replicas building it concurrently would race on the shared volume);
+3. load the training prompts into the Redis prompt queue, unless the queue already holds some (a restarted
+   cluster keeps its queue and position).
+
+    python -m deploy.prepare --source /etc/tbrm/run.toml --out /var/lib/tbrm/config/run.toml
+
+Unlike `tbrm up --config FILE`, the source is used as the whole config (not merged over configs/toy.toml): a GPU
+config must not silently inherit the toy's tiny context length. Heavy imports (transformers for the toy model)
+happen only in step 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from deploy import topology
+from deploy.run_config import RunSection, dump_toml, resolve
+
+log = logging.getLogger("tbrm.prepare")
+
+
+def resolve_to(source: Path, out: Path) -> tuple[RunSection, dict[str, Any]]:
+    """Resolve `source` and write the result to `out` atomically (readers never see a half-written file)."""
+    run, data = resolve(config_file=source, base_file=None)
+    # Thread counts from `[run]`, as deploy/launcher.py applies them before writing its resolved config.
+    data["learner"].setdefault("torch_threads", run.learner_threads)
+    data["actor"].setdefault("vllm_threads", run.actor_threads)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=".run-", suffix=".toml")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(dump_toml(data))
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return run, data
+
+
+def uses_toy_model(config: dict[str, Any]) -> bool:
+    """True when the actor or the learner falls back to the toy model (`$TBRM_HOME/models/toy`)."""
+    return not config.get("actor", {}).get("model_dir") or not config.get("learner", {}).get("model_path")
+
+
+def load_queue(run: RunSection, config: dict[str, Any], redis_url: str) -> int:
+    """Load the run's training prompts into the actors' prompt queue; 0 (and nothing loaded) if it is not empty."""
+    from buffer.client import PromptQueue, connect  # noqa: PLC0415
+    from deploy.launcher import load_prompts  # noqa: PLC0415
+
+    r = connect(redis_url)
+    try:
+        queue = PromptQueue(r, config.get("actor", {}).get("prompt_queue", "train"))
+        if queue.size() > 0:
+            log.info("prompt queue already holds %d prompts: not reloading", queue.size())
+            return 0
+        train, _test = load_prompts(run)
+        n = queue.load(train, epochs=run.epochs, shuffle_seed=run.data_seed)
+        log.info("loaded %d training prompts (%d epochs) into the queue", n, run.epochs)
+        return n
+    finally:
+        r.close()
+
+
+def prepare_cluster(run: RunSection, data: dict[str, Any], redis_url: str, *, model: bool, prompts: bool) -> None:
+    """Steps 2 and 3 of the module docstring (toy model if used, prompt queue if empty)."""
+    if model and uses_toy_model(data):
+        from actor_service.toy_model import ensure_toy_model  # noqa: PLC0415 (transformers: heavy)
+
+        log.info("toy model ready at %s", ensure_toy_model())
+    if prompts:
+        load_queue(run, data, redis_url)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m deploy.prepare", description=__doc__.split("\n\n")[0])
+    p.add_argument("--source", type=Path, default=Path(topology.CONTAINER_RUN_CONFIG_SOURCE),
+                   help="run TOML as written by the user (default: %(default)s)")  # fmt: skip
+    p.add_argument("--out", type=Path, default=Path(topology.CONTAINER_RUN_CONFIG),
+                   help="where the resolved config goes; services read it as TBRM_RUN_CONFIG (default: %(default)s)")
+    p.add_argument("--redis-url", default=os.environ.get(topology.ENV_REDIS_URL, "redis://127.0.0.1:6379/0"),
+                   help="Redis of the prompt queue (default: $TBRM_REDIS_URL)")  # fmt: skip
+    p.add_argument("--config-only", action="store_true", help="only resolve the config (no model, no prompts)")
+    p.add_argument("--skip-model", action="store_true", help="do not build the toy model")
+    p.add_argument("--skip-prompts", action="store_true", help="do not load the prompt queue")
+    p.add_argument("--ready-file", type=Path, default=None,
+                   help="touch this file when everything is done (for pods that wait on a shared volume)")  # fmt: skip
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        run, data = resolve_to(args.source, args.out)
+    except ValueError as e:
+        log.error("%s", e)
+        return 2
+    log.info("resolved %s -> %s", args.source, args.out)
+    if not args.config_only:
+        prepare_cluster(run, data, args.redis_url, model=not args.skip_model, prompts=not args.skip_prompts)
+    if args.ready_file is not None:
+        args.ready_file.parent.mkdir(parents=True, exist_ok=True)
+        args.ready_file.touch()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

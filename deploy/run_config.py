@@ -1,0 +1,196 @@
+"""The run config of `tbrm up`: one TOML for the whole cluster, resolved once and written into the run directory.
+
+Sections (DESIGN.md §6):
+- `[run]`     the launcher itself (this module's `RunSection`): actors, budget, evaluation, dataset, threads.
+- `[table]`   the replay table, copied into `[buffer.table]`, `[actor.table]` and `[learner.table]` unless those are
+              given (the three must agree, so it is written once).
+- `[reward]`, `[buffer]`, `[actor]`, `[learner]`: each service's settings with the same field names as its
+  pydantic-settings class (`TBRM_<SERVICE>_*` env vars still override them inside the service).
+
+Resolution: `configs/toy.toml` (the default toy run) <- `--config FILE` (deep-merged) <- CLI flags. The result is
+written to `<run_dir>/config.toml` and every service gets `TBRM_RUN_CONFIG=<run_dir>/config.toml`.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_CONFIG = REPO_ROOT / "configs" / "toy.toml"
+SERVICE_SECTIONS = ("reward", "buffer", "actor", "learner")
+
+
+class RunSection(BaseModel):
+    """`[run]`: how the launcher runs the cluster (not read by any service)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    actors: int = Field(default=1, ge=1, le=64)
+    """Actor processes (each one vLLM engine). On 2 cores one actor + the learner measured best."""
+    minutes: float | None = Field(default=5.0, gt=0)
+    """Time budget from launch to the end of training (None = no limit, then `steps` must be set)."""
+    steps: int | None = Field(default=None, ge=1)
+    """Stop after this many learner steps (None = until the time budget ends)."""
+    sync: bool = False
+    """Synchronous baseline: actors generate only with the newest weights and the learner waits for them."""
+
+    # ---- data ----
+    dataset: str = "toy"
+    """Training prompts: "toy" (the arithmetic task's train split) or a dataset file (parquet/jsonl)."""
+    test_dataset: str = "toy"
+    """Held-out prompts: "toy" (the test split, disjoint from train) or a dataset file."""
+    toy_train_size: int = Field(default=20_000, ge=1)
+    toy_test_size: int = Field(default=200, ge=1)
+    toy_digits: int = Field(default=2, ge=1, le=9)
+    toy_ops: str = "+-"
+    data_seed: int = 0
+    epochs: int = Field(default=3, ge=1)
+    """Passes over the training prompts loaded into the queue (the run stops on its budget, not on data)."""
+
+    # ---- held-out evaluation ----
+    eval_interval_s: float = Field(default=30.0, gt=0)
+    """Seconds between held-out evaluations during training (plus one at start and one at the end)."""
+    eval_size: int | None = Field(default=None, ge=1)
+    """Evaluate on the first N held-out prompts (None = all)."""
+    eval_max_tokens: int = Field(default=32, ge=1)
+    """Most new tokens per greedy answer."""
+    eval_timeout_s: float = Field(default=120.0, gt=0)
+    target_gain_points: float = 40.0
+    """The run reports whether held-out accuracy rose by at least this many points."""
+
+    # ---- processes ----
+    actor_threads: int = Field(default=1, ge=1)
+    """OpenMP/torch threads of each actor's vLLM engine."""
+    learner_threads: int = Field(default=1, ge=1)
+    """torch threads of the learner."""
+    vllm_cpu_bind: str = "nobind"
+    """VLLM_CPU_OMP_THREADS_BIND for the actors ("nobind": leave placement to the OS on a shared machine;
+    "auto" lets vLLM pin its threads itself; or a CPU list like "0")."""
+    health_timeout_s: float = Field(default=300.0, gt=0)
+    """How long a heavy service (actor, learner) may take to answer /health (first DeepSpeed start compiles)."""
+    stop_timeout_s: float = Field(default=15.0, gt=0)
+    """Grace period between SIGTERM and SIGKILL when stopping a service."""
+    poll_interval_s: float = Field(default=1.0, gt=0)
+    """Dashboard and metrics refresh period."""
+    final_sync_timeout_s: float = Field(default=30.0, gt=0)
+    """At the end, wait this long for the actors to load the learner's last weights before the final eval."""
+    loss: Literal["tbrm", "grpo", "keep"] = "keep"
+    """Shortcut for `--loss`: replace `[learner.loss]` with the named objective ("keep" = as configured)."""
+
+
+def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def load_toml(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    try:
+        with p.open("rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError as e:
+        raise ValueError(f"config file {p} does not exist") from e
+    except tomllib.TOMLDecodeError as e:
+        raise ValueError(f"config file {p} is not valid TOML: {e}") from e
+
+
+def resolve(
+    config_file: str | Path | None = None,
+    overrides: dict[str, Any] | None = None,
+    base_file: str | Path | None = DEFAULT_CONFIG,
+) -> tuple[RunSection, dict[str, Any]]:
+    """Defaults <- config file <- overrides (nested dicts like `{"run": {"actors": 2}}`).
+
+    Returns the validated `[run]` section and the full config dict as the services will read it (the `[table]`
+    section distributed into each service section, `[run].loss` applied to `[learner.loss]`)."""
+    data: dict[str, Any] = load_toml(base_file) if base_file and Path(base_file).exists() else {}
+    if config_file is not None:
+        data = deep_merge(data, load_toml(config_file))
+    if overrides:
+        data = deep_merge(data, overrides)
+    unknown = sorted(set(data) - {"run", "table", *SERVICE_SECTIONS})
+    if unknown:
+        raise ValueError(f"unknown config sections {unknown}; known: run, table, {', '.join(SERVICE_SECTIONS)}")
+    run = RunSection.model_validate(data.get("run", {}))
+    for sec in SERVICE_SECTIONS:
+        data.setdefault(sec, {})
+    table = data.get("table")
+    if table:
+        for sec in ("buffer", "actor", "learner"):
+            data[sec]["table"] = deep_merge(table, data[sec].get("table", {}))
+    if run.loss != "keep":
+        current = data["learner"].get("loss", {})
+        if current.get("kind", "tbrm") != run.loss:
+            data["learner"]["loss"] = {"kind": run.loss}
+    if data["learner"].get("loss", {}).get("kind") == "grpo" and data["actor"].get("n_samples_per_prompt", 4) < 2:
+        # GRPO normalizes rewards within a group of samples of one prompt: groups of 1 carry no signal.
+        # Keep the trajectories per step, split as prompts x 4 samples (RECIPES.md: 4 x 4 for the toy).
+        per_batch = data["actor"].get("prompts_per_batch", 16) * data["actor"].get("n_samples_per_prompt", 1)
+        data["actor"]["n_samples_per_prompt"] = 4
+        data["actor"]["prompts_per_batch"] = max(1, per_batch // 4)
+    if run.steps is not None:
+        data["learner"]["max_steps"] = run.steps
+    if run.sync:
+        data["learner"]["sync"] = True
+        data["actor"]["sync"] = True
+    if run.minutes is None and run.steps is None:
+        raise ValueError("set a budget: run.minutes or run.steps (--minutes / --steps)")
+    data["run"] = run.model_dump(mode="json", exclude_none=True)
+    return run, data
+
+
+# ---- a small TOML writer (the stdlib reads TOML but cannot write it) ----
+
+
+def _scalar(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, float):
+        if math.isnan(v) or math.isinf(v):
+            raise ValueError(f"cannot write {v} to TOML")
+        return repr(v)
+    if isinstance(v, str):
+        return json.dumps(v)  # a JSON string is a valid TOML basic string
+    if isinstance(v, list | tuple):
+        return "[" + ", ".join(_scalar(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{_key(k)} = {_scalar(x)}" for k, x in v.items()) + "}"
+    raise ValueError(f"cannot write {type(v).__name__} to TOML: {v!r}")
+
+
+def _key(k: str) -> str:
+    return k if k.replace("_", "").replace("-", "").isalnum() else json.dumps(k)
+
+
+def dump_toml(data: dict[str, Any]) -> str:
+    """TOML text for nested dicts of scalars/lists (None values are left out: TOML has no null)."""
+    lines: list[str] = []
+
+    def table(prefix: str, d: dict[str, Any]) -> None:
+        scalars = {k: v for k, v in d.items() if not isinstance(v, dict) and v is not None}
+        subs = {k: v for k, v in d.items() if isinstance(v, dict)}
+        if prefix:
+            lines.append(f"[{prefix}]")
+        for k, v in scalars.items():
+            lines.append(f"{_key(k)} = {_scalar(v)}")
+        if prefix or scalars:
+            lines.append("")
+        for k, v in subs.items():
+            table(f"{prefix}.{_key(k)}" if prefix else _key(k), v)
+
+    table("", data)
+    return "\n".join(lines).rstrip() + "\n"

@@ -1,0 +1,139 @@
+"""The run directory: everything a `tbrm up` run leaves behind, in one folder a user can open.
+
+Layout::
+
+    <run_dir>/
+      config.toml          the resolved run config (defaults + --config file + CLI overrides), what the services read
+      run.json             how the run was started: command line, ports, pids, versions
+      logs/<service>.log   stdout+stderr of every service (redis, reward, buffer, actor-0.., learner)
+      metrics.jsonl        one JSON object per dashboard poll (learner step, versions, buffer, reward, tokens/s)
+      eval.jsonl           one JSON object per held-out evaluation (step, policy_version, accuracy, ...)
+      summary.json         the headline numbers (initial/final accuracy, steps, wall time, trajectories, version)
+      plots/*.png          accuracy and reward vs step and vs wall time, version-lag histogram
+      redis/               the run's own redis-server dir (AOF lives here)
+
+Appends are line-buffered JSON so that a crashed run still leaves readable files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Summary(BaseModel):
+    """`summary.json`: the result of a run at a glance."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    initial_accuracy: float | None = None
+    """Greedy held-out accuracy of the starting weights (policy version 0)."""
+    final_accuracy: float | None = None
+    """Greedy held-out accuracy of the last weights the learner pushed."""
+    accuracy_gain_points: float | None = None
+    """100 * (final - initial)."""
+    best_accuracy: float | None = None
+    learner_steps: int = 0
+    wall_s: float = 0.0
+    """Seconds from the first service start to the final evaluation."""
+    train_wall_s: float = 0.0
+    """Seconds from the learner's start to its last step (the training budget actually used)."""
+    trajectories: int = 0
+    """Trajectories inserted into the replay buffer."""
+    policy_version: int = 0
+    """Last policy version the learner published."""
+    actor_versions: dict[str, int | None] = Field(default_factory=dict)
+    """Policy version each actor served at the end."""
+    buffer: dict[str, float] = Field(default_factory=dict)
+    """Replay table counters at the end (size, inserts, samples, acks, leased, dropped_stale, ...)."""
+    eval_points: int = 0
+    exit_reason: str = ""
+    """steps | minutes | interrupted | crashed:<service> | learner_done."""
+    ok: bool = True
+    """False when a service crashed or the run was interrupted."""
+    config: dict[str, Any] = Field(default_factory=dict)
+    """The knobs that matter for comparing runs (actors, loss, sync, beta, lr, batch)."""
+
+
+def default_run_dir(root: str | Path = "runs") -> Path:
+    """A new folder under `root` named by UTC time (and a counter if two runs start in the same second)."""
+    base = Path(root) / time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    path, i = base, 1
+    while path.exists():
+        path = base.with_name(f"{base.name}-{i}")
+        i += 1
+    return path
+
+
+class RunDir:
+    """Creates the layout and appends records. Cheap to construct; safe to use from one thread."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path).resolve()
+        self.logs = self.path / "logs"
+        self.plots = self.path / "plots"
+        self.redis = self.path / "redis"
+        for d in (self.path, self.logs, self.plots, self.redis):
+            d.mkdir(parents=True, exist_ok=True)
+        self.config_path = self.path / "config.toml"
+        self.metrics_path = self.path / "metrics.jsonl"
+        self.eval_path = self.path / "eval.jsonl"
+        self.summary_path = self.path / "summary.json"
+        self.run_info_path = self.path / "run.json"
+
+    def log_path(self, service: str) -> Path:
+        return self.logs / f"{service}.log"
+
+    def write_config(self, toml_text: str) -> Path:
+        self.config_path.write_text(toml_text)
+        return self.config_path
+
+    def write_run_info(self, info: dict[str, Any]) -> None:
+        _atomic_write(self.run_info_path, json.dumps(info, indent=2, sort_keys=True, default=str))
+
+    def append_metrics(self, record: dict[str, Any]) -> None:
+        _append_jsonl(self.metrics_path, record)
+
+    def append_eval(self, record: dict[str, Any]) -> None:
+        _append_jsonl(self.eval_path, record)
+
+    def write_summary(self, summary: Summary) -> None:
+        _atomic_write(self.summary_path, summary.model_dump_json(indent=2))
+
+    def read_metrics(self) -> list[dict[str, Any]]:
+        return read_jsonl(self.metrics_path)
+
+    def read_evals(self) -> list[dict[str, Any]]:
+        return read_jsonl(self.eval_path)
+
+
+def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
+    with path.open("a", buffering=1) as f:
+        f.write(json.dumps(record, sort_keys=True, default=str) + "\n")
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """Records of a JSONL file; a torn last line (the run was killed mid-write) is skipped."""
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out

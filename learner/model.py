@@ -1,0 +1,167 @@
+"""Model helpers of the learner: load HF models, pad trajectories into micro-batches, logits at response positions.
+
+Layout of one padded micro-batch (B rows): prompts are LEFT-padded to the longest prompt P, responses RIGHT-padded
+to the longest response T, so every row's last prompt token sits at column P-1 and
+
+    logits[:, P-1 + h]  predicts response token h (h = 0 .. T-1);  column P-1 is the state s_1.
+
+The policy logits the loss needs are therefore one contiguous slice, and `logits_to_keep=T+1` lets the model skip
+the LM head on the prompt. Position ids count only real tokens, so padding changes no real token's logits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from buffer.schema import Trajectory
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+
+def load_causal_lm(path: str | Path, dtype: str = "float32", trainable: bool = True) -> PreTrainedModel:
+    """Load an HF causal LM from a local folder (offline). A frozen model is put in eval mode without grads."""
+    from transformers import AutoModelForCausalLM  # noqa: PLC0415
+
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=getattr(torch, dtype), local_files_only=True)
+    # No dropout in the objective: the residual must be a deterministic function of the parameters.
+    model.config.use_cache = False
+    if trainable:
+        model.train()
+    else:
+        model.eval()
+        model.requires_grad_(False)
+    return model
+
+
+@dataclass
+class MicroBatch:
+    """Padded tensors of B trajectories (see the module docstring for the layout)."""
+
+    rows: list[int]
+    """Indices of these trajectories in the step's batch."""
+    input_ids: torch.Tensor  # [B, P+T]
+    attention_mask: torch.Tensor  # [B, P+T]
+    position_ids: torch.Tensor  # [B, P+T]
+    prompt_len: int  # P
+    tokens: torch.Tensor  # [B, T] response tokens (0 at padding)
+    mask: torch.Tensor  # [B, T] float, 1 at real response tokens
+    rewards: torch.Tensor  # [B]
+    behaviour_logprobs: torch.Tensor  # [B, T]
+
+    def to(self, device: torch.device | str) -> MicroBatch:
+        """The same micro-batch with every tensor on `device`."""
+        moved = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in self.__dict__.items()}
+        return MicroBatch(**moved)
+
+    @property
+    def n_tokens(self) -> int:
+        """Real (unpadded) tokens in the micro-batch: what the model actually processes."""
+        return int(self.attention_mask.sum())
+
+
+def collate(trajs: list[Trajectory], rows: list[int] | None = None, pad_id: int = 0) -> MicroBatch:
+    """Pad trajectories into one micro-batch (prompts left-padded, responses right-padded)."""
+    if not trajs:
+        raise ValueError("collate needs at least one trajectory")
+    B = len(trajs)
+    P = max(len(t.prompt_token_ids) for t in trajs)
+    # T >= 1 so that an empty response still has its state s_1 (V(s_1) enters the residual).
+    T = max(1, max(len(t.response_token_ids) for t in trajs))
+    input_ids = torch.full((B, P + T), pad_id, dtype=torch.long)
+    attention = torch.zeros((B, P + T), dtype=torch.long)
+    tokens = torch.zeros((B, T), dtype=torch.long)
+    mask = torch.zeros((B, T), dtype=torch.float32)
+    behaviour = torch.zeros((B, T), dtype=torch.float32)
+    for i, t in enumerate(trajs):
+        p, r = len(t.prompt_token_ids), len(t.response_token_ids)
+        input_ids[i, P - p : P] = torch.tensor(t.prompt_token_ids)
+        attention[i, P - p : P + r] = 1
+        if r:
+            input_ids[i, P : P + r] = torch.tensor(t.response_token_ids)
+            tokens[i, :r] = torch.tensor(t.response_token_ids)
+            mask[i, :r] = 1.0
+            behaviour[i, :r] = torch.tensor(t.behaviour_logprobs)
+    position_ids = (attention.cumsum(dim=1) - 1).clamp(min=0)
+    return MicroBatch(
+        rows=list(range(B)) if rows is None else rows,
+        input_ids=input_ids,
+        attention_mask=attention,
+        position_ids=position_ids,
+        prompt_len=P,
+        tokens=tokens,
+        mask=mask,
+        rewards=torch.tensor([t.reward for t in trajs], dtype=torch.float32),
+        behaviour_logprobs=behaviour,
+    )
+
+
+def plan_micro_batches(
+    trajs: list[Trajectory], micro_batch_size: int, max_tokens: int | None = None, group_aligned: bool = False
+) -> list[list[int]]:
+    """Split batch indices into micro-batches of at most `micro_batch_size` rows (and `max_tokens` padded tokens).
+
+    `group_aligned` keeps the samples of one group (same `group_id`) in one micro-batch where the group fits,
+    so a group-normalized loss (GRPO) sees whole groups. Order is otherwise the batch order (deterministic).
+    """
+    order = list(range(len(trajs)))
+    if group_aligned:
+        first: dict[str, int] = {}
+        for i, t in enumerate(trajs):
+            first.setdefault(t.group_id, i)
+        order.sort(key=lambda i: (first[trajs[i].group_id], i))
+    plans: list[list[int]] = []
+    cur: list[int] = []
+    cur_p = cur_r = 0
+
+    def fits(i: int) -> bool:
+        if len(cur) >= micro_batch_size:
+            return False
+        if group_aligned and cur and trajs[i].group_id != trajs[cur[-1]].group_id:
+            # start a new micro-batch at a group boundary if the whole next group would not fit
+            size = sum(1 for t in trajs if t.group_id == trajs[i].group_id)
+            if len(cur) + size > micro_batch_size:
+                return False
+        if max_tokens is None:
+            return True
+        p = max(cur_p, len(trajs[i].prompt_token_ids))
+        r = max(cur_r, len(trajs[i].response_token_ids), 1)
+        return (len(cur) + 1) * (p + r) <= max_tokens or not cur
+
+    for i in order:
+        if not fits(i):
+            plans.append(cur)
+            cur, cur_p, cur_r = [], 0, 0
+        cur.append(i)
+        cur_p = max(cur_p, len(trajs[i].prompt_token_ids))
+        cur_r = max(cur_r, len(trajs[i].response_token_ids), 1)
+    if cur:
+        plans.append(cur)
+    return plans
+
+
+def response_logits(model: torch.nn.Module, mb: MicroBatch) -> torch.Tensor:
+    """Logits [B, T, V] at the positions that predict the response tokens (column 0 is the state s_1), fp32."""
+    T = mb.tokens.shape[1]
+    out = model(
+        input_ids=mb.input_ids,
+        attention_mask=mb.attention_mask,
+        position_ids=mb.position_ids,
+        logits_to_keep=T + 1,
+        use_cache=False,
+    )
+    # kept positions are P-1 .. P+T-1; the last one predicts nothing
+    return out.logits[:, :T].float()
+
+
+@torch.no_grad()
+def reference_logprobs(ref_model: torch.nn.Module, mb: MicroBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """log pi_ref(a_h | s_h) [B, T] of the response tokens (0 at padding) and V_ref(s_1) = logsumexp(z_ref_1) [B]."""
+    logits = response_logits(ref_model, mb)  # [B, T, V]
+    lse = torch.logsumexp(logits, dim=-1)  # [B, T]
+    logp = logits.gather(-1, mb.tokens.unsqueeze(-1)).squeeze(-1) - lse
+    return logp * mb.mask, lse[:, 0]

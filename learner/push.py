@@ -1,0 +1,149 @@
+"""Push exported weights to every live actor without ever blocking the training loop (DESIGN.md §5).
+
+`WeightPusher.sync(latest)` is cheap and called after every step: it reads the live actors from the registry and,
+for each actor whose weights lag `latest.version` (by the registry's record and by what this pusher already
+delivered) and that has no push in flight and no recent failure, submits `actor_service.client.push_weights` to a
+thread pool. It does not wait. So
+
+- a push to a slow or dead actor times out in its own thread (`push_timeout_s`) and is retried after
+  `push_retry_s`; the loop never waits on it;
+- an actor that joins late, or restarts (new `started_at`), lags the latest version and is caught up in the next
+  `sync` call;
+- an actor gets at most one push in flight; if several versions were exported meanwhile it gets the newest.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from buffer.schema import ActorInfo, WeightsInfo
+
+log = logging.getLogger(__name__)
+
+PushFn = Callable[..., Any]
+
+
+@dataclass
+class _ActorState:
+    started_at: float
+    delivered: int = -1
+    """Newest version this pusher delivered to this incarnation of the actor."""
+    in_flight: Future[Any] | None = None
+    retry_at: float = 0.0
+    failures: int = 0
+
+
+@dataclass
+class PushStats:
+    pushes_ok: int = 0
+    pushes_failed: int = 0
+    last_latency_s: float = 0.0
+    last_error: str = ""
+    latencies_s: list[float] = field(default_factory=list)
+
+
+class WeightPusher:
+    """Concurrent, non-blocking weight pushes with catch-up (see module docstring)."""
+
+    def __init__(
+        self,
+        live_actors: Callable[[], list[ActorInfo]],
+        token: str | None,
+        timeout_s: float = 60.0,
+        retry_s: float = 5.0,
+        workers: int = 8,
+        push_fn: PushFn | None = None,
+    ) -> None:
+        if push_fn is None:
+            from actor_service.client import push_weights  # noqa: PLC0415
+
+            push_fn = push_weights
+        self._push_fn = push_fn
+        self._live = live_actors
+        self._token = token or ""
+        self._timeout_s = timeout_s
+        self._retry_s = retry_s
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="weight-push")
+        self._actors: dict[str, _ActorState] = {}
+        self._lock = threading.Lock()
+        self.stats = PushStats()
+
+    def sync(self, latest: WeightsInfo | None) -> int:
+        """Start pushes of `latest` to the actors that lag it; returns how many pushes were started."""
+        if latest is None or latest.path is None:
+            return 0
+        try:
+            actors = self._live()
+        except Exception as e:  # noqa: BLE001  (a registry hiccup must not stop training; retried next step)
+            log.warning("cannot list live actors: %s", e)
+            return 0
+        now = time.monotonic()
+        started = 0
+        with self._lock:
+            for actor in actors:
+                st = self._actors.get(actor.actor_id)
+                if st is None or st.started_at != actor.started_at:
+                    st = self._actors[actor.actor_id] = _ActorState(started_at=actor.started_at)
+                if st.in_flight is not None or now < st.retry_at:
+                    continue
+                if max(actor.policy_version, st.delivered) >= latest.version:
+                    continue
+                st.in_flight = self._pool.submit(self._push_one, actor, st, latest)
+                started += 1
+        return started
+
+    def _push_one(self, actor: ActorInfo, st: _ActorState, info: WeightsInfo) -> None:
+        t0 = time.monotonic()
+        try:
+            self._push_fn(
+                actor.url, info.path, info.version, self._token, timeout_s=self._timeout_s, sha256=info.sha256
+            )
+        except Exception as e:  # noqa: BLE001  (any failure of one actor is logged and retried, never raised)
+            if getattr(e, "status", None) == 409:
+                # the actor already has this version or a newer one (e.g. pushed before a learner restart)
+                with self._lock:
+                    st.delivered = max(st.delivered, info.version)
+                log.info("actor %s already has v%d or newer (409)", actor.actor_id, info.version)
+                return
+            with self._lock:
+                st.failures += 1
+                st.retry_at = time.monotonic() + self._retry_s
+                self.stats.pushes_failed += 1
+                self.stats.last_error = f"{actor.actor_id}: {e}"
+            log.warning("push of v%d to %s (%s) failed: %s", info.version, actor.actor_id, actor.url, e)
+        else:
+            dt = time.monotonic() - t0
+            with self._lock:
+                st.delivered = max(st.delivered, info.version)
+                st.failures = 0
+                self.stats.pushes_ok += 1
+                self.stats.last_latency_s = dt
+                self.stats.latencies_s = (self.stats.latencies_s + [dt])[-100:]
+            log.info("pushed v%d to %s in %.3fs", info.version, actor.actor_id, dt)
+        finally:
+            with self._lock:
+                st.in_flight = None
+
+    def wait_idle(self, timeout_s: float) -> bool:
+        """Wait until no push is in flight (tests, shutdown); True if idle within the timeout."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            with self._lock:
+                if all(st.in_flight is None for st in self._actors.values()):
+                    return True
+            time.sleep(0.02)
+        return False
+
+    def delivered(self) -> dict[str, int]:
+        with self._lock:
+            return {a: st.delivered for a, st in self._actors.items()}
+
+    def close(self) -> None:
+        # Pushes in flight finish (each bounded by its timeout); nothing new is started.
+        self._pool.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,216 @@
+"""Settings of the learner service (pydantic-settings; light module: no torch/deepspeed here).
+
+Precedence: CLI flag (init kwargs) > environment (`TBRM_LEARNER_<FIELD>`, nested with `__`) > the `[learner]`
+section of the run TOML named by `TBRM_RUN_CONFIG` > defaults. The shared variables `TBRM_REDIS_URL` and
+`TBRM_AUTH_TOKEN` are read without the prefix.
+
+Example run TOML::
+
+    [learner]
+    lr = 3e-5
+    batch_size = 16
+    push_interval_steps = 1
+    [learner.loss]
+    kind = "tbrm"
+    beta = 0.002
+    [learner.table]
+    max_times_sampled = 1
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, model_validator
+from pydantic_settings import BaseSettings, InitSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
+
+from buffer.schema import TableConfig
+from learner.loss_config import LossConfig, TbrmLossConfig
+
+DEFAULT_PORT = 8003
+
+
+def default_model_dir() -> Path:
+    """`$TBRM_HOME/models/toy` (TBRM_HOME defaults to `~/.cache/tbrm`): where the toy model is cached.
+
+    Computed here rather than imported from `actor_service.toy_model`, which the learner may not import.
+    """
+    return Path(os.environ.get("TBRM_HOME", "~/.cache/tbrm")).expanduser() / "models" / "toy"
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("TBRM_HOME", "~/.cache/tbrm")).expanduser()
+
+
+class ConstantSchedule(BaseModel):
+    """lr(step) = lr * min(1, (step + 1) / warmup_steps)."""
+
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["constant"] = "constant"
+    warmup_steps: int = Field(default=0, ge=0)
+    """Linear warm-up from lr/warmup_steps to lr over this many optimizer steps."""
+
+
+class CosineSchedule(BaseModel):
+    """Linear warm-up, then lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + cos(pi * progress))) over decay_steps."""
+
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["cosine"] = "cosine"
+    warmup_steps: int = Field(default=0, ge=0)
+    """Linear warm-up steps before the cosine decay starts."""
+    decay_steps: int | None = Field(default=None, ge=1)
+    """Length of the cosine decay after warm-up; None = `max_steps - warmup_steps` (needs max_steps)."""
+    min_lr_ratio: float = Field(default=0.0, ge=0.0, le=1.0)
+    """Final lr as a fraction of `lr`."""
+
+
+class LearnerSettings(BaseSettings):
+    """Everything the learner needs: model, objective, optimizer, buffer, push and checkpoint cadence."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="TBRM_LEARNER_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        validate_default=True,
+        use_attribute_docstrings=True,
+    )
+
+    # ---- service ----
+    host: str = "127.0.0.1"
+    """Bind address of the status HTTP server (rank 0 only)."""
+    port: int = Field(default=DEFAULT_PORT, ge=0, le=65535)
+    """Port of the status HTTP server (0 = do not serve HTTP)."""
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    # ---- model and objective ----
+    model_path: Path = Field(default_factory=default_model_dir)
+    """HF folder of the initial policy (also the frozen reference model unless `ref_model_path` is set)."""
+    ref_model_path: Path | None = None
+    """HF folder of the frozen reference model; None = `model_path`."""
+    loss: LossConfig = Field(default_factory=TbrmLossConfig)
+    """Objective: `{"kind": "tbrm", "beta": ..., "calibrated": ...}`, `{"kind": "grpo", ...}` or `{"kind": "sft"}`."""
+    seed: int = 0
+    """Seeds python, numpy and torch RNGs at start (restored exactly on resume)."""
+
+    # ---- optimizer ----
+    lr: float = Field(default=3e-5, gt=0)
+    """Peak learning rate of AdamW."""
+    schedule: ConstantSchedule | CosineSchedule = Field(default_factory=ConstantSchedule, discriminator="kind")
+    """Learning-rate schedule over optimizer steps."""
+    weight_decay: float = Field(default=0.0, ge=0)
+    """AdamW decoupled weight decay."""
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    adam_eps: float = Field(default=1e-8, gt=0)
+    grad_clip: float | None = Field(default=1.0, gt=0)
+    """Clip the global gradient norm to this value (None = no clipping). TBRM's residuals are large: keep it."""
+
+    # ---- batches ----
+    batch_size: int = Field(default=16, ge=1)
+    """Trajectories per optimizer step (over all data-parallel ranks)."""
+    micro_batch_size: int = Field(default=8, ge=1)
+    """Trajectories per forward/backward (gradient accumulation splits the batch into these)."""
+    max_tokens_per_micro_batch: int | None = Field(default=None, ge=1)
+    """Also split micro-batches so that rows * padded length stays under this (None = rows only)."""
+
+    # ---- distributed / DeepSpeed ----
+    zero_stage: int = Field(default=2, ge=0, le=3)
+    """ZeRO stage when no `ds_config_path` is given (<= 2 exports weights from `engine.module.state_dict()`)."""
+    ds_config_path: Path | None = None
+    """A DeepSpeed JSON config (bf16, offload, ...). Batch-size and clipping keys are filled in from these settings."""
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    """Parameter dtype of the policy and reference models (float32 on CPU)."""
+    export_dtype: Literal["float32", "bfloat16", "float16"] | None = None
+    """dtype of the pushed safetensors (must match the actors' model dtype); None = the training dtype."""
+    torch_threads: int | None = Field(default=None, ge=1)
+    """torch.set_num_threads for the learner process (None = torch's default)."""
+
+    # ---- cadence ----
+    max_steps: int | None = Field(default=None, ge=1)
+    """Stop after this many optimizer steps (None = until stopped)."""
+    push_interval_steps: int = Field(default=1, ge=1)
+    """Export and push weights to the actors every K optimizer steps (forced to 1 in sync mode)."""
+    checkpoint_interval_steps: int | None = Field(default=50, ge=1)
+    """Save a resumable checkpoint every N steps (None = only at exit)."""
+    keep_checkpoints: int = Field(default=2, ge=1)
+    """How many checkpoints to keep in the run directory."""
+    keep_weights: int = Field(default=3, ge=1)
+    """How many exported safetensors versions to keep on disk (late actors catch up from the newest)."""
+    resume: Literal["auto", "never", "must"] = "auto"
+    """auto: resume if the run directory has a checkpoint; never: start fresh; must: fail without a checkpoint."""
+    run_dir: Path = Path("runs/learner")
+    """Run directory: metrics.jsonl, checkpoints/, weights/."""
+
+    # ---- buffer and cluster ----
+    redis_url: str = Field(
+        default="redis://127.0.0.1:6379/0",
+        validation_alias=AliasChoices("redis_url", "TBRM_REDIS_URL", "TBRM_LEARNER_REDIS_URL"),
+    )
+    """Redis holding the replay table, actor registry and status (shared env `TBRM_REDIS_URL`)."""
+    auth_token: str | None = Field(
+        default=None, validation_alias=AliasChoices("auth_token", "TBRM_AUTH_TOKEN", "TBRM_LEARNER_AUTH_TOKEN")
+    )
+    """Bearer token sent with weight pushes (shared env `TBRM_AUTH_TOKEN`)."""
+    table: TableConfig | None = None
+    """Config of the replay table; None = adopt the config stored in Redis by whoever created the table (the
+    buffer, an actor), or the default table if none exists yet. A different stored config is an error."""
+    sample_timeout_s: float = Field(default=5.0, gt=0)
+    """How long one `sample` call waits for the rate limiter before the loop logs, catches up actors that joined
+    meanwhile, and retries."""
+    lease_s: float | None = Field(default=None, gt=0)
+    """Lease on sampled items (None = the table's `lease_s`)."""
+    push_timeout_s: float = Field(default=60.0, gt=0)
+    """Timeout of one weight push to one actor."""
+    push_retry_s: float = Field(default=5.0, ge=0)
+    """After a failed push, wait this long before trying that actor again."""
+    push_workers: int = Field(default=8, ge=1)
+    """Concurrent pushes (one per actor)."""
+    sync: bool = False
+    """Synchronous on-policy mode (the baseline of the async comparison): push every step and train only on
+    trajectories generated by the current weights (see learner/README.md)."""
+
+    @model_validator(mode="after")
+    def _check(self) -> LearnerSettings:
+        if self.micro_batch_size > self.batch_size:
+            raise ValueError(f"micro_batch_size={self.micro_batch_size} exceeds batch_size={self.batch_size}")
+        if isinstance(self.schedule, CosineSchedule) and self.schedule.decay_steps is None and not self.max_steps:
+            raise ValueError("a cosine schedule needs schedule.decay_steps or max_steps")
+        return self
+
+    def redacted(self) -> dict[str, Any]:
+        """The settings as JSON with secrets replaced (for /v1/config and logs)."""
+        data = self.model_dump(mode="json")
+        if data.get("auth_token"):
+            data["auth_token"] = "***"
+        return data
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, InitSettingsSource(settings_cls, init_kwargs=_run_toml_section()))
+
+
+def _run_toml_section(section: str = "learner") -> dict[str, Any]:
+    """The `[learner]` table of the run TOML named by TBRM_RUN_CONFIG ({} when unset)."""
+    path = os.environ.get("TBRM_RUN_CONFIG")
+    if not path:
+        return {}
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError as e:
+        raise ValueError(f"TBRM_RUN_CONFIG={path} does not exist") from e
+    except tomllib.TOMLDecodeError as e:
+        raise ValueError(f"TBRM_RUN_CONFIG={path} is not valid TOML: {e}") from e
+    sec = data.get(section, {})
+    if not isinstance(sec, dict):
+        raise ValueError(f"[{section}] in {path} must be a table")
+    return sec

@@ -1,0 +1,582 @@
+"""The learner loop: sample from the replay buffer -> reference log-probs -> loss -> step -> ack -> push weights.
+
+Readable top to bottom (STYLE.md #2): `train(settings)` does setup, then the loop, logging and checkpointing.
+
+    python -m learner                       # the service: this loop + the status HTTP server (port 8003)
+    torchrun --nproc_per_node 2 -m learner  # data-parallel (gloo on CPU); only rank 0 serves HTTP
+
+Per step (DESIGN.md §2-§5):
+ 1. rank 0 samples `batch_size` trajectories with a lease (`ReplayTable.sample`); with several ranks it broadcasts
+    the batch and rank r trains on items r, r+W, r+2W, ... (one lease, one ack, no duplicates).
+ 2. items without cached reference log-probs get them from the frozen reference model; they are written back
+    (`cache_reference`) so replays of the same item skip the reference forward.
+ 3. the shard is cut into padded micro-batches; each micro-batch loss is weighted by its share of the global batch
+    (trajectories for TBRM, response tokens for token-mean losses), so the accumulated gradient is exactly the
+    gradient of the loss over the whole batch, whatever the micro-batch split or the number of ranks.
+ 4. DeepSpeed clips the global grad norm and steps; rank 0 acks the lease; policy_version += 1.
+ 5. every K steps rank 0 exports safetensors, records them in `WeightsStore` and pushes them to every live actor
+    (non-blocking, see learner/push.py); lagging or late actors are caught up after every step.
+ 6. rank 0 appends one JSON line to `<run_dir>/metrics.jsonl` and updates `LearnerStatusStore`.
+ 7. every N steps and at exit: a checkpoint (model, optimizer, scheduler, step/version, RNG of every rank) that
+    `resume` restores exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import socket
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from buffer.client import (
+    ActorRegistry,
+    LearnerStatusStore,
+    RateLimitTimeout,
+    ReplayTable,
+    WeightsStore,
+    connect,
+)
+from buffer.schema import LearnerStatus, SampledItem, WeightsInfo
+from learner.live import LiveStatus
+from learner.loss import LossBatch, compute_loss
+from learner.loss_config import GrpoLossConfig, SftLossConfig
+from learner.model import (
+    MicroBatch,
+    collate,
+    load_causal_lm,
+    plan_micro_batches,
+    reference_logprobs,
+    response_logits,
+)
+from learner.push import PushFn, WeightPusher
+from learner.settings import ConstantSchedule, LearnerSettings, default_cache_dir
+from learner.weights import export_weights
+
+log = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.jsonl"
+CHECKPOINT_DIR = "checkpoints"
+WEIGHTS_DIR = "weights"
+
+
+@dataclass
+class TrainResult:
+    step: int
+    policy_version: int
+    history: list[dict[str, Any]]
+    """The metrics lines written by this call (rank 0; empty on other ranks)."""
+    model: torch.nn.Module | None = None
+    """The trained policy module (for tests and tools; the service exits instead)."""
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Setup helpers
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def ensure_single_process_env() -> None:
+    """DeepSpeed needs the torch.distributed variables even for one process (else it looks for MPI)."""
+    if "WORLD_SIZE" in os.environ:
+        return
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        free = s.getsockname()[1]
+    for k, v in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}.items():
+        os.environ.setdefault(k, v)
+    os.environ.setdefault("MASTER_PORT", str(free))
+
+
+def configure_environment() -> None:
+    """CPU DeepSpeed defaults and a persistent cache for its compiled ops (the first build takes ~25 s)."""
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(default_cache_dir() / "torch_extensions"))
+    ensure_single_process_env()
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict[str, Any]:
+    """Python, numpy and torch RNG states as JSON (no pickle in checkpoints we write ourselves)."""
+    np_state = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
+        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+        "torch": torch.get_rng_state().tolist(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    npst = state["numpy"]
+    np.random.set_state((npst[0], np.array(npst[1], dtype=np.uint32), npst[2], npst[3], npst[4]))
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
+
+
+def lr_lambda(settings: LearnerSettings):  # noqa: ANN201  (a closure for LambdaLR)
+    """Multiplier of the peak lr at optimizer step `s` (warm-up, then constant or cosine)."""
+    sched = settings.schedule
+
+    def f(s: int) -> float:
+        if sched.warmup_steps and s < sched.warmup_steps:
+            return (s + 1) / sched.warmup_steps
+        if isinstance(sched, ConstantSchedule):
+            return 1.0
+        decay = sched.decay_steps or max(1, (settings.max_steps or 1) - sched.warmup_steps)
+        progress = min(1.0, (s - sched.warmup_steps) / decay)
+        return sched.min_lr_ratio + (1 - sched.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return f
+
+
+def deepspeed_config(settings: LearnerSettings, world_size: int) -> dict[str, Any]:
+    """The user's JSON (if any) with the batch and clipping keys this loop owns filled in.
+
+    The loop does its own gradient accumulation over a variable number of micro-batches, so DeepSpeed runs with
+    `managed_gradient_accumulation: false`: `backward` only accumulates, `step` reduces across ranks and updates.
+    """
+    cfg: dict[str, Any] = {}
+    if settings.ds_config_path:
+        cfg = json.loads(Path(settings.ds_config_path).read_text())
+    else:
+        cfg["zero_optimization"] = {"stage": settings.zero_stage}
+    cfg["train_micro_batch_size_per_gpu"] = settings.micro_batch_size
+    cfg["gradient_accumulation_steps"] = 1
+    cfg["train_batch_size"] = settings.micro_batch_size * world_size
+    cfg["managed_gradient_accumulation"] = False
+    cfg["zero_allow_untested_optimizer"] = True  # a client torch AdamW: no optimizer op to compile
+    if settings.grad_clip is not None:
+        cfg["gradient_clipping"] = settings.grad_clip
+    cfg.setdefault("steps_per_print", 10**9)
+    cfg.setdefault("wall_clock_breakdown", False)
+    return cfg
+
+
+def latest_checkpoint(ckpt_dir: Path) -> str | None:
+    """Tag of the newest complete checkpoint (DeepSpeed's `latest` file is written after the save)."""
+    latest = ckpt_dir / "latest"
+    if not latest.exists():
+        return None
+    tag = latest.read_text().strip()
+    return tag if (ckpt_dir / tag).is_dir() else None
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Per-step pieces
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def sample_batch(
+    table: ReplayTable, settings: LearnerSettings, version: int, stop: threading.Event,
+    on_wait: Callable[[], Any] = lambda: None,
+) -> tuple[list[SampledItem], list[str]] | None:
+    """Sample `batch_size` items (with leases); None if stopped while waiting.
+
+    Sync mode keeps only trajectories generated by the current weights (`policy_version == version`): others are
+    acked away (consumed) and the learner samples again until the batch is full.
+    """
+    items: list[SampledItem] = []
+    leases: list[str] = []
+    while len(items) < settings.batch_size:
+        if stop.is_set():
+            if leases:
+                # nothing trained on them: let the leases expire so the items come back
+                log.info("stopping with %d sampled items unacked (leases expire)", len(items))
+            return None
+        try:
+            got = table.sample(
+                settings.batch_size - len(items), version, timeout_s=settings.sample_timeout_s,
+                lease_s=settings.lease_s,
+            )
+        except RateLimitTimeout:
+            log.info("no batch within %.0fs (waiting for actors)", settings.sample_timeout_s)
+            on_wait()  # e.g. catch up actors that joined while the learner waits for data
+            continue
+        if not settings.sync:
+            return got.items, [got.lease_id]
+        keep = [it for it in got.items if it.trajectory.policy_version == version]
+        drop = [it.info.item_id for it in got.items if it.trajectory.policy_version != version]
+        if drop:
+            table.ack(got.lease_id, drop)
+        if keep:
+            items += keep
+            leases.append(got.lease_id)
+        elif not drop:
+            continue
+    return items, leases
+
+
+def fill_reference(
+    ref_model: torch.nn.Module, table: ReplayTable | None, items: list[SampledItem], settings: LearnerSettings
+) -> int:
+    """Compute and cache the reference log-probs (and V_ref(s_1)) of items that lack them; returns how many."""
+    need_v0 = settings.loss.needs_ref_v0
+    todo = [
+        i for i, it in enumerate(items)
+        if it.trajectory.ref_logprobs is None or (need_v0 and it.trajectory.ref_v0 is None)
+    ]
+    trajs = [items[i].trajectory for i in todo]
+    device = next(ref_model.parameters()).device
+    for plan in plan_micro_batches(trajs, settings.micro_batch_size, settings.max_tokens_per_micro_batch):
+        mb = collate([trajs[j] for j in plan]).to(device)
+        logp, v0 = reference_logprobs(ref_model, mb)
+        for row, j in enumerate(plan):
+            t = trajs[j]
+            n = len(t.response_token_ids)
+            t.ref_logprobs = logp[row, :n].tolist()
+            t.ref_v0 = float(v0[row])
+            if table is not None:
+                table.cache_reference(items[todo[j]].info.item_id, t.ref_logprobs, t.ref_v0)
+    return len(todo)
+
+
+def loss_batch(mb: MicroBatch, items: list[SampledItem], settings: LearnerSettings) -> LossBatch:
+    """The loss inputs of one micro-batch (reference log-probs from the trajectories, padded like the tokens)."""
+    trajs = [items[i].trajectory for i in mb.rows]
+    ref = ref_v0 = group_ids = None
+    if settings.loss.needs_ref_logprobs:
+        ref = torch.zeros(mb.tokens.shape, dtype=torch.float32)
+        for r, t in enumerate(trajs):
+            ref[r, : len(t.response_token_ids)] = torch.tensor(t.ref_logprobs or [], dtype=torch.float32)
+        ref = ref.to(mb.tokens.device)
+    if settings.loss.needs_ref_v0:
+        ref_v0 = torch.tensor([t.ref_v0 for t in trajs], dtype=torch.float32, device=mb.tokens.device)
+    if isinstance(settings.loss, GrpoLossConfig):
+        ids: dict[str, int] = {}
+        group_ids = torch.tensor(
+            [ids.setdefault(t.group_id, len(ids)) for t in trajs], dtype=torch.long, device=mb.tokens.device
+        )
+    return LossBatch(
+        tokens=mb.tokens, mask=mb.mask, rewards=mb.rewards, ref_logprobs=ref, ref_v0=ref_v0,
+        behaviour_logprobs=mb.behaviour_logprobs, group_ids=group_ids,
+    )
+
+
+def token_mean_loss(settings: LearnerSettings) -> bool:
+    """Whether the loss averages over response tokens (else over trajectories, like TBRM)."""
+    loss = settings.loss
+    return isinstance(loss, SftLossConfig) or (isinstance(loss, GrpoLossConfig) and loss.aggregation == "token_mean")
+
+
+def all_reduce_sum(values: list[float], world_size: int) -> list[float]:
+    if world_size == 1:
+        return values
+    t = torch.tensor(values, dtype=torch.float64)
+    torch.distributed.all_reduce(t)
+    return t.tolist()
+
+
+def reduce_metrics(partials: list[tuple[float, dict[str, float]]], world_size: int) -> dict[str, float]:
+    """Combine per-micro-batch metrics with weights that sum to 1 over all ranks: means are weighted, `*_max`
+    keys take the max, and `residual_std` is recombined exactly from the per-part means and second moments."""
+    keys = sorted({k for _, m in partials for k in m})
+    sums = dict.fromkeys(keys, 0.0)
+    maxes = dict.fromkeys(keys, -math.inf)
+    sq = 0.0
+    for w, m in partials:
+        for k, v in m.items():
+            sums[k] += w * v
+            maxes[k] = max(maxes[k], v)
+        if "residual_std" in m:
+            sq += w * (m["residual_std"] ** 2 + m["residual_mean"] ** 2)
+    vec = all_reduce_sum([sums[k] for k in keys] + [sq], world_size)
+    if world_size > 1:
+        mx = torch.tensor([maxes[k] for k in keys], dtype=torch.float64)
+        torch.distributed.all_reduce(mx, op=torch.distributed.ReduceOp.MAX)
+        maxes = dict(zip(keys, mx.tolist(), strict=True))
+    out = {k: (maxes[k] if k.endswith("_max") else vec[i]) for i, k in enumerate(keys)}
+    if "residual_std" in out:
+        out["residual_std"] = math.sqrt(max(0.0, vec[-1] - out["residual_mean"] ** 2))
+    return out
+
+
+def batch_metrics(items: list[SampledItem]) -> dict[str, float]:
+    """Data metrics of the whole batch (rank 0): reward, grade-status fractions, version lag, replays."""
+    n = len(items)
+    status = Counter(it.trajectory.grade_status for it in items)
+    lag = [it.info.age_versions for it in items]
+    out = {
+        "batch_size": float(n),
+        "batch_reward_mean": sum(it.trajectory.reward for it in items) / n,
+        "version_lag_mean": sum(lag) / n,
+        "version_lag_max": float(max(lag)),
+        "times_sampled_mean": sum(it.info.times_sampled for it in items) / n,
+        "buffer_size": float(items[-1].info.buffer_size),
+    }
+    for s in ("correct", "incorrect", "no_answer", "timeout", "error"):
+        out[f"frac_{s}"] = status.get(s, 0) / n
+    return out
+
+
+def save_checkpoint(engine: Any, ckpt_dir: Path, step: int, version: int, rank: int, keep: int) -> str:
+    """DeepSpeed checkpoint (model, optimizer, scheduler) + step/version + every rank's RNG state (JSON)."""
+    tag = f"step-{step:08d}"
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"step": step, "policy_version": version})
+    (ckpt_dir / tag / f"rng-rank{rank}.json").write_text(json.dumps(rng_state()))
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+    if rank == 0:
+        tags = sorted(p.name for p in ckpt_dir.iterdir() if p.is_dir() and p.name.startswith("step-"))
+        for old in tags[:-keep]:
+            shutil.rmtree(ckpt_dir / old, ignore_errors=True)
+    log.info("checkpoint %s saved", tag)
+    return tag
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The loop
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def train(
+    settings: LearnerSettings,
+    stop: threading.Event | None = None,
+    live: LiveStatus | None = None,
+    push_fn: PushFn | None = None,
+) -> TrainResult:
+    """Run the learner until `max_steps` or `stop` is set; returns the final step/version and metrics history."""
+    stop = stop or threading.Event()
+    live = live or LiveStatus()
+
+    # ---------------------------------------------------------------- setup
+    configure_environment()
+    import deepspeed  # noqa: PLC0415  (heavy; after the environment is set)
+
+    if settings.torch_threads:
+        torch.set_num_threads(settings.torch_threads)
+    deepspeed.init_distributed(dist_backend="gloo" if not torch.cuda.is_available() else "nccl")
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    if settings.batch_size % world:
+        raise ValueError(f"batch_size={settings.batch_size} must be divisible by the {world} data-parallel ranks")
+    seed_everything(settings.seed)
+    run_dir = Path(settings.run_dir)
+    ckpt_dir = run_dir / CHECKPOINT_DIR
+    if rank == 0:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+
+    policy = load_causal_lm(settings.model_path, settings.dtype, trainable=True)
+    ref_model = None
+    if settings.loss.needs_ref_logprobs:
+        ref_model = load_causal_lm(settings.ref_model_path or settings.model_path, settings.dtype, trainable=False)
+    optimizer = torch.optim.AdamW(
+        policy.parameters(), lr=settings.lr, betas=settings.adam_betas, eps=settings.adam_eps,
+        weight_decay=settings.weight_decay,
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(settings))
+    engine, _, _, _ = deepspeed.initialize(
+        model=policy, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(settings, world)
+    )
+    if engine.zero_optimization_stage() == 3:
+        # ZeRO-3 partitions the parameters: engine.module.state_dict() is not the HF state dict to push
+        raise ValueError("ZeRO stage 3 is not supported (weight export needs full parameters); use stage <= 2")
+    if ref_model is not None:
+        ref_model.to(engine.device)
+
+    step = version = 0
+    tag = None if settings.resume == "never" else latest_checkpoint(ckpt_dir)
+    if settings.resume == "must" and tag is None:
+        raise FileNotFoundError(f"resume='must' but no checkpoint in {ckpt_dir}")
+    if tag is not None:
+        _, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag)
+        step, version = int(client_state["step"]), int(client_state["policy_version"])
+        rng_file = ckpt_dir / tag / f"rng-rank{rank}.json"
+        if rng_file.exists():
+            set_rng_state(json.loads(rng_file.read_text()))
+        log.info("resumed from %s: step %d, policy_version %d", tag, step, version)
+    last_ckpt_step = step
+
+    # Every rank talks to Redis (each caches the reference log-probs of its own shard); rank 0 owns the rest.
+    redis = connect(settings.redis_url)
+    table = ReplayTable(redis, settings.table)
+    weights_store = status_store = pusher = None
+    metrics_file = None
+    latest: WeightsInfo | None = None
+
+    def publish(v: int) -> WeightsInfo:
+        """Export the current weights as version `v` and record them in Redis (rank 0)."""
+        info = export_weights(
+            engine.module, run_dir / WEIGHTS_DIR, v, keep=settings.keep_weights, dtype=settings.export_dtype
+        )
+        weights_store.set_latest(info)
+        return info
+
+    if rank == 0:
+        weights_store = WeightsStore(redis)
+        status_store = LearnerStatusStore(redis)
+        registry = ActorRegistry(redis)
+        pusher = WeightPusher(
+            registry.live, settings.auth_token, timeout_s=settings.push_timeout_s, retry_s=settings.push_retry_s,
+            workers=settings.push_workers, push_fn=push_fn,
+        )
+        metrics_file = open(run_dir / METRICS_FILE, "a", buffering=1)  # noqa: SIM115  (closed in finally)
+        if version > 0:
+            # a resumed learner is ahead of freshly started actors: publish its weights for catch-up
+            latest = publish(version)
+        pusher.sync(latest)
+        live.update(state="running", step=step, policy_version=version, latest_weights=latest)
+        status_store.set(LearnerStatus(step=step, policy_version=version, state="running"))
+    push_every = 1 if settings.sync else settings.push_interval_steps
+    history: list[dict[str, Any]] = []
+    log.info("learner rank %d/%d ready at step %d (loss %s)", rank, world, step, settings.loss.kind)
+
+    # ---------------------------------------------------------------- loop
+    try:
+        while settings.max_steps is None or step < settings.max_steps:
+            t0 = time.monotonic()
+            # 1. sample (rank 0) and share the batch with the other ranks
+            got = None
+            if rank == 0:
+                got = sample_batch(table, settings, version, stop, on_wait=lambda w=latest: pusher.sync(w))
+            if world > 1:
+                box = [got]
+                torch.distributed.broadcast_object_list(box, src=0)
+                got = box[0]
+            if got is None:
+                break
+            items, leases = got
+            shard = items[rank::world]
+            t_sampled = time.monotonic()
+
+            # 2. reference log-probs for the items that lack them (written back to the buffer)
+            n_ref = fill_reference(ref_model, table, shard, settings) if ref_model is not None else 0
+            t_ref = time.monotonic()
+
+            # 3. weighted micro-batches: the gradient of the whole batch's loss
+            trajs = [it.trajectory for it in shard]
+            plans = plan_micro_batches(
+                trajs, settings.micro_batch_size, settings.max_tokens_per_micro_batch,
+                group_aligned=isinstance(settings.loss, GrpoLossConfig),
+            )
+            by_tokens = token_mean_loss(settings)
+            local_units = sum(len(t.response_token_ids) for t in trajs) if by_tokens else len(trajs)
+            total_units, total_trajs = all_reduce_sum([float(local_units), float(len(trajs))], world)
+            partials: list[tuple[float, dict[str, float]]] = []
+            n_tokens = 0
+            for plan in plans:
+                mb = collate([trajs[i] for i in plan], rows=plan).to(engine.device)
+                n_tokens += mb.n_tokens
+                logits = response_logits(engine, mb)
+                loss, m = compute_loss(settings.loss, logits, loss_batch(mb, shard, settings))
+                units = float(mb.mask.sum()) if by_tokens else len(plan)
+                # DeepSpeed averages gradients over ranks, hence the factor `world`.
+                weight = units / max(total_units, 1.0)
+                engine.backward(loss * (weight * world), scale_wrt_gas=False)
+                metric_w = len(plan) / total_trajs
+                mf = {k: float(v) for k, v in m.items()}
+                mf["loss"] = mf["loss"] * weight / metric_w  # loss combines with its own weight
+                partials.append((metric_w, mf))
+            engine.step()
+            t_step = time.monotonic()
+            grad_norm = engine.get_global_grad_norm()
+            loss_metrics = reduce_metrics(partials, world)
+            n_tokens = int(all_reduce_sum([float(n_tokens)], world)[0])
+            n_ref = int(all_reduce_sum([float(n_ref)], world)[0])
+
+            # 4. ack (the items are consumed only after the optimizer step) and advance the version
+            step += 1
+            version += 1
+            if rank == 0:
+                acked = sum(table.ack(lease) for lease in leases)
+                if acked < len(items):
+                    # the lease expired during the step: those items went back and may be trained on again
+                    log.warning("only %d of %d items acked: raise lease_s above the step time", acked, len(items))
+
+            # 5. export + push every K steps; catch up lagging actors every step
+            t_push = 0.0
+            if rank == 0 and step % push_every == 0:
+                tp = time.monotonic()
+                latest = publish(version)
+                t_push = time.monotonic() - tp
+            if rank == 0:
+                pusher.sync(latest)
+
+            # 6. log
+            if rank == 0:
+                dt = time.monotonic() - t0
+                line: dict[str, Any] = {
+                    "step": step,
+                    "policy_version": version,
+                    "time": time.time(),
+                    **loss_metrics,
+                    **batch_metrics(items),
+                    "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                    "lr": float(engine.get_lr()[0]),
+                    "ref_computed": n_ref,
+                    "tokens": n_tokens,
+                    "tokens_per_s": n_tokens / max(t_step - t_sampled, 1e-9),
+                    "step_time_s": dt,
+                    "sample_time_s": t_sampled - t0,
+                    "ref_time_s": t_ref - t_sampled,
+                    "train_time_s": t_step - t_ref,
+                    "export_time_s": t_push,
+                    "push_latency_s": pusher.stats.last_latency_s,
+                    "pushes_ok": pusher.stats.pushes_ok,
+                    "pushes_failed": pusher.stats.pushes_failed,
+                }
+                metrics_file.write(json.dumps(line) + "\n")
+                history.append(line)
+                numeric = {k: float(v) for k, v in line.items() if isinstance(v, int | float) and v is not None}
+                live.update(
+                    step=step, policy_version=version, last_step_at=time.time(), metrics=numeric,
+                    latest_weights=latest, actors_delivered=pusher.delivered(),
+                )
+                status_store.set(LearnerStatus(step=step, policy_version=version, metrics=numeric, state="running"))
+                log.info(
+                    "step %d v%d loss %.4g residual %.3g v0 %.3g reward %.3f lag %.1f %.2fs",
+                    step, version, line.get("loss", float("nan")), line.get("residual_mean", float("nan")),
+                    line.get("v0_mean", float("nan")), line["batch_reward_mean"], line["version_lag_mean"], dt,
+                )
+
+            # 7. checkpoint
+            if settings.checkpoint_interval_steps and step % settings.checkpoint_interval_steps == 0:
+                save_checkpoint(engine, ckpt_dir, step, version, rank, settings.keep_checkpoints)
+                last_ckpt_step = step
+    except BaseException as e:
+        live.update(state="failed", error=repr(e))
+        if status_store is not None:
+            try:
+                status_store.set(LearnerStatus(step=step, policy_version=version, state="failed"))
+            except Exception as e2:  # noqa: BLE001  (Redis may be the failure; the original error is raised)
+                log.warning("cannot record the failure in Redis: %s", e2)
+        if pusher is not None:
+            pusher.close()
+        raise
+    finally:
+        if metrics_file is not None:
+            metrics_file.close()
+    # ---------------------------------------------------------------- exit: checkpoint, final weights and push
+    if step > last_ckpt_step:
+        save_checkpoint(engine, ckpt_dir, step, version, rank, settings.keep_checkpoints)
+    if rank == 0:
+        if version > 0 and (latest is None or latest.version != version):
+            latest = publish(version)
+        # deliver the final weights; pushes in flight finish (each is bounded by its timeout)
+        pusher.sync(latest)
+        pusher.wait_idle(settings.push_timeout_s)
+        pusher.close()
+        status_store.set(LearnerStatus(step=step, policy_version=version, metrics=live.metrics, state="stopped"))
+        live.update(state="stopped", latest_weights=latest, actors_delivered=pusher.delivered())
+    log.info("learner stopped at step %d, policy_version %d", step, version)
+    return TrainResult(step=step, policy_version=version, history=history, model=engine.module)

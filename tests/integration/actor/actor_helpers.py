@@ -1,0 +1,77 @@
+"""Helpers of the actor tests (imported by conftest and test modules): uvicorn in a thread, transformers
+references for greedy decoding and log-probs."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[3]
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerThread:
+    """uvicorn serving an ASGI app in a daemon thread on a free loopback port; `stop()` shuts it down."""
+
+    def __init__(self, app, port: int | None = None) -> None:  # noqa: ANN001
+        import uvicorn
+
+        self.port = port or free_port()
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
+                                                    access_log=False))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 60
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("uvicorn did not start")
+            time.sleep(0.02)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(120)
+
+
+def hf_greedy(model_dir: Path, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+    """Greedy continuations by transformers `generate` (fp32, no sampling), stopping at eos like vLLM."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads(1)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    eos = model.generation_config.eos_token_id
+    out = []
+    with torch.no_grad():
+        for ids in prompts:
+            seq = model.generate(torch.tensor([ids]), max_new_tokens=max_new_tokens, do_sample=False,
+                                 pad_token_id=model.config.pad_token_id)[0, len(ids):].tolist()
+            eos_ids = eos if isinstance(eos, list) else [eos]
+            for i, t in enumerate(seq):
+                if t in eos_ids:
+                    seq = seq[: i + 1]
+                    break
+            out.append(seq)
+    return out
+
+
+def hf_logprobs(model_dir: Path, prompt: list[int], response: list[int]) -> list[float]:
+    """log pi(a_h | s_h) of each response token by one transformers forward pass (fp32)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + response])).logits[0].float()
+    lp = torch.log_softmax(logits[len(prompt) - 1 : -1], dim=-1)
+    return lp.gather(1, torch.tensor(response)[:, None])[:, 0].tolist()

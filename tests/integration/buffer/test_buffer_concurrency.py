@@ -1,0 +1,97 @@
+"""Many inserter and sampler PROCESSES on one table: with max_times_sampled = 1 every item is trained exactly
+once and none is lost; a sampler killed while holding a lease gives its items back after the lease expires."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import signal
+import time
+
+import pytest
+
+from buffer.client import RateLimitTimeout, ReplayTable, TableConfig, Trajectory, connect
+from buffer.schema import RateLimiterConfig, UniformSampler
+
+N_INSERTERS, N_SAMPLERS, PER_INSERTER, BATCH = 4, 4, 150, 8
+
+
+def traj(tag: str, n: int = 16) -> Trajectory:
+    return Trajectory(traj_id=tag, prompt_id=tag, group_id=tag, prompt_token_ids=[1, 2], reward=1.0,
+                      response_token_ids=list(range(n)), behaviour_logprobs=[-0.1] * n,
+                      grade_status="correct", policy_version=0)
+
+
+def inserter(url: str, cfg_json: str, k: int, out: mp.Queue) -> None:
+    table = ReplayTable(connect(url), TableConfig.model_validate_json(cfg_json))
+    ids: list[str] = []
+    for start in range(0, PER_INSERTER, 5):
+        ids += table.insert([traj(f"i{k}-{j}") for j in range(start, start + 5)], timeout_s=60)
+    out.put(("ins", ids))
+
+
+def sampler(url: str, cfg_json: str, out: mp.Queue, stop_at: int) -> None:
+    r = connect(url)
+    table = ReplayTable(r, TableConfig.model_validate_json(cfg_json))
+    got: list[str] = []
+    while True:
+        try:
+            b = table.sample(BATCH, learner_version=0, timeout_s=0.5)
+        except RateLimitTimeout:
+            if table.stats().acks >= stop_at:
+                break
+            continue
+        got += [it.info.item_id for it in b.items]
+        assert table.ack(b.lease_id) == BATCH
+    out.put(("smp", got))
+
+
+@pytest.mark.parametrize("limited", [False, True], ids=["free", "rate_limited"])
+def test_many_processes_each_item_exactly_once(redis_url: str, limited: bool) -> None:
+    rl = RateLimiterConfig(samples_per_insert=1.0, error_buffer=40.0) if limited else RateLimiterConfig()
+    cfg = TableConfig(max_size=100_000, max_times_sampled=1, sampler=UniformSampler(), rate_limiter=rl)
+    ReplayTable(connect(redis_url), cfg)
+    total = N_INSERTERS * PER_INSERTER
+    ctx = mp.get_context("fork")
+    out: mp.Queue = ctx.Queue()
+    procs = [ctx.Process(target=inserter, args=(redis_url, cfg.model_dump_json(), k, out)) for k in range(N_INSERTERS)]
+    procs += [ctx.Process(target=sampler, args=(redis_url, cfg.model_dump_json(), out, total))
+              for _ in range(N_SAMPLERS)]
+    for p in procs:
+        p.start()
+    results = [out.get(timeout=120) for _ in procs]
+    for p in procs:
+        p.join(30)
+        assert p.exitcode == 0
+    inserted = [i for kind, ids in results if kind == "ins" for i in ids]
+    sampled = [i for kind, ids in results if kind == "smp" for i in ids]
+    assert len(inserted) == len(set(inserted)) == total
+    assert len(sampled) == len(set(sampled)), "an item was sampled twice"
+    assert set(sampled) == set(inserted), "an item was lost"
+    s = ReplayTable(connect(redis_url)).stats()
+    assert (s.size, s.leased, s.inserts, s.samples, s.acks) == (0, 0, total, total, total)
+
+
+def die_holding_lease(url: str) -> None:
+    table = ReplayTable(connect(url))
+    table.sample(3, learner_version=0, lease_s=1.0)
+    os.kill(os.getpid(), signal.SIGKILL)  # crash before acking
+
+
+def test_killed_sampler_returns_items_after_lease_expiry(redis_url: str) -> None:
+    table = ReplayTable(connect(redis_url), TableConfig(max_times_sampled=1))
+    table.insert([traj(f"x{j}") for j in range(3)])
+    p = mp.get_context("fork").Process(target=die_holding_lease, args=(redis_url,))
+    p.start()
+    p.join(30)
+    assert p.exitcode == -signal.SIGKILL
+    assert table.stats().leased == 3
+    with pytest.raises(RateLimitTimeout):
+        table.sample(1, 0, timeout_s=0.1)
+    t0 = time.monotonic()
+    b = table.sample(3, 0, timeout_s=5)  # blocks until the dead lease expires
+    assert time.monotonic() - t0 < 2.0
+    assert sorted(it.info.item_id for it in b.items) == ["x0", "x1", "x2"]
+    assert all(it.info.times_sampled == 2 for it in b.items)
+    assert table.ack(b.lease_id) == 3
+    assert table.stats().size == 0

@@ -1,0 +1,86 @@
+"""Run config resolution (configs/toy.toml <- --config <- CLI flags), the TOML writer, the run directory, plots."""
+
+from __future__ import annotations
+
+import json
+import os
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from deploy.report import make_plots, version_lags
+from deploy.run_config import DEFAULT_CONFIG, dump_toml, resolve
+from deploy.run_dir import RunDir, Summary, read_jsonl
+
+
+def test_default_config_is_valid_for_every_service(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    run, cfg = resolve()
+    assert run.actors >= 1 and run.minutes == 5.0
+    path = tmp_path / "config.toml"
+    path.write_text(dump_toml(cfg))
+    assert tomllib.loads(path.read_text()) == cfg  # the writer round-trips
+    monkeypatch.setenv("TBRM_RUN_CONFIG", str(path))
+    for k in list(os.environ):
+        if k.startswith(("TBRM_ACTOR_", "TBRM_LEARNER_")):
+            monkeypatch.delenv(k)
+    from actor_service.settings import ActorSettings
+    from learner.settings import LearnerSettings
+
+    learner, actor = LearnerSettings(), ActorSettings()
+    # the replay table is written once ([table]) and reaches every user identically
+    assert learner.table == actor.table
+    assert learner.table.max_times_sampled == 1
+    assert learner.loss.kind == "tbrm" and learner.lr == pytest.approx(3e-5)
+
+
+def test_overrides_sync_loss_steps(tmp_path: Path) -> None:
+    user = tmp_path / "user.toml"
+    user.write_text('[run]\nactors = 3\n[learner]\nlr = 1e-4\n[learner.loss]\nkind = "tbrm"\nbeta = 0.02\n')
+    run, cfg = resolve(user, {"run": {"sync": True, "steps": 7}})
+    assert run.actors == 3 and run.sync and run.steps == 7
+    assert cfg["learner"]["lr"] == 1e-4 and cfg["learner"]["loss"]["beta"] == 0.02
+    assert cfg["learner"]["sync"] and cfg["actor"]["sync"] and cfg["learner"]["max_steps"] == 7
+    _, grpo = resolve(None, {"run": {"loss": "grpo"}})
+    assert grpo["learner"]["loss"] == {"kind": "grpo"}
+    # GRPO needs groups: 16 x 1 becomes 4 prompts x 4 samples (same trajectories per batch)
+    assert grpo["actor"]["n_samples_per_prompt"] == 4 and grpo["actor"]["prompts_per_batch"] == 4
+
+
+def test_bad_configs_are_refused(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[run]\nactorz = 2\n")
+    with pytest.raises(ValueError, match="actorz"):
+        resolve(bad)
+    bad.write_text("[nonsense]\nx = 1\n")
+    with pytest.raises(ValueError, match="unknown config sections"):
+        resolve(bad)
+    bad.write_text("[run\n")
+    with pytest.raises(ValueError, match="not valid TOML"):
+        resolve(bad)
+    with pytest.raises(ValueError, match="does not exist"):
+        resolve(tmp_path / "missing.toml")
+    assert DEFAULT_CONFIG.exists()
+
+
+def test_run_dir_records_and_plots(tmp_path: Path) -> None:
+    rd = RunDir(tmp_path / "run")
+    for step in range(1, 11):
+        rd.append_metrics({"wall_s": step * 2.0, "learner_step": step, "train_reward": step / 10,
+                           "age_versions_mean": step % 3})
+        rd.append_metrics({"wall_s": step * 2.0 + 1, "learner_step": step, "train_reward": step / 10,
+                           "age_versions_mean": step % 3})
+    for step, acc in ((0, 0.3), (5, 0.6), (10, 0.9)):
+        rd.append_eval({"learner_step": step, "wall_s": step * 2.0, "accuracy": acc})
+    with rd.metrics_path.open("a") as f:
+        f.write('{"torn": ')  # a killed run leaves a partial line: readers skip it
+    assert len(read_jsonl(rd.metrics_path)) == 20
+    assert sorted(version_lags(rd.read_metrics())) == sorted(float(s % 3) for s in range(1, 11))
+    files = make_plots(rd)
+    names = {p.name for p in files}
+    assert {"accuracy_reward_vs_step.png", "accuracy_reward_vs_time.png", "version_lag_hist.png"} <= names
+    for p in files:
+        assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 5000
+    rd.write_summary(Summary(initial_accuracy=0.3, final_accuracy=0.9, learner_steps=10))
+    data = json.loads(rd.summary_path.read_text())
+    assert data["final_accuracy"] == 0.9 and data["learner_steps"] == 10

@@ -1,0 +1,129 @@
+"""Unit tests of the grading building blocks: extraction, normalization, numbers, guards."""
+
+from __future__ import annotations
+
+from fractions import Fraction
+
+import pytest
+
+from reward.grading import (
+    extract_answer,
+    find_boxes,
+    gold_answer,
+    guard_reason,
+    normalize,
+    numbers_match,
+    parse_number,
+    prepare,
+)
+
+
+def test_brace_matching_ignores_escaped_braces() -> None:
+    (box,) = find_boxes(r"x \boxed{\{1,\frac{2}{3}\}} y")
+    assert box.content == r"\{1,\frac{2}{3}\}"
+
+
+def test_unclosed_box_is_reported() -> None:
+    boxes = find_boxes(r"\boxed{1} then \boxed{\frac{1}{2}")
+    assert boxes[0].content == "1" and boxes[1].content is None
+    assert extract_answer(r"\boxed{1} then \boxed{\frac{1}{2}") is None
+
+
+def test_last_box_of_last_paragraph() -> None:
+    assert extract_answer("\\boxed{1}\n\nso \\boxed{2}") == "2"
+    assert extract_answer("\\boxed{1} and \\boxed{2}") is None
+    assert extract_answer("\\boxed{2} and again \\boxed{2.0}") is None  # different strings: ambiguous, refused
+    assert extract_answer("\\boxed{2} and again \\boxed{ 2 }") == "2"
+
+
+def test_answer_line_and_phrase() -> None:
+    assert extract_answer("blah\n\nAnswer: $x^2$") == "x^2"
+    assert extract_answer("The final answer is: \\(7\\). Done.") == "7"
+    assert extract_answer("The final answer is 3.\nThe final answer is 4.") == "4"
+    assert extract_answer("Answer: 3\nmore text") is None
+
+
+def test_gold_may_be_a_solution() -> None:
+    assert gold_answer("so $\\boxed{5}$.") == "5"
+    assert gold_answer(" 7 ") == "7"
+
+
+@pytest.mark.parametrize(
+    ("raw", "norm"),
+    [
+        ("\\left( 1 \\right)", "( 1 )"),
+        ("\\dfrac{1}{2}", "\\frac{1}{2}"),
+        ("\\text{ cm}", "cm"),
+        ("5\\text{ cm}", "5"),
+        ("90^\\circ", "90"),
+        ("50\\%", "50"),
+        ("1{,}000", "1000"),
+        ("１２", "12"),
+        ("−3", "-3"),
+        ("(B)", "B"),
+        ("x²", "x^2"),
+        ("$\\displaystyle 4$", "4"),
+        ("\\begin{pmatrix}1\\\\ 2\\end{pmatrix}", "\\begin{pmatrix}1\\\\ 2\\end{pmatrix}"),
+    ],
+)
+def test_normalize(raw: str, norm: str) -> None:
+    assert normalize(raw) == norm
+
+
+def test_parse_number_forms() -> None:
+    assert parse_number("0.25") == (Fraction(1, 4), 2)
+    assert parse_number("-\\frac{3}{4}") == (Fraction(-3, 4), None)
+    assert parse_number("1.5e3") == (Fraction(1500), None)
+    assert parse_number("0.\\overline{142857}")[0] == Fraction(1, 7)  # type: ignore[index]
+    assert parse_number("1/0") is None
+    assert parse_number("x") is None
+    assert parse_number("1" * 500) is None  # too long for the fast path
+
+
+def test_numbers_match_rounding_rule() -> None:
+    third = (Fraction(1, 3), None)
+    assert numbers_match(third, (Fraction("0.333"), 3))
+    assert not numbers_match(third, (Fraction("0.33"), 2))
+    assert not numbers_match((Fraction(1, 4), None), (Fraction("0.250001"), 6))  # terminating: exact only
+
+
+@pytest.mark.parametrize(
+    "s",
+    ["2^{3^{4}}", "9^9^9", "10^{100000}", "100000!", "(3!)!", "(" * 20 + "1" + ")" * 20, "x" * 5000,
+     "\\binom{100000}{50000}", "\\Gamma(1000)"],
+)
+def test_guards_flag_dangerous_input(s: str) -> None:
+    assert guard_reason(s) is not None
+
+
+@pytest.mark.parametrize("s", ["2^{10}", "x^2+2x+1", "\\frac{\\sqrt{3}}{2}", "5!", "(1,2]", "e^{i\\pi}"])
+def test_guards_let_normal_math_through(s: str) -> None:
+    assert guard_reason(s) is None
+
+
+def test_prepare_fast_paths_skip_sympy() -> None:
+    assert prepare("\\boxed{12}", "12").reason == "identical"
+    assert prepare("\\boxed{0.5}", "1/2").reason == "number"
+    assert prepare("\\boxed{\\text{Paris}}", "London").reason == "text"
+    assert prepare("\\boxed{2^{2^{2^{2}}}}", "65536").reason.startswith("guard")
+    p = prepare("\\boxed{\\sqrt{4}}", "2")
+    assert p.verdict is None and p.pred == "\\sqrt{4}" and p.gold == "2"
+
+
+def test_prepare_is_fast_on_hostile_text() -> None:
+    import time
+
+    hostile = [
+        "Answer:" + " " * 60_000 + "x",
+        "\\boxed{" * 20_000,
+        "{" * 30_000 + "\\boxed{1}",
+        "the final answer is " * 3000,
+        "$" * 60_000,
+        "\\boxed{" * 5_000 + "1" + "}" * 5_000,
+        "\\boxed{1}" * 6_000,
+        "\\boxed{1} " * 3_000 + "\\boxed{2}",
+    ]
+    for text in hostile:
+        t0 = time.perf_counter()
+        prepare(text, "1")
+        assert time.perf_counter() - t0 < 1.0
