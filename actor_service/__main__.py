@@ -10,11 +10,15 @@ deregisters, and the process exits 0.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
+import signal
+import threading
 import types
 import typing
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -63,8 +67,25 @@ def main(argv: list[str] | None = None) -> None:
 
     from actor_service.app import create_app
 
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port,
-                log_level=settings.log_level, access_log=False)
+    class GracefulServer(uvicorn.Server):
+        """uvicorn re-raises a caught SIGTERM after its graceful shutdown (exit status -15); an actor that
+        stopped cleanly (prompts finished or given back, deregistered) exits 0 instead."""
+
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            if threading.current_thread() is not threading.main_thread():
+                yield
+                return
+            originals = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                yield
+            finally:
+                for sig, handler in originals.items():
+                    signal.signal(sig, handler)
+
+    config = uvicorn.Config(create_app(settings), host=settings.host, port=settings.port,
+                            log_level=settings.log_level, access_log=False)
+    GracefulServer(config).run()
 
 
 if __name__ == "__main__":

@@ -192,6 +192,12 @@ def create_app(settings: ActorSettings | None = None, engine: ActorEngine | None
     @router.post("/generate", response_model=GenerateResponse)
     async def generate(req: GenerateRequest) -> GenerateResponse:
         eng = state.require_engine()
+        if req.max_tokens > settings.generate_max_tokens:
+            raise HTTPException(status_code=422, detail=f"max_tokens={req.max_tokens} exceeds this actor's "
+                                                        f"generate_max_tokens={settings.generate_max_tokens}")
+        if len(req.prompts) * req.n > settings.generate_max_samples:
+            raise HTTPException(status_code=422, detail=f"{len(req.prompts)} prompts x n={req.n} exceeds this "
+                                                        f"actor's generate_max_samples={settings.generate_max_samples}")
 
         def run() -> GenerateResponse:
             if req.chat:

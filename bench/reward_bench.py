@@ -111,8 +111,11 @@ def free_port() -> int:
 
 def baseline_math_verify(items: list[GradeItem], budget_s: float) -> dict:
     """math-verify as a user would call it: parse(gold), parse(response), verify(gold, pred), one core."""
+    from latex2sympy2_extended import latex2sympy2 as l2s
     from math_verify import parse, verify
 
+    # The stock library: our two-stage (SLL-first) parser patch must not be active in this process.
+    assert not getattr(l2s._Latex2Sympy, "_tbrm_two_stage", False), "baseline must run before our pipeline"
     n, lat = 0, []
     t_end = time.perf_counter() + budget_s
     t0 = time.perf_counter()

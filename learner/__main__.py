@@ -61,6 +61,8 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(
         level=settings.log_level.upper(), format=f"%(asctime)s %(levelname)s [rank{rank}] %(name)s: %(message)s"
     )
+    # one INFO line per HTTP request of the weight pushes is noise; learner.push logs the outcome of each push
+    logging.getLogger("httpx").setLevel(logging.WARNING)
 
     # Heavy imports only after the settings parsed (a bad flag fails in milliseconds).
     from learner.live import LiveStatus  # noqa: PLC0415

@@ -111,7 +111,8 @@ class LearnerSettings(BaseSettings):
     batch_size: int = Field(default=16, ge=1)
     """Trajectories per optimizer step (over all data-parallel ranks)."""
     micro_batch_size: int = Field(default=8, ge=1)
-    """Trajectories per forward/backward (gradient accumulation splits the batch into these)."""
+    """Trajectories per forward/backward on one rank (gradient accumulation splits the batch into these; larger
+    than the batch = one micro-batch)."""
     max_tokens_per_micro_batch: int | None = Field(default=None, ge=1)
     """Also split micro-batches so that rows * padded length stays under this (None = rows only)."""
 
@@ -173,8 +174,6 @@ class LearnerSettings(BaseSettings):
 
     @model_validator(mode="after")
     def _check(self) -> LearnerSettings:
-        if self.micro_batch_size > self.batch_size:
-            raise ValueError(f"micro_batch_size={self.micro_batch_size} exceeds batch_size={self.batch_size}")
         if isinstance(self.schedule, CosineSchedule) and self.schedule.decay_steps is None and not self.max_steps:
             raise ValueError("a cosine schedule needs schedule.decay_steps or max_steps")
         return self

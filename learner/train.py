@@ -288,6 +288,30 @@ def all_reduce_sum(values: list[float], world_size: int) -> list[float]:
     return t.tolist()
 
 
+def all_reduce_max(value: float, world_size: int) -> float:
+    if world_size == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return float(t[0])
+
+
+def shard_items(items: list[SampledItem], rank: int, world: int, by_group: bool = False) -> list[SampledItem]:
+    """This rank's part of the batch: items rank, rank+W, ...; with `by_group` (GRPO) whole groups go to one
+    rank (each group to the rank holding the fewest items so far), so group normalization sees whole groups."""
+    if world == 1:
+        return items
+    groups: dict[str, list[SampledItem]] = {}
+    for it in items:
+        groups.setdefault(it.trajectory.group_id, []).append(it)
+    if not by_group or len(groups) < world:
+        return items[rank::world]
+    shards: list[list[SampledItem]] = [[] for _ in range(world)]
+    for members in groups.values():
+        min(shards, key=len).extend(members)
+    return shards[rank]
+
+
 def reduce_metrics(partials: list[tuple[float, dict[str, float]]], world_size: int) -> dict[str, float]:
     """Combine per-micro-batch metrics with weights that sum to 1 over all ranks: means are weighted, `*_max`
     keys take the max, and `residual_std` is recombined exactly from the per-part means and second moments."""
@@ -376,6 +400,12 @@ def train(
     if rank == 0:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
 
+    for path in (settings.model_path, settings.ref_model_path):
+        if path is not None and not (Path(path) / "config.json").exists():
+            raise FileNotFoundError(
+                f"no HF model at {path} (config.json missing); build the toy model with `tbrm toy-model` "
+                "or set model_path"
+            )
     policy = load_causal_lm(settings.model_path, settings.dtype, trainable=True)
     ref_model = None
     if settings.loss.needs_ref_logprobs:
@@ -456,7 +486,7 @@ def train(
             if got is None:
                 break
             items, leases = got
-            shard = items[rank::world]
+            shard = shard_items(items, rank, world, by_group=isinstance(settings.loss, GrpoLossConfig))
             t_sampled = time.monotonic()
 
             # 2. reference log-probs for the items that lack them (written back to the buffer)
@@ -472,13 +502,20 @@ def train(
             by_tokens = token_mean_loss(settings)
             local_units = sum(len(t.response_token_ids) for t in trajs) if by_tokens else len(trajs)
             total_units, total_trajs = all_reduce_sum([float(local_units), float(len(trajs))], world)
+            # ZeRO-2 reduces gradients inside every backward: all ranks must run as many. A rank with fewer
+            # micro-batches repeats its first one with weight 0.
+            n_micro = int(all_reduce_max(float(len(plans)), world))
             partials: list[tuple[float, dict[str, float]]] = []
             n_tokens = 0
-            for plan in plans:
+            for j in range(n_micro):
+                plan = plans[j] if j < len(plans) else plans[0]
                 mb = collate([trajs[i] for i in plan], rows=plan).to(engine.device)
-                n_tokens += mb.n_tokens
                 logits = response_logits(engine, mb)
                 loss, m = compute_loss(settings.loss, logits, loss_batch(mb, shard, settings))
+                if j >= len(plans):
+                    engine.backward(loss * 0.0, scale_wrt_gas=False)
+                    continue
+                n_tokens += mb.n_tokens
                 units = float(mb.mask.sum()) if by_tokens else len(plan)
                 # DeepSpeed averages gradients over ranks, hence the factor `world`.
                 weight = units / max(total_units, 1.0)
@@ -492,7 +529,7 @@ def train(
             grad_norm = engine.get_global_grad_norm()
             loss_metrics = reduce_metrics(partials, world)
             n_tokens = int(all_reduce_sum([float(n_tokens)], world)[0])
-            n_ref = int(all_reduce_sum([float(n_ref)], world)[0])
+            n_ref, n_padding = (int(x) for x in all_reduce_sum([float(n_ref), float(n_micro - len(plans))], world))
 
             # 4. ack (the items are consumed only after the optimizer step) and advance the version
             step += 1
@@ -524,6 +561,8 @@ def train(
                     "grad_norm": float(grad_norm) if grad_norm is not None else None,
                     "lr": float(engine.get_lr()[0]),
                     "ref_computed": n_ref,
+                    "micro_batches": n_micro,
+                    "padding_backwards": n_padding,
                     "tokens": n_tokens,
                     "tokens_per_s": n_tokens / max(t_step - t_sampled, 1e-9),
                     "step_time_s": dt,

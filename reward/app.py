@@ -51,6 +51,14 @@ class Health(BaseModel):
     """PIDs of the worker processes (for operators and tests)."""
 
 
+class ConfigView(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    settings: dict[str, Any]
+    """Effective settings (the reward service holds no secrets)."""
+    versions: dict[str, str | None]
+    """Versions of the grading libraries (grading results depend on them)."""
+
+
 class VerdictCache:
     """Bounded LRU: (sha256(response), gold) -> (status, extracted). Timeouts and errors are not cached."""
 
@@ -274,11 +282,12 @@ def create_app(settings: RewardSettings | None = None) -> FastAPI:
         metrics.batch_items.observe(len(req.items))
         return GradeResponse(results=results)
 
-    @router.get("/config")
-    async def config() -> dict[str, Any]:
+    @router.get("/config", response_model=ConfigView)
+    async def config() -> ConfigView:
         """Effective settings (the reward service holds no secrets) and library versions."""
-        return {"settings": settings.model_dump(mode="json"),
-                "versions": {"math-verify": _pkg_version("math-verify"), "sympy": _pkg_version("sympy")}}
+        return ConfigView(settings=settings.model_dump(mode="json"),
+                          versions={name: _pkg_version(name)
+                                    for name in ("math-verify", "sympy", "latex2sympy2_extended")})
 
     app.include_router(router)
 

@@ -131,6 +131,7 @@ class WorkerPool:
         self._ctx.set_forkserver_preload(["math_verify", "reward.grading", "reward._preload"])
         self._idle: asyncio.Queue[_Worker] | None = None
         self._all: list[_Worker] = []
+        self._background: set[asyncio.Future[None]] = set()  # replacements under way
         self._closed = False
 
     # -- lifecycle ------------------------------------------------------------------------------------------
@@ -179,6 +180,8 @@ class WorkerPool:
     async def close(self) -> None:
         """Stop every worker (polite message first, SIGKILL after a short grace)."""
         self._closed = True
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
         workers = list(self._all)
         for w in workers:
             with contextlib.suppress(OSError, BrokenPipeError):
@@ -195,6 +198,11 @@ class WorkerPool:
                     self._all.remove(w)
 
         await asyncio.gather(*(loop.run_in_executor(None, stop, w) for w in workers))
+
+    async def settle(self, timeout_s: float = 30.0) -> None:
+        """Wait until replacements under way have joined the pool."""
+        if self._background:
+            await asyncio.wait_for(asyncio.gather(*self._background, return_exceptions=True), timeout_s)
 
     def alive(self) -> int:
         """Live worker processes."""
@@ -234,6 +242,7 @@ class WorkerPool:
         if self._idle is None or self._closed:
             raise RuntimeError("WorkerPool is not started")
         w = await self._idle.get()
+        release = True
         try:
             for attempt in range(2):
                 if not w.proc.is_alive():
@@ -243,7 +252,12 @@ class WorkerPool:
                         await self._roundtrip(w, None)
                     return await self._roundtrip(w, (pred, gold))
                 except TimeoutError:
-                    w = await self._replace(w, f"hard timeout {self.hard_timeout_s}s")
+                    # Answer at once; the stuck worker dies now and its replacement joins the pool when ready.
+                    self._sigkill(w)
+                    release = False
+                    task = asyncio.ensure_future(self._replace_and_release(w, f"hard timeout {self.hard_timeout_s}s"))
+                    self._background.add(task)
+                    task.add_done_callback(self._background.discard)
                     return "timeout"
                 except (EOFError, OSError) as exc:
                     # The worker died under this job (or before it): replace it, try once more, then give up.
@@ -252,5 +266,18 @@ class WorkerPool:
                         return "error"
             return "error"
         finally:
-            if not self._closed:
+            if release and not self._closed:
                 self._idle.put_nowait(w)
+
+    @staticmethod
+    def _sigkill(w: _Worker) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            if w.proc.pid is not None:
+                os.kill(w.proc.pid, signal.SIGKILL)
+
+    async def _replace_and_release(self, w: _Worker, why: str) -> None:
+        new = await self._replace(w, why)
+        if self._closed:
+            await asyncio.get_running_loop().run_in_executor(None, self._kill, new)
+        elif self._idle is not None:
+            self._idle.put_nowait(new)

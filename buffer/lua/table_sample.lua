@@ -8,7 +8,7 @@
 --   id, times_handed, policy_version, priority, probability, inserted_at}
 -- (the client then HMGETs payloads and cached references outside Lua; an item evicted by a concurrent insert
 -- in between is dropped from the batch).
--- or {'paused'|'min_size'|'empty'|'rate', size, available}.
+-- or {'paused'|'min_size'|'empty'|'rate'|'dup_lease', size, available}.
 -- probability: fifo 1; uniform B / available (inclusion probability of a draw without replacement);
 -- prioritized p_i^alpha / sum_j p_j^alpha over the items available at that draw.
 local now = now_s()
@@ -20,6 +20,8 @@ local max_st = tonumber(ARGV[11])
 local lease = ARGV[12]
 local lease_s = tonumber(ARGV[13])
 math.randomseed(tonumber(ARGV[14]))
+-- A client retry of an already executed call (socket timeout) must not overwrite the lease's item list.
+if redis.call('HEXISTS', K.leases, lease) == 1 then return {'dup_lease', 0, 0} end
 
 if max_st >= 0 then
   local stale = redis.call('ZRANGEBYSCORE', K.byver, '-inf', '(' .. fmt(lv - max_st))

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 from actor_helpers import REPO, free_port
 
 from actor_service.client import get_status, health, push_weights
@@ -27,6 +28,7 @@ def wait_for(cond, timeout_s: float, what: str) -> None:  # noqa: ANN001
         time.sleep(0.2)
 
 
+@pytest.mark.slow  # a second vLLM start in a subprocess: 30-90 s on a loaded 2-core machine
 def test_actor_process_end_to_end_and_sigterm(redis_url, reward_service, tiny_model_dir: Path, make_variant,
                                               tmp_path: Path) -> None:  # noqa: ANN001
     r = connect(redis_url)

@@ -54,6 +54,7 @@ def push(url: str, path: Path, version: int, token: str = TOKEN) -> int:
 
 
 def test_push_makes_outputs_equal_transformers_greedy(server, actor_engine, make_variant) -> None:  # noqa: ANN001
+    seen = []
     for seed in (1, 2):
         variant = make_variant(seed)
         version = actor_engine.version + 1
@@ -66,11 +67,13 @@ def test_push_makes_outputs_equal_transformers_greedy(server, actor_engine, make
         assert served_version == version
         expected = hf_greedy(variant, prompts(actor_engine), MAX_NEW)
         assert outs == expected
+        seen.append(outs)
         # The HTTP generate path serves the same weights.
         http = httpx.post(f"{server.url}/v1/generate", timeout=60, json=GenerateRequest(
             prompts=["What is 12+34?"], max_tokens=MAX_NEW, temperature=0.0).model_dump())
         assert http.status_code == 200, http.text
         assert http.json()["policy_version"] == version
+    assert seen[0] != seen[1]  # the two weight sets really produce different outputs
     status = get_status(server.url)
     assert status.policy_version == actor_engine.version
     assert status.weight_updates >= 2

@@ -16,7 +16,8 @@ import pyarrow.parquet as pq
 import pytest
 import schemathesis
 from fastapi.testclient import TestClient
-from hypothesis import HealthCheck, given, settings as hsettings
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hsettings
 
 from buffer.app import create_app
 from buffer.client import (

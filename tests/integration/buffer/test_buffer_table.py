@@ -367,3 +367,20 @@ def test_large_batch_and_duplicates_in_one_call(r: redis.Redis) -> None:
     t2 = ReplayTable(r, TableConfig(name="dups"))
     t2.insert([traj(1), traj(2), traj(1)])
     assert t2.stats().inserts == 2
+
+
+def test_prioritized_leases_expiry_and_zero_priorities(r: redis.Redis) -> None:
+    t = make(r, sampler=PrioritizedSampler(exponent=1.0), max_times_sampled=0)
+    t.insert([traj(0), traj(1)], priorities=[3.0, 1.0])
+    b = t.sample(1, 0, lease_s=0.2)
+    other = "t00001" if b.items[0].info.item_id == "t00000" else "t00000"
+    b2 = t.sample(1, 0)  # the leased item's mass is out of the tree: the other one has probability 1
+    assert b2.items[0].info.item_id == other and b2.items[0].info.probability == pytest.approx(1.0)
+    t.update_priorities({other: 0.0})
+    t.ack(b2.lease_id)
+    time.sleep(0.3)  # the first lease expires; its item's priority mass comes back
+    b3 = t.sample(1, 0)
+    assert b3.items[0].info.item_id == b.items[0].info.item_id and b3.items[0].info.probability == pytest.approx(1.0)
+    t.ack(b3.lease_id)
+    t.update_priorities({"t00000": 0.0, "t00001": 0.0})
+    assert len(t.sample(2, 0).items) == 2  # all zero: falls back to uniform instead of blocking

@@ -69,6 +69,15 @@ def test_loop_trains_acks_caches_reference_exports_and_pushes(tmp_path, tiny_mod
 
         ref = load_causal_lm(tiny_model_dir, trainable=False)
         lp, _ = reference_logprobs(ref, collate(trajs[:1]))
+        # TBRM moved the policy toward pi_ref * exp(r / beta): the summed log-ratio rose on the rewarded responses
+        # relative to the unrewarded ones
+        mb = collate(trajs)
+        lp_ref, _ = reference_logprobs(ref, mb)
+        lp_new, _ = reference_logprobs(res.model.eval(), mb)
+        ratio = (lp_new - lp_ref).sum(dim=1)
+        good = torch.tensor([t.reward == 1.0 for t in trajs])
+        assert good.any() and (~good).any()
+        assert ratio[good].mean() > ratio[~good].mean()
         lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
         assert [x["step"] for x in lines] == [1, 2, 3, 4]
         assert lines[0]["ref_computed"] == 4 and lp.shape[1] == len(trajs[0].response_token_ids)

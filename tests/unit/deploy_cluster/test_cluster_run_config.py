@@ -84,3 +84,35 @@ def test_run_dir_records_and_plots(tmp_path: Path) -> None:
     rd.write_summary(Summary(initial_accuracy=0.3, final_accuracy=0.9, learner_steps=10))
     data = json.loads(rd.summary_path.read_text())
     assert data["final_accuracy"] == 0.9 and data["learner_steps"] == 10
+
+
+def test_dashboard_renders_live_and_plain() -> None:
+    from rich.console import Console
+
+    from deploy.dashboard import ActorView, Dashboard, Snapshot, plain_line, render
+
+    snap = Snapshot(
+        wall_s=42.0, learner_step=7, learner_version=7, learner_state="running",
+        learner_metrics={"batch_reward_mean": 0.625, "version_lag_mean": 1.5, "loss": 12.5},
+        actors=[ActorView("actor-0", "http://x", policy_version=6, tokens_per_s=1500.0, trajectories=160)],
+        buffer={"size": 40, "inserts": 200, "samples": 112, "acks": 112, "leased": 0}, accuracy=0.7,
+        initial_accuracy=0.35,
+    )  # fmt: skip
+    console = Console(record=True, width=140, force_terminal=True)
+    console.print(render(snap))
+    text = console.export_text()
+    assert "+35.0 pts" in text and "actor-0" in text and "0.625" in text
+    line = plain_line(snap)
+    assert "step=7" in line and "actor-0=v6" in line and "acc=0.700" in line
+    rec = snap.record()
+    assert rec["train_reward"] == 0.625 and rec["age_versions_mean"] == 1.5 and rec["buffer_acks"] == 112
+    # not a terminal: plain lines, at most one per interval
+    import io
+
+    buf = io.StringIO()
+    dash = Dashboard(Console(file=buf, width=200), plain_every_s=10)
+    with dash:
+        dash.show(snap)
+        dash.show(Snapshot(wall_s=45.0))
+        dash.show(Snapshot(wall_s=53.0))
+    assert not dash.live_mode and buf.getvalue().count("step=") == 2

