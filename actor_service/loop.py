@@ -1,10 +1,14 @@
 """The sampling loop of an actor: prompt queue -> chat template -> vLLM (n samples, log-probs) -> reward -> buffer.
 
-Runs in a background thread of the actor service, without pause:
+Two background threads of the actor service, without pause:
 
-    pop B prompts (claimed with a TTL, never handed to two actors) -> generate n samples each under the engine lock
-    (policy_version at start and end) -> grade the B*n responses in one reward call -> insert B*n Trajectories
-    (blocks on the buffer's rate limiter: backpressure) -> mark the prompts done.
+    generate thread: pop B prompts (claimed with a TTL, never handed to two actors) -> generate n samples each under
+        the engine lock (policy_version at start and end) -> hand the batch over (one slot)
+    post thread:     grade the B*n responses in one reward call -> insert B*n Trajectories (blocks on the buffer's
+        rate limiter: backpressure) -> mark the prompts done
+
+so grading and inserting batch k overlap generating batch k+1, and the engine never runs more than one batch
+ahead of what the buffer accepted.
 
 Failure behaviour:
 - reward service down (transport error / 5xx after the client's own retries): wait with exponential backoff and
@@ -22,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import queue
 import threading
 import time
 import uuid
@@ -79,8 +84,14 @@ class ActorLoop:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"actor-loop-{self.actor_id}", daemon=True)
         self._hb_thread = threading.Thread(target=self._heartbeat_loop, name="actor-heartbeat", daemon=True)
-        self._inflight: list[Prompt] = []
+        self._inflight: dict[int, list[Prompt]] = {}  # batch number -> prompts claimed and not yet done
         self._inflight_lock = threading.Lock()
+        # Generated batches waiting for grading + insertion. One slot: the engine generates batch k+1 while batch
+        # k is graded and inserted (hides the reward/buffer latency), but never runs further ahead, so the
+        # buffer's backpressure reaches the engine after one batch.
+        self._post_q: queue.Queue[tuple[int, list[tuple[Prompt, list[int]]], Generation]] = queue.Queue(maxsize=1)
+        self._post_thread = threading.Thread(target=self._post_loop, name="actor-post", daemon=True)
+        self._batch_seq = 0
         self._redis: redis_lib.Redis | None = None
         self._queue: PromptQueue | None = None
         self._table: ReplayTable | None = None
@@ -105,10 +116,12 @@ class ActorLoop:
             timeout_s = 2 * self.settings.reward_timeout_s + self.settings.insert_timeout_s + 60.0
         self._stop.set()
         self.metrics.state = "stopping"
-        if self._thread.is_alive():
-            self._thread.join(timeout_s)
-            if self._thread.is_alive():
-                log.error("sampling loop did not stop within %.0fs; giving its prompts back", timeout_s)
+        deadline = time.monotonic() + timeout_s
+        for thread in (self._thread, self._post_thread):
+            if thread.is_alive():
+                thread.join(max(0.0, deadline - time.monotonic()))
+                if thread.is_alive():
+                    log.error("%s did not stop within %.0fs; giving its prompts back", thread.name, timeout_s)
         self._give_back_inflight()
         if self._hb_thread.is_alive():
             self._hb_thread.join(self.settings.heartbeat_interval_s + 5.0)
@@ -201,11 +214,13 @@ class ActorLoop:
             self._connect()
             self._register()
             self._hb_thread.start()
+            self._post_thread.start()
             self._catch_up()
         except _Stopping:
             return
         self.metrics.state = "running"
         while not self._stop.is_set():
+            batch_no = -1
             try:
                 if not self._ready_to_sample():
                     self._stop.wait(self.settings.idle_sleep_s)
@@ -217,21 +232,51 @@ class ActorLoop:
                     "pop prompts",
                 )
                 if not prompts:
-                    self.metrics.state = "idle"
+                    if self.metrics.prompts_in_flight == 0:
+                        self.metrics.state = "idle"
                     self._stop.wait(self.settings.idle_sleep_s)
                     continue
-                with self._inflight_lock:
-                    self._inflight = list(prompts)
-                self.metrics.prompts_in_flight = len(prompts)
-                self._process(prompts)
+                self._batch_seq += 1
+                batch_no = self._batch_seq
+                self._track(batch_no, list(prompts))
+                generated = self._generate(batch_no, prompts)
+                if generated is not None:
+                    self._hand_over(generated)
             except _Stopping:
                 break
             except Exception as e:  # noqa: BLE001  (keep sampling: a bad batch must not kill the actor)
                 log.exception("sampling batch failed; giving its prompts back")
                 self.metrics.last_error = f"{type(e).__name__}: {e}"
-                self._give_back_inflight()
+                self._give_back_batch(batch_no)
                 self._stop.wait(1.0)
-        self._give_back_inflight()
+
+    def _hand_over(self, item: tuple[int, list[tuple[Prompt, list[int]]], Generation]) -> None:
+        """Queue a generated batch for the post thread; waits while the slot is taken (backpressure)."""
+        while True:
+            try:
+                self._post_q.put(item, timeout=0.2)
+                return
+            except queue.Full:
+                if not self._post_thread.is_alive():
+                    raise RuntimeError("post-processing thread died") from None
+
+    def _post_loop(self) -> None:
+        """Grade and insert generated batches; after stop(), finish what is queued (or give it back) and exit."""
+        while True:
+            try:
+                batch_no, batch, gen = self._post_q.get(timeout=0.2)
+            except queue.Empty:
+                if self._stop.is_set() and not self._thread.is_alive():
+                    return
+                continue
+            try:
+                self._finish(batch_no, batch, gen)
+            except _Stopping:
+                self._give_back_batch(batch_no)
+            except Exception as e:  # noqa: BLE001  (keep going: the prompts return to the queue)
+                log.exception("grading/inserting a batch failed; giving its prompts back")
+                self.metrics.last_error = f"{type(e).__name__}: {e}"
+                self._give_back_batch(batch_no)
 
     def _ready_to_sample(self) -> bool:
         """Catch up to announced weights; in sync mode, only sample on the announced version."""
@@ -271,7 +316,9 @@ class ActorLoop:
         log.info("caught up to weights version %d from %s", info.version, path)
         return info.version
 
-    def _process(self, prompts: list[Prompt]) -> None:
+    def _generate(
+        self, batch_no: int, prompts: list[Prompt]
+    ) -> tuple[int, list[tuple[Prompt, list[int]]], Generation] | None:
         s, eng = self.settings, self.engine
         system = s.system_prompt or None
         batch: list[tuple[Prompt, list[int]]] = []
@@ -289,12 +336,16 @@ class ActorLoop:
             assert self._queue is not None
             self._retry_redis(lambda: self._queue.done(self.actor_id, skipped), "mark skipped prompts done")
         if not batch:
-            self._clear_inflight()
-            return
-        self.metrics.state = "running"
+            self._untrack(batch_no)
+            return None
+        if self.metrics.state in ("idle", "starting", "waiting_for_weights"):
+            self.metrics.state = "running"
         gen = eng.generate([ids for _, ids in batch], n=s.n_samples_per_prompt, temperature=s.temperature,
                            top_p=s.top_p, max_tokens=s.max_tokens)
         self.metrics.record_generation(gen.n_tokens, gen.latency_s)
+        return batch_no, batch, gen
+
+    def _finish(self, batch_no: int, batch: list[tuple[Prompt, list[int]]], gen: Generation) -> None:
         t0 = time.perf_counter()
         results = self._grade(batch, gen)
         grade_s = time.perf_counter() - t0
@@ -306,7 +357,7 @@ class ActorLoop:
         assert self._queue is not None
         done_ids = [p.prompt_id for p, _ in batch]
         self._retry_redis(lambda: self._queue.done(self.actor_id, done_ids), "mark prompts done")
-        self._clear_inflight()
+        self._untrack(batch_no)
         self.metrics.record_inserted(len(trajectories), len(batch))
         self.metrics.state = "running"
         self.metrics.last_error = None
@@ -389,20 +440,32 @@ class ActorLoop:
                 log.info("buffer rate limiter blocks inserts (learner behind); waiting")
 
     # ---- prompts in flight ----
-    def _clear_inflight(self) -> None:
+    def _track(self, batch_no: int, prompts: list[Prompt]) -> None:
         with self._inflight_lock:
-            self._inflight = []
-        self.metrics.prompts_in_flight = 0
+            self._inflight[batch_no] = prompts
+            self.metrics.prompts_in_flight = sum(len(v) for v in self._inflight.values())
+
+    def _untrack(self, batch_no: int) -> list[Prompt]:
+        with self._inflight_lock:
+            prompts = self._inflight.pop(batch_no, [])
+            self.metrics.prompts_in_flight = sum(len(v) for v in self._inflight.values())
+        return prompts
+
+    def _give_back(self, prompts: list[Prompt]) -> None:
+        if prompts and self._queue is not None:
+            queue_ = self._queue
+            if self._bounded(lambda: queue_.give_back(self.actor_id, prompts), "give back prompts"):
+                self.metrics.prompts_given_back.inc(len(prompts))
+                log.info("gave %d unfinished prompts back to the queue", len(prompts))
+
+    def _give_back_batch(self, batch_no: int) -> None:
+        self._give_back(self._untrack(batch_no))
 
     def _give_back_inflight(self) -> None:
         with self._inflight_lock:
-            prompts, self._inflight = self._inflight, []
-        self.metrics.prompts_in_flight = 0
-        if prompts and self._queue is not None:
-            queue = self._queue
-            if self._bounded(lambda: queue.give_back(self.actor_id, prompts), "give back prompts"):
-                self.metrics.prompts_given_back.inc(len(prompts))
-                log.info("gave %d unfinished prompts back to the queue", len(prompts))
+            batches = list(self._inflight)
+        for batch_no in batches:
+            self._give_back_batch(batch_no)
 
 
 def _sha256(path: Path) -> str:

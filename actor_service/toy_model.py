@@ -265,11 +265,28 @@ def chat_messages(question_messages: list[dict[str, str]], system_prompt: str = 
 
 
 def _encode_prompts(tokenizer: PreTrainedTokenizerFast, prompts: list[Any]) -> list[list[int]]:
-    """Token ids exactly as `apply_chat_template(messages, add_generation_prompt=True)` gives them (rendered in
-    one batch, then tokenized in one batch: 20k prompts in well under a second)."""
-    texts = tokenizer.apply_chat_template(
-        [chat_messages(p.messages) for p in prompts], add_generation_prompt=True, tokenize=False
-    )
+    """Token ids exactly as `apply_chat_template(chat_messages(p.messages), add_generation_prompt=True)` gives.
+
+    Single-user-turn prompts (the toy task) take a fast path: the template is rendered once around a sentinel
+    and the question spliced in, checked against the real rendering on a sample; 20k prompts then tokenize in
+    one Rust batch instead of 20k template renderings.
+    """
+    sentinel = "\x00QUESTION\x00"
+    pre, _, post = tokenizer.apply_chat_template(
+        chat_messages([{"role": "user", "content": sentinel}]), add_generation_prompt=True, tokenize=False
+    ).partition(sentinel)
+    simple = all(len(p.messages) == 1 and p.messages[0]["role"] == "user" for p in prompts)
+    if simple:
+        texts = [pre + p.messages[0]["content"] + post for p in prompts]
+        sample = list(range(0, len(prompts), max(1, len(prompts) // 8)))
+        reference = tokenizer.apply_chat_template(
+            [chat_messages(prompts[i].messages) for i in sample], add_generation_prompt=True, tokenize=False
+        )
+        simple = reference == [texts[i] for i in sample]
+    if not simple:
+        texts = tokenizer.apply_chat_template(
+            [chat_messages(p.messages) for p in prompts], add_generation_prompt=True, tokenize=False
+        )
     return tokenizer(texts, add_special_tokens=False)["input_ids"]
 
 
@@ -312,11 +329,9 @@ def _common_prefix(seqs: list[list[int]]) -> list[int]:
     return first[:max(n, 0)]
 
 
-def _sft_loss(model: Any, prefix: list[int], batch: list[tuple[list[int], list[int]]], pad: int) -> Any:
-    """Mean next-token cross-entropy over the response tokens (prompt tokens carry no loss).
-
-    `batch` holds (prompt suffix after the shared `prefix`, response + eos) pairs; sequences are right-padded.
-    """
+def _forward(model: Any, prefix: list[int], batch: list[tuple[list[int], list[int]]], pad: int) -> tuple[Any, Any]:
+    """Logits for (prompt suffix after the shared `prefix`, response + eos) pairs, right-padded, and the labels
+    (-100 on prompt and padding: only response tokens count)."""
     import torch  # noqa: PLC0415
 
     width = max(len(p) + len(a) for p, a in batch)
@@ -334,10 +349,32 @@ def _sft_loss(model: Any, prefix: list[int], batch: list[tuple[list[int], list[i
         cache = model(input_ids=torch.tensor([prefix]), use_cache=True).past_key_values
         cache.batch_repeat_interleave(len(batch))
     out = model(input_ids=ids, attention_mask=attention, past_key_values=cache, use_cache=cache is not None)
-    logits = out.logits[:, :-1].float()
+    return out.logits[:, :-1].float(), labels[:, 1:]
+
+
+def _sft_loss(model: Any, prefix: list[int], batch: list[tuple[list[int], list[int]]], pad: int) -> Any:
+    """Mean next-token cross-entropy over the response tokens (prompt tokens carry no loss)."""
+    import torch  # noqa: PLC0415
+
+    logits, labels = _forward(model, prefix, batch, pad)
     return torch.nn.functional.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100
+        logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100
     )
+
+
+def _teacher_forced_accuracy(
+    model: Any, prefix: list[int], batch: list[tuple[list[int], list[int]]], pad: int
+) -> float:
+    """Share of examples whose target response (with eos) is the argmax at every position. Greedy decoding then
+    reproduces the target exactly, so this is a lower bound of greedy accuracy (equal in practice once the model
+    has learned the format) at the cost of one forward pass instead of a decoding loop."""
+    import torch  # noqa: PLC0415
+
+    model.eval()
+    with torch.no_grad():
+        logits, labels = _forward(model, prefix, batch, pad)
+    hit = (logits.argmax(-1) == labels) | (labels == -100)
+    return hit.all(dim=1).float().mean().item()
 
 
 def warm_up(
@@ -379,11 +416,26 @@ def warm_up(
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
         history: list[dict[str, float]] = []
         order: list[int] = []
-        accuracy = 0.0  # a random model answers nothing correctly; no need to spend an evaluation on it
+        accuracy = 0.0
         step, loss_value = 0, float("nan")
         lo, hi = r["band"]
-        while step < r["max_steps"] and accuracy < r["target_accuracy"]:
-            if time.monotonic() - t0 > r["time_budget_s"] and lo <= accuracy:
+        test_ids = _encode_prompts(tokenizer, test)
+        test_examples = [
+            (p[len(prefix):], [*resp, eos])
+            for p, resp in zip(
+                test_ids,
+                tokenizer([toy_response(t.messages[-1]["content"], t.gold) for t in test], add_special_tokens=False)[
+                    "input_ids"
+                ],
+                strict=True,
+            )
+        ]
+        if any(p[: len(prefix)] != prefix for p in test_ids):
+            raise ValueError("held-out prompts do not share the training prompts' template prefix")
+        greedy_step = -1
+        while step < r["max_steps"]:
+            if time.monotonic() - t0 > r["time_budget_s"]:
+                log.warning("warm-up time budget of %.0f s spent at step %d", r["time_budget_s"], step)
                 break
             model.train()
             if len(order) < r["batch_size"]:
@@ -399,11 +451,21 @@ def warm_up(
             step += 1
             loss_value = loss.item()
             if step % r["eval_every"] == 0:
-                accuracy = greedy_accuracy(model, tokenizer, test)
-                history.append(
-                    {"step": step, "accuracy": accuracy, "loss": loss_value, "elapsed_s": time.monotonic() - t0}
-                )
-                log.info("warm-up step %d loss %.3f held-out accuracy %.3f", step, loss_value, accuracy)
+                tf_acc = _teacher_forced_accuracy(model, prefix, test_examples, pad)
+                entry = {"step": step, "teacher_forced_accuracy": tf_acc, "loss": loss_value}
+                if tf_acc >= r["target_accuracy"]:
+                    # Confirm with real greedy decoding (what the cluster measures) before stopping.
+                    accuracy, greedy_step = greedy_accuracy(model, tokenizer, test), step
+                    entry["greedy_accuracy"] = accuracy
+                entry["elapsed_s"] = time.monotonic() - t0
+                history.append(entry)
+                log.info("warm-up step %d loss %.3f held-out %s", step, loss_value,
+                         {k: round(v, 3) for k, v in entry.items() if k.endswith("accuracy")})
+                if greedy_step == step and accuracy >= lo:
+                    break
+        if greedy_step != step:
+            accuracy = greedy_accuracy(model, tokenizer, test)
+            history.append({"step": step, "greedy_accuracy": accuracy, "elapsed_s": time.monotonic() - t0})
         model.eval()
         return {
             "held_out_accuracy": accuracy,

@@ -1,6 +1,6 @@
 """Replay-buffer benchmark: ReplayTable insert/sample rates vs raw redis-py on the same bytes, same run.
 
-    python bench/buffer_bench.py [--seconds 2] [--tokens 1024] [--batch 32]    (or: make bench-buffer)
+    python bench/buffer_bench.py [--seconds 2] [--repeats 3] [--tokens 1024] [--batch 32]   (make bench-buffer)
 
 Starts its own redis-server on a free port (AOF off), then for 1 and 4 client processes measures
 - table insert: `ReplayTable.insert` of 1K-token trajectories (encoding included), one item per call ("single")
@@ -24,6 +24,7 @@ import random
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -217,6 +218,7 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=2.0, help="duration of each measurement")
     ap.add_argument("--tokens", type=int, default=1024, help="response tokens per trajectory")
     ap.add_argument("--batch", type=int, default=32, help="items per call in the batched rows")
+    ap.add_argument("--repeats", type=int, default=3, help="alternating repeats per cell (median reported)")
     ap.add_argument("--procs", type=int, nargs="+", default=[1, 4], help="client process counts")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "buffer.json")
     args = ap.parse_args()
@@ -231,10 +233,14 @@ def main() -> None:
         for op in ("insert", "sample"):
             for procs in args.procs:
                 for batch in (1, args.batch):
-                    rates = {}
-                    for impl in ("table", "raw", "rawcodec"):
-                        prepare(url, args.tokens)
-                        rates[impl] = run_cell(f"{impl}_{op}", url, procs, batch, args.tokens, args.seconds)
+                    # Alternate the implementations `--repeats` times and keep medians: other processes
+                    # share these cores, and alternating exposes table and raw to the same load.
+                    runs: dict[str, list[float]] = {"table": [], "raw": [], "rawcodec": []}
+                    for _ in range(args.repeats):
+                        for impl in runs:
+                            prepare(url, args.tokens)
+                            runs[impl].append(run_cell(f"{impl}_{op}", url, procs, batch, args.tokens, args.seconds))
+                    rates = {impl: statistics.median(v) for impl, v in runs.items()}
                     row = {"op": op, "procs": procs, "batch": batch, "table_per_s": rates["table"],
                            "raw_per_s": rates["raw"], "raw_codec_per_s": rates["rawcodec"],
                            "ratio": rates["table"] / rates["raw"],
@@ -246,7 +252,8 @@ def main() -> None:
         proc.wait(10)
         shutil.rmtree(tmp, ignore_errors=True)
 
-    t = Table(title=f"tbrm buffer: {args.tokens}-token trajectories, items/s (own redis-server, {args.seconds}s each)")
+    t = Table(title=f"tbrm buffer: {args.tokens}-token trajectories, items/s (own redis-server; median of "
+                    f"{args.repeats} alternating runs of {args.seconds}s)")
     for col in ("op", "clients", "items/call", "ReplayTable", "raw redis-py", "raw + codec", "table/raw",
                 "table/(raw+codec)", ">=5k & >=50%"):
         t.add_column(col, justify="right")
@@ -268,7 +275,7 @@ def main() -> None:
     args.out.write_text(json.dumps({
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "host": platform.node(),
         "cpus": os.cpu_count(), "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
-        "seconds_per_cell": args.seconds, "tokens": args.tokens, "rows": rows,
+        "seconds_per_cell": args.seconds, "repeats": args.repeats, "tokens": args.tokens, "rows": rows,
         "codec": codec_stats,
     }, indent=2))
     console.print(f"load average before/after: {load_before[0]:.1f} / {os.getloadavg()[0]:.1f} on "

@@ -1,11 +1,9 @@
-"""Held-out evaluation: greedy accuracy (and avg@k) graded with the reward service's grader.
+"""Held-out evaluation during a `tbrm up` run: greedy accuracy of the weights an actor currently serves.
 
-Two ways, same grading:
-- `eval_via_actor`: during a run, ask a running actor (`POST /v1/generate`, the weights it currently serves) and
-  grade with the reward service (`POST /v1/grade`). The response carries the policy version that produced every
-  answer, so each accuracy point is tied to exact weights. Costs the actor one short batch.
-- `eval_model`: offline (`tbrm eval MODEL DATA`), an in-process vLLM engine (the actor's `ActorEngine`) on any HF
-  folder, graded with `reward.grading` in this process (the same code the reward service's workers run).
+`eval_via_actor` asks a running actor (`POST /v1/generate`, greedy) and grades with the reward service
+(`POST /v1/grade`), the same grader the training rewards come from. The response carries the policy version that
+produced every answer, so each accuracy point is tied to exact weights; it costs the actor one short batch.
+Offline evaluation of a model folder is `tbrm eval` (deploy/eval_protocol.py).
 """
 
 from __future__ import annotations
@@ -13,7 +11,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, Field
@@ -37,9 +34,6 @@ class EvalResult(BaseModel):
     no_answer: int = 0
     policy_version: int | None = None
     """Weights version that answered (None offline)."""
-    avg_at_k: float | None = None
-    """Mean accuracy over k sampled answers per prompt (offline `tbrm eval --k`)."""
-    k: int = 1
     latency_s: float = 0.0
     examples: list[dict[str, Any]] = Field(default_factory=list)
     """A few (question, response, gold, status) rows for eyeballing."""
@@ -89,70 +83,4 @@ def eval_via_actor(
         policy_version=versions.pop() if versions else None,
         latency_s=time.perf_counter() - t0,
         examples=examples,
-    )
-
-
-def _grade_local(response: str, gold: str) -> str:
-    from reward.grading import grade_in_process  # noqa: PLC0415 (sympy/math-verify only when grading offline)
-
-    status, _ = grade_in_process(response, gold)
-    return status
-
-
-def eval_model(
-    model_dir: str | Path,
-    prompts: Sequence[Prompt],
-    *,
-    k: int = 1,
-    temperature: float = 1.0,
-    max_tokens: int = 256,
-    max_model_len: int = 1024,
-    system_prompt: str | None = None,
-    threads: int | None = None,
-    seed: int = 0,
-) -> EvalResult:
-    """Offline: greedy accuracy and, for k > 1, avg@k (k samples at `temperature`) of an HF model folder."""
-    from actor_service.engine import ActorEngine  # noqa: PLC0415 (vLLM)
-    from actor_service.schema import DEFAULT_SYSTEM_PROMPT  # noqa: PLC0415
-
-    t0 = time.perf_counter()
-    engine = ActorEngine(model_dir, max_model_len=max_model_len, threads=threads, seed=seed)
-    try:
-        sys_prompt = DEFAULT_SYSTEM_PROMPT if system_prompt is None else system_prompt
-        ids = [engine.chat_token_ids(p.messages, sys_prompt) for p in prompts]
-        keep = [i for i, x in enumerate(ids) if engine.fits(x)]
-        if len(keep) < len(ids):
-            log.warning("%d prompts do not fit max_model_len=%d: counted as wrong", len(ids) - len(keep), max_model_len)
-        greedy = engine.generate([ids[i] for i in keep], n=1, temperature=0.0, max_tokens=max_tokens, seed=seed)
-        statuses = ["error"] * len(prompts)
-        texts = [""] * len(prompts)
-        for j, i in enumerate(keep):
-            texts[i] = greedy.samples[j][0].text
-            statuses[i] = _grade_local(texts[i], prompts[i].gold)
-        correct = sum(s == "correct" for s in statuses)
-        avg_k = None
-        if k > 1:
-            sampled = engine.generate(
-                [ids[i] for i in keep], n=k, temperature=temperature, max_tokens=max_tokens, seed=seed
-            )
-            hits = sum(
-                _grade_local(s.text, prompts[i].gold) == "correct"
-                for j, i in enumerate(keep)
-                for s in sampled.samples[j]
-            )
-            avg_k = hits / (k * max(1, len(prompts)))
-    finally:
-        engine.close()
-    return EvalResult(
-        accuracy=correct / max(1, len(prompts)),
-        n=len(prompts),
-        correct=correct,
-        no_answer=sum(s == "no_answer" for s in statuses),
-        avg_at_k=avg_k,
-        k=k,
-        latency_s=time.perf_counter() - t0,
-        examples=[
-            {"question": user_text(p), "response": t, "gold": p.gold, "status": s}
-            for p, t, s in list(zip(prompts, texts, statuses, strict=True))[:3]
-        ],
     )

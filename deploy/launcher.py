@@ -179,13 +179,17 @@ class Cluster:
         self.learner_url = next(str(p.url) for p in plan if p.service == "learner")
         specs = []
         for p in plan:
+            extra: dict[str, str] = {}
+            if p.service == "actor":
+                # Pushed weights land in the run directory (not a temp dir a killed actor would leak).
+                extra["TBRM_ACTOR_WEIGHTS_DIR"] = str(self.rd.path / p.name)
             heavy = p.service in ("actor", "learner")
             deps = [q.name for q in plan if q.service in p.depends_on]
             specs.append(
                 ProcSpec(
                     name=p.name,
                     argv=p.argv,
-                    env={**base, **shared, **p.env, **thread_env(p.service, run)},
+                    env={**base, **shared, **p.env, **thread_env(p.service, run), **extra},
                     health=_health_check(p),
                     health_timeout_s=run.health_timeout_s if heavy else LIGHT_HEALTH_TIMEOUT_S,
                     depends_on=deps,

@@ -123,6 +123,8 @@ class LearnerSettings(BaseSettings):
     """A DeepSpeed JSON config (bf16, offload, ...). Batch-size and clipping keys are filled in from these settings."""
     dtype: Literal["float32", "bfloat16"] = "float32"
     """Parameter dtype of the policy and reference models (float32 on CPU)."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward (less memory, about a third more compute; for large models)."""
     export_dtype: Literal["float32", "bfloat16", "float16"] | None = None
     """dtype of the pushed safetensors (must match the actors' model dtype); None = the training dtype."""
     torch_threads: int | None = Field(default=None, ge=1)

@@ -407,6 +407,8 @@ def train(
                 "or set model_path"
             )
     policy = load_causal_lm(settings.model_path, settings.dtype, trainable=True)
+    if settings.gradient_checkpointing:
+        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     ref_model = None
     if settings.loss.needs_ref_logprobs:
         ref_model = load_causal_lm(settings.ref_model_path or settings.model_path, settings.dtype, trainable=False)

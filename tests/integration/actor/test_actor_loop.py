@@ -57,7 +57,7 @@ def test_trajectories_carry_versions_and_matching_logprobs(redis_url, reward_ser
     queue.load(prompts, epochs=1)
     table = ReplayTable(r, TableConfig(name="actor_test", max_size=1000))
     # Mildly peaked weights: temperature-1 samples are diverse and their log-probs informative.
-    var_a, var_b = make_variant(11, embed_scale=2.0), make_variant(12, embed_scale=2.0)
+    var_a, var_b = make_variant(11, emb_std=0.4, lin_gain=1.0), make_variant(12, emb_std=0.4, lin_gain=1.0)
     v_a = actor_engine.version + 1
     actor_engine.update_weights(var_a / "model.safetensors", v_a)
 

@@ -57,7 +57,7 @@ def test_actor_process_end_to_end_and_sigterm(redis_url, reward_service, tiny_mo
             cfg = httpx.get(f"{url}/v1/config", timeout=5).json()
             assert cfg["auth_token"] == "***" and cfg["prompts_per_batch"] == 4
 
-            variant = make_variant(21, embed_scale=2.0)
+            variant = make_variant(21, emb_std=0.4, lin_gain=1.0)
             resp = push_weights(url, variant / "model.safetensors", version=3, token=TOKEN, timeout_s=60)
             assert resp.policy_version == 3
             assert get_status(url).policy_version == 3
