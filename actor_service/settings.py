@@ -23,7 +23,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import AliasChoices, Field, model_validator
+from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings, InitSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
 
 from actor_service.schema import DEFAULT_SYSTEM_PROMPT
@@ -139,6 +139,8 @@ class ActorSettings(BaseSettings):
     """Most new tokens one /v1/generate request may ask for per sample (422 above)."""
     generate_max_samples: int = Field(default=256, ge=1)
     """Most prompts x n one /v1/generate request may ask for (422 above): it shares the engine with training."""
+    max_request_bytes: int = Field(default=8 * 2**20, ge=1024)
+    """Largest accepted request body on every route but /v1/weights (413 above it, also when streamed)."""
 
     # ---- weight push ----
     auth_token: str | None = Field(
@@ -149,14 +151,6 @@ class ActorSettings(BaseSettings):
     """Largest accepted weights body (413 above it)."""
     max_header_bytes: int = Field(default=100 * 2**20, ge=1024)
     """Largest accepted safetensors JSON header."""
-
-    @model_validator(mode="after")
-    def _check(self) -> ActorSettings:
-        if self.max_tokens >= self.max_model_len:
-            raise ValueError(
-                f"max_tokens={self.max_tokens} must be below max_model_len={self.max_model_len} (prompts need room)"
-            )
-        return self
 
     def resolved_public_url(self) -> str:
         if self.public_url:

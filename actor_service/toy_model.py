@@ -207,6 +207,8 @@ def recipe_hash() -> str:
             "template": CHAT_TEMPLATE,
             "system": TOY_SYSTEM_PROMPT,
             "warmup": {k: v for k, v in WARMUP.items() if k != "time_budget_s"},
+            "response": [toy_response("What is 37+45?", "82"), toy_response("What is 37-45?", "-8")],
+            "test_split": [(p.messages, p.gold) for p in _toy_data(n_train=0)[1]],
             "corpus": hashlib.sha256("".join(_bpe_corpus()).encode()).hexdigest(),
         },
         sort_keys=True,
@@ -223,16 +225,18 @@ WARMUP: dict[str, Any] = {
     "n_test": 200,
     "digits": 2,
     "ops": "+-",
-    "batch_size": 64,
-    "lr": 2e-3,
+    "batch_size": 32,
+    "lr": 3e-3,
     "weight_decay": 0.01,
     "warmup_steps": 50,
-    "max_steps": 3000,
-    "eval_every": 100,
+    "max_steps": 2000,
+    "eval_every": 20,
     "target_accuracy": 0.30,
     "band": (0.20, 0.60),
-    "threads": 2,
-    "time_budget_s": 150.0,
+    # One thread: deterministic, and robust on a shared 2-core box (two OpenMP threads competing with other
+    # processes made a step 7x slower in a measurement here).
+    "threads": 1,
+    "time_budget_s": 900.0,  # a guard against a hung or starved build, not the expected duration
 }
 """Warm-up recipe. Training stops at the first held-out evaluation whose greedy accuracy reaches
 `target_accuracy` (inside `band`), so RL starts from a partial, improvable policy."""
@@ -241,12 +245,31 @@ _BOXED = r"\\boxed\{([^{}]*)\}"
 
 
 def toy_response(question: str, gold: str) -> str:
-    """Target response of the warm-up: ``"37+45=82. \\boxed{82}"`` (the expression is read off the question)."""
+    """Target response of the warm-up: a short column-arithmetic scratchpad, then the boxed answer.
+
+    ``37+45`` -> ``"37+45: 7+5=12, 3+4+1=8. \\boxed{82}"``; ``37-45`` -> ``"45-37: 15-7=8, 4-3-1=0. \\boxed{-8}"``
+    (subtraction is worked larger-minus-smaller, with the borrow written out). Every scratch token depends on
+    at most three digits at fixed offsets, so a tiny model learns it in a few hundred steps; printing the
+    answer directly (most significant digit first, carry hidden) took several times longer to reach the same
+    accuracy. Problems the scratchpad does not cover (other shapes) fall back to ``"\\boxed{gold}"``.
+    """
     import re  # noqa: PLC0415
 
-    m = re.search(r"(-?\d+\s*[-+*]\s*-?\d+)", question)
-    expr = m.group(1).replace(" ", "") if m else question
-    return f"{expr}={gold}. \\boxed{{{gold}}}"
+    m = re.search(r"(\d+)\s*([-+])\s*(\d+)", question)
+    if not m or len(m.group(1)) != 2 or len(m.group(3)) != 2:
+        return f"\\boxed{{{gold}}}"
+    a, op, b = int(m.group(1)), m.group(2), int(m.group(3))
+    if op == "+":
+        units = a % 10 + b % 10
+        carry = units // 10
+        tens = a // 10 + b // 10 + carry
+        return f"{a}+{b}: {a % 10}+{b % 10}={units}, {a // 10}+{b // 10}+{carry}={tens}. \\boxed{{{gold}}}"
+    x, y = max(a, b), min(a, b)
+    borrow = int(x % 10 < y % 10)
+    top = x % 10 + 10 * borrow
+    units = top - y % 10
+    tens = x // 10 - y // 10 - borrow
+    return f"{x}-{y}: {top}-{y % 10}={units}, {x // 10}-{y // 10}-{borrow}={tens}. \\boxed{{{gold}}}"
 
 
 def boxed_answer(text: str) -> str | None:
@@ -498,16 +521,22 @@ def _is_current(folder: Path) -> bool:
     return marker.get("recipe_hash") == recipe_hash() and (folder / "model.safetensors").exists()
 
 
-def build_toy_model(out_dir: str | Path) -> dict[str, Any]:
-    """Build the tokenizer and model, run the warm-up and save everything into `out_dir` (not cached)."""
+def _toy_data(n_train: int | None = None) -> tuple[list[Any], list[Any]]:
+    """The warm-up's train split and the held-out test split (the one the cluster evaluates on)."""
     from buffer.client import toy_splits  # noqa: PLC0415  (the data helpers' public home)
 
+    return toy_splits(
+        WARMUP["n_train"] if n_train is None else n_train, WARMUP["n_test"],
+        digits=WARMUP["digits"], ops=WARMUP["ops"], seed=WARMUP["seed"],
+    )
+
+
+def build_toy_model(out_dir: str | Path) -> dict[str, Any]:
+    """Build the tokenizer and model, run the warm-up and save everything into `out_dir` (not cached)."""
     out = Path(out_dir)
     tokenizer = build_tokenizer()
     model = _new_model(tokenizer, WARMUP["seed"])
-    train, test = toy_splits(
-        WARMUP["n_train"], WARMUP["n_test"], digits=WARMUP["digits"], ops=WARMUP["ops"], seed=WARMUP["seed"]
-    )
+    train, test = _toy_data()
     report = warm_up(model, tokenizer, train, test)
     _save(model, tokenizer, out)
     report["recipe_hash"] = recipe_hash()

@@ -219,7 +219,7 @@ class _BodyLimit:
             if msg["type"] == "http.request":
                 seen += len(msg.get("body", b""))
                 if seen > self.limit:
-                    raise _TooLarge
+                    raise _TooLarge(self.limit)
             return msg
 
         try:
@@ -228,8 +228,12 @@ class _BodyLimit:
             await too_big(scope, receive, send)
 
 
-class _TooLarge(Exception):
-    pass
+class _TooLarge(HTTPException):
+    """Raised from the body stream. An HTTPException because FastAPI turns any other error raised while it reads
+    the body into a 400 ("error parsing the body"); this one it re-raises, and it answers 413."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(413, f"request body over {limit} bytes")
 
 
 def create_app(settings: BufferSettings | None = None) -> FastAPI:

@@ -31,12 +31,14 @@ class TableKeys:
     - ``handed``   HASH    item_id -> times handed out by `sample` (leases included)
     - ``acked``    HASH    item_id -> times acked (max_times_sampled counts these)
     - ``prio``     HASH    item_id -> priority (prioritized sampler)
-    - ``slot``     HASH    item_id -> leaf slot in the priority sum tree; ``slotfree`` LIST of freed slots
+    - ``slot``     HASH    item_id -> leaf slot in the priority sum tree, and "#<slot>" -> item_id;
+                           ``slotfree`` LIST of freed slots
     - ``tree``     HASH    sum tree node index -> sum of p_i^exponent below it (prioritized sampler)
     - ``refs``     HASH    item_id -> cached reference log-probs (`cache_reference`)
     - ``lease_of`` HASH    item_id -> lease id currently holding the item
     - ``leases``   HASH    lease id -> JSON list of its item ids;  ``lease_exp`` ZSET lease id -> expiry (unix s)
-    - ``counters`` HASH    inserts, samples, acks, removed, dropped_stale, expired, seq, rl_inserts, rl_samples
+    - ``counters`` HASH    inserts, samples, acks, consumed, removed, dropped_stale, expired, seq, nextslot,
+                           rl_inserts, rl_samples (the rate limiter's I and S')
     - ``paused``   HASH    "sampling"/"inserts" -> "1" while an operator paused that side
     """
 

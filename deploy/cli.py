@@ -171,3 +171,36 @@ def model_smollm2(
         Console(stderr=True, soft_wrap=True).print(f"[red]error:[/] {e}", highlight=False)
         raise typer.Exit(2) from e
     print(path)
+
+
+# ---- tbrm toy-model (foundation engineer; implementation in actor_service/toy_model.py) ----
+
+
+@app.command("toy-model")
+def toy_model(
+    out: str = typer.Option(None, "--out", help="Model folder (default: $TBRM_HOME/models/toy)."),
+    force: bool = typer.Option(False, "--force", help="Rebuild even if a current cached model exists."),
+) -> None:
+    """Build the tiny Qwen2 toy model (local BPE tokenizer + supervised warm-up) and print its held-out accuracy."""
+    import logging
+    import time
+
+    from rich.console import Console
+
+    from actor_service.toy_model import WARMUP, ensure_toy_model, read_warmup_report
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    t0 = time.monotonic()
+    folder = ensure_toy_model(out, force=force)
+    report = read_warmup_report(folder)
+    lo, hi = WARMUP["band"]
+    console = Console()
+    console.print(
+        f"toy model: {folder}\n"
+        f"held-out greedy accuracy: {report['held_out_accuracy']:.3f} on {report['n_test']} problems "
+        f"(target band {lo:.0%}-{hi:.0%}; warm-up {report['steps']} steps, {report['warmup_s']:.0f} s; "
+        f"this command {time.monotonic() - t0:.0f} s)",
+        highlight=False,
+    )
+    if not report["in_band"]:
+        console.print("[yellow]warning: held-out accuracy is outside the target band[/yellow]")

@@ -146,7 +146,10 @@ def test_reward_down_keeps_prompts_then_recovers(redis_url, reward_service, acto
     loop = ActorLoop(settings(redis_url, dead), actor_engine)
     loop.start()
     wait_for(lambda: loop.metrics.state == "reward_unavailable", 60, "reward_unavailable")
-    assert queue.claimed() == 2 and table.stats().inserts == 0
+    # batch 1 waits for grading, batch 2 waits in the hand-over slot, batch 3 may be generating: no further.
+    time.sleep(1.0)
+    assert 2 <= queue.claimed() <= 6 and table.stats().inserts == 0
+    assert queue.size() + queue.claimed() == 4
     loop.stop()
     assert queue.claimed() == 0 and queue.size() == 4
 

@@ -20,6 +20,7 @@ def _one_thread(monkeypatch: pytest.MonkeyPatch) -> None:
 
     torch.set_num_threads(1)
     monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+    monkeypatch.setenv("COLUMNS", "200")  # the results table on one line per benchmark
 
 
 def test_eval_several_benchmarks_modes_champ_and_json(tmp_path: Path, toy_model_dir: Path) -> None:

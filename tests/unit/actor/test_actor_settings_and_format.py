@@ -46,8 +46,8 @@ def test_precedence_cli_env_toml_default(tmp_path: Path, monkeypatch: pytest.Mon
 
 def test_bad_settings_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("TBRM_RUN_CONFIG", raising=False)
-    with pytest.raises(ValueError, match="max_tokens"):
-        ActorSettings(max_tokens=600, max_model_len=512)
+    with pytest.raises(ValueError, match="prompts_per_batch"):
+        ActorSettings(prompts_per_batch=0)
     with pytest.raises(ValueError, match="extra|not permitted|forbid"):
         ActorSettings(temprature=1.0)
     assert ActorSettings(host="0.0.0.0", port=8101).resolved_public_url().endswith(":8101")

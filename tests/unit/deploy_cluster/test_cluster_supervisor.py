@@ -133,3 +133,26 @@ def test_pick_ports_avoid_taken_ones() -> None:
         base = pick_port_range(busy - 1, 3, set())
         assert busy not in range(base, base + 3)
         assert all(port_is_free(p) for p in range(base, base + 3))
+
+
+def test_launcher_ports_and_thread_budget() -> None:
+    import socket
+
+    from deploy.launcher import pick_ports, thread_env
+    from deploy.run_config import RunSection
+
+    with socket.socket() as s:  # occupy the default reward port: the launcher must move it, not fail
+        try:
+            s.bind(("127.0.0.1", 8001))
+            s.listen()
+        except OSError:
+            pass  # already taken by something else: same situation
+        ports = pick_ports(3)
+    values = [ports.redis, ports.reward, ports.buffer, ports.learner, *range(ports.actor_base, ports.actor_base + 3)]
+    assert len(set(values)) == len(values)
+    assert ports.reward != 8001
+    run = RunSection(actor_threads=2, learner_threads=1)
+    assert thread_env("actor", run)["OMP_NUM_THREADS"] == "2"
+    assert thread_env("actor", run)["VLLM_CPU_OMP_THREADS_BIND"] == "nobind"
+    assert thread_env("learner", run)["OMP_NUM_THREADS"] == "1"
+    assert thread_env("reward", run) == {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}

@@ -151,3 +151,4 @@ def test_smollm2_cpu_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
     assert actor.table == learner.table
     assert actor.kv_cache_bytes is not None and actor.max_tokens < actor.max_model_len
     assert run.dataset == "toy" and run.minutes and run.eval_max_tokens >= 32
+    assert "\\boxed{" in actor.system_prompt  # the grader only reads boxed answers
