@@ -21,7 +21,9 @@ import hmac
 import logging
 import re
 import time
+from collections import deque
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager, suppress
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -53,6 +55,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _SHA256_RE = re.compile(r"^[0-9a-fA-F]{64}$")
+SINK_BLOCK_BYTES = 4 * 2**20
+"""Body bytes hashed and written per worker-thread call."""
+SINK_PENDING = 4
+"""Blocks queued for the hashing/writing thread before receiving waits (bounds memory to ~16 MiB per push)."""
 DRAIN_LIMIT_BYTES = 256 * 2**20
 """On an early refusal, read and discard a declared body up to this size so the client gets the status code
 instead of a broken pipe; larger bodies are cut off (the connection closes)."""
@@ -334,19 +340,43 @@ def create_app(settings: ActorSettings | None = None, engine: ActorEngine | None
         )
 
     async def _receive(request: Request, path: Path, declared: int | None) -> tuple[int, str]:
+        """Stream the body into `path` while hashing it; returns (bytes, sha256 hex).
+
+        sha256 runs at about the speed of loopback TCP on a small CPU, so hashing and writing happen on a worker
+        thread (hashlib and file writes release the GIL) in blocks of SINK_BLOCK_BYTES, overlapping with the
+        event loop receiving the next block; at most SINK_PENDING blocks are queued (bounded memory).
+        """
         h = hashlib.sha256()
         n = 0
         limit = settings.max_weight_bytes
-        try:
-            with open(path, "wb", buffering=0) as f:
-                async for chunk in request.stream():
-                    n += len(chunk)
-                    if n > limit:
-                        raise _Refusal(413, "too_large", f"body exceeds max_weight_bytes={limit}")
-                    h.update(chunk)
-                    f.write(chunk)
-        except ClientDisconnect:
-            raise _Refusal(400, "incomplete", f"client disconnected after {n} bytes of the body") from None
+        loop = asyncio.get_running_loop()
+        pending: deque[asyncio.Future[None]] = deque()
+        with open(path, "wb", buffering=0) as f, ThreadPoolExecutor(1, thread_name_prefix="weights-sink") as pool:
+
+            def sink(block: bytearray) -> None:
+                h.update(block)
+                f.write(block)
+
+            block = bytearray()
+            try:
+                try:
+                    async for chunk in request.stream():
+                        n += len(chunk)
+                        if n > limit:
+                            raise _Refusal(413, "too_large", f"body exceeds max_weight_bytes={limit}")
+                        block += chunk
+                        if len(block) >= SINK_BLOCK_BYTES:
+                            pending.append(loop.run_in_executor(pool, sink, block))
+                            block = bytearray()
+                            if len(pending) >= SINK_PENDING:
+                                await pending.popleft()
+                except ClientDisconnect:
+                    raise _Refusal(400, "incomplete", f"client disconnected after {n} bytes of the body") from None
+                if block:
+                    pending.append(loop.run_in_executor(pool, sink, block))
+            finally:
+                while pending:
+                    await pending.popleft()
         if declared is not None and n != declared:
             raise _Refusal(400, "incomplete", f"body has {n} bytes, Content-Length said {declared}")
         if n == 0:

@@ -14,8 +14,13 @@ Prompt format. The toy run uses the short `TOY_SYSTEM_PROMPT` instead of the Qwe
 (`actor_service.schema.DEFAULT_SYSTEM_PROMPT`): every prompt token costs learner compute on 2 CPU cores, and the
 whole toy prompt is then about 28 tokens. The actor must render toy prompts with `TOY_SYSTEM_PROMPT` (the warm-up
 used exactly `apply_chat_template([system, user], add_generation_prompt=True)`). The BPE also learned the
-Qwen-math prompt (about 15 tokens) so it stays cheap if used. Responses are short: ``"37+45=82. \\boxed{82}"``
-followed by the eos token ``<|im_end|>`` (about 15 tokens).
+Qwen-math prompt (about 15 tokens) so it stays cheap if used. The warm-up targets are a short column-arithmetic
+scratchpad ending in the boxed answer (see `toy_response`), about 28 tokens + the eos token ``<|im_end|>``:
+``"37+45: 7+5=12, 3+4+1=8. \\boxed{82}"``. Answers printed directly (``"37+45=82. \\boxed{82}"``) learned far
+slower (3% held-out accuracy after 1000 steps, against 28% after 360 with the scratchpad).
+
+Warm-up: AdamW on (templated prompt, target) pairs, loss on response tokens only, held-out accuracy checked every
+20 steps (teacher-forced exact match, then confirmed by real greedy decoding), stop at the first check >= 25%.
 
 Run: `tbrm toy-model [--out DIR] [--force]` (prints the held-out accuracy).
 """
@@ -173,7 +178,7 @@ def _save(model: Any, tokenizer: PreTrainedTokenizerFast, out_dir: Path) -> None
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=model.config.bos_token_id,
         do_sample=False,
-        max_new_tokens=32,
+        max_new_tokens=64,
     )
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
@@ -231,7 +236,7 @@ WARMUP: dict[str, Any] = {
     "warmup_steps": 50,
     "max_steps": 2000,
     "eval_every": 20,
-    "target_accuracy": 0.30,
+    "target_accuracy": 0.25,
     "band": (0.20, 0.60),
     # One thread: deterministic, and robust on a shared 2-core box (two OpenMP threads competing with other
     # processes made a step 7x slower in a measurement here).
@@ -314,7 +319,7 @@ def _encode_prompts(tokenizer: PreTrainedTokenizerFast, prompts: list[Any]) -> l
 
 
 def greedy_accuracy(
-    model: Any, tokenizer: PreTrainedTokenizerFast, prompts: list[Any], max_new_tokens: int = 24,
+    model: Any, tokenizer: PreTrainedTokenizerFast, prompts: list[Any], max_new_tokens: int = 48,
     batch_size: int = 256,
 ) -> float:
     """Share of `prompts` whose greedy response's last boxed answer equals the gold answer exactly."""

@@ -63,7 +63,7 @@ def test_vllm_greedy_accuracy_matches_the_report(toy_model_dir: Path) -> None:
         kv_cache_memory_bytes=64 * 2**20, seed=0,
     )
     try:
-        outs = llm.generate(prompts, SamplingParams(max_tokens=24, temperature=0.0), use_tqdm=False)
+        outs = llm.generate(prompts, SamplingParams(max_tokens=48, temperature=0.0), use_tqdm=False)
     finally:
         del llm
     texts = [o.outputs[0].text for o in outs]
