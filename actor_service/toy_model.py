@@ -15,8 +15,8 @@ Prompt format. The toy run uses the short `TOY_SYSTEM_PROMPT` instead of the Qwe
 whole toy prompt is then about 28 tokens. The actor must render toy prompts with `TOY_SYSTEM_PROMPT` (the warm-up
 used exactly `apply_chat_template([system, user], add_generation_prompt=True)`). The BPE also learned the
 Qwen-math prompt (about 15 tokens) so it stays cheap if used. The warm-up targets are a short column-arithmetic
-scratchpad ending in the boxed answer (see `toy_response`), about 28 tokens + the eos token ``<|im_end|>``:
-``"37+45: 7+5=12, 3+4+1=8. \\boxed{82}"``. Answers printed directly (``"37+45=82. \\boxed{82}"``) learned far
+scratchpad ending in the boxed answer (see `toy_response`), at most 30 tokens with the eos token ``<|im_end|>``:
+``"37+45:7+5=12,3+4+1=8. \\boxed{82}"``. Answers printed directly (``"37+45=82. \\boxed{82}"``) learned far
 slower (3% held-out accuracy after 1000 steps, against 28% after 360 with the scratchpad).
 
 Warm-up: AdamW on (templated prompt, target) pairs, loss on response tokens only, held-out accuracy checked every
@@ -252,7 +252,7 @@ _BOXED = r"\\boxed\{([^{}]*)\}"
 def toy_response(question: str, gold: str) -> str:
     """Target response of the warm-up: a short column-arithmetic scratchpad, then the boxed answer.
 
-    ``37+45`` -> ``"37+45: 7+5=12, 3+4+1=8. \\boxed{82}"``; ``37-45`` -> ``"45-37: 15-7=8, 4-3-1=0. \\boxed{-8}"``
+    ``37+45`` -> ``"37+45:7+5=12,3+4+1=8. \\boxed{82}"``; ``37-45`` -> ``"45-37:15-7=8,4-3-1=0. \\boxed{-8}"``
     (subtraction is worked larger-minus-smaller, with the borrow written out). Every scratch token depends on
     at most three digits at fixed offsets, so a tiny model learns it in a few hundred steps; printing the
     answer directly (most significant digit first, carry hidden) took several times longer to reach the same
@@ -268,13 +268,13 @@ def toy_response(question: str, gold: str) -> str:
         units = a % 10 + b % 10
         carry = units // 10
         tens = a // 10 + b // 10 + carry
-        return f"{a}+{b}: {a % 10}+{b % 10}={units}, {a // 10}+{b // 10}+{carry}={tens}. \\boxed{{{gold}}}"
+        return f"{a}+{b}:{a % 10}+{b % 10}={units},{a // 10}+{b // 10}+{carry}={tens}. \\boxed{{{gold}}}"
     x, y = max(a, b), min(a, b)
     borrow = int(x % 10 < y % 10)
     top = x % 10 + 10 * borrow
     units = top - y % 10
     tens = x // 10 - y // 10 - borrow
-    return f"{x}-{y}: {top}-{y % 10}={units}, {x // 10}-{y // 10}-{borrow}={tens}. \\boxed{{{gold}}}"
+    return f"{x}-{y}:{top}-{y % 10}={units},{x // 10}-{y // 10}-{borrow}={tens}. \\boxed{{{gold}}}"
 
 
 def boxed_answer(text: str) -> str | None:

@@ -60,7 +60,7 @@ class RunSection(BaseModel):
     """Seconds between held-out evaluations during training (plus one at start and one at the end)."""
     eval_size: int | None = Field(default=None, ge=1)
     """Evaluate on the first N held-out prompts (None = all)."""
-    eval_max_tokens: int = Field(default=32, ge=1)
+    eval_max_tokens: int = Field(default=48, ge=1)
     """Most new tokens per greedy answer."""
     eval_timeout_s: float = Field(default=120.0, gt=0)
     target_gain_points: float = 40.0
