@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import json
 import logging
 import os
@@ -83,8 +84,11 @@ def main(argv: list[str] | None = None) -> None:
                 for sig, handler in originals.items():
                     signal.signal(sig, handler)
 
-    config = uvicorn.Config(create_app(settings), host=settings.host, port=settings.port,
-                            log_level=settings.log_level, access_log=False)
+    # Measured for weight pushes on loopback: asyncio + httptools streams a request body at ~1.1 GB/s, uvloop +
+    # httptools at ~0.4 GB/s, h11 at ~0.2 GB/s.
+    http_impl = "httptools" if importlib.util.find_spec("httptools") else "h11"
+    config = uvicorn.Config(create_app(settings), host=settings.host, port=settings.port, loop="asyncio",
+                            http=http_impl, log_level=settings.log_level, access_log=False)
     GracefulServer(config).run()
 
 

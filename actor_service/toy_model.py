@@ -573,6 +573,10 @@ def ensure_toy_model(out_dir: str | Path | None = None, force: bool = False) -> 
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.build-", dir=out.parent))
         try:
             report = build_toy_model(tmp)
+            # mkdtemp makes a private folder; the model is shared (other users, container volumes).
+            tmp.chmod(0o755)
+            for f in tmp.iterdir():
+                f.chmod(0o644)
             if out.exists():
                 old = out.with_name(f".{out.name}.old-{os.getpid()}")
                 out.rename(old)

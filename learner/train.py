@@ -442,6 +442,16 @@ def train(
     # Every rank talks to Redis (each caches the reference log-probs of its own shard); rank 0 owns the rest.
     redis = connect(settings.redis_url)
     table = ReplayTable(redis, settings.table)
+    published = WeightsStore(redis).latest()
+    if tag is not None and published is not None and published.version > version:
+        # A crash after the last checkpoint rolled the model back, but versions up to `published` were already
+        # exported (and maybe applied by actors). Never reuse a version number for different weights: continue
+        # after the newest published one. Every rank reads the same record, so all ranks agree on `version`.
+        log.warning(
+            "checkpoint %s holds policy_version %d but version %d was already published: continuing at %d",
+            tag, version, published.version, published.version + 1,
+        )
+        version = published.version + 1
     weights_store = status_store = pusher = None
     metrics_file = None
     latest: WeightsInfo | None = None
