@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from actor_service.toy_model import TOY_SYSTEM_PROMPT
 from buffer.data import toy_splits, write_dataset
 from deploy.cli import app
 from deploy.eval_protocol import grade
@@ -30,8 +31,8 @@ def test_eval_several_benchmarks_modes_champ_and_json(tmp_path: Path, toy_model_
     out = tmp_path / "res" / "eval.json"
     res = CliRunner().invoke(app, [
         "eval", str(toy_model_dir), str(tmp_path / "toy16.jsonl"), str(tmp_path / "aime_toy.parquet"), "--champ",
-        "--k", "3", "--max-new-tokens", "24", "--max-model-len", "320", "--limit", "16", "--threads", "1",
-        "--output", str(out),
+        "--k", "3", "--max-new-tokens", "64", "--max-model-len", "384", "--limit", "16", "--threads", "1",
+        "--system-prompt", TOY_SYSTEM_PROMPT, "--output", str(out),
     ])  # fmt: skip
     assert res.exit_code == 0, res.output
     for name in ("toy16", "aime_toy", "champ", "avg@3 (T=1)", "avg@1 (greedy)"):
@@ -58,21 +59,19 @@ def test_eval_several_benchmarks_modes_champ_and_json(tmp_path: Path, toy_model_
 
     # an independent decoder: transformers' greedy answers, graded the same way, agree (fp32 kernels may split a
     # near-tie on one problem)
-    assert abs(_hf_greedy_correct(toy_model_dir, test, 24) - toy["correct"]) <= 1
+    assert abs(_hf_greedy_correct(toy_model_dir, test, 64) - toy["correct"]) <= 1
 
 
 def _hf_greedy_correct(model_dir: Path, prompts: list, max_new_tokens: int) -> int:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from actor_service.schema import DEFAULT_SYSTEM_PROMPT
-
     tok = AutoTokenizer.from_pretrained(str(model_dir))
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
     correct = 0
     with torch.no_grad():
         for p in prompts:
-            msgs = [{"role": "system", "content": DEFAULT_SYSTEM_PROMPT}, *p.messages]
+            msgs = [{"role": "system", "content": TOY_SYSTEM_PROMPT}, *p.messages]
             ids = tok.encode(tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True),
                              add_special_tokens=False)  # fmt: skip
             out = model.generate(torch.tensor([ids]), max_new_tokens=max_new_tokens, do_sample=False,

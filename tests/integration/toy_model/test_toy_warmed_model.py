@@ -73,7 +73,10 @@ def test_vllm_greedy_accuracy_matches_the_report(toy_model_dir: Path) -> None:
     assert abs(accuracy - report["held_out_accuracy"]) <= 0.05
     # The model has learned the answer format: almost every response ends in a boxed integer.
     assert sum(boxed_answer(t) is not None for t in texts) >= 0.9 * len(texts)
-    assert all(o.outputs[0].finish_reason == "stop" for o in outs[:50])
+    # ... and stops with its eos token well inside the budget (the cluster's toy config allows 32 new tokens).
+    assert sum(o.outputs[0].finish_reason == "stop" and len(o.outputs[0].token_ids) <= 32 for o in outs) >= 0.9 * len(
+        outs
+    )
 
 
 def test_stale_marker_triggers_a_rebuild_check(toy_model_dir: Path, tmp_path: Path) -> None:
