@@ -23,6 +23,7 @@ OpenMP pinning is off by default (`VLLM_CPU_OMP_THREADS_BIND=nobind`), so no pro
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import secrets
@@ -210,18 +211,24 @@ class Cluster:
         return specs
 
     def _ensure_model(self) -> None:
-        """Build the toy model before any service needs it (actors and learner would otherwise race to build it)."""
-        if self.config["actor"].get("model_dir") or self.config["learner"].get("model_path"):
-            return
-        from actor_service.toy_model import default_toy_model_dir, ensure_toy_model  # noqa: PLC0415
+        """Build the toy model before any service needs it (actors and learner would otherwise race to build it),
+        and give the actors the system prompt the model was warmed up with (a toy model answers garbage under
+        another one)."""
+        from actor_service.toy_model import TOY_SYSTEM_PROMPT, default_toy_model_dir, ensure_toy_model  # noqa: PLC0415
 
-        marker_dir = default_toy_model_dir()
-        if not (marker_dir / "config.json").exists():
-            self.console.print(f"building the toy model in {marker_dir} (once; about a minute) ...")
-        t = time.monotonic()
-        ensure_toy_model()
-        if time.monotonic() - t > 2:
-            self.console.print(f"toy model ready ({time.monotonic() - t:.0f} s)")
+        actor, learner = self.config["actor"], self.config["learner"]
+        if not actor.get("model_dir") and not learner.get("model_path"):
+            if not (default_toy_model_dir() / "config.json").exists():
+                self.console.print(f"building the toy model in {default_toy_model_dir()} (once; a few minutes) ...")
+            t = time.monotonic()
+            model_dir = ensure_toy_model()
+            if time.monotonic() - t > 2:
+                self.console.print(f"toy model ready ({time.monotonic() - t:.0f} s)")
+            actor.setdefault("system_prompt", _warmup_system_prompt(model_dir) or TOY_SYSTEM_PROMPT)
+        elif actor.get("model_dir"):
+            prompt = _warmup_system_prompt(Path(actor["model_dir"]))
+            if prompt is not None:
+                actor.setdefault("system_prompt", prompt)
 
     def _load_data(self) -> None:
         """Training prompts into the queue (if this Redis has none yet: a resumed run keeps its queue); the
@@ -626,6 +633,16 @@ def _table_config(config: dict[str, Any]) -> Any:
 
     table = config.get("buffer", {}).get("table") or config.get("table") or {}
     return TableConfig.model_validate(table)
+
+
+def _warmup_system_prompt(model_dir: Path) -> str | None:
+    """The system prompt recorded by the toy model's warm-up (None for other models)."""
+    try:
+        report = json.loads((Path(model_dir) / "warmup.json").read_text())
+    except (OSError, ValueError):
+        return None
+    prompt = report.get("system_prompt")
+    return prompt if isinstance(prompt, str) else None
 
 
 def _tbrm_home() -> Path:

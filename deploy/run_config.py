@@ -76,7 +76,7 @@ class RunSection(BaseModel):
     "auto" lets vLLM pin its threads itself; or a CPU list like "0")."""
     health_timeout_s: float = Field(default=300.0, gt=0)
     """How long a heavy service (actor, learner) may take to answer /health (first DeepSpeed start compiles)."""
-    stop_timeout_s: float = Field(default=15.0, gt=0)
+    stop_timeout_s: float = Field(default=30.0, gt=0)
     """Grace period between SIGTERM and SIGKILL when stopping a service."""
     poll_interval_s: float = Field(default=1.0, gt=0)
     """Dashboard and metrics refresh period."""
