@@ -266,20 +266,33 @@ class Cluster:
         self._sampling_held = hold
 
     # ---- evaluation ----
-    def _eval_now(self) -> EvalResult | None:
+    def _eval_now(self, hold: bool = True) -> EvalResult | None:
+        """Greedy held-out accuracy on actor 0's current weights.
+
+        The eval needs several `/v1/generate` calls (64 prompts each); with a push after every learner step the
+        weights would change between them. So the learner's sampling is paused for the ~1-2 s of the eval (its
+        current step and push finish; the next waits), and a chunk series that still straddles a push is
+        retried."""
         from reward.client import RewardClient  # noqa: PLC0415
 
         url = next(iter(self.actor_urls.values()))
-        with RewardClient(f"http://127.0.0.1:{self.ports.reward}", timeout_s=self.run_cfg.eval_timeout_s) as rc:
-            for _attempt in range(3):
-                try:
-                    return eval_via_actor(
-                        url, rc, self.test_prompts,
-                        max_tokens=self.run_cfg.eval_max_tokens, timeout_s=self.run_cfg.eval_timeout_s,
-                    )  # fmt: skip
-                except RuntimeError as e:  # weights changed mid-eval: try again on the new version
-                    log.info("evaluation retried: %s", e)
-        return None
+        if hold:
+            self._hold_sampling(True)
+        try:
+            with RewardClient(f"http://127.0.0.1:{self.ports.reward}", timeout_s=self.run_cfg.eval_timeout_s) as rc:
+                for attempt in range(4):
+                    try:
+                        return eval_via_actor(
+                            url, rc, self.test_prompts,
+                            max_tokens=self.run_cfg.eval_max_tokens, timeout_s=self.run_cfg.eval_timeout_s,
+                        )  # fmt: skip
+                    except RuntimeError as e:  # weights changed mid-eval: try again on the new version
+                        log.info("evaluation attempt %d retried: %s", attempt + 1, e)
+            log.warning("held-out evaluation gave up: the weights kept changing")
+            return None
+        finally:
+            if hold:
+                self._hold_sampling(False)
 
     def _record_eval(self, res: EvalResult, kind: str) -> None:
         snap = self.state.last_snapshot
@@ -373,10 +386,7 @@ class Cluster:
             if name == "learner":
                 self.state.learner_started = time.monotonic()
             if name == next(iter(self.actor_urls)):
-                try:
-                    res = self._eval_now()
-                finally:
-                    self._hold_sampling(False)
+                res = self._eval_now()  # sampling has been held since Redis came up; this releases it
                 if res is not None:
                     self._record_eval(res, "initial")
                     if res.policy_version not in (0, None):
@@ -393,10 +403,7 @@ class Cluster:
         self.console.print(f"cluster up in {time.monotonic() - started:.1f} s; training "
                            f"({self._budget_text()}); Ctrl-C stops")
         if self.state.initial is None:
-            try:
-                res = self._eval_now()
-            finally:
-                self._hold_sampling(False)
+            res = self._eval_now()
             if res is not None:
                 self._record_eval(res, "initial")
         collector = Collector(

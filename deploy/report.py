@@ -54,6 +54,26 @@ def learner_lags(run: RunDir) -> list[float]:
     ]
 
 
+def _rolling(ys: list[float], n: int) -> list[float]:
+    out, acc = [], 0.0
+    for i, y in enumerate(ys):
+        acc += y
+        if i >= n:
+            acc -= ys[i - n]
+        out.append(acc / min(i + 1, n))
+    return out
+
+
+def _learner_rewards(run: RunDir, metrics: Sequence[dict[str, Any]]) -> tuple[list[float], list[float]] | None:
+    """(step, batch reward) for every learner step from `learner/metrics.jsonl` (the dashboard samples less)."""
+    from deploy.run_dir import read_jsonl  # noqa: PLC0415
+
+    rows = read_jsonl(run.path / "learner" / "metrics.jsonl")
+    pts = [(float(r["step"]), float(r["batch_reward_mean"])) for r in rows
+           if r.get("step") is not None and r.get("batch_reward_mean") is not None]
+    return ([p[0] for p in pts], [p[1] for p in pts]) if pts else None
+
+
 def make_plots(run: RunDir) -> list[Path]:
     """Draw the run's PNGs; returns the files written (missing data gives fewer plots, never an error)."""
     import matplotlib  # noqa: PLC0415  (heavy; only when plotting)
@@ -82,8 +102,12 @@ def make_plots(run: RunDir) -> list[Path]:
         ax[0].set_ylabel("accuracy")
         ax[0].set_title(f"held-out accuracy vs {xlabel}")
         mx, my = _series(metrics, x, "train_reward")
+        per_step = _learner_rewards(run, metrics) if x == "learner_step" else None
+        if per_step:
+            mx, my = per_step
         if mx:
-            ax[1].plot(mx, my, ".-", color="tab:orange", label="train reward (batch mean)")
+            ax[1].plot(mx, my, ".", color="tab:orange", alpha=0.3, markersize=3, label="train reward (batch mean)")
+            ax[1].plot(mx, _rolling(my, 25), "-", color="tab:red", label="rolling mean (25)")
             ax[1].legend(loc="lower right")
         ax[1].set_xlabel(xlabel)
         ax[1].set_ylabel("reward")
