@@ -35,14 +35,13 @@ import random
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from actor_service.schema import DEFAULT_SYSTEM_PROMPT
+from actor_service.schema import DEFAULT_SYSTEM_PROMPT, TOY_SYSTEM_PROMPT
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerFast
 
 log = logging.getLogger(__name__)
 
-TOY_SYSTEM_PROMPT = "Answer in \\boxed{}."
 """System prompt of the toy run (short on purpose; see the module docstring)."""
 
 PAD_TOKEN = "<|endoftext|>"

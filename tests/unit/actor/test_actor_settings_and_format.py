@@ -124,3 +124,15 @@ def test_short_file_and_mismatches(tmp_path: Path) -> None:
         check_against({**expected, "b": TensorSpec("BF16", (2,))}, expected)
     with pytest.raises(WeightsMismatchError, match="missing tensor 'b'"):
         check_against({"w": TensorSpec("F32", (2, 2))}, expected)
+
+
+def test_toy_model_gets_its_own_system_prompt_unless_one_is_set(monkeypatch) -> None:  # noqa: ANN001
+    from actor_service.schema import DEFAULT_SYSTEM_PROMPT, TOY_SYSTEM_PROMPT
+    from actor_service.settings import ActorSettings
+
+    monkeypatch.delenv("TBRM_RUN_CONFIG", raising=False)
+    assert ActorSettings().system_prompt == TOY_SYSTEM_PROMPT  # no model configured -> the toy model
+    assert ActorSettings(model_dir="/models/x").system_prompt == DEFAULT_SYSTEM_PROMPT
+    assert ActorSettings(system_prompt="").system_prompt == ""  # an explicit choice wins
+    monkeypatch.setenv("TBRM_ACTOR_SYSTEM_PROMPT", "custom")
+    assert ActorSettings().system_prompt == "custom"
