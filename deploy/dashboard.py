@@ -297,7 +297,7 @@ class Dashboard:
             self._live.update(render(snap, self.title, budget))
         elif snap.wall_s - self._last_plain >= self.plain_every_s:
             self._last_plain = snap.wall_s
-            self.console.print(plain_line(snap), highlight=False, soft_wrap=True)
+            self.console.print(plain_line(snap), highlight=False, soft_wrap=True, markup=False)
 
     def message(self, text: str) -> None:
         """A line above the live view (or in the plain log)."""

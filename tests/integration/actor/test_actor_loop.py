@@ -13,6 +13,7 @@ import pytest
 from actor_helpers import free_port, hf_logprobs
 
 from actor_service.loop import ActorLoop
+from actor_service.schema import DEFAULT_SYSTEM_PROMPT
 from actor_service.settings import ActorSettings
 from buffer.client import (
     ActorRegistry,
@@ -39,6 +40,7 @@ def settings(redis_url: str, reward_url: str, actor_id: str = "actor-a", **kw) -
         n_samples_per_prompt=2, max_tokens=12, max_model_len=256, temperature=1.0, heartbeat_interval_s=0.3,
         idle_sleep_s=0.05, reward_timeout_s=5.0, reward_max_backoff_s=0.5, insert_timeout_s=2.0,
         table=TableConfig(name="actor_test", max_size=1000), public_url=f"http://127.0.0.1:{8100}",
+        system_prompt=DEFAULT_SYSTEM_PROMPT,
     )
     base.update(kw)
     return ActorSettings(**base)
@@ -54,7 +56,8 @@ def test_trajectories_carry_versions_and_matching_logprobs(redis_url, reward_ser
     r = connect(redis_url)
     queue = PromptQueue(r, "train")
     prompts = make_toy_task(8, seed=3)
-    queue.load(prompts, epochs=1)
+    # Two phases, so that the push deterministically lands between them (the loop pipelines several batches).
+    queue.load(prompts[:4], epochs=1)
     table = ReplayTable(r, TableConfig(name="actor_test", max_size=1000))
     # Mildly peaked weights: temperature-1 samples are diverse and their log-probs informative.
     var_a, var_b = make_variant(11, emb_std=0.4, lin_gain=1.0), make_variant(12, emb_std=0.4, lin_gain=1.0)
@@ -65,12 +68,13 @@ def test_trajectories_carry_versions_and_matching_logprobs(redis_url, reward_ser
     loop = ActorLoop(s, actor_engine)
     loop.start()
     try:
-        wait_for(lambda: table.stats().inserts >= 4, 60, "the first trajectories")
+        wait_for(lambda: table.stats().inserts >= 8, 60, "the first 4 prompts x 2 samples")
         live = ActorRegistry(r).live()
         assert [a.actor_id for a in live] == ["actor-a"] and live[0].url == "http://127.0.0.1:8100"
         # A push lands between batches: later batches carry the new version.
         v_b = v_a + 1
         actor_engine.update_weights(var_b / "model.safetensors", v_b)
+        queue.load(prompts[4:], epochs=1)
         wait_for(lambda: table.stats().inserts >= 16, 90, "all 8 prompts x 2 samples")
     finally:
         loop.stop()

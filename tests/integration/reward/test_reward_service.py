@@ -61,7 +61,7 @@ class Service:
 @pytest.fixture(scope="module")
 def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
     """One service process for the whole module (start-up costs several seconds on a loaded 2-core box)."""
-    from conftest import free_port
+    from harness import free_port
 
     svc = Service(free_port(), tmp_path_factory.mktemp("reward") / "service.log")
     pids = svc.health()["worker_pids"]

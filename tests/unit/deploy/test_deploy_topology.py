@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import redis
-from conftest import free_port, redis_server_binary
+from harness import free_port, redis_server_binary
 
 from deploy import healthcheck, topology
 
