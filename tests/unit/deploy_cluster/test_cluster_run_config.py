@@ -31,7 +31,7 @@ def test_default_config_is_valid_for_every_service(tmp_path: Path, monkeypatch: 
     # the replay table is written once ([table]) and reaches every user identically
     assert learner.table == actor.table
     assert learner.table.max_times_sampled == 1
-    assert learner.loss.kind == "tbrm" and learner.lr == pytest.approx(3e-5)
+    assert learner.loss.kind == "tbrm" and learner.lr == pytest.approx(1e-4)
 
 
 def test_overrides_sync_loss_steps(tmp_path: Path) -> None:
