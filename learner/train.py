@@ -354,6 +354,19 @@ def batch_metrics(items: list[SampledItem]) -> dict[str, float]:
     return out
 
 
+def _forget_stale_deepspeed_world_group() -> None:
+    """Drop DeepSpeed's cached clone of the world group if its process group no longer exists.
+
+    DeepSpeed caches that clone at module level. When another library in the same process tears the default process
+    group down and builds a new one (vLLM's in-process engine does, e.g. `tbrm eval` or tests that run both), the
+    cached group is unregistered and `deepspeed.initialize` fails with "Group ... is not registered"."""
+    from deepspeed.utils import groups  # noqa: PLC0415
+
+    cached = getattr(groups, "_WORLD_GROUP", None)
+    if cached is not None and cached not in torch.distributed.distributed_c10d._world.pg_group_ranks:
+        groups._WORLD_GROUP = None
+
+
 def save_checkpoint(engine: Any, ckpt_dir: Path, step: int, version: int, rank: int, keep: int) -> str:
     """DeepSpeed checkpoint (model, optimizer, scheduler) + step/version + every rank's RNG state (JSON)."""
     tag = f"step-{step:08d}"
@@ -391,6 +404,7 @@ def train(
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
     deepspeed.init_distributed(dist_backend="gloo" if not torch.cuda.is_available() else "nccl")
+    _forget_stale_deepspeed_world_group()
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     if settings.batch_size % world:
         raise ValueError(f"batch_size={settings.batch_size} must be divisible by the {world} data-parallel ranks")

@@ -118,10 +118,12 @@ def test_generated_pushes_without_the_token_get_401(actor, engine, baseline) -> 
         case.headers = {k: v for k, v in (case.headers or {}).items() if k.lower() != "authorization"}
         resp = case.call(timeout=30)
         codes.append(resp.status_code)
-        assert resp.status_code == 401, (resp.status_code, resp.text[:200])
+        # 401, except where the generated request is malformed at the HTTP layer (e.g. a made-up Content-Length),
+        # which the server refuses before any route runs: never accepted, never a 5xx
+        assert resp.status_code == 401 or resp.status_code in (400, 411, 413, 431), (resp.status_code, resp.text[:200])
 
     check()
-    assert len(codes) >= 5
+    assert len(codes) >= 5 and codes.count(401) >= len(codes) // 2, codes
     assert greedy(engine) == baseline
 
 
