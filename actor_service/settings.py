@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import os
 import socket
-import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
@@ -27,6 +26,7 @@ from pydantic import AliasChoices, Field, model_validator
 from pydantic_settings import BaseSettings, InitSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
 
 from actor_service.schema import DEFAULT_SYSTEM_PROMPT, TOY_SYSTEM_PROMPT
+from buffer.client import run_toml_section
 from buffer.schema import TableConfig
 
 DEFAULT_PORT = 8100
@@ -184,22 +184,4 @@ class ActorSettings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        return (init_settings, env_settings, InitSettingsSource(settings_cls, init_kwargs=_run_toml_section()))
-
-
-def _run_toml_section(section: str = "actor") -> dict[str, Any]:
-    """The `[actor]` table of the run TOML named by TBRM_RUN_CONFIG ({} when unset)."""
-    path = os.environ.get("TBRM_RUN_CONFIG")
-    if not path:
-        return {}
-    try:
-        with open(path, "rb") as f:
-            data = tomllib.load(f)
-    except FileNotFoundError as e:
-        raise ValueError(f"TBRM_RUN_CONFIG={path} does not exist") from e
-    except tomllib.TOMLDecodeError as e:
-        raise ValueError(f"TBRM_RUN_CONFIG={path} is not valid TOML: {e}") from e
-    sec = data.get(section, {})
-    if not isinstance(sec, dict):
-        raise ValueError(f"[{section}] in {path} must be a table")
-    return sec
+        return (init_settings, env_settings, InitSettingsSource(settings_cls, init_kwargs=run_toml_section("actor")))

@@ -18,6 +18,25 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 from buffer.schema import TableConfig
 
 
+def run_toml_section(section: str) -> dict[str, Any]:
+    """The `[section]` table of the run TOML named by TBRM_RUN_CONFIG ({} when unset); shared by every service
+    that may import the buffer (the reward service, which may not, reads its section itself)."""
+    path = os.environ.get("TBRM_RUN_CONFIG")
+    if not path:
+        return {}
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError as e:
+        raise ValueError(f"TBRM_RUN_CONFIG={path} does not exist") from e
+    except tomllib.TOMLDecodeError as e:
+        raise ValueError(f"TBRM_RUN_CONFIG={path} is not valid TOML: {e}") from e
+    sec = data.get(section, {})
+    if not isinstance(sec, dict):
+        raise ValueError(f"[{section}] in {path} must be a table")
+    return sec
+
+
 class RunTomlSource(PydanticBaseSettingsSource):
     """The `[buffer]` table of the run TOML (`TBRM_RUN_CONFIG`), if any."""
 

@@ -20,13 +20,13 @@ Example run TOML::
 from __future__ import annotations
 
 import os
-import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, model_validator
 from pydantic_settings import BaseSettings, InitSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
 
+from buffer.client import run_toml_section
 from buffer.schema import TableConfig
 from learner.loss_config import LossConfig, TbrmLossConfig
 
@@ -196,22 +196,4 @@ class LearnerSettings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        return (init_settings, env_settings, InitSettingsSource(settings_cls, init_kwargs=_run_toml_section()))
-
-
-def _run_toml_section(section: str = "learner") -> dict[str, Any]:
-    """The `[learner]` table of the run TOML named by TBRM_RUN_CONFIG ({} when unset)."""
-    path = os.environ.get("TBRM_RUN_CONFIG")
-    if not path:
-        return {}
-    try:
-        with open(path, "rb") as f:
-            data = tomllib.load(f)
-    except FileNotFoundError as e:
-        raise ValueError(f"TBRM_RUN_CONFIG={path} does not exist") from e
-    except tomllib.TOMLDecodeError as e:
-        raise ValueError(f"TBRM_RUN_CONFIG={path} is not valid TOML: {e}") from e
-    sec = data.get(section, {})
-    if not isinstance(sec, dict):
-        raise ValueError(f"[{section}] in {path} must be a table")
-    return sec
+        return (init_settings, env_settings, InitSettingsSource(settings_cls, init_kwargs=run_toml_section("learner")))
