@@ -26,7 +26,8 @@ Vocabulary (DESIGN.md §4). Let N = items stored, I = items ever inserted, S = i
   No deadlock needs max_diff - spi >= min_diff + B, i.e. e >= (spi + B) / 2: checked, ValueError otherwise.
 - lease: `sample` leases its items until now + lease_s (server clock); `ack` after the optimizer step; an
   expired lease returns its items to the pool (reclaimed inside every insert/sample/ack script, no background
-  thread) and acking it afterwards acks nothing. SampleInfo.times_sampled counts hand-outs, this one included.
+  thread) and acking it afterwards acks nothing; `renew` extends leases that have not expired yet.
+  SampleInfo.times_sampled counts hand-outs, this one included.
 - insert is idempotent for items still stored (item id = traj_id), so a retried insert never duplicates.
 
 The config is stored in Redis on first use; a later user with a different config gets `TableConfigMismatch`
@@ -318,6 +319,22 @@ class ReplayTable:
             raise ValueError(f"lease_id={lease_id!r} must be a non-empty string")
         arg = "*" if item_ids is None else json.dumps(list(item_ids))
         return int(self._run("ack", [lease_id, arg]))
+
+    def renew(self, lease_ids: list[str], lease_s: float | None = None) -> int:
+        """Extend leases that have not expired yet to now + lease_s (server clock); returns how many were renewed.
+
+        A learner that acks only once a checkpoint covers its updates holds several leases at once and renews
+        them; a lease that expired before its renewal is not revived (its items are already back in the pool).
+        """
+        lease = self.config.lease_s if lease_s is None else lease_s
+        if not lease > 0:
+            raise ValueError(f"lease_s={lease_s} must be > 0")
+        ids = list(lease_ids)
+        if not all(isinstance(x, str) and x for x in ids):
+            raise ValueError("lease ids must be non-empty strings")
+        if not ids:
+            return 0
+        return int(self._run("update", ["renew", repr(float(lease))] + ids))
 
     # ---- maintenance ----
 

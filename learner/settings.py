@@ -137,6 +137,11 @@ class LearnerSettings(BaseSettings):
     """Export and push weights to the actors every K optimizer steps (forced to 1 in sync mode)."""
     checkpoint_interval_steps: int | None = Field(default=50, ge=1)
     """Save a resumable checkpoint every N steps (None = only at exit)."""
+    ack_after_checkpoint: bool = True
+    """Ack a trained batch only once a checkpoint holds its update (its lease is renewed until then), so a crash
+    returns the batches since the last checkpoint to the buffer instead of losing them (learner/acks.py). Needs
+    room in the table for checkpoint_interval_steps x batch_size leased trajectories. False, or no periodic
+    checkpoints: ack right after the optimizer step."""
     keep_checkpoints: int = Field(default=2, ge=1)
     """How many checkpoints to keep in the run directory."""
     keep_weights: int = Field(default=3, ge=1)

@@ -13,12 +13,14 @@ Per step (DESIGN.md §2-§5):
  3. the shard is cut into padded micro-batches; each micro-batch loss is weighted by its share of the global batch
     (trajectories for TBRM, response tokens for token-mean losses), so the accumulated gradient is exactly the
     gradient of the loss over the whole batch, whatever the micro-batch split or the number of ranks.
- 4. DeepSpeed clips the global grad norm and steps; rank 0 acks the lease; policy_version += 1.
+ 4. DeepSpeed clips the global grad norm and steps; policy_version += 1. Rank 0 acks the batch's lease once a
+    checkpoint holds the update (learner/acks.py: the lease is renewed until then, so a crash returns the batch
+    to the buffer instead of losing it); without periodic checkpoints it acks right away.
  5. every K steps rank 0 exports safetensors, records them in `WeightsStore` and pushes them to every live actor
     (non-blocking, see learner/push.py); lagging or late actors are caught up after every step.
  6. rank 0 appends one JSON line to `<run_dir>/metrics.jsonl` and updates `LearnerStatusStore`.
  7. every N steps and at exit: a checkpoint (model, optimizer, scheduler, step/version, RNG of every rank) that
-    `resume` restores exactly.
+    `resume` restores exactly; then rank 0 acks the leases of the steps it covers.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ from buffer.client import (
     connect,
 )
 from buffer.schema import LearnerStatus, SampledItem, WeightsInfo
+from learner.acks import PendingAcks
 from learner.live import LiveStatus
 from learner.loss import LossBatch, compute_loss
 from learner.loss_config import GrpoLossConfig, SftLossConfig
@@ -367,6 +370,16 @@ def _forget_stale_deepspeed_world_group() -> None:
         groups._WORLD_GROUP = None
 
 
+def ack_checkpointed(pending: PendingAcks | None) -> None:
+    """After a checkpoint: ack the leases of every step it holds (rank 0; no-op without deferred acks)."""
+    if pending is None:
+        return
+    acked, held = pending.ack_all()
+    if acked < held:
+        # an expired lease (see PendingAcks.renew) or items evicted by max_size while leased
+        log.warning("acked %d of %d checkpointed items; the rest expired or were evicted", acked, held)
+
+
 def save_checkpoint(engine: Any, ckpt_dir: Path, step: int, version: int, rank: int, keep: int) -> str:
     """DeepSpeed checkpoint (model, optimizer, scheduler) + step/version + every rank's RNG state (JSON)."""
     tag = f"step-{step:08d}"
@@ -466,7 +479,7 @@ def train(
             tag, version, published.version, published.version + 1,
         )
         version = published.version + 1
-    weights_store = status_store = pusher = None
+    weights_store = status_store = pusher = pending = None
     metrics_file = None
     latest: WeightsInfo | None = None
 
@@ -487,6 +500,15 @@ def train(
             workers=settings.push_workers, push_fn=push_fn,
         )
         metrics_file = open(run_dir / METRICS_FILE, "a", buffering=1)  # noqa: SIM115  (closed in finally)
+        if settings.ack_after_checkpoint and settings.checkpoint_interval_steps:
+            pending = PendingAcks(table, settings.lease_s or table.config.lease_s)
+            held = settings.checkpoint_interval_steps * settings.batch_size
+            if held > table.config.max_size // 2:
+                log.warning(
+                    "up to %d trajectories stay leased until the next checkpoint (checkpoint_interval_steps x "
+                    "batch_size), more than half the table's max_size=%d: lower checkpoint_interval_steps",
+                    held, table.config.max_size,
+                )
         if version > 0:
             # a resumed learner is ahead of freshly started actors: publish its weights for catch-up
             latest = publish(version)
@@ -557,10 +579,12 @@ def train(
             n_tokens = int(all_reduce_sum([float(n_tokens)], world)[0])
             n_ref, n_padding = (int(x) for x in all_reduce_sum([float(n_ref), float(n_micro - len(plans))], world))
 
-            # 4. ack (the items are consumed only after the optimizer step) and advance the version
+            # 4. advance the version; the batch is acked (consumed) once a checkpoint holds this update
             step += 1
             version += 1
-            if rank == 0:
+            if pending is not None:
+                pending.add(leases, len(items))
+            elif rank == 0:
                 acked = sum(table.ack(lease) for lease in leases)
                 if acked < len(items):
                     # the lease expired during the step: those items went back and may be trained on again
@@ -599,6 +623,7 @@ def train(
                     "push_latency_s": pusher.stats.last_latency_s,
                     "pushes_ok": pusher.stats.pushes_ok,
                     "pushes_failed": pusher.stats.pushes_failed,
+                    "unacked_items": pending.pending_items if pending is not None else 0,
                 }
                 metrics_file.write(json.dumps(line) + "\n")
                 history.append(line)
@@ -618,6 +643,7 @@ def train(
             if settings.checkpoint_interval_steps and step % settings.checkpoint_interval_steps == 0:
                 save_checkpoint(engine, ckpt_dir, step, version, rank, settings.keep_checkpoints)
                 last_ckpt_step = step
+                ack_checkpointed(pending)
     except BaseException as e:
         live.update(state="failed", error=repr(e))
         if status_store is not None:
@@ -627,6 +653,8 @@ def train(
                 log.warning("cannot record the failure in Redis: %s", e2)
         if pusher is not None:
             pusher.close()
+        if pending is not None:
+            pending.close()  # unacked leases expire: their batches return to the buffer for the resumed learner
         raise
     finally:
         if metrics_file is not None:
@@ -634,6 +662,9 @@ def train(
     # ---------------------------------------------------------------- exit: checkpoint, final weights and push
     if step > last_ckpt_step:
         save_checkpoint(engine, ckpt_dir, step, version, rank, settings.keep_checkpoints)
+    ack_checkpointed(pending)
+    if pending is not None:
+        pending.close()
     if rank == 0:
         if version > 0 and (latest is None or latest.version != version):
             latest = publish(version)

@@ -5,6 +5,8 @@
 --   'ref'     ARGV[9] item_id, ARGV[10] encoded reference record -> cached if the item still exists (1/0)
 --   'reclaim' return expired leases' items to the pool; returns the number of items returned
 --   'probe'   ARGV[9] n -> {status, allowed}: could n items be inserted now (no side effects but reclaim)
+--   'renew'   ARGV[9] lease seconds, ARGV[10..] lease ids -> every lease that has not expired yet now expires at
+--             now + lease seconds; returns how many leases were renewed (an expired one was reclaimed first)
 local now = now_s()
 local op = ARGV[8]
 if op == 'reclaim' then return reclaim(now) end
@@ -12,6 +14,18 @@ if op == 'probe' then
   reclaim(now)
   local status, allowed = insert_allowance(tonumber(ARGV[9]))
   return {status, allowed}
+end
+if op == 'renew' then
+  reclaim(now)
+  local exp = fmt(now + tonumber(ARGV[9]))
+  local n = 0
+  for i = 10, #ARGV do
+    if redis.call('HEXISTS', K.leases, ARGV[i]) == 1 then
+      redis.call('ZADD', K.lease_exp, exp, ARGV[i])
+      n = n + 1
+    end
+  end
+  return n
 end
 if op == 'ref' then
   if redis.call('HEXISTS', K.items, ARGV[9]) == 0 then return 0 end

@@ -115,6 +115,23 @@ def test_lease_expiry_returns_items(r: redis.Redis) -> None:
     assert t.stats().extra["expired_lease_items"] == 3
 
 
+def test_renew_extends_live_leases_only(r: redis.Redis) -> None:
+    t = make(r)
+    t.insert([traj(i) for i in range(4)])
+    held = t.sample(2, 0, lease_s=0.3)
+    lapsed = t.sample(2, 0, lease_s=0.3)
+    time.sleep(0.15)
+    assert t.renew([held.lease_id], lease_s=5.0) == 1
+    time.sleep(0.3)  # `lapsed` expired, `held` did not
+    assert t.renew([held.lease_id, lapsed.lease_id, "never-issued"], lease_s=5.0) == 1
+    assert t.stats().leased == 2
+    back = t.sample(2, 0, timeout_s=0.5)
+    assert {it.info.item_id for it in back.items} == {it.info.item_id for it in lapsed.items}
+    assert t.ack(held.lease_id) == 2
+    assert t.renew([held.lease_id]) == 0  # acked leases are gone
+    assert t.renew([]) == 0
+
+
 def test_staleness_drops_old_versions(r: redis.Redis) -> None:
     t = make(r, max_staleness_versions=2)
     t.insert([traj(i, version=i) for i in range(6)])  # versions 0..5
@@ -285,6 +302,8 @@ def test_reset_clears_contents_and_counters(r: redis.Redis) -> None:
         (lambda t: t.insert([traj(0)], priorities=[-1.0]), "priority -1.0"),
         (lambda t: t.update_priorities({"x": float("nan")}), "priority nan"),
         (lambda t: t.ack(""), "lease_id=''"),
+        (lambda t: t.renew(["x"], lease_s=-1), "lease_s=-1"),
+        (lambda t: t.renew([""]), "lease ids must be non-empty"),
         (lambda t: t.pause("everything"), "what='everything'"),
     ],
 )

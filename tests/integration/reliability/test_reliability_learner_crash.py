@@ -1,13 +1,14 @@
-"""A learner crash between a step's ack and its checkpoint (issue 9, "SIGKILL the learner"), in process.
+"""A learner crash between a step and its checkpoint (issue 9, "SIGKILL the learner"), in process.
 
 The crash is simulated by an exception raised from the loop's own status update at the end of step 3 (after the
-step's ack and weight export, before any checkpoint of step 3), which the loop does not catch: the process state
-is then what a SIGKILL at that point leaves (the exit-time checkpoint is skipped). Real DeepSpeed, real Redis.
+step's optimizer update and weight export, before any checkpoint of step 3), which the loop does not catch: the
+process state is then what a SIGKILL at that point leaves (the exit-time checkpoint is skipped, lease renewal
+stops). Real DeepSpeed, real Redis.
 
-What holds: nothing is leased or counted twice, a restart resumes at the checkpoint, and no version number is
-issued twice (the resumed learner numbers its weights after the crashed run's newest export).
-What does not hold yet (xfail, strict: it turns into a failure once fixed, so the mark gets removed): the batch
-acked at step 3 is consumed although the resumed model never saw its update. See README "Reliability", known limits.
+What holds: the batch of step 3 is not acked (only checkpointed updates are: learner/acks.py); its lease expires
+and the resumed learner, restarted at the step-2 checkpoint, trains on it again, so every trajectory's update
+ends up in the model exactly once and none is lost. No version number is issued twice (the resumed learner
+numbers its weights after the crashed run's newest export).
 The SIGKILL itself over real processes: tests/e2e/test_faults.py::test_learner_sigkill_resumes_from_checkpoint_*.
 """
 
@@ -26,6 +27,7 @@ from learner.live import LiveStatus
 BATCH = 4
 CRASH_STEP = 3
 CHECKPOINT_EVERY = 2
+LEASE_S = 2.0
 
 
 class SimulatedKill(BaseException):
@@ -40,7 +42,7 @@ class CrashingStatus(LiveStatus):
     def update(self, **kw: Any) -> None:
         super().update(**kw)
         if kw.get("step") == self.crash_step and "metrics" in kw:
-            raise SimulatedKill(f"simulated SIGKILL after the ack of step {self.crash_step}")
+            raise SimulatedKill(f"simulated SIGKILL at the end of step {self.crash_step}")
 
 
 def trajectories(n: int) -> list[Trajectory]:
@@ -61,6 +63,7 @@ def settings(run_dir: Path, model: Path, redis_url: str, **kw: Any):  # noqa: AN
     base: dict[str, Any] = dict(
         model_path=model, run_dir=run_dir, redis_url=redis_url, auth_token="t", batch_size=BATCH,
         micro_batch_size=BATCH, lr=1e-3, loss={"kind": "tbrm", "beta": 0.5}, sample_timeout_s=3.0, port=0,
+        lease_s=LEASE_S,
         push_timeout_s=2.0, checkpoint_interval_steps=CHECKPOINT_EVERY, push_interval_steps=1, torch_threads=1,
         table=TableConfig(sampler=FifoSampler(), max_times_sampled=1),
     )
@@ -84,34 +87,39 @@ def crashed_then_resumed(tiny_model_dir: Path, redis_server, tmp_path_factory: p
         train(settings(run_dir, tiny_model_dir, redis_server.url, max_steps=10), live=live)
     at_crash = table.stats()
     exported_v3 = WeightsStore(r).latest()
-    resumed = train(settings(run_dir, tiny_model_dir, redis_server.url, max_steps=CRASH_STEP))
+    # two steps: one on the 4th batch, available at once, one on the crashed step's batch once its lease expired
+    resumed = train(settings(run_dir, tiny_model_dir, redis_server.url, max_steps=CRASH_STEP + 1))
     yield {"at_crash": at_crash, "exported_v3": exported_v3, "resumed": resumed, "table": table,
            "url": redis_server.url}
     r.flushall()
 
 
-def test_crash_leaves_consistent_books_and_resumes_at_the_checkpoint(crashed_then_resumed) -> None:  # noqa: ANN001
-    s = crashed_then_resumed
-    at_crash = s["at_crash"]
-    assert at_crash.acks == CRASH_STEP * BATCH and at_crash.leased == 0  # step 3 was acked, then the crash
+def test_only_checkpointed_updates_are_acked(crashed_then_resumed) -> None:  # noqa: ANN001
+    at_crash = crashed_then_resumed["at_crash"]
+    # steps 1-2 are in the step-2 checkpoint and acked; step 3's batch is still leased (its renewal stopped)
+    assert at_crash.acks == CHECKPOINT_EVERY * BATCH
+    assert at_crash.leased == (CRASH_STEP - CHECKPOINT_EVERY) * BATCH
     assert at_crash.inserts == at_crash.size + at_crash.acks + at_crash.removed + at_crash.dropped_stale
-    resumed = s["resumed"]
-    # resumed from the step-2 checkpoint: one step (3) on the remaining batch
-    assert [x["step"] for x in resumed.history] == [CRASH_STEP]
-    assert resumed.step == CRASH_STEP
-    # versions are never reissued: the resumed weights are numbered after the crashed run's newest export (v3),
-    # so v4 = the step-2 checkpoint re-published, v5 = after the resumed step 3
-    assert s["exported_v3"].version == CRASH_STEP
-    assert resumed.policy_version == CRASH_STEP + 2
-    assert WeightsStore(connect(s["url"])).latest().version == CRASH_STEP + 2
-    after = s["table"].stats()
-    assert after.acks == (CRASH_STEP + 1) * BATCH and after.size == 0 and after.leased == 0
-    assert after.samples == after.acks  # max_times_sampled = 1: no trajectory was handed out twice
 
 
-@pytest.mark.xfail(strict=True, reason="acks precede checkpoints: a crash rolls back acked updates "
-                                       "(README Reliability, known limits)")
-def test_no_acked_update_is_rolled_back(crashed_then_resumed) -> None:  # noqa: ANN001
+def test_resume_retrains_the_rolled_back_batch_and_loses_nothing(crashed_then_resumed) -> None:  # noqa: ANN001
     s = crashed_then_resumed
-    # every trajectory acked before the crash has its update in the newest checkpoint (step 2 here)
-    assert s["at_crash"].acks == CHECKPOINT_EVERY * BATCH
+    resumed = s["resumed"]
+    # resumed from the step-2 checkpoint: steps 3 and 4
+    assert [x["step"] for x in resumed.history] == [CRASH_STEP, CRASH_STEP + 1]
+    after = s["table"].stats()
+    # every trajectory acked exactly once (max_times_sampled = 1), nothing left leased or stored
+    assert after.acks == after.inserts == 4 * BATCH and after.size == 0 and after.leased == 0
+    # handed out once more than acked: exactly the batch whose update the crash rolled back
+    assert after.samples == after.acks + BATCH
+    assert after.extra["expired_lease_items"] == BATCH
+    assert all(x["batch_size"] == BATCH for x in resumed.history)
+
+
+def test_versions_are_never_reissued(crashed_then_resumed) -> None:  # noqa: ANN001
+    s = crashed_then_resumed
+    # the resumed weights are numbered after the crashed run's newest export (v3):
+    # v4 = the step-2 checkpoint re-published, v5 and v6 after the resumed steps 3 and 4
+    assert s["exported_v3"].version == CRASH_STEP
+    assert s["resumed"].policy_version == CRASH_STEP + 3
+    assert WeightsStore(connect(s["url"])).latest().version == CRASH_STEP + 3

@@ -1,0 +1,88 @@
+"""Acks that wait for a checkpoint: a trajectory is consumed only once a checkpoint holds its update.
+
+Why: the learner's optimizer step changes the model in memory; a crash before the next checkpoint rolls those
+updates back. If the batch had been acked right after the step (with `max_times_sampled` = 1 it is then removed
+from the buffer), a crash would lose up to `checkpoint_interval_steps` - 1 batches for good. Instead the learner
+keeps the leases of the steps since its last checkpoint, renews them in the background so they do not expire,
+and acks them right after the next checkpoint is written. After a crash the renewals stop, the leases expire and
+their trajectories return to the buffer, so the resumed learner trains on them again: every acked trajectory's
+update is in a checkpoint, and no trajectory is lost.
+
+Cost: up to `checkpoint_interval_steps` x `batch_size` trajectories stay leased (not sampleable) between
+checkpoints, which the table's `max_size` must leave room for.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from buffer.client import ReplayTable
+
+log = logging.getLogger(__name__)
+
+
+class PendingAcks:
+    """Leases of trained but not yet checkpointed batches, kept alive by a renewal thread until `ack_all`."""
+
+    def __init__(self, table: ReplayTable, lease_s: float, renew_every_s: float | None = None):
+        self.table = table
+        self.lease_s = lease_s
+        self.renew_every_s = renew_every_s if renew_every_s is not None else lease_s / 4
+        self._leases: list[str] = []
+        self._items = 0
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self.expired = 0
+        """Leases that expired before a renewal reached them (their items went back to the buffer)."""
+        self._thread = threading.Thread(target=self._run, name="lease-renewal", daemon=True)
+        self._thread.start()
+
+    @property
+    def pending_items(self) -> int:
+        with self._lock:
+            return self._items
+
+    def add(self, leases: list[str], n_items: int) -> None:
+        """Hold these leases (of `n_items` trained items) until the next `ack_all`."""
+        with self._lock:
+            self._leases += leases
+            self._items += n_items
+        # a step can outlast a renewal period: renew at once so the new leases start with a full term
+        self.renew()
+
+    def renew(self) -> int:
+        """Extend every held lease to now + lease_s; returns how many were still alive."""
+        with self._lock:
+            leases = list(self._leases)
+            if not leases:
+                return 0
+            alive = self.table.renew(leases, self.lease_s)
+            if alive < len(leases):
+                lost = len(leases) - alive
+                self.expired += lost
+                log.warning(
+                    "%d of %d held leases expired before their renewal: their trajectories went back to the "
+                    "buffer and may be trained on twice (raise lease_s above the longest stall)", lost, len(leases),
+                )
+            return alive
+
+    def ack_all(self) -> tuple[int, int]:
+        """Ack every held lease (call right after a checkpoint); returns (items acked, items held)."""
+        with self._lock:
+            leases, held = self._leases, self._items
+            self._leases, self._items = [], 0
+            acked = sum(self.table.ack(lease) for lease in leases)
+        return acked, held
+
+    def close(self) -> None:
+        """Stop renewing. Leases still held expire after lease_s and their items return to the buffer."""
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.renew_every_s):
+            try:
+                self.renew()
+            except Exception as e:  # noqa: BLE001  (Redis down: retried next period; the leases may expire)
+                log.warning("lease renewal failed: %s", e)
