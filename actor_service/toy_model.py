@@ -20,7 +20,8 @@ scratchpad ending in the boxed answer (see `toy_response`), at most 30 tokens wi
 slower (3% held-out accuracy after 1000 steps, against 28% after 360 with the scratchpad).
 
 Warm-up: AdamW on (templated prompt, target) pairs, loss on response tokens only, held-out accuracy checked every
-20 steps (teacher-forced exact match, then confirmed by real greedy decoding), stop at the first check >= 25%.
+20 steps, every 4 once it passes 8% (teacher-forced exact match, then confirmed by real greedy decoding), stop at
+the first check >= 25%, so every build starts RL from about the same level.
 
 Run: `tbrm toy-model [--out DIR] [--force]` (prints the held-out accuracy).
 """
@@ -235,6 +236,10 @@ WARMUP: dict[str, Any] = {
     "warmup_steps": 50,
     "max_steps": 2000,
     "eval_every": 20,
+    # Accuracy climbs fast once the scratchpad clicks (0.21 -> 0.35 teacher-forced within 20 steps in one build):
+    # from `fine_eval_from` on, check every `fine_eval_every` steps so the build stops close to the target.
+    "fine_eval_every": 4,
+    "fine_eval_from": 0.08,
     "target_accuracy": 0.25,
     "band": (0.20, 0.60),
     # One thread: deterministic, and robust on a shared 2-core box (two OpenMP threads competing with other
@@ -460,6 +465,7 @@ def warm_up(
         if any(p[: len(prefix)] != prefix for p in test_ids):
             raise ValueError("held-out prompts do not share the training prompts' template prefix")
         greedy_step = -1
+        eval_every = r["eval_every"]
         while step < r["max_steps"]:
             if time.monotonic() - t0 > r["time_budget_s"]:
                 log.warning("warm-up time budget of %.0f s spent at step %d", r["time_budget_s"], step)
@@ -477,8 +483,10 @@ def warm_up(
             sched.step()
             step += 1
             loss_value = loss.item()
-            if step % r["eval_every"] == 0:
+            if step % eval_every == 0:
                 tf_acc = _teacher_forced_accuracy(model, prefix, test_examples, pad)
+                if tf_acc >= r["fine_eval_from"]:
+                    eval_every = r["fine_eval_every"]
                 entry = {"step": step, "teacher_forced_accuracy": tf_acc, "loss": loss_value}
                 if tf_acc >= r["target_accuracy"]:
                     # Confirm with real greedy decoding (what the cluster measures) before stopping.

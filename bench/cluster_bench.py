@@ -1,6 +1,6 @@
 """Time-to-accuracy of the whole cluster: TBRM async vs TBRM sync vs GRPO async, same budget, repeated.
 
-    python bench/cluster_bench.py [--minutes 4] [--repeats 2] [--target-gain 30] [--variants tbrm_async,...]
+    python bench/cluster_bench.py [--minutes 1.5] [--repeats 2] [--target-gain 25] [--variants tbrm_async,...]
     make bench-cluster
 
 Each run is a full `tbrm up` (own Redis, reward, buffer API, actors, learner; configs/toy.toml) with a time
@@ -78,11 +78,11 @@ def run_one(variant: str, minutes: float, repeat: int, out_root: Path, eval_inte
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--minutes", type=float, default=4.0, help="budget of each run (launch to end of training)")
+    p.add_argument("--minutes", type=float, default=1.5, help="budget of each run (launch to end of training)")
     p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--target-gain", type=float, default=30.0, help="accuracy gain (points) that counts as reached")
+    p.add_argument("--target-gain", type=float, default=25.0, help="accuracy gain (points) that counts as reached")
     p.add_argument("--variants", default=",".join(VARIANTS))
-    p.add_argument("--eval-interval", type=float, default=15.0)
+    p.add_argument("--eval-interval", type=float, default=10.0)
     p.add_argument("--out", default=str(REPO / "bench" / "results" / "cluster.json"))
     p.add_argument("--runs-dir", default=str(REPO / "runs" / "bench-cluster"))
     args = p.parse_args()

@@ -87,9 +87,14 @@ class RunSection(BaseModel):
 
 
 def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """`over` wins key by key, recursively; a tagged value (a dict with `kind`) of another kind replaces the whole
+    base value (a constant schedule must not inherit the toy's cosine fields)."""
     out = copy.deepcopy(base)
     for k, v in over.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
+        old = out.get(k)
+        if isinstance(v, dict) and isinstance(old, dict) and "kind" in v and v["kind"] != old.get("kind"):
+            out[k] = copy.deepcopy(v)
+        elif isinstance(v, dict) and isinstance(old, dict):
             out[k] = deep_merge(out[k], v)
         else:
             out[k] = copy.deepcopy(v)
@@ -146,6 +151,12 @@ def resolve(
     if run.sync:
         data["learner"]["sync"] = True
         data["actor"]["sync"] = True
+        # Sync trains only on the current version: an actor batch larger than one learner batch would be mostly
+        # discarded after the first step. Generate one learner batch per version (fair baseline, no waste by design).
+        n = data["actor"].get("n_samples_per_prompt", 1)
+        batch = data["learner"].get("batch_size", 16)
+        if data["actor"].get("prompts_per_batch", 8) * n > batch:
+            data["actor"]["prompts_per_batch"] = max(1, batch // n)
     if run.minutes is None and run.steps is None:
         raise ValueError("set a budget: run.minutes or run.steps (--minutes / --steps)")
     data["run"] = run.model_dump(mode="json", exclude_none=True)

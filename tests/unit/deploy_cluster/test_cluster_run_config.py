@@ -41,10 +41,24 @@ def test_overrides_sync_loss_steps(tmp_path: Path) -> None:
     assert run.actors == 3 and run.sync and run.steps == 7
     assert cfg["learner"]["lr"] == 1e-4 and cfg["learner"]["loss"]["beta"] == 0.02
     assert cfg["learner"]["sync"] and cfg["actor"]["sync"] and cfg["learner"]["max_steps"] == 7
+    # sync generates one learner batch per version (the toy's 64-prompt actor batches would be mostly discarded)
+    assert cfg["actor"]["prompts_per_batch"] * cfg["actor"].get("n_samples_per_prompt", 1) == 16
+    _, async_cfg = resolve(user, {"run": {"steps": 7}})
+    assert async_cfg["actor"]["prompts_per_batch"] == 64
     _, grpo = resolve(None, {"run": {"loss": "grpo"}})
     assert grpo["learner"]["loss"] == {"kind": "grpo"}
-    # GRPO needs groups: 16 x 1 becomes 4 prompts x 4 samples (same trajectories per batch)
-    assert grpo["actor"]["n_samples_per_prompt"] == 4 and grpo["actor"]["prompts_per_batch"] == 4
+    # GRPO needs groups: 64 x 1 becomes 16 prompts x 4 samples (same trajectories per batch)
+    assert grpo["actor"]["n_samples_per_prompt"] == 4 and grpo["actor"]["prompts_per_batch"] == 16
+
+
+def test_deep_merge_replaces_a_tagged_value_of_another_kind() -> None:
+    from deploy.run_config import deep_merge
+
+    base = {"learner": {"lr": 1.0, "schedule": {"kind": "cosine", "decay_steps": 5}}}
+    assert deep_merge(base, {"learner": {"schedule": {"kind": "constant"}}}) == {
+        "learner": {"lr": 1.0, "schedule": {"kind": "constant"}}}
+    assert deep_merge(base, {"learner": {"schedule": {"kind": "cosine", "decay_steps": 9}}}) == {
+        "learner": {"lr": 1.0, "schedule": {"kind": "cosine", "decay_steps": 9}}}
 
 
 def test_bad_configs_are_refused(tmp_path: Path) -> None:
