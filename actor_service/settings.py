@@ -20,13 +20,13 @@ from __future__ import annotations
 import os
 import socket
 from pathlib import Path
-from typing import Any, Literal
+from typing import ClassVar, Literal
 
 from pydantic import AliasChoices, Field, model_validator
-from pydantic_settings import BaseSettings, InitSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import SettingsConfigDict
 
 from actor_service.schema import DEFAULT_SYSTEM_PROMPT, TOY_SYSTEM_PROMPT
-from buffer.client import run_toml_section
+from buffer.client import RunTomlSettings
 from buffer.schema import TableConfig
 
 DEFAULT_PORT = 8100
@@ -38,13 +38,14 @@ def default_actor_id() -> str:
     return f"{socket.gethostname()}-{os.getpid()}"
 
 
-class ActorSettings(BaseSettings):
+class ActorSettings(RunTomlSettings):
     """Everything one actor needs: model, sampling, engine budget, buffer/reward endpoints, push limits."""
 
     model_config = SettingsConfigDict(
         env_prefix="TBRM_ACTOR_", env_nested_delimiter="__", extra="forbid", validate_default=True,
         use_attribute_docstrings=True,
     )
+    toml_section: ClassVar[str] = "actor"
 
     # ---- identity and HTTP ----
     actor_id: str = Field(default_factory=default_actor_id, min_length=1, max_length=200)
@@ -167,21 +168,3 @@ class ActorSettings(BaseSettings):
         if host in ("0.0.0.0", "::", ""):
             host = socket.gethostname()
         return f"http://{host}:{self.port}"
-
-    def redacted(self) -> dict[str, Any]:
-        """The settings as JSON with secrets replaced (for /v1/config and logs)."""
-        data = self.model_dump(mode="json")
-        if data.get("auth_token"):
-            data["auth_token"] = "***"
-        return data
-
-    @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        return (init_settings, env_settings, InitSettingsSource(settings_cls, init_kwargs=run_toml_section("actor")))

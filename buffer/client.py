@@ -30,11 +30,11 @@ from buffer.schema import (
     Trajectory,
     WeightsInfo,
 )
-from buffer.settings import run_toml_section
+from buffer.settings import RunTomlSettings, run_toml_section
 from buffer.table import RateLimitTimeout, ReplayTable, TableConfigMismatch
 
 __all__ = [
-    "run_toml_section",
+    "RunTomlSettings", "run_toml_section",
     "ActorInfo", "ActorRegistry", "DatasetError", "LearnerStatus", "LearnerStatusStore", "Prompt",
     "PromptQueue", "RateLimitTimeout", "ReplayTable", "SampleBatch", "SampleInfo", "SampledItem",
     "TableConfig", "TableConfigMismatch", "TableStats", "Trajectory", "TrajectoryDecodeError", "WeightsInfo",

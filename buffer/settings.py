@@ -10,10 +10,10 @@ from __future__ import annotations
 import os
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from pydantic import AliasChoices, Field, SecretStr
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import BaseSettings, InitSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
 
 from buffer.schema import TableConfig
 
@@ -37,28 +37,38 @@ def run_toml_section(section: str) -> dict[str, Any]:
     return sec
 
 
-class RunTomlSource(PydanticBaseSettingsSource):
-    """The `[buffer]` table of the run TOML (`TBRM_RUN_CONFIG`), if any."""
+class RunTomlSettings(BaseSettings):
+    """Base of the services' settings: CLI (init kwargs) > environment > the run TOML's `[toml_section]` > defaults.
 
-    def __init__(self, settings_cls: type[BaseSettings]) -> None:
-        super().__init__(settings_cls)
-        self.data: dict[str, Any] = {}
-        path = os.environ.get("TBRM_RUN_CONFIG")
-        if path:
-            with Path(path).open("rb") as f:
-                self.data = dict(tomllib.load(f).get("buffer", {}))
+    Subclasses set `toml_section`. The reward service, which may not import the buffer, has its own reader."""
 
-    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
-        return self.data.get(field_name), field_name, False
+    toml_section: ClassVar[str]
 
-    def __call__(self) -> dict[str, Any]:
-        return self.data
+    def redacted(self) -> dict[str, Any]:
+        """The settings as JSON with secrets replaced (for /v1/config and logs)."""
+        data = self.model_dump(mode="json")
+        if data.get("auth_token"):
+            data["auth_token"] = "***"
+        return data
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        toml = InitSettingsSource(settings_cls, init_kwargs=run_toml_section(cls.toml_section))
+        return init_settings, env_settings, toml
 
 
-class BufferSettings(BaseSettings):
+class BufferSettings(RunTomlSettings):
     """Configuration of the buffer API service (`python -m buffer`)."""
 
     model_config = SettingsConfigDict(env_prefix="TBRM_BUFFER_", env_nested_delimiter="__", extra="forbid")
+    toml_section: ClassVar[str] = "buffer"
 
     host: str = "127.0.0.1"
     """Interface to bind."""
@@ -85,14 +95,3 @@ class BufferSettings(BaseSettings):
     log_level: str = "INFO"
     """Python logging level."""
 
-    @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        # init kwargs carry the CLI flags: CLI > env > run TOML > defaults.
-        return init_settings, env_settings, RunTomlSource(settings_cls)

@@ -21,12 +21,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import ClassVar, Literal
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, model_validator
-from pydantic_settings import BaseSettings, InitSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import SettingsConfigDict
 
-from buffer.client import run_toml_section
+from buffer.client import RunTomlSettings
 from buffer.schema import TableConfig
 from learner.loss_config import LossConfig, TbrmLossConfig
 
@@ -67,7 +67,7 @@ class CosineSchedule(BaseModel):
     """Final lr as a fraction of `lr`."""
 
 
-class LearnerSettings(BaseSettings):
+class LearnerSettings(RunTomlSettings):
     """Everything the learner needs: model, objective, optimizer, buffer, push and checkpoint cadence."""
 
     model_config = SettingsConfigDict(
@@ -77,6 +77,7 @@ class LearnerSettings(BaseSettings):
         validate_default=True,
         use_attribute_docstrings=True,
     )
+    toml_section: ClassVar[str] = "learner"
 
     # ---- service ----
     host: str = "127.0.0.1"
@@ -184,21 +185,3 @@ class LearnerSettings(BaseSettings):
         if isinstance(self.schedule, CosineSchedule) and self.schedule.decay_steps is None and not self.max_steps:
             raise ValueError("a cosine schedule needs schedule.decay_steps or max_steps")
         return self
-
-    def redacted(self) -> dict[str, Any]:
-        """The settings as JSON with secrets replaced (for /v1/config and logs)."""
-        data = self.model_dump(mode="json")
-        if data.get("auth_token"):
-            data["auth_token"] = "***"
-        return data
-
-    @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        return (init_settings, env_settings, InitSettingsSource(settings_cls, init_kwargs=run_toml_section("learner")))
