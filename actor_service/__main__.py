@@ -9,58 +9,19 @@ deregisters, and the process exits 0.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import importlib.util
-import json
 import logging
 import os
 import signal
 import threading
-import types
-import typing
 from collections.abc import Iterator
-from pathlib import Path
-from typing import Any
 
 from actor_service.settings import ActorSettings
 
 
-def _arg_type(annotation: Any) -> Any:
-    """argparse converter for a settings field: scalars as themselves, bools from words, models as JSON."""
-    args = [a for a in typing.get_args(annotation) if a is not type(None)]
-    if typing.get_origin(annotation) in (typing.Union, types.UnionType) and len(args) == 1:
-        annotation = args[0]
-    if annotation in (int, float, str):
-        return annotation
-    if annotation is Path:
-        return Path
-    if annotation is bool:
-        return lambda s: s.lower() in ("1", "true", "yes", "on")
-    if typing.get_origin(annotation) is typing.Literal:
-        return str
-    return json.loads
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m actor_service", description="tbrm vLLM actor service")
-    p.add_argument("--config", type=Path, default=None, help="run TOML whose [actor] table holds settings "
-                   "(same as TBRM_RUN_CONFIG)")
-    for name, field in ActorSettings.model_fields.items():
-        default = field.default if field.default_factory is None else "(computed)"
-        p.add_argument(
-            f"--{name.replace('_', '-')}", dest=name, type=_arg_type(field.annotation), default=None,
-            help=f"{(field.description or '').strip()} (default {default})".replace("%", "%%"),
-        )
-    return p
-
-
 def main(argv: list[str] | None = None) -> None:
-    args = {k: v for k, v in vars(build_parser().parse_args(argv)).items() if v is not None}
-    config = args.pop("config", None)
-    if config is not None:
-        os.environ["TBRM_RUN_CONFIG"] = str(config)
-    settings = ActorSettings(**args)
+    settings = ActorSettings.from_cli(argv, "python -m actor_service", "tbrm vLLM actor service")
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # Heavy imports only now: the in-process vLLM engine (V1 multiprocessing off) starts in seconds on CPU.
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")

@@ -7,8 +7,12 @@ Precedence: CLI flag > environment (``TBRM_BUFFER_*``; nested: ``TBRM_BUFFER_TAB
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
 import tomllib
+import types
+import typing
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -37,6 +41,20 @@ def run_toml_section(section: str) -> dict[str, Any]:
     return sec
 
 
+def _cli_type(annotation: Any) -> Any:
+    """argparse converter for a settings field: scalars as themselves, bools from words, models/tuples as JSON."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType) and len(args) == 1:
+        annotation = args[0]
+    if annotation in (int, float, str, Path):
+        return annotation
+    if annotation is bool:
+        return lambda s: s.lower() in ("1", "true", "yes", "on")
+    if typing.get_origin(annotation) is typing.Literal:
+        return str
+    return json.loads
+
+
 class RunTomlSettings(BaseSettings):
     """Base of the services' settings: CLI (init kwargs) > environment > the run TOML's `[toml_section]` > defaults.
 
@@ -50,6 +68,29 @@ class RunTomlSettings(BaseSettings):
         if data.get("auth_token"):
             data["auth_token"] = "***"
         return data
+
+    @classmethod
+    def cli_parser(cls, prog: str, description: str) -> argparse.ArgumentParser:
+        """Every field as a flag (`--field-name`; nested models take JSON), plus `--config` for the run TOML."""
+        p = argparse.ArgumentParser(prog=prog, description=description)
+        p.add_argument("--config", type=Path, default=None,
+                       help=f"run TOML whose [{cls.toml_section}] table holds settings (same as TBRM_RUN_CONFIG)")
+        for name, field in cls.model_fields.items():
+            default = field.default if field.default_factory is None else "(computed)"
+            p.add_argument(
+                f"--{name.replace('_', '-')}", dest=name, type=_cli_type(field.annotation), default=None,
+                help=f"{(field.description or '').strip()} (default {default})".replace("%", "%%"),
+            )
+        return p
+
+    @classmethod
+    def from_cli(cls, argv: list[str] | None, prog: str, description: str) -> typing.Self:
+        """Parse the command line (flags override env and run TOML); `--config` sets TBRM_RUN_CONFIG."""
+        args = {k: v for k, v in vars(cls.cli_parser(prog, description).parse_args(argv)).items() if v is not None}
+        config = args.pop("config", None)
+        if config is not None:
+            os.environ["TBRM_RUN_CONFIG"] = str(config)
+        return cls(**args)
 
     @classmethod
     def settings_customise_sources(

@@ -5,20 +5,16 @@
 
 Every field of `LearnerSettings` is a flag (CLI > env TBRM_LEARNER_* > run TOML [learner] > default); nested
 fields (`--loss`, `--schedule`, `--table`) take JSON, e.g. `--loss '{"kind": "tbrm", "beta": 0.02}'`.
+`--config PATH` names the run TOML (same as TBRM_RUN_CONFIG).
 SIGTERM/SIGINT stop the loop after the current step; it then writes a checkpoint and exits.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
 import os
 import signal
 import threading
-import types
-import typing
-from pathlib import Path
 from typing import Any
 
 from learner.settings import LearnerSettings
@@ -26,37 +22,8 @@ from learner.settings import LearnerSettings
 log = logging.getLogger("learner")
 
 
-def _arg_type(annotation: Any) -> Any:
-    """argparse converter for a settings field: scalars as themselves, models/tuples/unions of models as JSON."""
-    args = [a for a in typing.get_args(annotation) if a is not type(None)]
-    origin = typing.get_origin(annotation)
-    if origin in (typing.Union, types.UnionType) and len(args) == 1:
-        annotation = args[0]
-    if annotation in (int, float, str):
-        return annotation
-    if annotation is Path:
-        return Path
-    if annotation is bool:
-        return lambda s: s.lower() in ("1", "true", "yes", "on")
-    if typing.get_origin(annotation) is typing.Literal:
-        return str
-    return json.loads
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m learner", description="tbrm DeepSpeed learner (TBRM / GRPO)")
-    for name, field in LearnerSettings.model_fields.items():
-        default = field.default if field.default_factory is None else "(computed)"
-        p.add_argument(
-            f"--{name.replace('_', '-')}", dest=name, type=_arg_type(field.annotation), default=None,
-            help=f"{(field.description or '').strip()} (default {default})",
-        )
-    return p
-
-
 def main(argv: list[str] | None = None) -> None:
-    args = {k: v for k, v in vars(build_parser().parse_args(argv)).items() if v is not None}
-    settings = LearnerSettings(**args)
+    settings = LearnerSettings.from_cli(argv, "python -m learner", "tbrm DeepSpeed learner (TBRM / GRPO)")
     rank = int(os.environ.get("RANK", "0"))
     logging.basicConfig(
         level=settings.log_level.upper(), format=f"%(asctime)s %(levelname)s [rank{rank}] %(name)s: %(message)s"
