@@ -48,24 +48,27 @@ class PendingAcks:
         with self._lock:
             self._leases += leases
             self._items += n_items
-        # a step can outlast a renewal period: renew at once so the new leases start with a full term
-        self.renew()
+            # a step can outlast a renewal period: the new leases get a full term now (the thread renews the rest)
+            self._renew(list(leases))
 
     def renew(self) -> int:
         """Extend every held lease to now + lease_s; returns how many were still alive."""
         with self._lock:
-            leases = list(self._leases)
-            if not leases:
-                return 0
-            alive = self.table.renew(leases, self.lease_s)
-            if alive < len(leases):
-                lost = len(leases) - alive
-                self.expired += lost
-                log.warning(
-                    "%d of %d held leases expired before their renewal: their trajectories went back to the "
-                    "buffer and may be trained on twice (raise lease_s above the longest stall)", lost, len(leases),
-                )
-            return alive
+            return self._renew(list(self._leases))
+
+    def _renew(self, leases: list[str]) -> int:
+        """Renew `leases` (caller holds the lock); count and log the ones that had expired."""
+        if not leases:
+            return 0
+        alive = self.table.renew(leases, self.lease_s)
+        if alive < len(leases):
+            lost = len(leases) - alive
+            self.expired += lost
+            log.warning(
+                "%d of %d held leases expired before their renewal: their trajectories went back to the "
+                "buffer and may be trained on twice (raise lease_s above the longest stall)", lost, len(leases),
+            )
+        return alive
 
     def ack_all(self) -> tuple[int, int]:
         """Ack every held lease (call right after a checkpoint); returns (items acked, items held)."""
