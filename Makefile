@@ -8,7 +8,7 @@ export VLLM_ENABLE_V1_MULTIPROCESSING ?= 0
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup up test test-slow lint bench bench-buffer bench-reward bench-learner bench-actor bench-cluster clean
+.PHONY: setup up test test-slow lint bench bench-buffer bench-reward bench-learner bench-actor bench-cluster bench-replay clean
 
 setup: $(STAMP)
 
@@ -46,6 +46,8 @@ bench-actor: setup
 	$(BIN)/python bench/actor_bench.py
 bench-cluster: setup
 	$(BIN)/python bench/cluster_bench.py
+bench-replay: setup
+	$(BIN)/python bench/replay_bench.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

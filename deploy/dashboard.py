@@ -76,6 +76,18 @@ class Snapshot:
         return _first(self.learner_metrics, _LAG_KEYS)
 
     @property
+    def reuse_ratio(self) -> float | None:
+        """Items handed to the learner per item inserted (1.0 = each trained once)."""
+        inserts = self.buffer.get("inserts")
+        return self.buffer.get("samples", 0) / inserts if inserts else None
+
+    @property
+    def never_trained_frac(self) -> float | None:
+        """Inserted trajectories never handed to the learner yet (left unsampled or still waiting), over inserts."""
+        inserts, sampled = self.buffer.get("inserts"), self.buffer.get("sampled_distinct")
+        return 1.0 - sampled / inserts if inserts and sampled is not None else None
+
+    @property
     def tokens_per_s(self) -> float:
         return sum(a.tokens_per_s for a in self.actors)
 
@@ -90,6 +102,8 @@ class Snapshot:
             "age_versions_mean": self.lag_mean,
             "age_versions_max": _first(self.learner_metrics, _LAG_MAX_KEYS),
             "tokens_per_s": round(self.tokens_per_s, 1),
+            "reuse_ratio": self.reuse_ratio,
+            "never_trained_frac": self.never_trained_frac,
             "actor_versions": {a.actor_id: a.policy_version for a in self.actors},
             "actor_trajectories": {a.actor_id: a.trajectories for a in self.actors},
             "prompts_queued": self.prompts_queued,
@@ -233,6 +247,13 @@ def render(snap: Snapshot, title: str = "tbrm", budget: str = "") -> Panel:
         f"acks {b.get('acks', '-')}  leased {b.get('leased', '-')}",
         f"stale-dropped {b.get('dropped_stale', '-')}  queued prompts {snap.prompts_queued if snap.prompts_queued is not None else '-'}",
     )
+    m = snap.learner_metrics
+    head.add_row(
+        f"reuse {_fmt(snap.reuse_ratio, '.2f')}",
+        f"never trained {_fmt(snap.never_trained_frac, '.1%')}",
+        f"data age {_fmt(m.get('age_s_mean'), '.1f')} s",
+        f"guard skipped {_fmt(m.get('guard_skipped_steps'), '.0f')} responses {_fmt(m.get('guard_responses'), '.0f')}",
+    )
     actors = Table(box=None, header_style="bold", pad_edge=False)
     for col in ("actor", "policy version", "lag", "tokens/s", "trajectories", "state"):
         actors.add_column(col)
@@ -247,7 +268,6 @@ def render(snap: Snapshot, title: str = "tbrm", budget: str = "") -> Panel:
             f"{a.tokens_per_s:,.0f}", str(a.trajectories), a.state,
         )  # fmt: skip
     parts: list[Any] = [head, Text(""), actors]
-    m = snap.learner_metrics
     shown = {k: m[k] for k in ("loss", "residual_mean", "v0_mean", "grad_norm", "step_s") if k in m}
     if shown:
         parts.append(Text("  ".join(f"{k} {v:.4g}" for k, v in shown.items()), style="dim"))

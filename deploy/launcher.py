@@ -43,7 +43,7 @@ from rich.console import Console
 from deploy import topology
 from deploy.dashboard import Collector, Dashboard, Snapshot
 from deploy.evaluation import EvalResult, eval_via_actor
-from deploy.report import make_plots
+from deploy.report import make_plots, replay_summary
 from deploy.run_config import RunSection, dump_toml
 from deploy.run_dir import RunDir, Summary
 from deploy.supervisor import (
@@ -594,6 +594,7 @@ class Cluster:
             policy_version=int(last.learner_version or 0) if last else 0,
             actor_versions={a.actor_id: a.policy_version for a in last.actors} if last else {},
             buffer={k: v for k, v in (last.buffer if last else {}).items() if isinstance(v, int | float)},
+            replay=replay_summary(self.rd, last.buffer if last else {}),
             eval_points=len(st.evals),
             exit_reason=st.stop_reason or "done",
             ok=st.crashed is None and not st.interrupted,

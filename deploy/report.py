@@ -54,6 +54,32 @@ def learner_lags(run: RunDir) -> list[float]:
     ]
 
 
+def replay_summary(run: RunDir, buffer: dict[str, Any]) -> dict[str, float]:
+    """How the replay buffer was used over the run: reuse ratio (items handed to the learner per item inserted),
+    the fraction of inserted trajectories never trained on (left the table unsampled, or still unsampled in it at
+    the end), the mean age of trained data in versions and seconds, and the stability guard's figures.
+
+    `buffer` is the final `TableStats` dump."""
+    from deploy.run_dir import read_jsonl  # noqa: PLC0415
+
+    out: dict[str, float] = {}
+    inserts = float(buffer.get("inserts") or 0)
+    if inserts > 0:
+        out["reuse_ratio"] = round(float(buffer.get("samples") or 0) / inserts, 4)
+        out["never_trained_frac"] = round(1.0 - float(buffer.get("sampled_distinct") or 0) / inserts, 4)
+        out["dropped_stale_frac"] = round(float(buffer.get("dropped_stale") or 0) / inserts, 4)
+    rows = read_jsonl(run.path / "learner" / "metrics.jsonl")
+    for key, name in (("version_lag_mean", "age_versions_mean"), ("age_s_mean", "age_s_mean"),
+                      ("grad_clipped", "grad_clip_frac")):
+        vals = [float(r[key]) for r in rows if r.get(key) is not None]
+        if vals:
+            out[name] = round(sum(vals) / len(vals), 4)
+    if rows:
+        for key in ("guard_skipped_steps", "guard_responses"):
+            out[key] = float(rows[-1].get(key) or 0)
+    return out
+
+
 def _rolling(ys: list[float], n: int) -> list[float]:
     out, acc = [], 0.0
     for i, y in enumerate(ys):

@@ -12,7 +12,9 @@ Conventions shared by every function (B trajectories, T response positions, V vo
   tokens [B, T]     response token ids a_1..a_T (any value, e.g. -100 or 0, where mask is 0).
   mask   [B, T]     1/True for real response tokens, 0 for padding.
 All maths runs in fp32 whatever the logits dtype (fp64 stays fp64). Metrics are detached 0-dim tensors: call
-`float()` to log them (keeping them tensors avoids a device sync per metric per step).
+`float()` to log them (keeping them tensors avoids a device sync per metric per step). Keys starting with
+`TRAJ_PREFIX` ("traj_") are the exception: detached per-trajectory [B] tensors (TBRM's residual and log-ratio),
+which the learner turns into replay priorities and per-reward-class metrics instead of averaging them.
 
 Memory: the only [B, T, V]-sized work is one `logsumexp` over the vocabulary plus a `gather` of the token logits
 (`token_logprobs`); no log-softmax [B, T, V] copy is kept, and V(s_1) is the first column of the same logsumexp
@@ -29,6 +31,7 @@ from torch import Tensor
 from learner.loss_config import GrpoLossConfig, LossConfig, SftLossConfig, TbrmLossConfig
 
 Metrics = dict[str, Tensor]
+TRAJ_PREFIX = "traj_"
 
 
 def _f32(x: Tensor) -> Tensor:
@@ -139,7 +142,8 @@ def tbrm_loss(
 
     Returns `(loss, metrics)`: scalar fp32 loss; metrics (detached): loss, residual_mean/std/abs_max, v0_mean,
     log_ratio_sum_mean (sum_h log pi/pi_ref: a KL(pi||pi_ref) estimate when the data is on-policy), reward_mean,
-    response_length_mean, and ref_v0_mean for the calibrated variant.
+    response_length_mean, and ref_v0_mean for the calibrated variant; per trajectory ([B], detached):
+    traj_residual (delta, whose |delta| becomes the replay priority) and traj_log_ratio_sum.
     """
     residual, parts = tbrm_residual(logits, tokens, mask, ref_logprobs, rewards, beta, ref_v0)
     loss = residual.pow(2).mean()
@@ -154,6 +158,8 @@ def tbrm_loss(
             "log_ratio_sum_mean": parts["log_ratio_sum"].detach().mean(),
             "reward_mean": rewards.detach().float().mean(),
             "response_length_mean": parts["length"].mean(),
+            TRAJ_PREFIX + "residual": r,
+            TRAJ_PREFIX + "log_ratio_sum": parts["log_ratio_sum"].detach(),
         }
         if ref_v0 is not None:
             metrics["ref_v0_mean"] = ref_v0.detach().float().mean()

@@ -67,6 +67,42 @@ class CosineSchedule(BaseModel):
     """Final lr as a fraction of `lr`."""
 
 
+class PrioritySettings(BaseModel):
+    """Replay priorities from the TBRM residual, written back after every step (learner/replay.py).
+
+    p_i = |delta_i| + eps for each trained trajectory; a `prioritized` table sampler then draws P(i) ∝ p_i^alpha
+    with alpha = `table.sampler.exponent`, and new items enter at the largest priority seen so far. With any
+    other sampler nothing is written (the call would be wasted)."""
+
+    model_config = ConfigDict(extra="forbid")
+    enabled: bool = True
+    """Write residual priorities when the table's sampler is `prioritized`."""
+    eps: float = Field(default=1.0, gt=0)
+    """Added to |delta| (in nats, like delta) so that a fitted trajectory keeps a small chance to be replayed."""
+
+
+class GuardSettings(BaseModel):
+    """The stability guard (learner/guard.py): non-finite steps are always skipped and never published; a
+    blow-up (a residual or a log-ratio beyond its bound for `patience_steps` steps in a row) gets `response`."""
+
+    model_config = ConfigDict(extra="forbid")
+    max_residual_abs: float | None = Field(default=5e3, gt=0)
+    """A batch whose largest |delta| exceeds this counts as a blow-up step (r/beta is 500 at the paper's beta and
+    reward 1, so healthy residuals stay within a few times that). None = not checked."""
+    max_log_ratio_incorrect: float | None = Field(default=50.0, gt=0)
+    """A batch whose mean log pi(tau)/pi_ref(tau) over trajectories with reward <= 0 exceeds this counts as a
+    blow-up step: at the optimum that log-ratio is strongly negative, so a large positive value means the policy
+    piles probability onto wrong answers (the collapse seen at constant lr 1e-4: +200 on non-answers)."""
+    patience_steps: int = Field(default=3, ge=1)
+    """Consecutive blow-up steps before the guard responds (and the cool-down after a response)."""
+    response: Literal["lr_backoff", "rollback", "warn"] = "rollback"
+    """lr_backoff: multiply the lr by `lr_backoff_factor` for the rest of the run; rollback: also restore the last
+    checkpoint (model, optimizer, scheduler; versions keep increasing) — lr_backoff alone before the first one;
+    warn: only log."""
+    lr_backoff_factor: float = Field(default=0.5, gt=0, lt=1)
+    """Multiplier applied to the lr (its schedule's base) at each response."""
+
+
 class LearnerSettings(RunTomlSettings):
     """Everything the learner needs: model, objective, optimizer, buffer, push and checkpoint cadence."""
 
@@ -107,6 +143,10 @@ class LearnerSettings(RunTomlSettings):
     adam_eps: float = Field(default=1e-8, gt=0)
     grad_clip: float | None = Field(default=1.0, gt=0)
     """Clip the global gradient norm to this value (None = no clipping). TBRM's residuals are large: keep it."""
+    priorities: PrioritySettings = Field(default_factory=PrioritySettings)
+    """Residual replay priorities written back to the buffer (used by a prioritized sampler)."""
+    guard: GuardSettings = Field(default_factory=GuardSettings)
+    """Skips non-finite steps and answers residual / log-ratio blow-ups (lr back-off, rollback)."""
 
     # ---- batches ----
     batch_size: int = Field(default=16, ge=1)
@@ -141,8 +181,10 @@ class LearnerSettings(RunTomlSettings):
     ack_after_checkpoint: bool = True
     """Ack a trained batch only once a checkpoint holds its update (its lease is renewed until then), so a crash
     returns the batches since the last checkpoint to the buffer instead of losing them (learner/acks.py). Needs
-    room in the table for checkpoint_interval_steps x batch_size leased trajectories. False, or no periodic
-    checkpoints: ack right after the optimizer step."""
+    room in the table for checkpoint_interval_steps x batch_size leased trajectories. False, no periodic
+    checkpoints, or replay (`table.max_times_sampled` != 1): ack right after the optimizer step. With replay an item
+    stays in the table until its last ack anyway, so a crash costs it at most one of its passes, while held leases
+    would keep items from being replayed (and starve the sampler under samples_per_insert > 1)."""
     keep_checkpoints: int = Field(default=2, ge=1)
     """How many checkpoints to keep in the run directory."""
     keep_weights: int = Field(default=3, ge=1)

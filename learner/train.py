@@ -51,10 +51,11 @@ from buffer.client import (
     WeightsStore,
     connect,
 )
-from buffer.schema import LearnerStatus, SampledItem, WeightsInfo
+from buffer.schema import LearnerStatus, PrioritizedSampler, SampledItem, WeightsInfo
 from learner.acks import PendingAcks
+from learner.guard import StabilityGuard, all_ranks_agree, grads_finite, params_finite, scale_lr
 from learner.live import LiveStatus
-from learner.loss import LossBatch, compute_loss
+from learner.loss import TRAJ_PREFIX, LossBatch, compute_loss
 from learner.loss_config import GrpoLossConfig, SftLossConfig
 from learner.model import (
     MicroBatch,
@@ -65,12 +66,14 @@ from learner.model import (
     response_logits,
 )
 from learner.push import PushFn, WeightPusher
+from learner.replay import ResidualLog, age_metrics, residual_metrics, reuse_metrics, write_priorities
 from learner.settings import ConstantSchedule, LearnerSettings, default_cache_dir
 from learner.weights import export_weights
 
 log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
+BUFFER_STATS_EVERY_STEPS = 10  # reuse / never-trained figures: one stats call per 10 steps, not per step
 CHECKPOINT_DIR = "checkpoints"
 WEIGHTS_DIR = "weights"
 
@@ -395,6 +398,61 @@ def save_checkpoint(engine: Any, ckpt_dir: Path, step: int, version: int, rank: 
     return tag
 
 
+def skip_step(
+    engine: Any, guard: StabilityGuard, table: ReplayTable | None, leases: list[str],
+    values: dict[str, tuple[float, float, float]], step: int,
+) -> str | None:
+    """Discard a non-finite step's gradients; returns the guard's response if this was one strike too many.
+
+    Items whose own residual is not finite are poison (e.g. an absurd reward) and are acked away so they cannot
+    stall the learner; the others' leases expire and they come back."""
+    engine.zero_grad()
+    guard.skipped_steps += 1
+    poison = [item_id for item_id, (delta, _, _) in values.items() if not math.isfinite(delta)]
+    if table is not None and poison:
+        for lease in leases:
+            table.ack(lease, poison)
+    return guard.strike(step, f"non-finite loss or gradient, step skipped ({len(poison)} poison items acked)")
+
+
+def checkpoint_at_or_before(ckpt_dir: Path, step: int) -> str | None:
+    """Tag of the newest complete checkpoint of a step <= `step` (tags are `step-<8 digits>`)."""
+    tags = sorted(
+        (int(p.name.removeprefix("step-")), p.name) for p in ckpt_dir.glob("step-*")
+        if p.is_dir() and p.name.removeprefix("step-").isdigit()
+    )
+    ok = [tag for s, tag in tags if s <= step]
+    return ok[-1] if ok else None
+
+
+def respond(
+    response: str, engine: Any, ckpt_dir: Path, pending: PendingAcks | None, settings: LearnerSettings,
+    version: int, publish: Callable[[int], WeightsInfo], rank: int, safe_step: int,
+) -> int:
+    """Carry out the guard's response; returns the policy version to continue from.
+
+    rollback: restore the newest checkpoint of a step <= `safe_step` (model, optimizer, scheduler) on every rank,
+    then back off the lr. The batches held since the last checkpoint are acked (their updates are discarded with
+    the diverged weights rather than retrained), and the restored weights are published as a NEW version (versions
+    never repeat or go back). Without such a checkpoint, a rollback is an lr back-off only."""
+    tag = checkpoint_at_or_before(ckpt_dir, safe_step) if response == "rollback" else None
+    if tag is None and not params_finite(engine.module):
+        raise RuntimeError("the weights are not finite and there is no checkpoint to roll back to")
+    if tag is not None:
+        base = list(engine.lr_scheduler.base_lrs)
+        engine.load_checkpoint(str(ckpt_dir), tag=tag)
+        engine.lr_scheduler.base_lrs = base  # keep earlier back-offs; the checkpoint's base predates them
+        ack_checkpointed(pending)
+    lr = scale_lr(engine, settings.guard.lr_backoff_factor)
+    log.warning("stability guard: %s (checkpoint %s), lr now %.3g", response, tag or "none", lr)
+    if tag is None:
+        return version
+    version += 1
+    if rank == 0:
+        publish(version)
+    return version
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # The loop
 # ------------------------------------------------------------------------------------------------------------------
@@ -500,7 +558,7 @@ def train(
             workers=settings.push_workers, push_fn=push_fn,
         )
         metrics_file = open(run_dir / METRICS_FILE, "a", buffering=1)  # noqa: SIM115  (closed in finally)
-        if settings.ack_after_checkpoint and settings.checkpoint_interval_steps:
+        if settings.ack_after_checkpoint and settings.checkpoint_interval_steps and table.config.max_times_sampled == 1:
             pending = PendingAcks(table, settings.lease_s or table.config.lease_s)
             held = settings.checkpoint_interval_steps * settings.batch_size
             if held > table.config.max_size // 2:
@@ -516,6 +574,9 @@ def train(
         live.update(state="running", step=step, policy_version=version, latest_weights=latest)
         status_store.set(LearnerStatus(step=step, policy_version=version, state="running"))
     push_every = 1 if settings.sync else settings.push_interval_steps
+    guard = StabilityGuard(settings.guard)
+    write_prio = (settings.priorities.enabled and isinstance(table.config.sampler, PrioritizedSampler)
+                  and not isinstance(settings.loss, GrpoLossConfig | SftLossConfig))
     history: list[dict[str, Any]] = []
     log.info("learner rank %d/%d ready at step %d (loss %s)", rank, world, step, settings.loss.kind)
 
@@ -555,6 +616,8 @@ def train(
             n_micro = int(all_reduce_max(float(len(plans)), world))
             partials: list[tuple[float, dict[str, float]]] = []
             n_tokens = 0
+            residuals = ResidualLog()
+            losses_finite = True
             for j in range(n_micro):
                 plan = plans[j] if j < len(plans) else plans[0]
                 mb = collate([trajs[i] for i in plan], rows=plan).to(engine.device)
@@ -564,20 +627,34 @@ def train(
                     engine.backward(loss * 0.0, scale_wrt_gas=False)
                     continue
                 n_tokens += mb.n_tokens
+                losses_finite = losses_finite and bool(torch.isfinite(loss.detach()))
+                residuals.add(shard, plan, m)
                 units = float(mb.mask.sum()) if by_tokens else len(plan)
                 # DeepSpeed averages gradients over ranks, hence the factor `world`.
                 weight = units / max(total_units, 1.0)
                 engine.backward(loss * (weight * world), scale_wrt_gas=False)
                 metric_w = len(plan) / total_trajs
-                mf = {k: float(v) for k, v in m.items()}
+                mf = {k: float(v) for k, v in m.items() if not k.startswith(TRAJ_PREFIX)}
                 mf["loss"] = mf["loss"] * weight / metric_w  # loss combines with its own weight
                 partials.append((metric_w, mf))
+            if not all_ranks_agree(losses_finite and grads_finite(engine.module), world):
+                # 3b. a non-finite loss or gradient: no update, nothing published (learner/guard.py)
+                response = skip_step(
+                    engine, guard, table if rank == 0 else None, leases, residuals.gathered(world), step + 1
+                )
+                if response is not None and response != "warn":
+                    version = respond(response, engine, ckpt_dir, pending, settings, version, publish, rank,
+                                      guard.safe_step)
+                continue
             engine.step()
             t_step = time.monotonic()
             grad_norm = engine.get_global_grad_norm()
             loss_metrics = reduce_metrics(partials, world)
             n_tokens = int(all_reduce_sum([float(n_tokens)], world)[0])
             n_ref, n_padding = (int(x) for x in all_reduce_sum([float(n_ref), float(n_micro - len(plans))], world))
+            trained = residuals.gathered(world)
+            replay = {**residual_metrics(items, trained), **age_metrics(items)}
+            response = guard.observe({**loss_metrics, **replay}, step + 1)
 
             # 4. advance the version; the batch is acked (consumed) once a checkpoint holds this update
             step += 1
@@ -590,9 +667,17 @@ def train(
                     # the lease expired during the step: those items went back and may be trained on again
                     log.warning("only %d of %d items acked: raise lease_s above the step time", acked, len(items))
 
-            # 5. export + push every K steps; catch up lagging actors every step
+            # 5. priorities back to the buffer; export + push every K steps; catch up lagging actors every step
+            if rank == 0 and write_prio:
+                write_priorities(table, trained, settings.priorities.eps)
+            if rank == 0 and step % BUFFER_STATS_EVERY_STEPS == 0:
+                replay.update(reuse_metrics(table.stats()))
+            if step % push_every == 0 and not params_finite(engine.module):
+                log.error("weights are not finite after step %d: not published", step)
+                guard.first_strike_step = step + 1  # this step broke them: step - 1 is the newest good checkpoint
+                response = "rollback"
             t_push = 0.0
-            if rank == 0 and step % push_every == 0:
+            if rank == 0 and step % push_every == 0 and response != "rollback":
                 tp = time.monotonic()
                 latest = publish(version)
                 t_push = time.monotonic() - tp
@@ -608,7 +693,12 @@ def train(
                     "time": time.time(),
                     **loss_metrics,
                     **batch_metrics(items),
+                    **replay,
+                    **guard.metrics(),
+                    "guard_response": response,
                     "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                    "grad_clipped": float(grad_norm is not None and settings.grad_clip is not None
+                                          and grad_norm > settings.grad_clip),
                     "lr": float(engine.get_lr()[0]),
                     "ref_computed": n_ref,
                     "micro_batches": n_micro,
@@ -639,7 +729,13 @@ def train(
                     line.get("v0_mean", float("nan")), line["batch_reward_mean"], line["version_lag_mean"], dt,
                 )
 
-            # 7. checkpoint
+            # 7. the guard's answer to a blow-up; checkpoint
+            if response is not None and response != "warn":
+                version = respond(response, engine, ckpt_dir, pending, settings, version, publish, rank,
+                                  guard.safe_step)
+                if rank == 0:
+                    latest = weights_store.latest()
+                    pusher.sync(latest)
             if settings.checkpoint_interval_steps and step % settings.checkpoint_interval_steps == 0:
                 save_checkpoint(engine, ckpt_dir, step, version, rank, settings.keep_checkpoints)
                 last_ckpt_step = step

@@ -1,0 +1,113 @@
+"""The stability guard: no non-finite update is applied or published, and a blow-up gets an answer.
+
+TBRM at the paper's beta works with residuals in the hundreds (r/beta = 500), every step is gradient-clipped, and a
+too-large lr can still push the policy off a cliff: on the toy at constant lr 1e-4 the policy's log pi/pi_ref on
+wrong answers jumped to +200 after ~2,000 steps and accuracy fell to zero. The guard watches two things:
+
+1. **Non-finite steps** (always on): a non-finite micro-batch loss or gradient skips the optimizer step (gradients
+   discarded, version not advanced, the batch's lease left to expire so its items return to the buffer), and
+   weights that are not finite are never exported.
+2. **Blow-ups**: a batch whose largest |residual| exceeds `max_residual_abs`, or whose mean log-ratio on
+   trajectories with reward <= 0 exceeds `max_log_ratio_incorrect`, is a strike; `patience_steps` strikes in a row
+   trigger the configured response (lr back-off, or rollback plus lr back-off, or a warning) and reset the count.
+
+A strike at step k is measured on the weights after step k - 1 (the residual comes from the step's forward pass),
+so those weights — and a checkpoint taken of them — are already suspect: a rollback restores the newest checkpoint
+from before the first strike's weights, i.e. of step <= first_strike_step - 2 (keep_checkpoints >= 2 keeps one).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+from learner.settings import GuardSettings
+
+log = logging.getLogger(__name__)
+
+
+class StabilityGuard:
+    """Counts strikes and skipped steps; `observe` says when to respond (the loop carries the response out)."""
+
+    def __init__(self, cfg: GuardSettings) -> None:
+        self.cfg = cfg
+        self.strikes = 0
+        self.first_strike_step = 0
+        """Step of the first strike of the current series (its weights are the first suspect ones)."""
+        self.skipped_steps = 0
+        self.responses = 0
+
+    def blow_up_reason(self, metrics: dict[str, float]) -> str | None:
+        """Why this step's metrics count as a blow-up, or None."""
+        res = metrics.get("residual_abs_max")
+        if self.cfg.max_residual_abs is not None and res is not None and not res <= self.cfg.max_residual_abs:
+            return f"residual_abs_max {res:.4g} > {self.cfg.max_residual_abs:g}"
+        lr_bad = metrics.get("log_ratio_sum_mean_incorrect")
+        bound = self.cfg.max_log_ratio_incorrect
+        if bound is not None and lr_bad is not None and not lr_bad <= bound:
+            return f"log_ratio_sum_mean_incorrect {lr_bad:.4g} > {bound:g}"
+        return None
+
+    def observe(self, metrics: dict[str, float], step: int) -> str | None:
+        """Record trained step `step`; returns the response to carry out now ("lr_backoff", "rollback", "warn")."""
+        reason = self.blow_up_reason(metrics)
+        if reason is None:
+            self.strikes = 0
+            return None
+        return self.strike(step, reason)
+
+    def strike(self, step: int, reason: str) -> str | None:
+        """Count a bad step (a blow-up, or a skipped non-finite one); the response once patience runs out."""
+        if self.strikes == 0:
+            self.first_strike_step = step
+        self.strikes += 1
+        log.warning("stability guard: %s at step %d (strike %d/%d)", reason, step, self.strikes,
+                    self.cfg.patience_steps)
+        if self.strikes < self.cfg.patience_steps:
+            return None
+        self.strikes = 0
+        self.responses += 1
+        return self.cfg.response
+
+    @property
+    def safe_step(self) -> int:
+        """Newest step whose weights predate the current strike series (a rollback target)."""
+        return self.first_strike_step - 2
+
+    def metrics(self) -> dict[str, float]:
+        return {"guard_strikes": float(self.strikes), "guard_skipped_steps": float(self.skipped_steps),
+                "guard_responses": float(self.responses)}
+
+
+def grads_finite(module: torch.nn.Module) -> bool:
+    """Whether every gradient held on the parameters is finite (ZeRO-2 keeps reduced gradients in the optimizer's
+    partitions instead: then only the loss check and the weight check before export apply)."""
+    norms = [p.grad.detach().float().norm() for p in module.parameters() if p.grad is not None]
+    return not norms or bool(torch.isfinite(torch.stack(norms).sum()))
+
+
+def params_finite(module: torch.nn.Module) -> bool:
+    """Whether every parameter is finite (checked before weights are exported to the actors)."""
+    return all(bool(torch.isfinite(p.detach()).all()) for p in module.parameters())
+
+
+def all_ranks_agree(ok: bool, world_size: int) -> bool:
+    """True only if `ok` holds on every rank (so that all ranks skip or step together)."""
+    if world_size == 1:
+        return ok
+    t = torch.tensor([1.0 if ok else 0.0])
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
+    return bool(t[0] > 0)
+
+
+def scale_lr(engine: Any, factor: float) -> float:
+    """Multiply the lr schedule's base (and the current lr) by `factor`; returns the new current lr.
+
+    The base lrs live in the LambdaLR scheduler, whose state DeepSpeed checkpoints, so a back-off survives resume."""
+    sched = engine.lr_scheduler
+    sched.base_lrs = [b * factor for b in sched.base_lrs]
+    for group in engine.optimizer.param_groups:
+        group["lr"] *= factor
+    return float(engine.optimizer.param_groups[0]["lr"])
