@@ -304,6 +304,9 @@ def create_app(settings: BufferSettings | None = None) -> FastAPI:
                 ("samples", s.samples, "items ever handed out"), ("acks", s.acks, "items acked"),
                 ("leased", s.leased, "items out on a lease"), ("removed", s.removed, "evicted by the remover"),
                 ("dropped_stale", s.dropped_stale, "dropped for staleness"),
+                ("consumed", s.consumed, "removed after max_times_sampled acks"),
+                ("removed_unsampled", s.removed_unsampled, "left the table never sampled (never trained)"),
+                ("sampled_distinct", s.sampled_distinct, "items sampled at least once"),
                 ("insert_rate", rt.inserts_per_s, "inserts/s over the window"),
                 ("sample_rate", rt.samples_per_s, "samples/s over the window"),
             ]:

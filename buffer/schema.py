@@ -170,6 +170,12 @@ class TableStats(BaseModel):
     dropped_stale: int
     leased: int
     """Items currently out on a lease."""
+    consumed: int = 0
+    """Removed after being acked max_times_sampled times (inserts = size + consumed + removed + dropped_stale)."""
+    removed_unsampled: int = 0
+    """Items that left the table (fifo remover or staleness drop) without ever being sampled: never trained."""
+    sampled_distinct: int = 0
+    """Items handed out by sample at least once (samples / sampled_distinct = mean reuse of a sampled item)."""
     extra: dict[str, Any] = Field(default_factory=dict)
 
 

@@ -8,12 +8,18 @@ Vocabulary (DESIGN.md §4). Let N = items stored, I = items ever inserted, S = i
   ``fifo`` takes the B available items with the lowest insertion sequence (probability reported 1);
   ``uniform`` takes a uniformly random B-subset of the A available items (reported P = B / A, the inclusion
   probability); ``prioritized`` draws one at a time with P(i) = p_i^alpha / sum_{j available} p_j^alpha
-  (sum tree; p_i = 1.0 unless given at insert or by `update_priorities`; if every available p_j is 0 it falls
-  back to uniform). Leased items carry no probability mass.
+  (sum tree; p_i is given at insert or by `update_priorities`; an item inserted without one enters at the
+  largest priority ever set in the table, 1.0 before any, so each new item is likely seen at least once, as in
+  prioritized experience replay; if every available p_j is 0 it falls back to uniform). Leased items carry no
+  probability mass. `update_priorities` of a whole batch is one script; the sum tree is updated level by level.
 - ``max_times_sampled`` = m > 0: an item is removed once it has been **acked** m times (counter ``consumed``).
   While leased it is not sampleable, so with m = 1 no item is trained twice (unless its lease expired first)
   and none is lost. m = 0: never removed by sampling.
-- ``max_staleness_versions`` = s: at sample time every available item with learner_version - policy_version > s
+- books: ``inserts`` = size + ``consumed`` (acked ``max_times_sampled`` times) + ``removed`` (fifo remover) +
+  ``dropped_stale``; ``removed_unsampled`` counts the removed/dropped items that were never handed out by
+  `sample` ("never trained"), ``sampled_distinct`` the items handed out at least once; ``samples`` counts
+  hand-outs (so samples / inserts is the reuse ratio). `reset` clears the books with the contents.
+- ``max_staleness_versions`` = s (None: no staleness drop): at sample time every available item with learner_version - policy_version > s
   is dropped (counter ``dropped_stale``); SampleInfo.age_versions = learner_version - policy_version.
 - rate limiter (Reverb's SampleToInsertRatio with spi = samples_per_insert, e = error_buffer, m0 =
   min_size_to_sample): diff = I * spi - S', min_diff = spi * m0 - e, max_diff = spi * m0 + e, where S' counts
@@ -187,7 +193,7 @@ class ReplayTable:
             if not isinstance(t, Trajectory):
                 raise ValueError(f"insert expects Trajectory objects, got {type(t).__name__}")
             rows.append((t.traj_id, codec.encode(t), [t.traj_id, t.policy_version, repr(float(t.reward)),
-                                                      t.actor_id, repr(float(priorities[i])) if priorities else "1"]))
+                                                      t.actor_id, repr(float(priorities[i])) if priorities else ""]))
         ids = [t.traj_id for t in trajectories]
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         pause = 0.002
@@ -410,8 +416,10 @@ class ReplayTable:
         return TableStats(
             name=k.name, size=size, max_size=self.config.max_size, inserts=int(c.get("inserts", 0)),
             samples=int(c.get("samples", 0)), acks=int(c.get("acks", 0)), removed=int(c.get("removed", 0)),
-            dropped_stale=int(c.get("dropped_stale", 0)), leased=leased,
+            dropped_stale=int(c.get("dropped_stale", 0)), leased=leased, consumed=int(c.get("consumed", 0)),
+            removed_unsampled=int(c.get("removed_unsampled", 0)), sampled_distinct=int(c.get("sampled_distinct", 0)),
             extra={"available": avail, "consumed": int(c.get("consumed", 0)),
+                   "max_priority": c.get("maxprio", 1.0),
                    "expired_lease_items": int(c.get("expired", 0)),
                    "paused": sorted(_s(x) for x in paused), "rate_limiter": limiter,
                    "config": self.config.model_dump()},

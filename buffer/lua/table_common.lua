@@ -37,30 +37,6 @@ local function tree_get(node)
   return tonumber(redis.call('HGET', K.tree, node) or '0') or 0
 end
 
--- Set the leaf of `slot` to `value` and recompute the sums on the path to the root.
-local function tree_set(slot, value)
-  local node = CAP + slot
-  redis.call('HSET', K.tree, node, fmt(value))
-  node = math.floor(node / 2)
-  while node >= 1 do
-    local s = redis.call('HMGET', K.tree, 2 * node, 2 * node + 1)
-    redis.call('HSET', K.tree, node, fmt((tonumber(s[1] or '0') or 0) + (tonumber(s[2] or '0') or 0)))
-    node = math.floor(node / 2)
-  end
-end
-
-local function leaf_value(id)
-  local p = tonumber(redis.call('HGET', K.prio, id) or '1') or 1
-  if p <= 0 then return 0 end
-  return p ^ ALPHA
-end
-
-local function set_leaf_of(id, value)
-  if not PRIO then return end
-  local slot = redis.call('HGET', K.slot, id)
-  if slot then tree_set(tonumber(slot), value) end
-end
-
 -- Batched commands: one redis.call per (key, chunk) instead of one per item (the per-call overhead of
 -- redis.call dominated batches of 32+ items). Chunks stay far below Lua's unpack limit.
 local CHUNK = 2000
@@ -78,19 +54,96 @@ local function bulk_get(cmd, key, ids)
   return out
 end
 
+-- Set the leaves of `slots` to `values` and recompute the sums above them level by level: one HSET of the
+-- leaves, then per tree level one HMGET of the children and one HSET of the parents touched (a batch of B
+-- leaves costs ~2 log2(C) commands instead of 2 B log2(C)). Parents are recomputed from their children, so
+-- round-off never accumulates.
+local function tree_set_many(slots, values)
+  if #slots == 0 then return end
+  local kv, level, seen = {}, {}, {}
+  for i, s in ipairs(slots) do
+    local node = CAP + tonumber(s)
+    kv[#kv + 1] = node; kv[#kv + 1] = fmt(values[i])
+    local p = math.floor(node / 2)
+    if p >= 1 and not seen[p] then seen[p] = true; level[#level + 1] = p end
+  end
+  bulk('HSET', K.tree, kv)
+  while #level > 0 do
+    local kids = {}
+    for _, p in ipairs(level) do kids[#kids + 1] = 2 * p; kids[#kids + 1] = 2 * p + 1 end
+    local sums = bulk_get('HMGET', K.tree, kids)
+    local out, up = {}, {}
+    seen = {}
+    for j, p in ipairs(level) do
+      out[#out + 1] = p
+      out[#out + 1] = fmt((tonumber(sums[2 * j - 1] or '0') or 0) + (tonumber(sums[2 * j] or '0') or 0))
+      local q = math.floor(p / 2)
+      if q >= 1 and not seen[q] then seen[q] = true; up[#up + 1] = q end
+    end
+    bulk('HSET', K.tree, out)
+    level = up
+  end
+end
+
+local function tree_set(slot, value) tree_set_many({slot}, {value}) end
+
+-- Sum-tree leaf value of a stored priority string (missing = 1).
+local function leaf_of(p)
+  p = tonumber(p or '1') or 1
+  if p <= 0 then return 0 end
+  return p ^ ALPHA
+end
+
+local function leaf_value(id) return leaf_of(redis.call('HGET', K.prio, id)) end
+
+-- Leaves of `ids` (those holding a slot) set to their priority's value, or to 0 when `zero`.
+local function set_leaves(ids, zero)
+  if not PRIO or #ids == 0 then return end
+  local slots = bulk_get('HMGET', K.slot, ids)
+  local ps = {}
+  if not zero then ps = bulk_get('HMGET', K.prio, ids) end
+  local s2, v2 = {}, {}
+  for i = 1, #ids do
+    if slots[i] then
+      s2[#s2 + 1] = slots[i]
+      if zero then v2[#v2 + 1] = 0 else v2[#v2 + 1] = leaf_of(ps[i]) end
+    end
+  end
+  tree_set_many(s2, v2)
+end
+
+local function set_leaf_of(id, value)
+  if not PRIO then return end
+  local slot = redis.call('HGET', K.slot, id)
+  if slot then tree_set(tonumber(slot), value) end
+end
+
+-- Largest priority ever set (explicitly at insert or by update_priorities); new items without an explicit
+-- priority enter with it, so each is likely to be seen soon (prioritized experience replay).
+local function max_priority()
+  return tonumber(redis.call('HGET', K.counters, 'maxprio') or '1') or 1
+end
+local function raise_max_priority(ps)
+  local cur = tonumber(redis.call('HGET', K.counters, 'maxprio') or '-1') or -1
+  local m = cur
+  for _, p in ipairs(ps) do if p > m then m = p end end
+  if m > cur then redis.call('HSET', K.counters, 'maxprio', fmt(m)) end
+end
+
 -- Put items back into the sampleable pool (after a lease expires or an ack below max_times_sampled).
 local function make_available(ids)
   if #ids == 0 then return end
   local seqs = bulk_get('ZMSCORE', K.order, ids)
-  local pairs_ = {}
+  local pairs_, live = {}, {}
   for i, id in ipairs(ids) do
     if seqs[i] then
       pairs_[#pairs_ + 1] = seqs[i]
       pairs_[#pairs_ + 1] = id
-      set_leaf_of(id, leaf_value(id))
+      live[#live + 1] = id
     end
   end
   bulk('ZADD', K.avail, pairs_)
+  set_leaves(live, false)
 end
 
 -- Remove items everywhere; `reason` is the counter to bump. For the rate limiter an item that leaves the
@@ -98,26 +151,27 @@ end
 -- evictions, staleness drops and max_times_sampled < samples_per_insert cannot deadlock the two sides.
 local function remove_items(ids, reason)
   if #ids == 0 then return end
-  if SPI then
-    local handed = bulk_get('HMGET', K.handed, ids)
-    local credit = 0
-    for i = 1, #ids do
-      local c = SPI - (tonumber(handed[i] or '0') or 0)
-      if c > 0 then credit = credit + c end
-    end
-    if credit > 0 then redis.call('HINCRBYFLOAT', K.counters, 'rl_samples', fmt(credit)) end
+  local handed = bulk_get('HMGET', K.handed, ids)
+  local credit, unsampled = 0, 0
+  for i = 1, #ids do
+    local h = tonumber(handed[i] or '0') or 0
+    if h == 0 then unsampled = unsampled + 1 end
+    if SPI and SPI > h then credit = credit + SPI - h end
   end
+  if credit > 0 then redis.call('HINCRBYFLOAT', K.counters, 'rl_samples', fmt(credit)) end
+  if unsampled > 0 then redis.call('HINCRBY', K.counters, 'removed_unsampled', unsampled) end
   if PRIO then
     local slots = bulk_get('HMGET', K.slot, ids)
-    local dels, free = {}, {}
+    local dels, free, zeros = {}, {}, {}
     for i, id in ipairs(ids) do
       if slots[i] then
-        tree_set(tonumber(slots[i]), 0)
         dels[#dels + 1] = id
         dels[#dels + 1] = '#' .. slots[i]
         free[#free + 1] = slots[i]
+        zeros[#zeros + 1] = 0
       end
     end
+    tree_set_many(free, zeros)
     bulk('HDEL', K.slot, dels)
     bulk('RPUSH', K.slotfree, free)
   end

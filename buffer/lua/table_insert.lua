@@ -1,7 +1,7 @@
 -- tbrm replay table: register a batch of items (body; the prelude table_common.lua comes first).
 -- Runs inside MULTI/EXEC right after the client's `HSET items id1 payload1 id2 payload2 ...` of the same batch.
 -- KEYS: the table keys (see the prelude).  ARGV[8] = n (<= max_size; the client chunks), then per item 5 values:
---   item_id, policy_version, reward, actor_id, priority
+--   item_id, policy_version, reward, actor_id, priority ('' = none given: the largest priority ever set, 1 at first)
 -- Items already stored (or repeated in the batch) are skipped: retries are idempotent (the payload HSET just
 -- rewrote the same bytes). When the table would exceed max_size the fifo remover first evicts the oldest items
 -- (lowest insertion sequence; leased or not). The rate limiter may admit only the first k items; the payloads
@@ -38,29 +38,44 @@ if m > 0 then
   local evict = redis.call('ZCARD', K.order) + m - MAXSIZE
   if evict > 0 then remove_items(redis.call('ZRANGE', K.order, 0, evict - 1), 'removed') end
   local seq0 = redis.call('HINCRBY', K.counters, 'seq', m) - m
-  local order, byver, meta, prio = {}, {}, {}, {}
+  local order, byver, meta, prio, given = {}, {}, {}, {}, {}
   local stamp = fmt(now)
+  local pmax = nil
   for j, k in ipairs(fresh) do
     local b = 8 + (k - 1) * 5
     local id = ARGV[b + 1]
     order[#order + 1] = seq0 + j; order[#order + 1] = id
     byver[#byver + 1] = ARGV[b + 2]; byver[#byver + 1] = id
     meta[#meta + 1] = id; meta[#meta + 1] = stamp .. '|' .. ARGV[b + 3] .. '|' .. ARGV[b + 4]
-    if PRIO or ARGV[b + 5] ~= '1' then prio[#prio + 1] = id; prio[#prio + 1] = ARGV[b + 5] end
+    local p = ARGV[b + 5]
+    if p ~= '' then
+      given[#given + 1] = tonumber(p)
+    elseif PRIO then  -- no explicit priority: the largest ever set, so the new item is likely seen soon
+      pmax = pmax or fmt(max_priority())
+      p = pmax
+    end
+    if p ~= '' then prio[#prio + 1] = id; prio[#prio + 1] = p end
   end
   bulk('ZADD', K.order, order)
   bulk('ZADD', K.avail, order)
   bulk('ZADD', K.byver, byver)
   bulk('HSET', K.meta, meta)
   bulk('HSET', K.prio, prio)
+  raise_max_priority(given)
   if PRIO then
-    for _, k in ipairs(fresh) do
-      local id = ids[k]
-      local slot = redis.call('LPOP', K.slotfree)
-      if not slot then slot = redis.call('HINCRBY', K.counters, 'nextslot', 1) - 1 end
-      redis.call('HSET', K.slot, id, slot, '#' .. slot, id)
-      tree_set(tonumber(slot), leaf_value(id))
+    local slots = redis.call('LPOP', K.slotfree, m) or {}
+    if #slots < m then
+      local top = redis.call('HINCRBY', K.counters, 'nextslot', m - #slots)
+      for s = top - (m - #slots), top - 1 do slots[#slots + 1] = s end
     end
+    local sl, leaves = {}, {}
+    for j, k in ipairs(fresh) do
+      local id = ids[k]
+      sl[#sl + 1] = id; sl[#sl + 1] = slots[j]; sl[#sl + 1] = '#' .. slots[j]; sl[#sl + 1] = id
+      leaves[j] = leaf_of(prio[2 * j])
+    end
+    bulk('HSET', K.slot, sl)
+    tree_set_many(slots, leaves)
   end
   redis.call('HINCRBY', K.counters, 'inserts', m)
   redis.call('HINCRBYFLOAT', K.counters, 'rl_inserts', m)

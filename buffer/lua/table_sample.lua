@@ -51,7 +51,7 @@ elseif sampler == 'uniform' or (sampler == 'prioritized' and tree_get(1) <= 0) t
   picked = redis.call('ZRANDMEMBER', K.avail, B)  -- B > 0: distinct members
   bulk('ZREM', K.avail, picked)
   for i = 1, #picked do probs[i] = B / navail end
-  if PRIO then for _, id in ipairs(picked) do set_leaf_of(id, 0) end end
+  set_leaves(picked, true)
 else
   for i = 1, B do
     local total = tree_get(1)
@@ -82,9 +82,11 @@ end
 local exp = now + lease_s
 local owner, handed_new = {}, {}
 local handed = bulk_get('HMGET', K.handed, picked)
+local first = 0
 for i, id in ipairs(picked) do
   owner[#owner + 1] = id; owner[#owner + 1] = lease
   handed[i] = (tonumber(handed[i] or '0') or 0) + 1
+  if handed[i] == 1 then first = first + 1 end
   handed_new[#handed_new + 1] = id; handed_new[#handed_new + 1] = handed[i]
 end
 bulk('HSET', K.lease_of, owner)
@@ -104,5 +106,6 @@ end
 redis.call('HSET', K.leases, lease, cjson.encode(picked))
 redis.call('ZADD', K.lease_exp, fmt(exp), lease)
 redis.call('HINCRBY', K.counters, 'samples', B)
+if first > 0 then redis.call('HINCRBY', K.counters, 'sampled_distinct', first) end
 redis.call('HINCRBYFLOAT', K.counters, 'rl_samples', B)
 return res

@@ -33,15 +33,21 @@ if op == 'ref' then
   return 1
 end
 if op == 'prio' then
-  local n = 0
-  for i = 9, #ARGV, 2 do
-    local id = ARGV[i]
-    if redis.call('HEXISTS', K.items, id) == 1 then
-      redis.call('HSET', K.prio, id, ARGV[i + 1])
-      if redis.call('ZSCORE', K.avail, id) then set_leaf_of(id, leaf_value(id)) end
-      n = n + 1
+  local ids, ps = {}, {}
+  for i = 9, #ARGV, 2 do ids[#ids + 1] = ARGV[i]; ps[#ps + 1] = ARGV[i + 1] end
+  local stored = bulk_get('ZMSCORE', K.order, ids)
+  local avail = bulk_get('ZMSCORE', K.avail, ids)
+  local kv, live, given = {}, {}, {}
+  for i, id in ipairs(ids) do
+    if stored[i] then
+      kv[#kv + 1] = id; kv[#kv + 1] = ps[i]
+      given[#given + 1] = tonumber(ps[i])
+      if avail[i] then live[#live + 1] = id end  -- a leased item's leaf stays 0 until it comes back
     end
   end
-  return n
+  bulk('HSET', K.prio, kv)
+  raise_max_priority(given)
+  set_leaves(live, false)
+  return #given
 end
 return redis.error_reply('unknown operation ' .. tostring(op))
