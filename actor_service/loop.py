@@ -19,7 +19,10 @@ Failure behaviour:
 - Weights: pushes arrive over HTTP (actor_service.app) and are applied between generate calls by the engine lock.
   At start, and before each batch, a newer version announced in the WeightsStore is loaded from its path when this
   machine can read it (catch-up after a restart). With `sync`, no batch starts until the engine holds the
-  announced version.
+  announced version, and the actor generates exactly `prompts_per_batch x n_samples_per_prompt` trajectories per
+  version (one learner batch when sized so: `tbrm up --sync` does), then waits for the next version: the
+  on-policy baseline wastes no generation (prompts skipped as too long are made up for by the next pop; a batch
+  given back after a failed insert is generated again).
 """
 
 from __future__ import annotations
@@ -99,6 +102,8 @@ class ActorLoop:
         self._weights: WeightsStore | None = None
         self._registered = False
         self._failed_catch_up: set[int] = set()
+        self._sync_lock = threading.Lock()
+        self._sync_counts: dict[int, int] = {}  # sync mode: version -> trajectories generated with it
         self._started_at = time.time()
         self.batches = 0
 
@@ -226,9 +231,9 @@ class ActorLoop:
                     self._stop.wait(self.settings.idle_sleep_s)
                     continue
                 assert self._queue is not None
+                want = self._prompts_to_pop()
                 prompts = self._retry_redis(
-                    lambda: self._queue.pop(self.settings.prompts_per_batch, self.actor_id,
-                                            lease_s=self.settings.prompt_lease_s),
+                    lambda want=want: self._queue.pop(want, self.actor_id, lease_s=self.settings.prompt_lease_s),
                     "pop prompts",
                 )
                 if not prompts:
@@ -277,16 +282,37 @@ class ActorLoop:
                 log.exception("grading/inserting a batch failed; giving its prompts back")
                 self.metrics.last_error = f"{type(e).__name__}: {e}"
                 self._give_back_batch(batch_no)
+                self._sync_count(gen.version_start, -len(batch) * self.settings.n_samples_per_prompt)
 
     def _ready_to_sample(self) -> bool:
-        """Catch up to announced weights; in sync mode, only sample on the announced version."""
+        """Catch up to announced weights; in sync mode, only sample on the announced version, one batch each."""
         latest = self._catch_up()
-        if self.settings.sync and latest is not None and self.engine.version < latest:
+        behind = latest is not None and self.engine.version < latest
+        if self.settings.sync and (behind or self._prompts_to_pop() == 0):
             if self.metrics.state != "waiting_for_weights":
-                log.info("sync mode: waiting for weights version %d (have %d)", latest, self.engine.version)
+                log.info("sync mode: waiting for weights version %d (have %d)",
+                         latest if behind else self.engine.version + 1, self.engine.version)
             self.metrics.state = "waiting_for_weights"
             return False
         return True
+
+    def _prompts_to_pop(self) -> int:
+        """Prompts for the next batch; in sync mode what is left of this version's one batch (0 = wait)."""
+        s = self.settings
+        if not s.sync:
+            return s.prompts_per_batch
+        with self._sync_lock:
+            done = self._sync_counts.get(self.engine.version, 0)
+        return max(0, s.prompts_per_batch - done // s.n_samples_per_prompt)
+
+    def _sync_count(self, version: int, trajectories: int) -> None:
+        """Sync mode: record trajectories generated with `version` (negative: given back, to be redone)."""
+        if not self.settings.sync:
+            return
+        with self._sync_lock:
+            self._sync_counts[version] = self._sync_counts.get(version, 0) + trajectories
+            for old in [v for v in self._sync_counts if v < self.engine.version]:
+                del self._sync_counts[old]
 
     def _catch_up(self) -> int | None:
         """Load the announced latest weights from their path if newer and readable; returns the latest version."""
@@ -342,6 +368,7 @@ class ActorLoop:
             self.metrics.state = "running"
         gen = eng.generate([ids for _, ids in batch], n=s.n_samples_per_prompt, temperature=s.temperature,
                            top_p=s.top_p, max_tokens=s.max_tokens)
+        self._sync_count(gen.version_start, len(batch) * s.n_samples_per_prompt)
         self.metrics.record_generation(gen.n_tokens, gen.latency_s)
         return batch_no, batch, gen
 
