@@ -60,6 +60,16 @@ def trajectories_at(metrics: list[dict[str, Any]], wall_s: float) -> float | Non
     return float(seen[-1]) if seen else None
 
 
+def load_run(run_dir: Path) -> dict[str, Any]:
+    """A finished run's records (evals, dashboard polls, summary) from its run directory."""
+    from deploy.run_dir import RunDir
+
+    rd = RunDir(run_dir)
+    variant, _, seed = run_dir.name.rpartition("-s")
+    return {"variant": variant, "seed": int(seed), "exit_code": None, "run_dir": str(run_dir),
+            "evals": rd.read_evals(), "metrics": rd.read_metrics(), "summary": json.loads(rd.summary_path.read_text())}
+
+
 def run_one(variant: str, seed: int, minutes: float, out_root: Path, eval_interval_s: float) -> dict[str, Any]:
     from rich.console import Console
 
@@ -155,7 +165,17 @@ def main() -> int:
     p.add_argument("--eval-interval", type=float, default=10.0)
     p.add_argument("--out", default=str(REPO / "bench" / "results" / "replay.json"))
     p.add_argument("--runs-dir", default=str(REPO / "runs" / "bench-replay"))
+    p.add_argument("--rescore", metavar="DIR", help="score the finished runs under DIR again (e.g. another "
+                   "--target-gain) instead of running new ones")
     args = p.parse_args()
+    if args.rescore:
+        rows = [score(load_run(d), args.target_gain) for d in sorted(Path(args.rescore).iterdir()) if d.is_dir()]
+        variants = list(dict.fromkeys(r["variant"] for r in rows))
+        seeds = len({r["seed"] for r in rows})
+        table = summarize(rows, variants, args.minutes * 60)
+        print_table(table, args.target_gain, args.minutes, seeds)
+        write_results(Path(args.out), args, variants, seeds, table, rows, loads=[])
+        return 0
     variants = [v for v in args.variants.split(",") if v]
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
@@ -174,17 +194,21 @@ def main() -> int:
             rows.append(r)
     table = summarize(rows, variants, args.minutes * 60)
     print_table(table, args.target_gain, args.minutes, args.seeds)
-    out = Path(args.out)
+    write_results(Path(args.out), args, variants, args.seeds, table, rows, loads)
+    return 0
+
+
+def write_results(out: Path, args: argparse.Namespace, variants: list[str], seeds: int, table: list[dict[str, Any]],
+                  rows: list[dict[str, Any]], loads: list[float]) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({
-        "benchmark": "replay study (toy, tbrm up)", "minutes": args.minutes, "seeds": args.seeds,
-        "target_gain_points": args.target_gain, "variants": {v: VARIANTS[v] for v in variants},
+        "benchmark": "replay study (toy, tbrm up)", "minutes": args.minutes, "seeds": seeds,
+        "target_gain_points": args.target_gain, "variants": {v: VARIANTS.get(v) for v in variants},
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                     "load_avg_1min_after_each_run": loads},
         "table": table, "runs": rows,
     }, indent=2))
     print(f"\nwritten {out}")
-    return 0
 
 
 if __name__ == "__main__":

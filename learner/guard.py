@@ -81,11 +81,12 @@ class StabilityGuard:
                 "guard_responses": float(self.responses)}
 
 
-def grads_finite(module: torch.nn.Module) -> bool:
-    """Whether every gradient held on the parameters is finite (ZeRO-2 keeps reduced gradients in the optimizer's
-    partitions instead: then only the loss check and the weight check before export apply)."""
+def grad_norm(module: torch.nn.Module) -> float | None:
+    """Global L2 norm of the gradients held on the parameters, before clipping (inf/nan if any is not finite);
+    None when the parameters hold none (ZeRO-2 keeps reduced gradients in the optimizer's partitions: then only
+    the loss check and the weight check before export apply, and DeepSpeed reports the norm itself)."""
     norms = [p.grad.detach().float().norm() for p in module.parameters() if p.grad is not None]
-    return not norms or bool(torch.isfinite(torch.stack(norms).sum()))
+    return float(torch.stack(norms).norm()) if norms else None
 
 
 def params_finite(module: torch.nn.Module) -> bool:

@@ -53,7 +53,7 @@ from buffer.client import (
 )
 from buffer.schema import LearnerStatus, PrioritizedSampler, SampledItem, WeightsInfo
 from learner.acks import PendingAcks
-from learner.guard import StabilityGuard, all_ranks_agree, grads_finite, params_finite, scale_lr
+from learner.guard import StabilityGuard, all_ranks_agree, grad_norm, params_finite, scale_lr
 from learner.live import LiveStatus
 from learner.loss import TRAJ_PREFIX, LossBatch, compute_loss
 from learner.loss_config import GrpoLossConfig, SftLossConfig
@@ -637,7 +637,8 @@ def train(
                 mf = {k: float(v) for k, v in m.items() if not k.startswith(TRAJ_PREFIX)}
                 mf["loss"] = mf["loss"] * weight / metric_w  # loss combines with its own weight
                 partials.append((metric_w, mf))
-            if not all_ranks_agree(losses_finite and grads_finite(engine.module), world):
+            pre_clip_norm = grad_norm(engine.module)  # ZeRO-0/1: DeepSpeed does not report it for fp32
+            if not all_ranks_agree(losses_finite and (pre_clip_norm is None or math.isfinite(pre_clip_norm)), world):
                 # 3b. a non-finite loss or gradient: no update, nothing published (learner/guard.py)
                 response = skip_step(
                     engine, guard, table if rank == 0 else None, leases, residuals.gathered(world), step + 1
@@ -648,7 +649,8 @@ def train(
                 continue
             engine.step()
             t_step = time.monotonic()
-            grad_norm = engine.get_global_grad_norm()
+            norm = engine.get_global_grad_norm()
+            norm = pre_clip_norm if norm is None else float(norm)
             loss_metrics = reduce_metrics(partials, world)
             n_tokens = int(all_reduce_sum([float(n_tokens)], world)[0])
             n_ref, n_padding = (int(x) for x in all_reduce_sum([float(n_ref), float(n_micro - len(plans))], world))
@@ -696,9 +698,9 @@ def train(
                     **replay,
                     **guard.metrics(),
                     "guard_response": response,
-                    "grad_norm": float(grad_norm) if grad_norm is not None else None,
-                    "grad_clipped": float(grad_norm is not None and settings.grad_clip is not None
-                                          and grad_norm > settings.grad_clip),
+                    "grad_norm": norm,
+                    "grad_clipped": float(norm is not None and settings.grad_clip is not None
+                                          and norm > settings.grad_clip),
                     "lr": float(engine.get_lr()[0]),
                     "ref_computed": n_ref,
                     "micro_batches": n_micro,

@@ -138,13 +138,16 @@ def test_guard_backs_off_the_lr_after_a_divergence(tmp_path, tiny_model_dir, red
     table.insert(toy_trajectories(tiny_model_dir, 8))
     # lr 3.0 wrecks the tiny model in one step; the next step's residuals (on the wrecked weights) blow past the bound
     s = settings(
-        tmp_path / "run", tiny_model_dir, redis_url, max_steps=5, lr=3.0,
+        tmp_path / "run", tiny_model_dir, redis_url, max_steps=5, lr=3.0, zero_stage=0,
         guard={"max_residual_abs": 150.0, "patience_steps": 1, "response": "lr_backoff", "lr_backoff_factor": 0.01},
     )
     res = train(s)
     assert res.step == 5
     lines = metrics_lines(tmp_path / "run")
     assert lines[0]["guard_response"] is None and lines[0]["residual_abs_max"] < 150
+    # ZeRO-0: the learner measures the pre-clip norm itself (DeepSpeed reports none for fp32); TBRM's first
+    # gradient is far above grad_clip = 1
+    assert lines[0]["grad_norm"] > 1.0 and lines[0]["grad_clipped"] == 1.0
     fired = [x["step"] for x in lines if x["guard_response"] == "lr_backoff"]
     assert fired and fired[0] == 2, [x["residual_abs_max"] for x in lines]
     assert [x["lr"] for x in lines if x["step"] > fired[0]][0] == pytest.approx(3.0 * 0.01 ** len(fired[:1]))
