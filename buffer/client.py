@@ -3,7 +3,7 @@
     from buffer.client import connect, ReplayTable, PromptQueue, ActorRegistry, WeightsStore
     r = connect("redis://127.0.0.1:6379/0")
     table = ReplayTable(r, TableConfig(max_size=10_000))
-    table.insert([traj, ...])                        # blocks on the rate limiter; RateLimitTimeout
+    table.insert([traj, ...])                        # blocks on the rate limiter; InsertTimeout(.result)
     batch = table.sample(32, learner_version=7)      # items leased for config.lease_s
     table.ack(batch.lease_id)                        # after the optimizer step
 
@@ -31,10 +31,18 @@ from buffer.schema import (
     WeightsInfo,
 )
 from buffer.settings import RunTomlSettings, run_toml_section
-from buffer.table import RateLimitTimeout, ReplayTable, TableConfigMismatch
+from buffer.table import (
+    BufferFull,
+    InsertResult,
+    InsertTimeout,
+    RateLimitTimeout,
+    ReplayTable,
+    TableConfigMismatch,
+)
 
 __all__ = [
     "RunTomlSettings", "run_toml_section",
+    "BufferFull", "InsertResult", "InsertTimeout",
     "ActorInfo", "ActorRegistry", "DatasetError", "LearnerStatus", "LearnerStatusStore", "Prompt",
     "PromptQueue", "RateLimitTimeout", "ReplayTable", "SampleBatch", "SampleInfo", "SampledItem",
     "TableConfig", "TableConfigMismatch", "TableStats", "Trajectory", "TrajectoryDecodeError", "WeightsInfo",

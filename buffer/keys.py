@@ -40,11 +40,13 @@ class TableKeys:
     - ``counters`` HASH    inserts, samples, acks, consumed, removed, dropped_stale, expired, seq, nextslot,
                            rl_inserts, rl_samples (the rate limiter's I and S')
     - ``paused``   HASH    "sampling"/"inserts" -> "1" while an operator paused that side
+    - ``gone``     ZSET    item_id -> removal sequence of the newest ``remember_removed_ids`` removed items
+                           (consumed, evicted, dropped): a retried insert of one of them is a duplicate
     """
 
     FIELDS = (
         "config", "items", "order", "avail", "byver", "meta", "handed", "acked", "prio", "slot", "slotfree",
-        "tree", "refs", "lease_of", "leases", "lease_exp", "counters", "paused",
+        "tree", "refs", "lease_of", "leases", "lease_exp", "counters", "paused", "gone",
     )
 
     def __init__(self, name: str) -> None:

@@ -1,25 +1,25 @@
 -- tbrm replay table: small maintenance operations (body after the prelude).
--- KEYS: the table keys.  ARGV[8] operation:
---   'prio'    ARGV[9..]: item_id, priority pairs -> store priorities (sum-tree leaf updated unless leased);
+-- KEYS: the table keys.  ARGV[9] operation:
+--   'prio'    ARGV[10..]: item_id, priority pairs -> store priorities (sum-tree leaf updated unless leased);
 --             returns how many items existed
---   'ref'     ARGV[9] item_id, ARGV[10] encoded reference record -> cached if the item still exists (1/0)
+--   'ref'     ARGV[10] item_id, ARGV[11] encoded reference record -> cached if the item still exists (1/0)
 --   'reclaim' return expired leases' items to the pool; returns the number of items returned
---   'probe'   ARGV[9] n -> {status, allowed}: could n items be inserted now (no side effects but reclaim)
---   'renew'   ARGV[9] lease seconds, ARGV[10..] lease ids -> every lease that has not expired yet now expires at
+--   'probe'   ARGV[10] n -> {status, allowed}: could n items be inserted now (no side effects but reclaim)
+--   'renew'   ARGV[10] lease seconds, ARGV[11..] lease ids -> every lease that has not expired yet now expires at
 --             now + lease seconds; returns how many leases were renewed (an expired one was reclaimed first)
 local now = now_s()
-local op = ARGV[8]
+local op = ARGV[9]
 if op == 'reclaim' then return reclaim(now) end
 if op == 'probe' then
   reclaim(now)
-  local status, allowed = insert_allowance(tonumber(ARGV[9]))
+  local status, allowed = insert_allowance(tonumber(ARGV[10]))
   return {status, allowed}
 end
 if op == 'renew' then
   reclaim(now)
-  local exp = fmt(now + tonumber(ARGV[9]))
+  local exp = fmt(now + tonumber(ARGV[10]))
   local n = 0
-  for i = 10, #ARGV do
+  for i = 11, #ARGV do
     if redis.call('HEXISTS', K.leases, ARGV[i]) == 1 then
       redis.call('ZADD', K.lease_exp, exp, ARGV[i])
       n = n + 1
@@ -28,13 +28,13 @@ if op == 'renew' then
   return n
 end
 if op == 'ref' then
-  if redis.call('HEXISTS', K.items, ARGV[9]) == 0 then return 0 end
-  redis.call('HSET', K.refs, ARGV[9], ARGV[10])
+  if redis.call('HEXISTS', K.items, ARGV[10]) == 0 then return 0 end
+  redis.call('HSET', K.refs, ARGV[10], ARGV[11])
   return 1
 end
 if op == 'prio' then
   local ids, ps = {}, {}
-  for i = 9, #ARGV, 2 do ids[#ids + 1] = ARGV[i]; ps[#ps + 1] = ARGV[i + 1] end
+  for i = 10, #ARGV, 2 do ids[#ids + 1] = ARGV[i]; ps[#ps + 1] = ARGV[i + 1] end
   local stored = bulk_get('ZMSCORE', K.order, ids)
   local avail = bulk_get('ZMSCORE', K.avail, ids)
   local kv, live, given = {}, {}, {}
