@@ -89,11 +89,13 @@ class TrajectorySummary(BaseModel):
 
 
 class TrajectoryPage(BaseModel):
-    total: int
-    """Items matching the filters."""
+    total: int | None
+    """Items matching the filters (offset mode; None in cursor mode, which never counts the whole table)."""
     offset: int
     limit: int
     items: list[TrajectorySummary]
+    next_cursor: int | None = None
+    """Cursor mode: pass as `cursor` for the next page (None: the end)."""
 
 
 class TrajectoryDetail(BaseModel):
@@ -362,10 +364,20 @@ def create_app(settings: BufferSettings | None = None) -> FastAPI:
         min_reward: Annotated[float | None, Query(allow_inf_nan=False)] = None,
         max_reward: Annotated[float | None, Query(allow_inf_nan=False)] = None,
         actor_id: Annotated[str | None, Query(max_length=200)] = None,
+        leased: bool | None = None,
+        min_times_sampled: Annotated[int | None, Query(ge=0)] = None,
+        cursor: Annotated[int | None, Query(ge=0, le=2**53)] = None,
     ) -> TrajectoryPage:
-        total, rows = table(name).list_items(offset=offset, limit=limit, min_version=min_version,
-                                             max_version=max_version, min_reward=min_reward,
-                                             max_reward=max_reward, actor_id=actor_id)
+        """Offset mode counts every match (O(table size)); cursor mode (`cursor=0`, then `next_cursor`)
+        examines a bounded number of items per call, in insertion order."""
+        filters = {k: v for k, v in dict(min_version=min_version, max_version=max_version, min_reward=min_reward,
+                                         max_reward=max_reward, actor_id=actor_id, leased=leased,
+                                         min_times_sampled=min_times_sampled).items() if v is not None}
+        if cursor is not None:
+            rows, nxt = table(name).page(cursor=cursor, limit=limit, **filters)
+            return TrajectoryPage(total=None, offset=0, limit=limit, next_cursor=nxt,
+                                  items=[summary(i, t, m) for i, t, m in rows])
+        total, rows = table(name).list_items(offset=offset, limit=limit, **filters)
         return TrajectoryPage(total=total, offset=offset, limit=limit,
                               items=[summary(i, t, m) for i, t, m in rows])
 
@@ -451,20 +463,47 @@ def export_parquet(t: ReplayTable, path: Path) -> int:
     import pyarrow as pa  # noqa: PLC0415  (only the export needs it)
     import pyarrow.parquet as pq  # noqa: PLC0415
 
-    rows: list[dict[str, Any]] = []
-    offset = 0
-    while True:
-        total, page = t.list_items(offset=offset, limit=500)
-        for item_id, traj, meta in page:
-            rows.append({"item_id": item_id, **traj.model_dump(), **{f"buffer_{k}": v for k, v in meta.items()}})
-        offset += 500
-        if offset >= total:
-            break
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".parquet.tmp")
-    if rows:
-        pq.write_table(pa.Table.from_pylist(rows), tmp)
-    else:
+    writer: pq.ParquetWriter | None = None
+    n = 0
+    cursor: int | None = 0
+    try:
+        while cursor is not None:  # page by page: memory bounded by one page, not the table
+            page, cursor = t.page(cursor=cursor, limit=500)
+            if not page:
+                continue
+            rows = [{"item_id": item_id, **traj.model_dump(), **{f"buffer_{k}": v for k, v in meta.items()}}
+                    for item_id, traj, meta in page]
+            if writer is None:
+                writer = pq.ParquetWriter(tmp, _export_schema(pa))
+            writer.write_table(pa.Table.from_pylist(rows, schema=writer.schema))
+            n += len(rows)
+    finally:
+        if writer is not None:
+            writer.close()
+    if writer is None:
         pq.write_table(pa.table({"item_id": pa.array([], pa.string())}), tmp)
     tmp.replace(path)
-    return len(rows)
+    return n
+
+
+def _export_schema(pa: Any) -> Any:
+    """A fixed arrow schema (Trajectory fields + buffer_* bookkeeping), so that every page of an export has the
+    same types even when a page holds only None in an optional column."""
+    scalar = {int: pa.int64(), float: pa.float64(), str: pa.string(), bool: pa.bool_()}
+    fields = [pa.field("item_id", pa.string())]
+    for name, f in Trajectory.model_fields.items():
+        ann = f.annotation
+        args = [a for a in getattr(ann, "__args__", ()) if a is not type(None)]
+        if getattr(ann, "__origin__", None) is None and args:  # X | None
+            ann = args[0]
+            args = list(getattr(ann, "__args__", ()))
+        if getattr(ann, "__origin__", None) is list:
+            fields.append(pa.field(name, pa.list_(scalar[args[0]])))
+        else:
+            fields.append(pa.field(name, scalar.get(ann, pa.string())))
+    for name, typ in (("times_sampled", int), ("times_acked", int), ("priority", float), ("leased", bool),
+                      ("inserted_at", float)):
+        fields.append(pa.field(f"buffer_{name}", scalar[typ]))
+    return pa.schema(fields)

@@ -17,6 +17,20 @@ PAGE_SCAN = 5_000
 """Most items one `page` call examines."""
 
 
+_FILTERS = {"min_version", "max_version", "min_reward", "max_reward", "actor_id", "leased", "min_times_sampled"}
+
+
+def _matches(f: dict[str, Any], ver: int, reward: float, actor: str, leased: bool, handed: int) -> bool:
+    def out_of(lo: Any, hi: Any, x: float) -> bool:
+        return lo is not None and x < lo or hi is not None and x > hi
+
+    return not (out_of(f.get("min_version"), f.get("max_version"), ver)
+                or out_of(f.get("min_reward"), f.get("max_reward"), reward)
+                or f.get("actor_id") is not None and actor != f["actor_id"]
+                or f.get("leased") is not None and leased != f["leased"]
+                or f.get("min_times_sampled") is not None and handed < f["min_times_sampled"])
+
+
 class TableViews:
     """Read-only views; the concrete table provides the attributes below and `reclaim_expired`."""
 
@@ -107,74 +121,53 @@ class TableViews:
             out["version_lag"] = lag
         return out
 
-    def list_items(
-        self,
-        *,
-        offset: int = 0,
-        limit: int = 50,
-        min_version: int | None = None,
-        max_version: int | None = None,
-        min_reward: float | None = None,
-        max_reward: float | None = None,
-        actor_id: str | None = None,
-    ) -> tuple[int, list[tuple[str, Trajectory, dict[str, Any]]]]:
+    def list_items(self, *, offset: int = 0, limit: int = 50, **filters: Any,
+                   ) -> tuple[int, list[tuple[str, Trajectory, dict[str, Any]]]]:
         """Filtered page of stored items in insertion order: (total matching, [(id, trajectory, meta)]).
-        O(N) in the table size (it counts every match): for large tables use `page` (a cursor)."""
+        O(N) in the table size (it counts every match): for large tables use `page` (a cursor).
+        Filters as in `page`."""
         if limit < 1 or offset < 0:
             raise ValueError(f"limit={limit} must be >= 1 and offset={offset} >= 0")
-        k = self.keys
-        lo = "-inf" if min_version is None else min_version
-        hi = "+inf" if max_version is None else max_version
-        cand = [_s(x) for x in self.redis.zrangebyscore(k.byver, lo, hi)]
-        if not cand:
-            return 0, []
-        p = self.redis.pipeline(transaction=False)
-        p.hmget(k.meta, cand)
-        p.zmscore(k.order, cand)
-        metas, seqs = p.execute()
-        rows = []
-        for item, m, seq in zip(cand, metas, seqs, strict=True):
-            if m is None or seq is None:
-                continue
-            ins, reward, actor = _s(m).split("|", 2)
-            r = float(reward)
-            if min_reward is not None and r < min_reward or max_reward is not None and r > max_reward:
-                continue
-            if actor_id is not None and actor != actor_id:
-                continue
-            rows.append((seq, item, float(ins)))
-        rows.sort()
-        page = rows[offset:offset + limit]
+        matches: list[tuple[str, float]] = []
+        cursor: int | None = 0
+        while cursor is not None:
+            found, cursor = self._scan(cursor, 10**9, PAGE_SCAN, filters)
+            matches += found
+        return len(matches), self._load(matches[offset:offset + limit])
+
+    def page(self, *, cursor: int = 0, limit: int = 50, **filters: Any,
+             ) -> tuple[list[tuple[str, Trajectory, dict[str, Any]]], int | None]:
+        """Up to `limit` stored items matching the filters, in insertion order after `cursor` (0 = from the
+        start): ([(id, trajectory, meta)], next cursor, or None at the end). Bounded work per call: at most
+        PAGE_SCAN items are examined, so a sparse filter may return a short (even empty) page with a cursor.
+
+        Filters (all optional): min_version, max_version (policy_version), min_reward, max_reward, actor_id,
+        leased (True/False), min_times_sampled."""
+        if limit < 1 or cursor < 0:
+            raise ValueError(f"limit={limit} must be >= 1 and cursor={cursor} >= 0")
+        found, nxt = self._scan(cursor, limit, PAGE_SCAN, filters)
+        return self._load(found), nxt
+
+    def _load(self, found: list[tuple[str, float]]) -> list[tuple[str, Trajectory, dict[str, Any]]]:
         out = []
-        for _, item, ins in page:
+        for item, ins in found:
             got = self.get(item)
             if got is not None:
                 out.append((item, got[0], {**got[1], "inserted_at": ins}))
-        return len(rows), out
+        return out
 
-    def page(
-        self,
-        *,
-        cursor: int = 0,
-        limit: int = 50,
-        min_version: int | None = None,
-        max_version: int | None = None,
-        min_reward: float | None = None,
-        max_reward: float | None = None,
-        actor_id: str | None = None,
-        leased: bool | None = None,
-        min_times_sampled: int | None = None,
-    ) -> tuple[list[tuple[str, Trajectory, dict[str, Any]]], int | None]:
-        """Up to `limit` stored items matching the filters, in insertion order after `cursor` (0 = from the
-        start): ([(id, trajectory, meta)], next cursor or None at the end). Bounded work per call: at most
-        PAGE_SCAN items are examined, so a sparse filter may return a short (even empty) page with a cursor."""
-        if limit < 1 or cursor < 0:
-            raise ValueError(f"limit={limit} must be >= 1 and cursor={cursor} >= 0")
+    def _scan(self, cursor: int, limit: int, budget: int, f: dict[str, Any],
+              ) -> tuple[list[tuple[str, float]], int | None]:
+        """(id, inserted_at) of up to `limit` matches after insertion sequence `cursor`, examining at most
+        `budget` items; returns them and the cursor to continue from (None at the end)."""
+        unknown = set(f) - _FILTERS
+        if unknown:
+            raise ValueError(f"unknown filters {sorted(unknown)}; known: {sorted(_FILTERS)}")
         k = self.keys
-        out: list[tuple[str, Trajectory, dict[str, Any]]] = []
+        out: list[tuple[str, float]] = []
         scanned = 0
-        while len(out) < limit and scanned < PAGE_SCAN:
-            chunk = self.redis.zrangebyscore(k.order, f"({cursor}", "+inf", start=0, num=min(500, PAGE_SCAN),
+        while len(out) < limit and scanned < budget:
+            chunk = self.redis.zrangebyscore(k.order, f"({cursor}", "+inf", start=0, num=min(500, budget),
                                              withscores=True)
             if not chunk:
                 return out, None
@@ -184,24 +177,17 @@ class TableViews:
                 p.hmget(key, ids)
             p.zmscore(k.byver, ids)
             metas, handed, owners, vers = p.execute()
-            for (item, seq), m, h, owner, v in zip(chunk, metas, handed, owners, vers, strict=True):
+            for item, (_, seq), m, h, owner, v in zip(ids, chunk, metas, handed, owners, vers, strict=True):
                 cursor, scanned = int(seq), scanned + 1
                 if m is None or v is None:
                     continue
                 ins, reward, actor = _s(m).split("|", 2)
-                r, ver = float(reward), int(v)
-                if (min_version is not None and ver < min_version or max_version is not None and ver > max_version
-                        or min_reward is not None and r < min_reward or max_reward is not None and r > max_reward
-                        or actor_id is not None and actor != actor_id
-                        or leased is not None and (owner is not None) != leased
-                        or min_times_sampled is not None and int(h or 0) < min_times_sampled):
-                    continue
-                got = self.get(_s(item))
-                if got is not None:
-                    out.append((_s(item), got[0], {**got[1], "inserted_at": float(ins)}))
-                if len(out) >= limit:
-                    break
+                if _matches(f, int(v), float(reward), actor, owner is not None, int(h or 0)):
+                    out.append((item, float(ins)))
+                    if len(out) >= limit:
+                        break
         return out, cursor
+
 
     def get(self, item_id: str) -> tuple[Trajectory, dict[str, Any]] | None:
         """One stored item and its bookkeeping, or None."""

@@ -105,6 +105,21 @@ def test_trajectories_paged_filtered_and_by_id(client: TestClient, filled: Repla
         assert client.get("/v1/tables/replay/trajectories", params=bad).status_code == 422, bad
 
 
+def test_trajectories_by_cursor_with_lease_filters(client: TestClient, filled: ReplayTable) -> None:
+    leased = {it.info.item_id for it in filled.sample(3, 0).items}
+    seen, cursor = [], 0
+    while cursor is not None:
+        page = client.get("/v1/tables/replay/trajectories", params={"cursor": cursor, "limit": 6}).json()
+        assert page["total"] is None and len(page["items"]) <= 6
+        seen += [x["item_id"] for x in page["items"]]
+        cursor = page["next_cursor"]
+    assert seen == [f"t{i:03d}" for i in range(20)]  # insertion order, each once
+    page = client.get("/v1/tables/replay/trajectories", params={"cursor": 0, "leased": True}).json()
+    assert {x["item_id"] for x in page["items"]} == leased and all(x["leased"] for x in page["items"])
+    page = client.get("/v1/tables/replay/trajectories", params={"cursor": 0, "min_times_sampled": 1}).json()
+    assert {x["item_id"] for x in page["items"]} == leased
+
+
 def test_actors_weights_learner_prompts(client: TestClient, redis_url: str) -> None:
     r = connect(redis_url)
     assert client.get("/v1/weights").json() == {"latest": None}
