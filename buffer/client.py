@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import redis
 
-from buffer.codec import TrajectoryDecodeError, decode, encode
+from buffer.codec import TrajectoryDecodeError, TrajectoryView, decode, encode
+from buffer.columns import BatchStream, ColumnBatch
 from buffer.data import DatasetError, load_champ, load_dataset, make_toy_task, toy_splits, write_dataset
 from buffer.prompt_queue import PromptQueue
 from buffer.registry import ActorRegistry, LearnerStatusStore, WeightsStore
@@ -42,7 +43,7 @@ from buffer.table import (
 
 __all__ = [
     "RunTomlSettings", "run_toml_section",
-    "BufferFull", "InsertResult", "InsertTimeout",
+    "BatchStream", "BufferFull", "ColumnBatch", "InsertResult", "InsertTimeout", "TrajectoryView",
     "ActorInfo", "ActorRegistry", "DatasetError", "LearnerStatus", "LearnerStatusStore", "Prompt",
     "PromptQueue", "RateLimitTimeout", "ReplayTable", "SampleBatch", "SampleInfo", "SampledItem",
     "TableConfig", "TableConfigMismatch", "TableStats", "Trajectory", "TrajectoryDecodeError", "WeightsInfo",

@@ -65,11 +65,15 @@ def unpack_floats(data: bytes) -> list[float]:
     return a.tolist()
 
 
-# Codec format 2: MAGIC2 | u32 little-endian header length | msgpack header | blob.
-# The header holds every scalar field plus "_b": [[field, code, nbytes], ...] describing the blob in order;
-# arrays are read back as numpy views of the stored bytes (no copy, no per-element Python objects).
+# Codec format 2: MAGIC2 | u32 header length H | u8 span count n | n x (u8 field, u8 code, u32 nbytes) |
+# msgpack header of the scalar fields (H bytes) | blob (the spans, in order). The span table is fixed-width, so
+# a reader finds an array without parsing the msgpack header; arrays are read as numpy views of the stored
+# bytes (no copy, no per-element Python objects) and the header is parsed only when a scalar is asked for.
 MAGIC2 = b"TB\x02"
-_HEAD = struct.Struct("<I")
+_HEAD = struct.Struct("<IB")
+_SPAN = struct.Struct("<BcI")
+_BLOB_FIELDS = ("prompt_token_ids", "response_token_ids", "behaviour_logprobs", "ref_logprobs", "prompt_text",
+                "response_text")
 _TEXT_FIELDS = ("prompt_text", "response_text")
 _ZLIB_MIN = 512
 """Texts longer than this many bytes are stored zlib-compressed (level 1: ~10 us per 3 KB, ~3x smaller)."""
@@ -104,53 +108,66 @@ def encode(traj: Trajectory) -> bytes:
     is rounded to the nearest float32); long texts zlib-compressed."""
     d: dict[str, Any] = dict(traj.__dict__)  # shallow: model_dump() would deep-copy the 1K-element lists
     parts: list[bytes] = []
-    blob: list[list[Any]] = []
+    spans: list[bytes] = []
     for f in _INT_FIELDS:
         code, raw = _pack_tokens(d.pop(f))
-        blob.append([f, code, len(raw)])
+        spans.append(_SPAN.pack(_BLOB_FIELDS.index(f), code.encode(), len(raw)))
         parts.append(raw)
     for f in _FLOAT_FIELDS:
         values = d.pop(f)
         if values is not None:
             raw = _pack_f32(values)
-            blob.append([f, "f", len(raw)])
+            spans.append(_SPAN.pack(_BLOB_FIELDS.index(f), b"f", len(raw)))
             parts.append(raw)
     for f in _TEXT_FIELDS:
         raw = d.pop(f).encode()
-        code = "s"
+        code = b"s"
         if len(raw) > _ZLIB_MIN:
-            raw, code = zlib.compress(raw, 1), "z"
-        blob.append([f, code, len(raw)])
+            raw, code = zlib.compress(raw, 1), b"z"
+        spans.append(_SPAN.pack(_BLOB_FIELDS.index(f), code, len(raw)))
         parts.append(raw)
-    d["_b"] = blob
     head = msgpack.packb(d, use_bin_type=True)
-    return b"".join([MAGIC2, _HEAD.pack(len(head)), head, *parts])
+    return b"".join([MAGIC2, _HEAD.pack(len(head), len(spans)), *spans, head, *parts])
 
 
 class TrajectoryView:
     """A stored trajectory read without copying: scalar fields in `header`, arrays as numpy views of the stored
     bytes (`array`), texts decoded on demand (`text`), a full `Trajectory` only when asked (`trajectory`)."""
 
-    __slots__ = ("header", "_buf", "_spans")
+    __slots__ = ("_head", "_buf", "_spans", "_hstart", "_hlen")
 
     def __init__(self, data: bytes) -> None:
         if not data.startswith(MAGIC2):
             raise TrajectoryDecodeError(f"not a codec-2 trajectory (magic {bytes(data[:3])!r})")
         try:
-            (n,) = _HEAD.unpack_from(data, len(MAGIC2))
-            start = len(MAGIC2) + _HEAD.size
-            header = msgpack.unpackb(data[start:start + n], raw=False)
+            hlen, n = _HEAD.unpack_from(data, len(MAGIC2))
+            pos = len(MAGIC2) + _HEAD.size
+            off = pos + n * _SPAN.size + hlen
             spans: dict[str, tuple[str, int, int]] = {}
-            off = start + n
-            for name, code, nbytes in header.pop("_b"):
-                spans[name] = (code, off, nbytes)
+            for k in range(n):
+                field, code, nbytes = _SPAN.unpack_from(data, pos + k * _SPAN.size)
+                spans[_BLOB_FIELDS[field]] = (code.decode(), off, nbytes)
                 off += nbytes
-        except (ValueError, KeyError, TypeError, struct.error, msgpack.UnpackException) as e:
+        except (IndexError, UnicodeDecodeError, struct.error) as e:
             raise TrajectoryDecodeError(f"corrupt trajectory payload: {e}") from e
         if off != len(data):
             raise TrajectoryDecodeError(f"corrupt trajectory payload: {len(data)} bytes, layout says {off}")
-        _check_version(header)
-        self.header, self._buf, self._spans = header, data, spans
+        self._buf, self._spans, self._head = data, spans, None
+        self._hstart, self._hlen = pos + n * _SPAN.size, hlen
+
+    @property
+    def header(self) -> dict[str, Any]:
+        """The scalar fields (parsed on first use; the schema version is checked then)."""
+        if self._head is None:
+            try:
+                head = msgpack.unpackb(self._buf[self._hstart:self._hstart + self._hlen], raw=False)
+            except (ValueError, msgpack.UnpackException) as e:
+                raise TrajectoryDecodeError(f"corrupt trajectory payload: {e}") from e
+            if not isinstance(head, dict):
+                raise TrajectoryDecodeError("corrupt trajectory payload: the header is not a map")
+            _check_version(head)
+            self._head = head
+        return self._head
 
     def array(self, name: str) -> Any:
         """numpy view (read-only) of a packed array field; None when the field is absent."""
@@ -181,6 +198,13 @@ class TrajectoryView:
         for f in _FLOAT_FIELDS:
             d.setdefault(f, None)
         return d
+
+
+def view(data: bytes) -> TrajectoryView:
+    """A TrajectoryView of stored bytes of any readable format (format 1 is converted, at a cost)."""
+    if data.startswith(MAGIC2):
+        return TrajectoryView(data)
+    return TrajectoryView(encode(decode(data)))
 
 
 def _check_version(d: dict[str, Any]) -> None:

@@ -52,9 +52,10 @@ from typing import Any
 
 import redis as redis_lib
 
-from buffer import codec
+from buffer import codec, columns
+from buffer.columns import ColumnBatch
 from buffer.keys import TableKeys
-from buffer.schema import SampleBatch, SampledItem, SampleInfo, TableConfig, Trajectory
+from buffer.schema import SampleBatch, TableConfig, Trajectory
 from buffer.table_types import (  # noqa: F401  (re-exported: buffer.table is where callers import them)
     BufferFull,
     InsertResult,
@@ -329,6 +330,7 @@ class ReplayTable(TableViews):
         timeout_s: float | None = 30.0,
         lease_s: float | None = None,
         request_id: str | None = None,
+        ack: list[str] | None = None,
     ) -> SampleBatch:
         """Lease `batch_size` items (all or nothing); see the module docstring for who gets picked.
 
@@ -336,7 +338,27 @@ class ReplayTable(TableViews):
         `request_id` (default: a fresh one) becomes the lease id: calling again with the id of a live lease
         returns that lease's items still held instead of leasing more, so a caller that retries after a lost
         reply strands nothing (redis-py's own retries of the call are covered the same way).
+        `ack`: lease ids acked in full by the same script before sampling (saves the ack's round trip).
         """
+        return self.sample_columns(batch_size, learner_version, timeout_s, lease_s, request_id, ack).to_sample_batch()
+
+    def sample_columns(
+        self,
+        batch_size: int,
+        learner_version: int,
+        timeout_s: float | None = 30.0,
+        lease_s: float | None = None,
+        request_id: str | None = None,
+        ack: list[str] | None = None,
+    ) -> ColumnBatch:
+        """`sample` as a `ColumnBatch`: numpy columns and zero-copy token views, Trajectory objects on demand."""
+        args = self.sample_args(batch_size, learner_version, lease_s, request_id, ack)
+        res = self.lease_batch(args, timeout_s)
+        return self.fetch_batch(res, args[4], learner_version)
+
+    def sample_args(self, batch_size: int, learner_version: int, lease_s: float | None = None,
+                    request_id: str | None = None, ack: list[str] | None = None) -> list[Any]:
+        """Validated arguments of the sample script (the lease id is args[4])."""
         if request_id is not None and (not isinstance(request_id, str) or not 0 < len(request_id) <= 200):
             raise ValueError(f"request_id={request_id!r} must be a string of 1-200 characters")
         if not isinstance(batch_size, int) or batch_size < 1:
@@ -345,11 +367,11 @@ class ReplayTable(TableViews):
             raise ValueError(f"batch_size={batch_size} exceeds the table's max_size={self.config.max_size}")
         if not isinstance(learner_version, int) or learner_version < 0:
             raise ValueError(f"learner_version={learner_version!r} must be an integer >= 0")
-        if timeout_s is not None and timeout_s < 0:
-            raise ValueError(f"timeout_s={timeout_s} must be >= 0 or None")
         lease = self.config.lease_s if lease_s is None else lease_s
         if not lease > 0:
             raise ValueError(f"lease_s={lease_s} must be > 0")
+        if not all(isinstance(x, str) and x for x in ack or []):
+            raise ValueError("ack must be a list of lease ids (non-empty strings)")
         rl = self.config.rate_limiter
         if rl.samples_per_insert is not None and 2 * rl.error_buffer < rl.samples_per_insert + batch_size:
             raise ValueError(
@@ -357,46 +379,50 @@ class ReplayTable(TableViews):
                 f"error_buffer={rl.error_buffer}: needs error_buffer >= (samples_per_insert + batch_size) / 2"
             )
         max_st = -1 if self.config.max_staleness_versions is None else self.config.max_staleness_versions
+        return [self.config.sampler.kind, batch_size, learner_version, max_st, request_id or uuid.uuid4().hex,
+                repr(float(lease)), self._rng.randrange(1, 2**31 - 1), MAX_STALE_DROP, *(ack or [])]
+
+    def lease_batch(self, args: list[Any], timeout_s: float | None) -> list[Any]:
+        """Run the sample script until it leases (polling with backoff); its 'ok' reply."""
+        if timeout_s is not None and timeout_s < 0:
+            raise ValueError(f"timeout_s={timeout_s} must be >= 0 or None")
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         pause = 0.002
-        lease_id = request_id or uuid.uuid4().hex
         while True:
-            res = self._run("sample", [self.config.sampler.kind, batch_size, learner_version, max_st, lease_id,
-                                       repr(float(lease)), self._rng.randrange(1, 2**31 - 1), MAX_STALE_DROP])
+            res = self._run("sample", args)
             status = _s(res[0])
             if status == "ok":
-                return self._batch(res, lease_id, learner_version)
+                return res
             if deadline is not None and time.monotonic() >= deadline:
+                rl = self.config.rate_limiter
                 why = {"paused": "sampling paused by an operator", "rate": "rate limiter (learner ahead of actors)",
                        "min_size": f"fewer than min_size_to_sample={rl.min_size_to_sample} items",
-                       "empty": f"fewer than batch_size={batch_size} available items"}.get(status, status)
+                       "empty": f"fewer than batch_size={args[1]} available items"}.get(status, status)
                 raise RateLimitTimeout(
                     f"sample from {self.keys.name!r} timed out after {timeout_s}s: {why} "
                     f"(size {int(res[1])}, available {int(res[2])})"
                 )
+            args[8:] = []  # the leases to ack were acked by the first call
             time.sleep(pause if deadline is None else min(pause, max(0.0, deadline - time.monotonic())))
             pause = min(pause * 2, 0.05)
 
-    def _batch(self, res: list[Any], lease_id: str, learner_version: int) -> SampleBatch:
-        expires, size = _f(res[1]), int(res[2])
-        rows = [res[j:j + 6] for j in range(4, len(res), 6)]
-        ids = [_s(r[0]) for r in rows]
+    def fetch_batch(self, res: list[Any], lease_id: str, learner_version: int) -> ColumnBatch:
+        """Payloads and cached references of a leased batch (one round trip) -> ColumnBatch."""
+        ids = [_s(res[j]) for j in range(5, len(res), 6)]
+        if not ids:  # a replayed lease whose items were all acked meanwhile
+            return self.columns(res, lease_id, learner_version, [], [])
         p = self.redis.pipeline(transaction=False)
-        p.hmget(self.keys.items, ids)
-        p.hmget(self.keys.refs, ids)
+        p.execute_command("HMGET", self.keys.items, *ids)
+        p.execute_command("HMGET", self.keys.refs, *ids)
         payloads, refs = p.execute()
-        items = []
-        for (item_id, handed, pv, prio, prob, ins), payload, ref in zip(rows, payloads, refs, strict=True):
-            if payload is None:  # evicted by a concurrent insert between the two round trips
-                log.warning("item %s was evicted while being sampled; dropped from the batch", _s(item_id))
-                continue
-            # model_construct: every value is already of the declared type (per-item validation showed up in
-            # profiles of 32-item batches).
-            info = SampleInfo.model_construct(
-                item_id=_s(item_id), times_sampled=int(handed), age_versions=learner_version - int(_f(pv)),
-                priority=_f(prio), probability=_f(prob), buffer_size=size, inserted_at=_f(ins))
-            items.append(SampledItem.model_construct(info=info, trajectory=codec.decode(payload, ref or None)))
-        return SampleBatch(lease_id=lease_id, lease_expires_at=expires, items=items)
+        return self.columns(res, lease_id, learner_version, payloads, refs)
+
+    def columns(self, res: list[Any], lease_id: str, learner_version: int, payloads: list[Any],
+                refs: list[Any]) -> ColumnBatch:
+        batch, dropped = columns.build(res, lease_id, learner_version, payloads, refs)
+        for item_id in dropped:
+            log.warning("item %s was evicted while being sampled; dropped from the batch", item_id)
+        return batch
 
     def ack(self, lease_id: str, item_ids: list[str] | None = None) -> int:
         """Acknowledge (all or some) items of a lease; returns how many were still held by it and got acked."""

@@ -256,3 +256,32 @@ local function insert_allowance(n)
   if allowed < n then return 'rate', allowed end
   return 'ok', n
 end
+
+-- Acknowledge `ids` (nil: every item) of `lease`: each acked item's acked += 1; if max_times_sampled > 0 and
+-- acked >= max_times_sampled it is removed (counter 'consumed'), else it becomes sampleable again.
+-- Returns how many items the lease still held and were acked (0 for an unknown, finished or expired lease).
+local function ack_lease(lease, ids)
+  local stored = redis.call('HGET', K.leases, lease)
+  if not stored then return 0 end
+  local all = cjson.decode(stored)
+  local held = held_by(lease, ids or all)
+  bulk('HDEL', K.lease_of, held)
+  local acked = bulk_get('HMGET', K.acked, held)
+  local gone, keep, counts = {}, {}, {}
+  for i, id in ipairs(held) do
+    local a = (tonumber(acked[i] or '0') or 0) + 1
+    if MAXTS > 0 and a >= MAXTS then
+      gone[#gone + 1] = id
+    else
+      keep[#keep + 1] = id
+      counts[#counts + 1] = id; counts[#counts + 1] = a
+    end
+  end
+  bulk('HSET', K.acked, counts)
+  remove_items(gone, 'consumed')
+  make_available(keep)
+  -- The lease's item list stays as drawn (a retried sample replays it); held_by tells which are still out.
+  if ids == nil or #held_by(lease, all) == 0 then drop_lease(lease) end
+  if #held > 0 then redis.call('HINCRBY', K.counters, 'acks', #held) end
+  return #held
+end

@@ -1,15 +1,16 @@
 -- tbrm replay table: sample a batch under a lease (body; the prelude table_common.lua comes first).
 -- KEYS: the table keys.  ARGV[9] sampler ('fifo'|'uniform'|'prioritized'), [10] batch size B,
 --   [11] learner_version, [12] max_staleness_versions (-1 = off), [13] lease id (the client's request id),
---   [14] lease seconds, [15] seed, [16] most stale items dropped per call (bounds the work of one call).
--- Order: expired leases return; stale available items (learner_version - policy_version > max) are dropped
+--   [14] lease seconds, [15] seed, [16] most stale items dropped per call (bounds the work of one call),
+--   [17..] leases to ack in full first (the previous step's: ack and next sample in one round trip).
+-- Order: expired leases return; the leases in [17..] are acked; stale available items (learner_version - policy_version > max) are dropped
 -- (counter dropped_stale); then all-or-nothing: B items are leased if the table holds >= min_size_to_sample
 -- items, >= B are available and the rate limiter allows B samples. Leased items are not sampleable until acked
 -- or expired. Returns {'ok', lease_expires_at, size, available_before, then per item 6 values:
 --   id, times_handed, policy_version, priority, probability, inserted_at}
 -- (the client then HMGETs payloads and cached references outside Lua; an item evicted by a concurrent insert
 -- in between is dropped from the batch),
--- or {'paused'|'min_size'|'empty'|'rate', size, available}.
+-- or {'paused'|'min_size'|'empty'|'rate', size, available, acked} (acked: items acked via [17..]).
 -- A lease id that is still live replays that lease (its items still held, nothing changes): a client retry
 -- after a lost reply gets the same batch instead of stranding a second lease.
 -- probability: fifo 1; uniform B / available (inclusion probability of a draw without replacement);
@@ -24,13 +25,16 @@ local lease = ARGV[13]
 local lease_s = tonumber(ARGV[14])
 math.randomseed(tonumber(ARGV[15]))
 local max_drop = tonumber(ARGV[16])
+local acked = 0
+for i = 17, #ARGV do acked = acked + ack_lease(ARGV[i], nil) end
 
 -- Result rows for `ids` drawn with `probs`.
 local function describe(ids, probs, handed, exp, size, navail)
   local vers = bulk_get('ZMSCORE', K.byver, ids)
-  local prios = bulk_get('HMGET', K.prio, ids)
+  local prios = {}  -- a table that never stored a priority has none to report (saves a call per batch)
+  if PRIO or redis.call('HLEN', K.prio) > 0 then prios = bulk_get('HMGET', K.prio, ids) end
   local metas = bulk_get('HMGET', K.meta, ids)
-  local res = {'ok', fmt(exp), size, navail}
+  local res = {'ok', fmt(exp), size, navail, acked}
   for i, id in ipairs(ids) do
     res[#res + 1] = id
     res[#res + 1] = handed[i]
@@ -68,12 +72,12 @@ end
 
 local size = redis.call('ZCARD', K.order)
 local navail = redis.call('ZCARD', K.avail)
-if redis.call('HGET', K.paused, 'sampling') == '1' then return {'paused', size, navail} end
-if size < MINSIZE then return {'min_size', size, navail} end
-if navail < B then return {'empty', size, navail} end
+if redis.call('HGET', K.paused, 'sampling') == '1' then return {'paused', size, navail, acked} end
+if size < MINSIZE then return {'min_size', size, navail, acked} end
+if navail < B then return {'empty', size, navail, acked} end
 if SPI then
   local I, S = rl_state()
-  if I * SPI - S - B < SPI * MINSIZE - EBUF then return {'rate', size, navail} end
+  if I * SPI - S - B < SPI * MINSIZE - EBUF then return {'rate', size, navail, acked} end
 end
 
 local picked, probs = {}, {}

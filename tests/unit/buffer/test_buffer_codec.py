@@ -84,19 +84,21 @@ def test_unknown_schema_version_raises_clearly() -> None:
     data = codec.MAGIC + msgpack.packb(d, use_bin_type=True)
     with pytest.raises(codec.TrajectoryDecodeError, match=f"schema_version {SCHEMA_VERSION + 1} is unknown"):
         codec.decode(data)
-    v2 = bytearray(codec.encode(traj(4)))
-    n = int.from_bytes(v2[3:7], "little")
-    head = msgpack.unpackb(bytes(v2[7:7 + n]), raw=False)
+    v2 = codec.encode(traj(4))
+    hlen, n = int.from_bytes(v2[3:7], "little"), v2[7]
+    start = 8 + 6 * n
+    head = msgpack.unpackb(v2[start:start + hlen], raw=False)
     head["schema_version"] = SCHEMA_VERSION + 1
     new = msgpack.packb(head, use_bin_type=True)
-    data = codec.MAGIC2 + len(new).to_bytes(4, "little") + new + bytes(v2[7 + n:])
+    data = codec.MAGIC2 + len(new).to_bytes(4, "little") + v2[7:start] + new + v2[start + hlen:]
     with pytest.raises(codec.TrajectoryDecodeError, match=f"schema_version {SCHEMA_VERSION + 1} is unknown"):
         codec.decode(data)
 
 
 @pytest.mark.parametrize("data", [b"", b"{}", json.dumps({"a": 1}).encode(), codec.MAGIC + b"\xc1\xc1",
-                                  codec.MAGIC + msgpack.packb([1, 2]), codec.MAGIC2 + b"\x05\x00\x00\x00ab",
-                                  codec.MAGIC2 + b"\x01\x00\x00\x00\x90"])
+                                  codec.MAGIC + msgpack.packb([1, 2]), codec.MAGIC2 + b"\x05\x00\x00\x00\x00ab",
+                                  codec.MAGIC2 + b"\x01\x00\x00\x00\x00\x90",
+                                  codec.MAGIC2 + b"\x00\x00\x00\x00\x01\x09s\x00\x00\x00\x00"])
 def test_garbage_raises_decode_error(data: bytes) -> None:
     with pytest.raises(codec.TrajectoryDecodeError):
         codec.decode(data)
