@@ -323,15 +323,9 @@ class ReplayTable(TableViews):
 
     # ---- sample / ack ----
 
-    def sample(
-        self,
-        batch_size: int,
-        learner_version: int,
-        timeout_s: float | None = 30.0,
-        lease_s: float | None = None,
-        request_id: str | None = None,
-        ack: list[str] | None = None,
-    ) -> SampleBatch:
+    def sample(self, batch_size: int, learner_version: int, timeout_s: float | None = 30.0, *,
+               lease_s: float | None = None, request_id: str | None = None, ack: list[str] | None = None,
+               ) -> SampleBatch:
         """Lease `batch_size` items (all or nothing); see the module docstring for who gets picked.
 
         Blocks until the table can serve the batch; raises `RateLimitTimeout` after `timeout_s`.
@@ -340,17 +334,12 @@ class ReplayTable(TableViews):
         reply strands nothing (redis-py's own retries of the call are covered the same way).
         `ack`: lease ids acked in full by the same script before sampling (saves the ack's round trip).
         """
-        return self.sample_columns(batch_size, learner_version, timeout_s, lease_s, request_id, ack).to_sample_batch()
+        return self.sample_columns(batch_size, learner_version, timeout_s, lease_s=lease_s, request_id=request_id,
+                                   ack=ack).to_sample_batch()
 
-    def sample_columns(
-        self,
-        batch_size: int,
-        learner_version: int,
-        timeout_s: float | None = 30.0,
-        lease_s: float | None = None,
-        request_id: str | None = None,
-        ack: list[str] | None = None,
-    ) -> ColumnBatch:
+    def sample_columns(self, batch_size: int, learner_version: int, timeout_s: float | None = 30.0, *,
+                       lease_s: float | None = None, request_id: str | None = None, ack: list[str] | None = None,
+                       ) -> ColumnBatch:
         """`sample` as a `ColumnBatch`: numpy columns and zero-copy token views, Trajectory objects on demand."""
         args = self.sample_args(batch_size, learner_version, lease_s, request_id, ack)
         res = self.lease_batch(args, timeout_s)
