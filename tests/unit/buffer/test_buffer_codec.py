@@ -51,9 +51,14 @@ def test_views_are_zero_copy_and_compact() -> None:
     assert toks.dtype == np.uint16 and toks.tolist() == [7] * 1024 and not toks.flags.owndata
     assert v.array("behaviour_logprobs").dtype == np.float32 and v.array("ref_logprobs") is None
     assert v.header["policy_version"] == 3 and v.text("response_text") == "It is \\boxed{4}"
-    big = codec.encode(traj(1024))  # ids up to 150k: uint32
-    assert codec.TrajectoryView(big).array("response_token_ids").dtype == np.uint32
-    assert len(data) < 64 * 2 + 1024 * (2 + 4) + 700 and len(big) < 1088 * 4 + 1024 * 4 + 700  # + header
+    big = codec.encode(traj(1024))  # ids up to 150k: 3 bytes each, read back widened to uint32
+    back = codec.TrajectoryView(big).array("response_token_ids")
+    assert back.dtype == np.uint32 and back.tolist() == traj(1024).response_token_ids
+    assert len(data) < 64 * 2 + 1024 * (2 + 4) + 700 and len(big) < 1088 * 3 + 1024 * 4 + 700  # + header
+    huge = traj(8).model_copy(update={"response_token_ids": [2**24, 2**31 + 5, 0, 1] * 2})
+    assert codec.decode(codec.encode(huge)) == huge  # uint32 beyond 2^24
+    neg = traj(8).model_copy(update={"response_token_ids": [-1, 5] * 4})
+    assert codec.decode(codec.encode(neg)) == neg  # int32
 
 
 def test_float64_log_probs_round_to_float32() -> None:
