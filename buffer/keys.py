@@ -20,7 +20,9 @@ def _check(name: str, what: str) -> str:
 
 
 class TableKeys:
-    """Keys of one replay table ``tbrm:v1:table:<name>:*``.
+    """Keys of one replay table ``tbrm:v1:table:{<name>}:*``. The braces are a Redis Cluster hash tag: every key
+    of a table hashes to one slot, so each Lua script and MULTI touches one node. To spread load over a
+    cluster, shard by table: several tables (e.g. one per actor group) land on different slots.
 
     - ``config``   STRING  JSON of the TableConfig every user of the table must share
     - ``items``    HASH    item_id -> encoded Trajectory (see `buffer.codec`)
@@ -51,7 +53,7 @@ class TableKeys:
 
     def __init__(self, name: str) -> None:
         self.name = _check(name, "table")
-        base = f"{PREFIX}table:{name}:"
+        base = f"{PREFIX}table:{{{name}}}:"
         for field in self.FIELDS:
             setattr(self, field, base + field)
 
@@ -64,7 +66,7 @@ class TableKeys:
 
 
 class PromptQueueKeys:
-    """Keys of one prompt queue ``tbrm:v1:prompts:<name>:*``.
+    """Keys of one prompt queue ``tbrm:v1:prompts:{<name>}:*`` (one Redis Cluster slot, like a table).
 
     - ``data``      HASH    dataset index -> Prompt JSON (one copy of the dataset)
     - ``queue``     LIST    "epoch:index" tokens of the current epoch still to hand out (shuffled)
@@ -77,7 +79,7 @@ class PromptQueueKeys:
 
     def __init__(self, name: str) -> None:
         self.name = _check(name, "prompt queue")
-        base = f"{PREFIX}prompts:{name}:"
+        base = f"{PREFIX}prompts:{{{name}}}:"
         for field in self.FIELDS:
             setattr(self, field, base + field)
 
@@ -85,9 +87,9 @@ class PromptQueueKeys:
         return [getattr(self, f) for f in self.FIELDS]
 
 
-ACTORS = f"{PREFIX}actors"
-"""HASH actor_id -> ActorInfo JSON."""
-ACTORS_EXP = f"{PREFIX}actors:exp"
+ACTORS = f"{PREFIX}{{actors}}"
+"""HASH actor_id -> ActorInfo JSON (hash tag {actors}: one slot with ACTORS_EXP)."""
+ACTORS_EXP = f"{PREFIX}{{actors}}:exp"
 """ZSET actor_id -> heartbeat expiry (unix s); live() = members with expiry > now."""
 WEIGHTS_LATEST = f"{PREFIX}weights:latest"
 """STRING WeightsInfo JSON of the newest weights the learner published."""

@@ -449,8 +449,17 @@ class ReplayTable(TableViews):
             self._run("update", ["prio"] + args)
 
     def cache_reference(self, item_id: str, ref_logprobs: list[float], ref_v0: float | None = None) -> None:
-        """Store reference log-probs with the item so every later sample carries them (no-op if it is gone)."""
-        self._run("update", ["ref", item_id, codec.encode_ref(list(ref_logprobs), ref_v0)])
+        """Store reference log-probs with the item so every later sample carries them (see `cache_references`)."""
+        self.cache_references({item_id: (ref_logprobs, ref_v0)})
+
+    def cache_references(self, refs: dict[str, tuple[Any, float | None]]) -> int:
+        """Cache reference log-probs (a list or float array each) and V_ref(s_1) of many items in one call;
+        returns how many were stored. Skipped for items gone meanwhile and for leased items whose ack will remove
+        them (times acked + 1 >= max_times_sampled: the cached value would never be read)."""
+        args: list[Any] = ["ref"]
+        for item_id, (logprobs, v0) in refs.items():
+            args += [item_id, codec.encode_ref(list(logprobs), v0)]
+        return int(self._run("update", args)) if refs else 0
 
     def reclaim_expired(self) -> int:
         """Return expired leases' items now (also done inside every insert/sample/ack)."""

@@ -2,7 +2,9 @@
 -- KEYS: the table keys.  ARGV[9] operation:
 --   'prio'    ARGV[10..]: item_id, priority pairs -> store priorities (sum-tree leaf updated unless leased);
 --             returns how many items existed
---   'ref'     ARGV[10] item_id, ARGV[11] encoded reference record -> cached if the item still exists (1/0)
+--   'ref'     ARGV[10..]: item_id, encoded reference record pairs -> cached for items that still exist and will
+--             be sampled again (a leased item whose ack will be its last, acked + 1 >= max_times_sampled, is
+--             skipped: the reference would never be read); returns how many were cached
 --   'reclaim' return expired leases' items to the pool; returns the number of items returned
 --   'probe'   ARGV[10] n -> {status, allowed}: could n items be inserted now (no side effects but reclaim)
 --   'renew'   ARGV[10] lease seconds, ARGV[11..] lease ids -> every lease that has not expired yet now expires at
@@ -28,9 +30,18 @@ if op == 'renew' then
   return n
 end
 if op == 'ref' then
-  if redis.call('HEXISTS', K.items, ARGV[10]) == 0 then return 0 end
-  redis.call('HSET', K.refs, ARGV[10], ARGV[11])
-  return 1
+  local ids = {}
+  for i = 10, #ARGV, 2 do ids[#ids + 1] = ARGV[i] end
+  local stored = bulk_get('ZMSCORE', K.order, ids)
+  local acked = bulk_get('HMGET', K.acked, ids)
+  local owner = bulk_get('HMGET', K.lease_of, ids)
+  local kv = {}
+  for j, id in ipairs(ids) do
+    local last = owner[j] and MAXTS > 0 and (tonumber(acked[j] or '0') or 0) + 1 >= MAXTS
+    if stored[j] and not last then kv[#kv + 1] = id; kv[#kv + 1] = ARGV[9 + 2 * j] end
+  end
+  bulk('HSET', K.refs, kv)
+  return #kv / 2
 end
 if op == 'prio' then
   local ids, ps = {}, {}

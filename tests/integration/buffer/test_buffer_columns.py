@@ -75,3 +75,16 @@ def test_batch_stream_one_round_trip_per_step(r: redis.Redis, monkeypatch: pytes
     t.ack(prev)
     t.ack(stream.prefetched())
     assert t.stats().size == 0
+
+
+def test_references_cached_in_one_call_and_skipped_when_never_read_again(r: redis.Redis) -> None:
+    t = ReplayTable(r, TableConfig(max_times_sampled=2))
+    t.insert([traj(k) for k in range(3)])
+    b = t.sample(3, 0)
+    refs = {"i000": ([-1.0, -1.0], 0.5), "i001": (np.array([-2.0, -2.0], np.float32), None), "gone": ([0.0], None)}
+    assert t.cache_references(refs) == 2  # one call; the unknown id is skipped
+    t.ack(b.lease_id)
+    b = t.sample(3, 0)  # second and last training of each item: a reference cached now would never be read
+    assert b.items[0].trajectory.ref_logprobs == [-1.0, -1.0] and b.items[1].trajectory.ref_logprobs == [-2.0, -2.0]
+    assert t.cache_references({"i002": ([-3.0, -3.0], None)}) == 0
+    assert r.hexists(t.keys.refs, "i002") == 0

@@ -132,3 +132,14 @@ def test_no_module_outside_buffer_keys_spells_a_key() -> None:
             if "tbrm:v1:" in f.read_text(errors="ignore"):
                 offenders.append(str(f.relative_to(REPO)))
     assert offenders == []
+
+
+def test_keys_of_one_table_or_queue_share_a_cluster_slot() -> None:
+    def tag(key: str) -> str:  # Redis Cluster hashes only the part inside the first {...}
+        return key[key.index("{") + 1:key.index("}")]
+
+    assert {tag(k) for k in TableKeys("replay").all()} == {"replay"}
+    assert {tag(k) for k in PromptQueueKeys("train").all()} == {"train"}
+    from buffer import keys
+
+    assert tag(keys.ACTORS) == tag(keys.ACTORS_EXP)
