@@ -1,6 +1,6 @@
 """ReplayTable: a Reverb-style replay table over Redis, every change one Lua script (buffer/lua/).
 
-Vocabulary (DESIGN.md §4). Let N = items stored, I = items ever inserted, S = items ever handed out by `sample`.
+Vocabulary (Reverb's). Let N = items stored, I = items ever inserted, S = items ever handed out by `sample`.
 
 - ``max_size``: before an insert of m new items the fifo remover evicts the N + m - max_size items with the
   lowest insertion sequence (leased or not; counter ``removed``), so N <= max_size always.
@@ -34,7 +34,13 @@ Vocabulary (DESIGN.md §4). Let N = items stored, I = items ever inserted, S = i
   expired lease returns its items to the pool (reclaimed inside every insert/sample/ack script, no background
   thread) and acking it afterwards acks nothing; `renew` extends leases that have not expired yet.
   SampleInfo.times_sampled counts hand-outs, this one included.
-- insert is idempotent for items still stored (item id = traj_id), so a retried insert never duplicates.
+- insert is idempotent per id (item id = traj_id) for an item's whole life: an id stored now, or among the
+  newest ``remember_removed_ids`` removed ones (consumed, evicted, dropped; zset ``gone``), is a duplicate, so
+  a retried insert never brings back a trained trajectory. A partial admission says which ids got in
+  (`InsertResult`, `InsertTimeout.result`); a repeated id within one call is a duplicate of its first copy.
+- a sample's lease id is its request id: re-sending a sample with the id of a live lease replays that lease.
+- memory guard: inserts wait (then `BufferFull`) while Redis used_memory >= ``memory_limit_bytes`` (default 90%
+  of Redis's maxmemory when set); a write Redis refuses for maxmemory (OOM) raises `BufferFull` at once.
 
 The config is stored in Redis on first use; a later user with a different config gets `TableConfigMismatch`
 (a ValueError) naming the differing fields. `ReplayTable(redis)` with no config adopts the stored one.
