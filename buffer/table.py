@@ -297,7 +297,7 @@ class ReplayTable(TableViews):
         return limit is None or used < limit
 
     def _oom(self, e: Exception) -> Exception:
-        if "OOM" in str(e):
+        if isinstance(e, redis_lib.exceptions.OutOfMemoryError) or "OOM" in str(e) or "maxmemory" in str(e):
             return BufferFull(f"Redis refused the insert into {self.keys.name!r}: {e}; set memory_limit_bytes "
                               "below Redis's maxmemory so inserts wait instead", InsertResult())
         return e

@@ -36,7 +36,8 @@ class InsertResult:
 
 class BufferFull(InsertTimeout):
     """Inserts refused for memory: Redis used_memory reached the table's guard (`memory_limit_bytes`, else 90%
-    of Redis's maxmemory), or Redis itself refused a write (OOM). Raised after `timeout_s` of waiting."""
+    of Redis's maxmemory; raised after `timeout_s` of waiting), or Redis itself refused a write for its maxmemory
+    (raised at once; nothing of that write was stored)."""
 
 
 

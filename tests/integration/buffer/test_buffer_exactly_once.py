@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import redis
 
-from buffer.client import InsertTimeout, ReplayTable, Trajectory, connect
+from buffer.client import BufferFull, InsertTimeout, ReplayTable, Trajectory, connect
 from buffer.schema import RateLimiterConfig, TableConfig
 
 
@@ -94,3 +94,27 @@ def test_reset_and_drop_unlink(r: redis.Redis) -> None:
     t.drop()
     assert r.info("commandstats")["cmdstat_unlink"]["calls"] == before + 2
     assert r.keys("tbrm:v1:table:*") == []
+
+
+def test_memory_guard_refuses_inserts_with_a_clear_error(r: redis.Redis) -> None:
+    used = int(r.info("memory")["used_memory"])
+    t = ReplayTable(r, TableConfig(memory_limit_bytes=used // 2))
+    with pytest.raises(BufferFull, match="memory guard") as e:
+        t.insert([traj("a"), traj("b")], timeout_s=0.2)
+    assert e.value.result.pending == ["a", "b"] and t.size() == 0  # refused before anything was written
+    ok = ReplayTable(r, TableConfig(name="roomy", memory_limit_bytes=used * 100))
+    assert ok.insert_batch([traj("a")]).admitted == ["a"]
+
+
+def test_redis_maxmemory_refusal_is_a_buffer_full(r: redis.Redis) -> None:
+    t = ReplayTable(r, TableConfig(max_times_sampled=0))
+    t.insert([traj("a")])
+    old = r.config_get("maxmemory")["maxmemory"]
+    r.config_set("maxmemory", 1)  # below what Redis already uses: every write is refused (noeviction)
+    try:
+        t._mem_checked = float("inf")  # skip the client-side guard: exercise Redis's own refusal
+        with pytest.raises(BufferFull, match="maxmemory"):
+            t.insert([traj("b")], timeout_s=0.1)
+    finally:
+        r.config_set("maxmemory", old)
+    assert t.size() == 1
