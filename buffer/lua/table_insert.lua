@@ -27,7 +27,8 @@ for k = 1, n do
     cand[#cand + 1] = k
   end
 end
-local status, allowed = insert_allowance(#cand)
+local status, allowed = 'ok', 0
+if #cand > 0 then status, allowed = insert_allowance(#cand) end  -- only duplicates: nothing to hold back
 local fresh, undo = {}, {}
 for j, k in ipairs(cand) do
   if j <= allowed then fresh[#fresh + 1] = k; flags[k] = 'N' else flags[k] = 'P'; undo[#undo + 1] = ids[k] end

@@ -118,3 +118,11 @@ def test_redis_maxmemory_refusal_is_a_buffer_full(r: redis.Redis) -> None:
     finally:
         r.config_set("maxmemory", old)
     assert t.size() == 1
+
+
+def test_a_retry_of_only_duplicates_returns_at_once_while_inserts_are_paused(r: redis.Redis) -> None:
+    t = ReplayTable(r, TableConfig())
+    t.insert([traj("a")])
+    t.pause("inserts")
+    res = t.insert_batch([traj("a")], timeout_s=0)
+    assert (res.admitted, res.duplicates, res.pending) == ([], ["a"], [])
