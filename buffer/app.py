@@ -389,6 +389,17 @@ def create_app(settings: BufferSettings | None = None) -> FastAPI:
         traj, meta = got
         return TrajectoryDetail(summary=summary(item_id, traj, meta), trajectory=traj)
 
+    @v1.get("/tables/{name}/leases")
+    def leases(name: TableName, limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> dict[str, Any]:
+        """Leases out now, expiring first (id, expiry, items drawn, items still held)."""
+        return {"leases": table(name).leases(limit)}
+
+    @v1.get("/prompts/claims")
+    def prompt_claims(name: Annotated[str | None, Query(pattern=NAME_PATTERN)] = None,
+                      limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> dict[str, Any]:
+        """Prompt claims held by actors, expiring first."""
+        return {"claims": PromptQueue(r, name or settings.prompt_queue).claims(limit)}
+
     @v1.get("/actors", response_model=ActorsResponse)
     def actors() -> ActorsResponse:
         latest = WeightsStore(r).latest()

@@ -157,6 +157,19 @@ class PromptQueue:
         vals = self.redis.hvals(self.keys.claims)
         return sum(_s(v).count(":") for v in vals)
 
+    def claims(self, limit: int = 100) -> list[dict[str, Any]]:
+        """The `limit` claims expiring first: consumer, prompt_id, copies claimed (one per epoch), expires_at."""
+        if limit < 1:
+            raise ValueError(f"limit={limit} must be >= 1")
+        rows = self.redis.zrange(self.keys.claim_exp, 0, limit - 1, withscores=True)
+        vals = self.redis.hmget(self.keys.claims, [f for f, _ in rows]) if rows else []
+        out = []
+        for (field, exp), val in zip(rows, vals, strict=True):
+            consumer, _, prompt_id = _s(field).partition("\x1f")
+            out.append({"consumer": consumer, "prompt_id": prompt_id, "expires_at": float(exp),
+                        "copies": _s(val).count(":") if val is not None else 0})
+        return out
+
     def info(self) -> dict[str, Any]:
         meta = self._meta()
         epoch, epochs = self.epochs()

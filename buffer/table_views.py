@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import redis as redis_lib
@@ -188,6 +189,21 @@ class TableViews:
                         break
         return out, cursor
 
+
+    def leases(self, limit: int = 100) -> list[dict[str, Any]]:
+        """The `limit` leases expiring first: id, expires_at (unix s), items drawn, items still held."""
+        if limit < 1:
+            raise ValueError(f"limit={limit} must be >= 1")
+        k = self.keys
+        rows = self.redis.zrange(k.lease_exp, 0, limit - 1, withscores=True)
+        out = []
+        for lease, exp in rows:
+            raw = self.redis.hget(k.leases, lease)
+            ids = json.loads(raw) if raw else []
+            owners = self.redis.hmget(k.lease_of, ids) if ids else []
+            out.append({"lease_id": _s(lease), "expires_at": float(exp), "items": len(ids),
+                        "held": sum(1 for o in owners if o is not None and _s(o) == _s(lease))})
+        return out
 
     def get(self, item_id: str) -> tuple[Trajectory, dict[str, Any]] | None:
         """One stored item and its bookkeeping, or None."""

@@ -227,3 +227,17 @@ def test_python_m_buffer_serves(redis_url: str, port: int, tmp_path: Path) -> No
     finally:
         os.kill(proc.pid, signal.SIGTERM)
         proc.wait(10)
+
+
+def test_views_of_leases_and_prompt_claims(client: TestClient, filled: ReplayTable, redis_url: str) -> None:
+    b = filled.sample(3, 0)
+    filled.ack(b.lease_id, [b.items[0].info.item_id])
+    got = client.get("/v1/tables/replay/leases").json()["leases"]
+    assert [(x["lease_id"], x["items"], x["held"]) for x in got] == [(b.lease_id, 3, 2)]
+    q = PromptQueue(connect(redis_url), "train")
+    q.load(make_toy_task(3, seed=1), epochs=1)
+    popped = q.pop(2, "actor-1")
+    claims = client.get("/v1/prompts/claims").json()["claims"]
+    assert sorted(c["prompt_id"] for c in claims) == sorted(p.prompt_id for p in popped)
+    assert all(c["consumer"] == "actor-1" and c["copies"] == 1 for c in claims)
+    assert client.get("/v1/tables/replay/leases", params={"limit": 0}).status_code == 422
