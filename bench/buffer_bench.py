@@ -1,15 +1,21 @@
 """Replay-buffer benchmark: ReplayTable insert/sample rates vs raw redis-py on the same bytes, same run.
 
     python bench/buffer_bench.py [--seconds 2] [--repeats 3] [--tokens 1024] [--batch 32]   (make bench-buffer)
+    python bench/buffer_bench.py --items 100000 [--items 1000000]     (memory and sample latency at scale)
 
 Starts its own redis-server on a free port (AOF off), then for 1 and 4 client processes measures
 - table insert: `ReplayTable.insert` of 1K-token trajectories (encoding included), one item per call ("single")
   and `--batch` items per call ("batched");
-- raw insert: XADD of the same encoded bytes (MAXLEN ~ max_size), one per round trip / a pipeline of `--batch`;
-- table sample: `sample` + `ack` (uniform sampler, items return after ack), batch 1 and `--batch`, decoding included;
+- raw insert: SET of the same bytes, pre-encoded (no encoding), one per round trip / a pipeline of `--batch`;
+- table sample: a learner step at one round trip (`BatchStream.next` with the previous lease acked in the same
+  call; columnar: zero-copy token views, each item's token array touched), batch 1 and `--batch`;
+- table sample+decode: `sample` + `ack` building `Trajectory` objects (the pre-columnar API), for reference;
 - raw sample: GET of keys holding the same bytes, one per round trip / a pipeline of `--batch`.
-Also measures the Trajectory encoding (JSON vs msgpack with packed arrays). Prints a rich table and writes
-bench/results/buffer.json.
+Also measures the Trajectory encoding (JSON vs msgpack vs codec format 2). `--items N` fills a fresh table
+with N realistic trajectories (ids up to 151k, float32 log-probs, ~3.5 KB of text) and reports Redis memory
+per item and the p50/p99 latency of a 32-item sample+ack at that size. Prints rich tables and writes
+bench/results/buffer.json (with `sample_ack_batched_vs_raw_get` and `insert_batched_vs_raw_set`: 32 per call,
+1 client).
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from array import array
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +46,7 @@ from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from buffer import codec  # noqa: E402
-from buffer.client import ReplayTable, TableConfig, Trajectory, connect  # noqa: E402
+from buffer.client import BatchStream, ReplayTable, TableConfig, Trajectory, connect  # noqa: E402
 from buffer.schema import UniformSampler  # noqa: E402
 
 log = logging.getLogger("buffer_bench")
@@ -99,19 +106,31 @@ def _worker(kind: str, url: str, batch: int, tokens: int, seconds: float, wid: i
             items = [traj.model_copy(update={"traj_id": f"w{wid}-{n + j}"}) for j in range(batch)]
             table.insert(items, timeout_s=30)
             n += batch
-    elif kind == "raw_insert":
+    elif kind == "raw_insert":  # SET of the pre-encoded bytes (keys rotate, so memory stays bounded)
         start.wait()
         t_end = time.monotonic() + seconds
         while time.monotonic() < t_end:
             if batch == 1:
-                r.xadd("rawbench:stream", {"d": payload}, maxlen=MAX_SIZE, approximate=True)
+                r.set(f"rawbench:s{wid}:{n % 2000}", payload)
             else:
                 p = r.pipeline(transaction=False)
-                for _ in range(batch):
-                    p.xadd("rawbench:stream", {"d": payload}, maxlen=MAX_SIZE, approximate=True)
+                for j in range(batch):
+                    p.set(f"rawbench:s{wid}:{(n + j) % 2000}", payload)
                 p.execute()
             n += batch
-    elif kind == "table_sample":
+    elif kind == "table_sample":  # a learner step: payloads of k, ack of k-1, lease of k+1 in one round trip
+        table = ReplayTable(r)
+        stream = BatchStream(table, batch, timeout_s=30)
+        prev: str | None = None
+        start.wait()
+        t_end = time.monotonic() + seconds
+        while time.monotonic() < t_end:
+            b = stream.next(1, ack=[prev] if prev else None)
+            for i in range(len(b)):
+                b.response_tokens(i)
+            prev = b.lease_id
+            n += len(b)
+    elif kind == "tabledecode_sample":  # sample + ack with Trajectory objects (the list-based API)
         table = ReplayTable(r)
         start.wait()
         t_end = time.monotonic() + seconds
@@ -119,17 +138,17 @@ def _worker(kind: str, url: str, batch: int, tokens: int, seconds: float, wid: i
             b = table.sample(batch, learner_version=1, timeout_s=30)
             table.ack(b.lease_id)
             n += len(b.items)
-    elif kind == "rawcodec_insert":  # raw XADD plus the same encoding work the table does
+    elif kind == "rawcodec_insert":  # raw SET plus the same encoding work the table does
         start.wait()
         t_end = time.monotonic() + seconds
         while time.monotonic() < t_end:
             p = r.pipeline(transaction=False)
             for j in range(batch):
                 data = codec.encode(traj.model_copy(update={"traj_id": f"w{wid}-{n + j}"}))
-                p.xadd("rawbench:stream", {"d": data}, maxlen=MAX_SIZE, approximate=True)
+                p.set(f"rawbench:s{wid}:{(n + j) % 2000}", data)
             p.execute()
             n += batch
-    elif kind == "rawcodec_sample":  # raw GET plus decoding into Trajectory objects
+    elif kind == "rawcodec_sample":  # raw GET plus the same view the table's columnar batch builds
         rng = random.Random(wid)
         start.wait()
         t_end = time.monotonic() + seconds
@@ -138,7 +157,7 @@ def _worker(kind: str, url: str, batch: int, tokens: int, seconds: float, wid: i
             for _ in range(batch):
                 p.get(f"rawbench:k{rng.randrange(1000)}")
             for data in p.execute():
-                codec.decode(data)
+                codec.TrajectoryView(data).array("response_token_ids")
             n += batch
     elif kind == "raw_sample":
         rng = random.Random(wid)
@@ -210,7 +229,103 @@ def measure_codec(tokens: int) -> dict[str, Any]:
         "msgpack_plain_encode_us": timed(lambda: msgpack.packb(traj.model_dump(), use_bin_type=True)),
         "msgpack_plain_decode_us": timed(lambda: Trajectory.model_construct(**msgpack.unpackb(plain))),
         "msgpack_decode_us": timed(lambda: codec.decode(packed)),
+        "view_us": timed(lambda: codec.TrajectoryView(packed).array("response_token_ids")),
     }
+
+
+def realistic_traj(rng: random.Random, tokens: int, k: int) -> Trajectory:
+    """A trajectory shaped like a Qwen2.5 rollout: ids up to 151k, float32 log-probs, ~3.5 bytes of text per
+    token drawn from a 5k-word vocabulary (compresses like prose, not like a repeated character)."""
+    words = [f"w{rng.randrange(5000)}" for _ in range(tokens * 3 // 5)]
+    return Trajectory(
+        traj_id=f"m{k:08d}", prompt_id=f"p{k // 8}", group_id=f"g{k // 8}",
+        prompt_token_ids=[rng.randrange(151_000) for _ in range(128)],
+        response_token_ids=[rng.randrange(151_000) for _ in range(tokens)],
+        behaviour_logprobs=array("f", [-rng.random() * 4 for _ in range(tokens)]).tolist(),
+        prompt_text="Solve: " + " ".join(words[:60]), response_text=" ".join(words), reward=float(k % 2),
+        grade_status="correct" if k % 2 else "incorrect", policy_version=k // 1000, actor_id="bench",
+    )
+
+
+def measure_scale(url: str, items: int, tokens: int, batch: int) -> dict[str, Any]:
+    """Fill a fresh table with `items` trajectories; Redis memory per item and 32-item sample+ack latency."""
+    r = connect(url, timeout_s=120)
+    r.flushall()
+    base = int(r.info("memory")["used_memory"])
+    table = ReplayTable(r, TableConfig(name="scale", max_size=items, max_times_sampled=0,
+                                       sampler=UniformSampler()))
+    rng = random.Random(1)
+    pool = [realistic_traj(rng, tokens, k) for k in range(256)]  # reused shapes, fresh ids: generation is slow
+    payload_bytes = statistics.mean(len(codec.encode(t)) for t in pool)
+    t0 = time.monotonic()
+    for start in range(0, items, 500):
+        table.insert([pool[(start + j) % 256].model_copy(update={"traj_id": f"m{start + j:08d}"})
+                      for j in range(min(500, items - start))], timeout_s=None)
+    fill_s = time.monotonic() - t0
+    used = int(r.info("memory")["used_memory"])
+    lat = []
+    for _ in range(300):
+        t1 = time.perf_counter()
+        b = table.sample_columns(batch, learner_version=1)
+        table.ack(b.lease_id)
+        lat.append(time.perf_counter() - t1)
+    lat.sort()
+    out = {"items": items, "tokens": tokens, "payload_bytes_mean": payload_bytes,
+           "redis_bytes_per_item": (used - base) / items, "redis_used_bytes": used, "fill_s": fill_s,
+           "sample_ack_p50_ms": 1e3 * lat[len(lat) // 2], "sample_ack_p99_ms": 1e3 * lat[int(len(lat) * 0.99)]}
+    log.info("%s", out)
+    r.flushall()
+    return out
+
+
+def run_rates(url: str, args: argparse.Namespace) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    for op in ("insert", "sample"):
+        for procs in args.procs:
+            for batch in (1, args.batch):
+                # Alternate the implementations `--repeats` times and keep medians: other processes
+                # share these cores, and alternating exposes table and raw to the same load.
+                runs: dict[str, list[float]] = {"table": [], "raw": [], "rawcodec": []}
+                if op == "sample":
+                    runs["tabledecode"] = []
+                for _ in range(args.repeats):
+                    for impl in runs:
+                        prepare(url, args.tokens)
+                        runs[impl].append(run_cell(f"{impl}_{op}", url, procs, batch, args.tokens, args.seconds))
+                rates = {impl: statistics.median(v) for impl, v in runs.items()}
+                row = {"op": op, "procs": procs, "batch": batch, "table_per_s": rates["table"],
+                       "raw_per_s": rates["raw"], "raw_codec_per_s": rates["rawcodec"],
+                       "ratio": rates["table"] / rates["raw"],
+                       "ratio_vs_raw_codec": rates["table"] / rates["rawcodec"]}
+                if "tabledecode" in rates:
+                    row["table_decode_per_s"] = rates["tabledecode"]
+                log.info("%s", row)
+                rows.append(row)
+    return rows
+
+
+def print_rates(console: Console, rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
+    t = Table(title=f"tbrm buffer: {args.tokens}-token trajectories, items/s (own redis-server; median of "
+                    f"{args.repeats} alternating runs of {args.seconds}s)")
+    for col in ("op", "clients", "items/call", "ReplayTable", "raw redis-py", "raw + codec", "table/raw",
+                "table/(raw+codec)", "sample() w/ Trajectory", ">=50% of raw"):
+        t.add_column(col, justify="right")
+    for row in rows:
+        raw_name = "SET" if row["op"] == "insert" else "GET"
+        dec = row.get("table_decode_per_s")
+        t.add_row(row["op"], str(row["procs"]), str(row["batch"]), f"{row['table_per_s']:,.0f}",
+                  f"{row['raw_per_s']:,.0f} ({raw_name})", f"{row['raw_codec_per_s']:,.0f}", f"{row['ratio']:.2f}",
+                  f"{row['ratio_vs_raw_codec']:.2f}", "-" if dec is None else f"{dec:,.0f}",
+                  "yes" if row["ratio"] >= 0.5 else "no")
+    console.print(t)
+
+
+def headline(rows: list[dict[str, Any]], batch: int) -> dict[str, float | None]:
+    def ratio(op: str) -> float | None:
+        got = [r["ratio"] for r in rows if r["op"] == op and r["procs"] == 1 and r["batch"] == batch]
+        return got[0] if got else None
+
+    return {"sample_ack_batched_vs_raw_get": ratio("sample"), "insert_batched_vs_raw_set": ratio("insert")}
 
 
 def main() -> None:
@@ -220,63 +335,42 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=32, help="items per call in the batched rows")
     ap.add_argument("--repeats", type=int, default=3, help="alternating repeats per cell (median reported)")
     ap.add_argument("--procs", type=int, nargs="+", default=[1, 4], help="client process counts")
+    ap.add_argument("--items", type=int, nargs="*", default=[], help="table sizes for the memory/latency rows")
+    ap.add_argument("--skip-rates", action="store_true", help="only the --items rows")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "buffer.json")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     console = Console()
     codec_stats = measure_codec(args.tokens)
-    rows: list[dict[str, Any]] = []
     load_before = os.getloadavg()
     tmp = tempfile.mkdtemp(prefix="tbrm-bench-")
     proc, url = start_redis(tmp)
     try:
-        for op in ("insert", "sample"):
-            for procs in args.procs:
-                for batch in (1, args.batch):
-                    # Alternate the implementations `--repeats` times and keep medians: other processes
-                    # share these cores, and alternating exposes table and raw to the same load.
-                    runs: dict[str, list[float]] = {"table": [], "raw": [], "rawcodec": []}
-                    for _ in range(args.repeats):
-                        for impl in runs:
-                            prepare(url, args.tokens)
-                            runs[impl].append(run_cell(f"{impl}_{op}", url, procs, batch, args.tokens, args.seconds))
-                    rates = {impl: statistics.median(v) for impl, v in runs.items()}
-                    row = {"op": op, "procs": procs, "batch": batch, "table_per_s": rates["table"],
-                           "raw_per_s": rates["raw"], "raw_codec_per_s": rates["rawcodec"],
-                           "ratio": rates["table"] / rates["raw"],
-                           "ratio_vs_raw_codec": rates["table"] / rates["rawcodec"]}
-                    log.info("%s", row)
-                    rows.append(row)
+        rows = [] if args.skip_rates else run_rates(url, args)
+        scale = [measure_scale(url, n, args.tokens, args.batch) for n in args.items]
     finally:
         os.kill(proc.pid, signal.SIGTERM)
         proc.wait(10)
         shutil.rmtree(tmp, ignore_errors=True)
-
-    t = Table(title=f"tbrm buffer: {args.tokens}-token trajectories, items/s (own redis-server; median of "
-                    f"{args.repeats} alternating runs of {args.seconds}s)")
-    for col in ("op", "clients", "items/call", "ReplayTable", "raw redis-py", "raw + codec", "table/raw",
-                "table/(raw+codec)", ">=5k & >=50%"):
-        t.add_column(col, justify="right")
-    for row in rows:
-        ok = row["table_per_s"] >= 5000 and row["ratio"] >= 0.5
-        raw_name = "XADD" if row["op"] == "insert" else "GET"
-        t.add_row(row["op"], str(row["procs"]), str(row["batch"]), f"{row['table_per_s']:,.0f}",
-                  f"{row['raw_per_s']:,.0f} ({raw_name})", f"{row['raw_codec_per_s']:,.0f}", f"{row['ratio']:.2f}",
-                  f"{row['ratio_vs_raw_codec']:.2f}", "yes" if ok else "no")
-    console.print(t)
+    if rows:
+        print_rates(console, rows, args)
+    for s in scale:
+        console.print(f"{s['items']:,} items: {s['redis_bytes_per_item']:,.0f} B of Redis memory per item "
+                      f"(payload {s['payload_bytes_mean']:,.0f} B), sample+ack of {args.batch}: p50 "
+                      f"{s['sample_ack_p50_ms']:.2f} ms, p99 {s['sample_ack_p99_ms']:.2f} ms")
     c = codec_stats
     console.print(
         f"encoding of one trajectory ({c['tokens']} tokens): JSON {c['json_bytes']:,} B, "
-        f"msgpack with plain lists {c['msgpack_plain_lists_bytes']:,} B, "
-        f"encode {c['json_encode_us']:.0f} us, decode {c['json_decode_us']:.0f} us | msgpack+packed arrays "
-        f"{c['msgpack_packed_bytes']:,} B, encode {c['msgpack_encode_us']:.0f} us, decode {c['msgpack_decode_us']:.0f} us"
+        f"msgpack with plain lists {c['msgpack_plain_lists_bytes']:,} B | codec format 2 "
+        f"{c['msgpack_packed_bytes']:,} B, encode {c['msgpack_encode_us']:.0f} us, decode to Trajectory "
+        f"{c['msgpack_decode_us']:.0f} us, zero-copy view {c['view_us']:.1f} us"
     )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "host": platform.node(),
         "cpus": os.cpu_count(), "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
-        "seconds_per_cell": args.seconds, "repeats": args.repeats, "tokens": args.tokens, "rows": rows,
-        "codec": codec_stats,
+        "seconds_per_cell": args.seconds, "repeats": args.repeats, "tokens": args.tokens,
+        **headline(rows, args.batch), "rows": rows, "scale": scale, "codec": codec_stats,
     }, indent=2))
     console.print(f"load average before/after: {load_before[0]:.1f} / {os.getloadavg()[0]:.1f} on "
                   f"{os.cpu_count()} cores (other processes share them)")

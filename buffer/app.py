@@ -13,7 +13,6 @@ import hmac
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterator
-from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import redis
@@ -39,6 +38,7 @@ from buffer.client import (
     connect,
 )
 from buffer.codec import TrajectoryDecodeError
+from buffer.export import export_parquet
 from buffer.settings import BufferSettings
 
 log = logging.getLogger(__name__)
@@ -89,11 +89,13 @@ class TrajectorySummary(BaseModel):
 
 
 class TrajectoryPage(BaseModel):
-    total: int
-    """Items matching the filters."""
+    total: int | None
+    """Items matching the filters (offset mode; None in cursor mode, which never counts the whole table)."""
     offset: int
     limit: int
     items: list[TrajectorySummary]
+    next_cursor: int | None = None
+    """Cursor mode: pass as `cursor` for the next page (None: the end)."""
 
 
 class TrajectoryDetail(BaseModel):
@@ -362,10 +364,20 @@ def create_app(settings: BufferSettings | None = None) -> FastAPI:
         min_reward: Annotated[float | None, Query(allow_inf_nan=False)] = None,
         max_reward: Annotated[float | None, Query(allow_inf_nan=False)] = None,
         actor_id: Annotated[str | None, Query(max_length=200)] = None,
+        leased: bool | None = None,
+        min_times_sampled: Annotated[int | None, Query(ge=0)] = None,
+        cursor: Annotated[int | None, Query(ge=0, le=2**53)] = None,
     ) -> TrajectoryPage:
-        total, rows = table(name).list_items(offset=offset, limit=limit, min_version=min_version,
-                                             max_version=max_version, min_reward=min_reward,
-                                             max_reward=max_reward, actor_id=actor_id)
+        """Offset mode counts every match (O(table size)); cursor mode (`cursor=0`, then `next_cursor`)
+        examines a bounded number of items per call, in insertion order."""
+        filters = {k: v for k, v in dict(min_version=min_version, max_version=max_version, min_reward=min_reward,
+                                         max_reward=max_reward, actor_id=actor_id, leased=leased,
+                                         min_times_sampled=min_times_sampled).items() if v is not None}
+        if cursor is not None:
+            rows, nxt = table(name).page(cursor=cursor, limit=limit, **filters)
+            return TrajectoryPage(total=None, offset=0, limit=limit, next_cursor=nxt,
+                                  items=[summary(i, t, m) for i, t, m in rows])
+        total, rows = table(name).list_items(offset=offset, limit=limit, **filters)
         return TrajectoryPage(total=total, offset=offset, limit=limit,
                               items=[summary(i, t, m) for i, t, m in rows])
 
@@ -376,6 +388,17 @@ def create_app(settings: BufferSettings | None = None) -> FastAPI:
             raise HTTPException(404, f"no item {item_id!r} in table {name!r} (consumed, evicted or never inserted)")
         traj, meta = got
         return TrajectoryDetail(summary=summary(item_id, traj, meta), trajectory=traj)
+
+    @v1.get("/tables/{name}/leases")
+    def leases(name: TableName, limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> dict[str, Any]:
+        """Leases out now, expiring first (id, expiry, items drawn, items still held)."""
+        return {"leases": table(name).leases(limit)}
+
+    @v1.get("/prompts/claims")
+    def prompt_claims(name: Annotated[str | None, Query(pattern=NAME_PATTERN)] = None,
+                      limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> dict[str, Any]:
+        """Prompt claims held by actors, expiring first."""
+        return {"claims": PromptQueue(r, name or settings.prompt_queue).claims(limit)}
 
     @v1.get("/actors", response_model=ActorsResponse)
     def actors() -> ActorsResponse:
@@ -444,27 +467,3 @@ def create_app(settings: BufferSettings | None = None) -> FastAPI:
     v1.include_router(admin)
     app.include_router(v1)
     return app
-
-
-def export_parquet(t: ReplayTable, path: Path) -> int:
-    """Write every stored item (trajectory fields + bookkeeping) to a parquet file; returns the row count."""
-    import pyarrow as pa  # noqa: PLC0415  (only the export needs it)
-    import pyarrow.parquet as pq  # noqa: PLC0415
-
-    rows: list[dict[str, Any]] = []
-    offset = 0
-    while True:
-        total, page = t.list_items(offset=offset, limit=500)
-        for item_id, traj, meta in page:
-            rows.append({"item_id": item_id, **traj.model_dump(), **{f"buffer_{k}": v for k, v in meta.items()}})
-        offset += 500
-        if offset >= total:
-            break
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".parquet.tmp")
-    if rows:
-        pq.write_table(pa.Table.from_pylist(rows), tmp)
-    else:
-        pq.write_table(pa.table({"item_id": pa.array([], pa.string())}), tmp)
-    tmp.replace(path)
-    return len(rows)

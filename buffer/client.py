@@ -3,7 +3,7 @@
     from buffer.client import connect, ReplayTable, PromptQueue, ActorRegistry, WeightsStore
     r = connect("redis://127.0.0.1:6379/0")
     table = ReplayTable(r, TableConfig(max_size=10_000))
-    table.insert([traj, ...])                        # blocks on the rate limiter; RateLimitTimeout
+    table.insert([traj, ...])                        # blocks on the rate limiter; InsertTimeout(.result)
     batch = table.sample(32, learner_version=7)      # items leased for config.lease_s
     table.ack(batch.lease_id)                        # after the optimizer step
 
@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import redis
 
-from buffer.codec import TrajectoryDecodeError, decode, encode
+from buffer.codec import TrajectoryDecodeError, TrajectoryView, decode, encode
+from buffer.columns import BatchStream, ColumnBatch
 from buffer.data import DatasetError, load_champ, load_dataset, make_toy_task, toy_splits, write_dataset
 from buffer.prompt_queue import PromptQueue
 from buffer.registry import ActorRegistry, LearnerStatusStore, WeightsStore
@@ -31,10 +32,18 @@ from buffer.schema import (
     WeightsInfo,
 )
 from buffer.settings import RunTomlSettings, run_toml_section
-from buffer.table import RateLimitTimeout, ReplayTable, TableConfigMismatch
+from buffer.table import (
+    BufferFull,
+    InsertResult,
+    InsertTimeout,
+    RateLimitTimeout,
+    ReplayTable,
+    TableConfigMismatch,
+)
 
 __all__ = [
     "RunTomlSettings", "run_toml_section",
+    "BatchStream", "BufferFull", "ColumnBatch", "InsertResult", "InsertTimeout", "TrajectoryView",
     "ActorInfo", "ActorRegistry", "DatasetError", "LearnerStatus", "LearnerStatusStore", "Prompt",
     "PromptQueue", "RateLimitTimeout", "ReplayTable", "SampleBatch", "SampleInfo", "SampledItem",
     "TableConfig", "TableConfigMismatch", "TableStats", "Trajectory", "TrajectoryDecodeError", "WeightsInfo",

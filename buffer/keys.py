@@ -20,7 +20,9 @@ def _check(name: str, what: str) -> str:
 
 
 class TableKeys:
-    """Keys of one replay table ``tbrm:v1:table:<name>:*``.
+    """Keys of one replay table ``tbrm:v1:table:{<name>}:*``. The braces are a Redis Cluster hash tag: every key
+    of a table hashes to one slot, so each Lua script and MULTI touches one node. To spread load over a
+    cluster, shard by table: several tables (e.g. one per actor group) land on different slots.
 
     - ``config``   STRING  JSON of the TableConfig every user of the table must share
     - ``items``    HASH    item_id -> encoded Trajectory (see `buffer.codec`)
@@ -40,16 +42,18 @@ class TableKeys:
     - ``counters`` HASH    inserts, samples, acks, consumed, removed, dropped_stale, expired, seq, nextslot,
                            rl_inserts, rl_samples (the rate limiter's I and S')
     - ``paused``   HASH    "sampling"/"inserts" -> "1" while an operator paused that side
+    - ``gone``     ZSET    item_id -> removal sequence of the newest ``remember_removed_ids`` removed items
+                           (consumed, evicted, dropped): a retried insert of one of them is a duplicate
     """
 
     FIELDS = (
         "config", "items", "order", "avail", "byver", "meta", "handed", "acked", "prio", "slot", "slotfree",
-        "tree", "refs", "lease_of", "leases", "lease_exp", "counters", "paused",
+        "tree", "refs", "lease_of", "leases", "lease_exp", "counters", "paused", "gone",
     )
 
     def __init__(self, name: str) -> None:
         self.name = _check(name, "table")
-        base = f"{PREFIX}table:{name}:"
+        base = f"{PREFIX}table:{{{name}}}:"
         for field in self.FIELDS:
             setattr(self, field, base + field)
 
@@ -62,7 +66,7 @@ class TableKeys:
 
 
 class PromptQueueKeys:
-    """Keys of one prompt queue ``tbrm:v1:prompts:<name>:*``.
+    """Keys of one prompt queue ``tbrm:v1:prompts:{<name>}:*`` (one Redis Cluster slot, like a table).
 
     - ``data``      HASH    dataset index -> Prompt JSON (one copy of the dataset)
     - ``queue``     LIST    "epoch:index" tokens of the current epoch still to hand out (shuffled)
@@ -75,7 +79,7 @@ class PromptQueueKeys:
 
     def __init__(self, name: str) -> None:
         self.name = _check(name, "prompt queue")
-        base = f"{PREFIX}prompts:{name}:"
+        base = f"{PREFIX}prompts:{{{name}}}:"
         for field in self.FIELDS:
             setattr(self, field, base + field)
 
@@ -83,9 +87,9 @@ class PromptQueueKeys:
         return [getattr(self, f) for f in self.FIELDS]
 
 
-ACTORS = f"{PREFIX}actors"
-"""HASH actor_id -> ActorInfo JSON."""
-ACTORS_EXP = f"{PREFIX}actors:exp"
+ACTORS = f"{PREFIX}{{actors}}"
+"""HASH actor_id -> ActorInfo JSON (hash tag {actors}: one slot with ACTORS_EXP)."""
+ACTORS_EXP = f"{PREFIX}{{actors}}:exp"
 """ZSET actor_id -> heartbeat expiry (unix s); live() = members with expiry > now."""
 WEIGHTS_LATEST = f"{PREFIX}weights:latest"
 """STRING WeightsInfo JSON of the newest weights the learner published."""

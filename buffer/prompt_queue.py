@@ -4,8 +4,9 @@ The dataset is stored once (index -> Prompt JSON); the queue holds "epoch:index"
 shuffled with ``random.Random(shuffle_seed * 1_000_003 + epoch)`` (epoch e is the same permutation on every
 host). `pop` moves tokens into per-consumer claims that expire after ``lease_s``: an actor that dies mid-batch
 gets its prompts re-served to others; `done` drops claims, `give_back` returns unfinished prompts at once.
-When an epoch runs out the next one is pushed by whichever consumer notices first (compare-and-set on the
-epoch number, so exactly one push happens).
+When an epoch runs out, the first consumer to notice claims the refill (a lock with a REFILL_LOCK_S expiry) and
+pushes the next permutation (compare-and-set on the epoch number, so exactly one push happens); the others wait
+for it instead of each sending the whole permutation.
 """
 
 from __future__ import annotations
@@ -19,6 +20,9 @@ import redis as redis_lib
 
 from buffer.keys import PromptQueueKeys
 from buffer.schema import Prompt
+
+REFILL_LOCK_S = 30.0
+"""A consumer that claimed an epoch refill holds the claim this long (then another may take over)."""
 
 
 def _lua(name: str) -> str:
@@ -50,8 +54,9 @@ class PromptQueue:
              *, if_empty: bool = False) -> int:
         """Replace the queue with `prompts` for `epochs` passes; returns prompts to serve (len * epochs).
 
-        With `if_empty=True` an already loaded queue is kept (several processes may call load at start-up)
-        and 0 is returned.
+        With `if_empty=True` a queue that holds a dataset is kept, even one whose prompts are all handed out or
+        claimed (a resumed run continues its epochs), and 0 is returned; several processes may race to load
+        at start-up and exactly one wins. The load is one transaction: a crash mid-way loads nothing.
         """
         if not isinstance(epochs, int) or epochs < 1:
             raise ValueError(f"epochs={epochs!r} must be an integer >= 1")
@@ -62,21 +67,32 @@ class PromptQueue:
             dup = next(i for i in ids if ids.count(i) > 1)
             raise ValueError(f"duplicate prompt_id {dup!r}: prompt ids must be unique within a dataset")
         k = self.keys
-        if if_empty and not self.redis.hsetnx(k.meta, "loading", "1"):
-            return 0
-        p = self.redis.pipeline(transaction=True)
-        p.delete(k.data, k.queue, k.claims, k.claim_exp, k.meta)
-        for start in range(0, len(prompts), 2000):
-            p.hset(k.data, mapping={str(start + j): q.model_dump_json(exclude={"epoch"})
-                                    for j, q in enumerate(prompts[start:start + 2000])})
-        order = self._order(len(prompts), 0, shuffle_seed)
-        for start in range(0, len(order), 2000):
-            p.rpush(k.queue, *order[start:start + 2000])
-        p.hset(k.meta, mapping={"n": len(prompts), "epochs": epochs, "epoch": 0, "loading": "1",
-                                "seed": "" if shuffle_seed is None else shuffle_seed, "loaded_at": time.time(),
-                                "done": 0, "reclaimed": 0})
-        p.execute()
+        with self.redis.pipeline(transaction=True) as p:
+            if if_empty:
+                # WATCH instead of a "loading" marker: a loader that dies before EXEC leaves nothing behind.
+                p.watch(k.meta)
+                if p.hexists(k.meta, "n"):
+                    return 0
+                p.multi()
+            p.unlink(k.data, k.queue, k.claims, k.claim_exp, k.meta)
+            for start in range(0, len(prompts), 2000):
+                p.hset(k.data, mapping={str(start + j): q.model_dump_json(exclude={"epoch"})
+                                        for j, q in enumerate(prompts[start:start + 2000])})
+            order = self._order(len(prompts), 0, shuffle_seed)
+            for start in range(0, len(order), 2000):
+                p.rpush(k.queue, *order[start:start + 2000])
+            p.hset(k.meta, mapping={"n": len(prompts), "epochs": epochs, "epoch": 0,
+                                    "seed": "" if shuffle_seed is None else shuffle_seed,
+                                    "loaded_at": time.time(), "done": 0, "reclaimed": 0})
+            try:
+                p.execute()
+            except redis_lib.WatchError:  # another process loaded meanwhile
+                return 0
         return len(prompts) * epochs
+
+    def loaded(self) -> bool:
+        """Whether a dataset is loaded (even if every prompt has been handed out)."""
+        return bool(self.redis.hexists(self.keys.meta, "n"))
 
     def _meta(self) -> dict[str, str]:
         return {_s(a): _s(b) for a, b in self.redis.hgetall(self.keys.meta).items()}
@@ -90,7 +106,8 @@ class PromptQueue:
         if not lease_s > 0:
             raise ValueError(f"lease_s={lease_s} must be > 0")
         out: list[Prompt] = []
-        for _ in range(10_000):  # bounded: each round either returns or pushes the next epoch
+        deadline = time.monotonic() + 2 * REFILL_LOCK_S
+        for _ in range(100_000):  # bounded: each round returns, pushes the next epoch or waits for its push
             res = self._pop(keys=self.keys.all(), args=[n - len(out), consumer_id, repr(float(lease_s))])
             status, epoch = _s(res[0]), int(res[1])
             for j in range(2, len(res), 2):
@@ -98,9 +115,16 @@ class PromptQueue:
                 out.append(Prompt.model_validate_json(res[j + 1]).model_copy(update={"epoch": int(tok.split(":")[0])}))
             if status != "refill":
                 return out
-            meta = self._meta()
-            seed = int(meta["seed"]) if meta.get("seed") else None
-            self._ops(keys=self.keys.all(), args=["refill", epoch] + self._order(int(meta["n"]), epoch + 1, seed))
+            if time.monotonic() > deadline:
+                break
+            # One consumer builds and sends the next epoch's permutation; the others wait for it.
+            if self._ops(keys=self.keys.all(), args=["refill_claim", epoch, repr(REFILL_LOCK_S)]):
+                meta = self._meta()
+                seed = int(meta["seed"]) if meta.get("seed") else None
+                order = self._order(int(meta["n"]), epoch + 1, seed)
+                self._ops(keys=self.keys.all(), args=["refill", epoch] + order)
+            else:
+                time.sleep(0.01)
         return out
 
     def done(self, consumer_id: str, prompt_ids: list[str]) -> None:
@@ -132,6 +156,19 @@ class PromptQueue:
     def claimed(self) -> int:
         vals = self.redis.hvals(self.keys.claims)
         return sum(_s(v).count(":") for v in vals)
+
+    def claims(self, limit: int = 100) -> list[dict[str, Any]]:
+        """The `limit` claims expiring first: consumer, prompt_id, copies claimed (one per epoch), expires_at."""
+        if limit < 1:
+            raise ValueError(f"limit={limit} must be >= 1")
+        rows = self.redis.zrange(self.keys.claim_exp, 0, limit - 1, withscores=True)
+        vals = self.redis.hmget(self.keys.claims, [f for f, _ in rows]) if rows else []
+        out = []
+        for (field, exp), val in zip(rows, vals, strict=True):
+            consumer, _, prompt_id = _s(field).partition("\x1f")
+            out.append({"consumer": consumer, "prompt_id": prompt_id, "expires_at": float(exp),
+                        "copies": _s(val).count(":") if val is not None else 0})
+        return out
 
     def info(self) -> dict[str, Any]:
         meta = self._meta()

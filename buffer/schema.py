@@ -156,6 +156,12 @@ class TableConfig(BaseModel):
     rate_limiter: RateLimiterConfig = Field(default_factory=RateLimiterConfig)
     lease_s: float = Field(default=300.0, gt=0)
     """Sampled-but-unacked items return to the table after this many seconds."""
+    memory_limit_bytes: int | None = Field(default=None, ge=1)
+    """Inserts wait (then raise BufferFull) while Redis's used_memory is at or above this; None = 90% of Redis's
+    maxmemory when one is set (set maxmemory below the container limit), else no guard."""
+    remember_removed_ids: int = Field(default=1_000_000, ge=0)
+    """How many ids of removed items (consumed, evicted, dropped) the table remembers, newest first, so that a
+    retried insert of one is a no-op instead of a second training (about 100 bytes of Redis memory each)."""
 
 
 class TableStats(BaseModel):

@@ -1,6 +1,6 @@
 """ReplayTable: a Reverb-style replay table over Redis, every change one Lua script (buffer/lua/).
 
-Vocabulary (DESIGN.md §4). Let N = items stored, I = items ever inserted, S = items ever handed out by `sample`.
+Vocabulary (Reverb's). Let N = items stored, I = items ever inserted, S = items ever handed out by `sample`.
 
 - ``max_size``: before an insert of m new items the fifo remover evicts the N + m - max_size items with the
   lowest insertion sequence (leased or not; counter ``removed``), so N <= max_size always.
@@ -34,7 +34,13 @@ Vocabulary (DESIGN.md §4). Let N = items stored, I = items ever inserted, S = i
   expired lease returns its items to the pool (reclaimed inside every insert/sample/ack script, no background
   thread) and acking it afterwards acks nothing; `renew` extends leases that have not expired yet.
   SampleInfo.times_sampled counts hand-outs, this one included.
-- insert is idempotent for items still stored (item id = traj_id), so a retried insert never duplicates.
+- insert is idempotent per id (item id = traj_id) for an item's whole life: an id stored now, or among the
+  newest ``remember_removed_ids`` removed ones (consumed, evicted, dropped; zset ``gone``), is a duplicate, so
+  a retried insert never brings back a trained trajectory. A partial admission says which ids got in
+  (`InsertResult`, `InsertTimeout.result`); a repeated id within one call is a duplicate of its first copy.
+- a sample's lease id is its request id: re-sending a sample with the id of a live lease replays that lease.
+- memory guard: inserts wait (then `BufferFull`) while Redis used_memory >= ``memory_limit_bytes`` (default 90%
+  of Redis's maxmemory when set); a write Redis refuses for maxmemory (OOM) raises `BufferFull` at once.
 
 The config is stored in Redis on first use; a later user with a different config gets `TableConfigMismatch`
 (a ValueError) naming the differing fields. `ReplayTable(redis)` with no config adopts the stored one.
@@ -52,19 +58,28 @@ from typing import Any
 
 import redis as redis_lib
 
-from buffer import codec
+from buffer import codec, columns
+from buffer.columns import ColumnBatch
 from buffer.keys import TableKeys
-from buffer.schema import SampleBatch, SampledItem, SampleInfo, TableConfig, TableStats, Trajectory
+from buffer.schema import SampleBatch, TableConfig, Trajectory
+from buffer.table_types import (  # noqa: F401  (re-exported: buffer.table is where callers import them)
+    BufferFull,
+    InsertResult,
+    InsertTimeout,
+    RateLimitTimeout,
+    TableConfigMismatch,
+    _f,
+    _s,
+)
+from buffer.table_views import TableViews
 
 log = logging.getLogger(__name__)
 
 
-class RateLimitTimeout(TimeoutError):
-    """insert/sample waited `timeout_s` on the rate limiter (or a pause, or too few items) and gave up."""
-
-
-class TableConfigMismatch(ValueError):
-    """The table already exists in Redis with a different TableConfig."""
+MAX_STALE_DROP = 10_000
+"""Most stale items one sample call drops (the rest go in later calls): bounds the work of a version jump."""
+_MEMORY_CHECK_S = 0.5
+"""Each client reads Redis's INFO memory at most this often while inserting."""
 
 
 def _lua(name: str) -> str:
@@ -84,15 +99,10 @@ _SOURCES = {
 }
 
 
-def _f(x: Any) -> float:
-    return float(x.decode() if isinstance(x, bytes) else x)
+_Row = tuple[str, bytes, list[Any]]
 
 
-def _s(x: Any) -> str:
-    return x.decode() if isinstance(x, bytes) else str(x)
-
-
-class ReplayTable:
+class ReplayTable(TableViews):
     """A replay table shared by every actor and learner process that opens it with the same TableConfig."""
 
     def __init__(self, redis: redis_lib.Redis, config: TableConfig | None = None, *, name: str | None = None):
@@ -103,6 +113,13 @@ class ReplayTable:
         self.config = self._adopt_config(config)
         # redis-py Script objects: EVALSHA, re-sent once if the server lost its script cache (restart).
         self._scripts = {k: redis.register_script(src) for k, src in _SOURCES.items()}
+        # Precomputed once: the config never changes for the lifetime of a table.
+        self._keys_all = self.keys.all()
+        self._nkeys = len(self._keys_all)
+        self._hdr = self._header()
+        self._blocked = False  # the last insert was held back: probe before sending payloads
+        self._mem_checked = -1e9
+        self._mem_state: tuple[int, int | None] = (0, None)
         self._rng = random.SystemRandom()
 
     @classmethod
@@ -163,10 +180,11 @@ class ReplayTable:
             rl.min_size_to_sample,
             c.max_size,
             c.max_times_sampled,
+            c.remember_removed_ids,
         ]
 
     def _run(self, script: str, args: list[Any]) -> Any:
-        return self._scripts[script](keys=self.keys.all(), args=self._header() + args)
+        return self._scripts[script](keys=self._keys_all, args=self._hdr + args)
 
     # ---- insert ----
 
@@ -176,55 +194,116 @@ class ReplayTable:
         timeout_s: float | None = 30.0,
         priorities: list[float] | None = None,
     ) -> list[str]:
-        """Insert trajectories (item id = traj_id; re-inserting a stored id is a no-op, so retries are safe).
+        """Insert trajectories (item id = traj_id); returns the ids of `trajectories`, admitted or duplicate.
 
-        Blocks while inserts are paused or the rate limiter holds the actors back; raises `RateLimitTimeout`
-        after `timeout_s` (None = wait forever) with the items not yet admitted. Returns the item ids.
+        Idempotent per id for an item's whole life: an id stored now, or removed (consumed, evicted, dropped)
+        within the last `remember_removed_ids` removals, is not stored again, so retrying a whole list is safe.
+        Blocks while inserts are paused or the rate limiter holds the actors back; raises `InsertTimeout` (a
+        `RateLimitTimeout`) after `timeout_s` (None = wait forever), whose `.result` says which ids got in.
+        `insert_batch` returns that `InsertResult` directly.
         """
+        self.insert_batch(trajectories, timeout_s, priorities)
+        return [t.traj_id for t in trajectories]
+
+    def insert_batch(
+        self,
+        trajectories: list[Trajectory],
+        timeout_s: float | None = 30.0,
+        priorities: list[float] | None = None,
+    ) -> InsertResult:
+        """`insert`, answering which ids were stored now and which were duplicates (see `InsertResult`)."""
         if timeout_s is not None and timeout_s < 0:
             raise ValueError(f"timeout_s={timeout_s} must be >= 0 or None")
+        rows = self._rows(trajectories, priorities)
+        result = InsertResult()
+        seen: set[str] = set()
+        unique = []
+        for row in rows:  # a repeated id in one call is a duplicate without sending its payload again
+            if row[0] in seen:
+                result.duplicates.append(row[0])
+            else:
+                seen.add(row[0])
+                unique.append(row)
+        self._insert_rows(unique, result, timeout_s)
+        return result
+
+    def _rows(self, trajectories: list[Trajectory], priorities: list[float] | None) -> list[_Row]:
         if priorities is not None and len(priorities) != len(trajectories):
             raise ValueError(f"priorities has {len(priorities)} entries for {len(trajectories)} trajectories")
         for p in priorities or []:
-            if not p >= 0:
-                raise ValueError(f"priority {p} must be >= 0")
-        rows: list[tuple[str, bytes, list[Any]]] = []
+            if not p >= 0 or p == float("inf"):
+                raise ValueError(f"priority {p} must be a finite number >= 0")
+        rows: list[_Row] = []
         for i, t in enumerate(trajectories):
             if not isinstance(t, Trajectory):
                 raise ValueError(f"insert expects Trajectory objects, got {type(t).__name__}")
             rows.append((t.traj_id, codec.encode(t), [t.traj_id, t.policy_version, repr(float(t.reward)),
                                                       t.actor_id, repr(float(priorities[i])) if priorities else ""]))
-        ids = [t.traj_id for t in trajectories]
+        return rows
+
+    def _insert_rows(self, rows: list[_Row], result: InsertResult, timeout_s: float | None) -> None:
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         pause = 0.002
         chunk = min(500, self.config.max_size)  # the script evicts at most its own size; bounded requests
-        blocked = False
         while rows:
             n = min(len(rows), chunk)
-            if blocked:
-                # While held back, poll with a metadata-only probe instead of re-sending payloads.
-                status, admitted = (_s(x) for x in self._run("update", ["probe", n]))
-                if int(admitted) > 0:
-                    blocked = False
-                    continue
-            else:
-                status, admitted = self._insert_chunk(rows[:n])
-                rows = rows[int(admitted):]
-                if status == "ok":
-                    pause = 0.002
-                    continue
-                blocked = True
+            status = "ok"
+            if not self._memory_ok():
+                status, n = "memory", 0
+            elif self._blocked:
+                # Held back lately: ask first (metadata only), then send only the payloads that will get in.
+                status, allowed = (_s(x) for x in self._run("update", ["probe", n]))
+                n = min(n, int(allowed))
+            if n > 0:
+                status, flags = self._insert_chunk(rows[:n])
+                rest = []
+                for row, flag in zip(rows[:n], flags, strict=True):
+                    if flag == "N":
+                        result.admitted.append(row[0])
+                    elif flag == "D":
+                        result.duplicates.append(row[0])
+                    else:
+                        rest.append(row)
+                rows = rest + rows[n:]
+            self._blocked = status != "ok"
+            if status == "ok":
+                pause = 0.002
+                continue
             if deadline is not None and time.monotonic() >= deadline:
-                raise RateLimitTimeout(
-                    f"insert into {self.keys.name!r}: {len(rows)} of {len(ids)} items not admitted after "
-                    f"{timeout_s}s ({'inserts paused by an operator' if status == 'paused' else 'rate limiter'})"
-                )
+                result.pending = [row[0] for row in rows]
+                if status == "memory":
+                    used, limit = self._mem_state
+                    raise BufferFull(
+                        f"insert into {self.keys.name!r} refused after {timeout_s}s: Redis uses {used:,} bytes, "
+                        f"at the memory guard of {limit:,} bytes (memory_limit_bytes / 90% of maxmemory); let the "
+                        "learner consume, lower max_size, or give Redis more memory", result)
+                why = "inserts paused by an operator" if status == "paused" else "rate limiter"
+                raise InsertTimeout(
+                    f"insert into {self.keys.name!r}: {len(rows)} of {len(rows) + len(result.admitted)} items "
+                    f"not admitted after {timeout_s}s ({why}); .result lists the admitted and pending ids", result)
             time.sleep(pause if deadline is None else min(pause, max(0.0, deadline - time.monotonic())))
             pause = min(pause * 2, 0.05)
-        return ids
 
-    def _insert_chunk(self, rows: list[tuple[str, bytes, list[Any]]]) -> tuple[str, int]:
-        """MULTI { HSET items payloads ; EVALSHA insert(metadata) } -> (status, items admitted)."""
+    def _memory_ok(self) -> bool:
+        """False while Redis's used_memory is at or above the guard (read at most every _MEMORY_CHECK_S)."""
+        now = time.monotonic()
+        if now - self._mem_checked >= _MEMORY_CHECK_S:
+            info = self.redis.info("memory")
+            maxmemory = int(info.get("maxmemory", 0) or 0)
+            limit = self.config.memory_limit_bytes or (int(0.9 * maxmemory) if maxmemory else None)
+            self._mem_state = (int(info["used_memory"]), limit)
+            self._mem_checked = now
+        used, limit = self._mem_state
+        return limit is None or used < limit
+
+    def _oom(self, e: Exception) -> Exception:
+        if isinstance(e, redis_lib.exceptions.OutOfMemoryError) or "OOM" in str(e) or "maxmemory" in str(e):
+            return BufferFull(f"Redis refused the insert into {self.keys.name!r}: {e}; set memory_limit_bytes "
+                              "below Redis's maxmemory so inserts wait instead", InsertResult())
+        return e
+
+    def _insert_chunk(self, rows: list[_Row]) -> tuple[str, str]:
+        """MULTI { HSET items id payload (each) ; EVALSHA insert(metadata) } -> (status, flag per row)."""
         meta: list[Any] = [len(rows)]
         for _, _, m in rows:
             meta += m
@@ -232,43 +311,62 @@ class ReplayTable:
         for attempt in range(2):
             p = self.redis.pipeline(transaction=True)
             for item_id, payload, _ in rows:  # one HSET per item: a single 500 KB command parses ~2x slower
-                p.hset(self.keys.items, item_id, payload)
-            p.evalsha(script.sha, len(self.keys.all()), *self.keys.all(), *self._header(), *meta)
-            out = p.execute(raise_on_error=False)
+                p.execute_command("HSET", self.keys.items, item_id, payload)
+            p.execute_command("EVALSHA", script.sha, self._nkeys, *self._keys_all, *self._hdr, *meta)
+            try:
+                out = p.execute(raise_on_error=False)
+            except redis_lib.exceptions.ResponseError as e:
+                raise self._oom(e) from e
             res = out[-1]
             if isinstance(res, redis_lib.exceptions.NoScriptError) and attempt == 0:
                 # Server restarted and lost its script cache: load and redo the whole (idempotent) transaction.
                 script.sha = self.redis.script_load(script.script)
                 continue
             if isinstance(res, Exception):
-                raise res
-            return _s(res[0]), int(res[1])
+                raise self._oom(res) if isinstance(res, redis_lib.exceptions.ResponseError) else res
+            return _s(res[0]), _s(res[1])
         raise RuntimeError("unreachable")
 
     # ---- sample / ack ----
 
-    def sample(
-        self,
-        batch_size: int,
-        learner_version: int,
-        timeout_s: float | None = 30.0,
-        lease_s: float | None = None,
-    ) -> SampleBatch:
+    def sample(self, batch_size: int, learner_version: int, timeout_s: float | None = 30.0, *,
+               lease_s: float | None = None, request_id: str | None = None, ack: list[str] | None = None,
+               ) -> SampleBatch:
         """Lease `batch_size` items (all or nothing); see the module docstring for who gets picked.
 
         Blocks until the table can serve the batch; raises `RateLimitTimeout` after `timeout_s`.
+        `request_id` (default: a fresh one) becomes the lease id: calling again with the id of a live lease
+        returns that lease's items still held instead of leasing more, so a caller that retries after a lost
+        reply strands nothing (redis-py's own retries of the call are covered the same way).
+        `ack`: lease ids acked in full by the same script before sampling (saves the ack's round trip).
         """
+        return self.sample_columns(batch_size, learner_version, timeout_s, lease_s=lease_s, request_id=request_id,
+                                   ack=ack).to_sample_batch()
+
+    def sample_columns(self, batch_size: int, learner_version: int, timeout_s: float | None = 30.0, *,
+                       lease_s: float | None = None, request_id: str | None = None, ack: list[str] | None = None,
+                       ) -> ColumnBatch:
+        """`sample` as a `ColumnBatch`: numpy columns and zero-copy token views, Trajectory objects on demand."""
+        args = self.sample_args(batch_size, learner_version, lease_s, request_id, ack)
+        res = self.lease_batch(args, timeout_s)
+        return self.fetch_batch(res, args[4], learner_version)
+
+    def sample_args(self, batch_size: int, learner_version: int, lease_s: float | None = None,
+                    request_id: str | None = None, ack: list[str] | None = None) -> list[Any]:
+        """Validated arguments of the sample script (the lease id is args[4])."""
+        if request_id is not None and (not isinstance(request_id, str) or not 0 < len(request_id) <= 200):
+            raise ValueError(f"request_id={request_id!r} must be a string of 1-200 characters")
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size={batch_size!r} must be an integer >= 1")
         if batch_size > self.config.max_size:
             raise ValueError(f"batch_size={batch_size} exceeds the table's max_size={self.config.max_size}")
         if not isinstance(learner_version, int) or learner_version < 0:
             raise ValueError(f"learner_version={learner_version!r} must be an integer >= 0")
-        if timeout_s is not None and timeout_s < 0:
-            raise ValueError(f"timeout_s={timeout_s} must be >= 0 or None")
         lease = self.config.lease_s if lease_s is None else lease_s
         if not lease > 0:
             raise ValueError(f"lease_s={lease_s} must be > 0")
+        if not all(isinstance(x, str) and x for x in ack or []):
+            raise ValueError("ack must be a list of lease ids (non-empty strings)")
         rl = self.config.rate_limiter
         if rl.samples_per_insert is not None and 2 * rl.error_buffer < rl.samples_per_insert + batch_size:
             raise ValueError(
@@ -276,48 +374,50 @@ class ReplayTable:
                 f"error_buffer={rl.error_buffer}: needs error_buffer >= (samples_per_insert + batch_size) / 2"
             )
         max_st = -1 if self.config.max_staleness_versions is None else self.config.max_staleness_versions
+        return [self.config.sampler.kind, batch_size, learner_version, max_st, request_id or uuid.uuid4().hex,
+                repr(float(lease)), self._rng.randrange(1, 2**31 - 1), MAX_STALE_DROP, *(ack or [])]
+
+    def lease_batch(self, args: list[Any], timeout_s: float | None) -> list[Any]:
+        """Run the sample script until it leases (polling with backoff); its 'ok' reply."""
+        if timeout_s is not None and timeout_s < 0:
+            raise ValueError(f"timeout_s={timeout_s} must be >= 0 or None")
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         pause = 0.002
         while True:
-            lease_id = uuid.uuid4().hex
-            res = self._run("sample", [self.config.sampler.kind, batch_size, learner_version, max_st, lease_id,
-                                       repr(float(lease)), self._rng.randrange(1, 2**31 - 1)])
+            res = self._run("sample", args)
             status = _s(res[0])
             if status == "ok":
-                return self._batch(res, lease_id, learner_version)
-            if status == "dup_lease":  # our own retried call already leased items; they expire normally
-                continue
+                return res
             if deadline is not None and time.monotonic() >= deadline:
+                rl = self.config.rate_limiter
                 why = {"paused": "sampling paused by an operator", "rate": "rate limiter (learner ahead of actors)",
                        "min_size": f"fewer than min_size_to_sample={rl.min_size_to_sample} items",
-                       "empty": f"fewer than batch_size={batch_size} available items"}.get(status, status)
+                       "empty": f"fewer than batch_size={args[1]} available items"}.get(status, status)
                 raise RateLimitTimeout(
                     f"sample from {self.keys.name!r} timed out after {timeout_s}s: {why} "
                     f"(size {int(res[1])}, available {int(res[2])})"
                 )
+            args[8:] = []  # the leases to ack were acked by the first call
             time.sleep(pause if deadline is None else min(pause, max(0.0, deadline - time.monotonic())))
             pause = min(pause * 2, 0.05)
 
-    def _batch(self, res: list[Any], lease_id: str, learner_version: int) -> SampleBatch:
-        expires, size = _f(res[1]), int(res[2])
-        rows = [res[j:j + 6] for j in range(4, len(res), 6)]
-        ids = [_s(r[0]) for r in rows]
+    def fetch_batch(self, res: list[Any], lease_id: str, learner_version: int) -> ColumnBatch:
+        """Payloads and cached references of a leased batch (one round trip) -> ColumnBatch."""
+        ids = [_s(res[j]) for j in range(5, len(res), 6)]
+        if not ids:  # a replayed lease whose items were all acked meanwhile
+            return self.columns(res, lease_id, learner_version, [], [])
         p = self.redis.pipeline(transaction=False)
-        p.hmget(self.keys.items, ids)
-        p.hmget(self.keys.refs, ids)
+        p.execute_command("HMGET", self.keys.items, *ids)
+        p.execute_command("HMGET", self.keys.refs, *ids)
         payloads, refs = p.execute()
-        items = []
-        for (item_id, handed, pv, prio, prob, ins), payload, ref in zip(rows, payloads, refs, strict=True):
-            if payload is None:  # evicted by a concurrent insert between the two round trips
-                log.warning("item %s was evicted while being sampled; dropped from the batch", _s(item_id))
-                continue
-            # model_construct: every value is already of the declared type (per-item validation showed up in
-            # profiles of 32-item batches).
-            info = SampleInfo.model_construct(
-                item_id=_s(item_id), times_sampled=int(handed), age_versions=learner_version - int(_f(pv)),
-                priority=_f(prio), probability=_f(prob), buffer_size=size, inserted_at=_f(ins))
-            items.append(SampledItem.model_construct(info=info, trajectory=codec.decode(payload, ref or None)))
-        return SampleBatch(lease_id=lease_id, lease_expires_at=expires, items=items)
+        return self.columns(res, lease_id, learner_version, payloads, refs)
+
+    def columns(self, res: list[Any], lease_id: str, learner_version: int, payloads: list[Any],
+                refs: list[Any]) -> ColumnBatch:
+        batch, dropped = columns.build(res, lease_id, learner_version, payloads, refs)
+        for item_id in dropped:
+            log.warning("item %s was evicted while being sampled; dropped from the batch", item_id)
+        return batch
 
     def ack(self, lease_id: str, item_ids: list[str] | None = None) -> int:
         """Acknowledge (all or some) items of a lease; returns how many were still held by it and got acked."""
@@ -355,20 +455,30 @@ class ReplayTable:
             self._run("update", ["prio"] + args)
 
     def cache_reference(self, item_id: str, ref_logprobs: list[float], ref_v0: float | None = None) -> None:
-        """Store reference log-probs with the item so every later sample carries them (no-op if it is gone)."""
-        self._run("update", ["ref", item_id, codec.encode_ref(list(ref_logprobs), ref_v0)])
+        """Store reference log-probs with the item so every later sample carries them (see `cache_references`)."""
+        self.cache_references({item_id: (ref_logprobs, ref_v0)})
+
+    def cache_references(self, refs: dict[str, tuple[Any, float | None]]) -> int:
+        """Cache reference log-probs (a list or float array each) and V_ref(s_1) of many items in one call;
+        returns how many were stored. Skipped for items gone meanwhile and for leased items whose ack will remove
+        them (times acked + 1 >= max_times_sampled: the cached value would never be read)."""
+        args: list[Any] = ["ref"]
+        for item_id, (logprobs, v0) in refs.items():
+            args += [item_id, codec.encode_ref(list(logprobs), v0)]
+        return int(self._run("update", args)) if refs else 0
 
     def reclaim_expired(self) -> int:
         """Return expired leases' items now (also done inside every insert/sample/ack)."""
         return int(self._run("update", ["reclaim"]))
 
     def reset(self) -> None:
-        """Delete every item, lease and counter (the stored config stays)."""
-        self.redis.delete(*self.keys.contents())
+        """Delete every item, lease and counter (the stored config stays). UNLINK: Redis frees the memory of
+        large keys in a background thread instead of blocking every client."""
+        self.redis.unlink(*self.keys.contents())
 
     def drop(self) -> None:
-        """Delete the table including its stored config."""
-        self.redis.delete(*self.keys.all())
+        """Delete the table including its stored config (UNLINK, as `reset`)."""
+        self.redis.unlink(*self.keys.all())
 
     def pause(self, what: str) -> None:
         """Pause 'sampling' or 'inserts' (callers then block until resumed or their timeout)."""
@@ -380,141 +490,3 @@ class ReplayTable:
         if what not in ("sampling", "inserts"):
             raise ValueError(f"what={what!r} must be 'sampling' or 'inserts'")
         self.redis.hdel(self.keys.paused, what)
-
-    # ---- inspection ----
-
-    def counters(self) -> dict[str, float]:
-        raw = self.redis.hgetall(self.keys.counters)
-        return {_s(k): _f(v) for k, v in raw.items()}
-
-    def stats(self) -> TableStats:
-        self.reclaim_expired()
-        k = self.keys
-        p = self.redis.pipeline(transaction=True)
-        p.zcard(k.order)
-        p.zcard(k.avail)
-        p.hlen(k.lease_of)
-        p.hgetall(k.counters)
-        p.hgetall(k.paused)
-        size, avail, leased, raw, paused = p.execute()
-        c = {_s(a): _f(b) for a, b in raw.items()}
-        rl = self.config.rate_limiter
-        ins, smp = c.get("rl_inserts", 0.0), c.get("rl_samples", 0.0)
-        limiter: dict[str, Any] = {"min_size_to_sample": rl.min_size_to_sample,
-                                   "samples_per_insert": rl.samples_per_insert, "error_buffer": rl.error_buffer,
-                                   "inserts": ins, "samples": smp}
-        if rl.samples_per_insert is not None:
-            spi = rl.samples_per_insert
-            diff = ins * spi - smp
-            limiter.update(diff=diff, min_diff=spi * rl.min_size_to_sample - rl.error_buffer,
-                           max_diff=spi * rl.min_size_to_sample + rl.error_buffer)
-            limiter["can_insert"] = ins + 1 <= rl.min_size_to_sample or diff + spi <= limiter["max_diff"] or size == 0
-            limiter["can_sample_one"] = size >= rl.min_size_to_sample and diff - 1 >= limiter["min_diff"]
-        else:
-            limiter["can_insert"] = True
-            limiter["can_sample_one"] = size >= rl.min_size_to_sample
-        return TableStats(
-            name=k.name, size=size, max_size=self.config.max_size, inserts=int(c.get("inserts", 0)),
-            samples=int(c.get("samples", 0)), acks=int(c.get("acks", 0)), removed=int(c.get("removed", 0)),
-            dropped_stale=int(c.get("dropped_stale", 0)), leased=leased, consumed=int(c.get("consumed", 0)),
-            removed_unsampled=int(c.get("removed_unsampled", 0)), sampled_distinct=int(c.get("sampled_distinct", 0)),
-            extra={"available": avail, "consumed": int(c.get("consumed", 0)),
-                   "max_priority": c.get("maxprio", 1.0),
-                   "expired_lease_items": int(c.get("expired", 0)),
-                   "paused": sorted(_s(x) for x in paused), "rate_limiter": limiter,
-                   "config": self.config.model_dump()},
-        )
-
-    def histograms(self, learner_version: int | None = None) -> dict[str, Any]:
-        """Version lag, times sampled and mean reward per policy version over the stored items (O(N))."""
-        k = self.keys
-        p = self.redis.pipeline(transaction=False)
-        p.zrange(k.byver, 0, -1, withscores=True)
-        p.hgetall(k.handed)
-        p.hgetall(k.meta)
-        byver, handed, meta = p.execute()
-        versions: dict[int, int] = {}
-        reward_sum: dict[int, float] = {}
-        times: dict[int, int] = {}
-        handed_s = {_s(a): int(b) for a, b in handed.items()}
-        for item, v in byver:
-            item_s, ver = _s(item), int(v)
-            versions[ver] = versions.get(ver, 0) + 1
-            m = meta.get(item) if isinstance(item, bytes) else meta.get(item_s.encode())
-            if m is not None:
-                parts = _s(m).split("|", 2)
-                reward_sum[ver] = reward_sum.get(ver, 0.0) + float(parts[1])
-            h = handed_s.get(item_s, 0)
-            times[h] = times.get(h, 0) + 1
-        out: dict[str, Any] = {
-            "policy_version": {str(v): n for v, n in sorted(versions.items())},
-            "times_sampled": {str(t): n for t, n in sorted(times.items())},
-            "reward_by_version": {str(v): reward_sum.get(v, 0.0) / n for v, n in sorted(versions.items())},
-        }
-        if learner_version is not None:
-            lag: dict[str, int] = {}
-            for v, n in sorted(versions.items(), reverse=True):
-                lag[str(learner_version - v)] = lag.get(str(learner_version - v), 0) + n
-            out["version_lag"] = lag
-        return out
-
-    def list_items(
-        self,
-        *,
-        offset: int = 0,
-        limit: int = 50,
-        min_version: int | None = None,
-        max_version: int | None = None,
-        min_reward: float | None = None,
-        max_reward: float | None = None,
-        actor_id: str | None = None,
-    ) -> tuple[int, list[tuple[str, Trajectory, dict[str, Any]]]]:
-        """Filtered page of stored items in insertion order: (total matching, [(id, trajectory, meta)])."""
-        if limit < 1 or offset < 0:
-            raise ValueError(f"limit={limit} must be >= 1 and offset={offset} >= 0")
-        k = self.keys
-        lo = "-inf" if min_version is None else min_version
-        hi = "+inf" if max_version is None else max_version
-        cand = [_s(x) for x in self.redis.zrangebyscore(k.byver, lo, hi)]
-        if not cand:
-            return 0, []
-        p = self.redis.pipeline(transaction=False)
-        p.hmget(k.meta, cand)
-        p.zmscore(k.order, cand)
-        metas, seqs = p.execute()
-        rows = []
-        for item, m, seq in zip(cand, metas, seqs, strict=True):
-            if m is None or seq is None:
-                continue
-            ins, reward, actor = _s(m).split("|", 2)
-            r = float(reward)
-            if min_reward is not None and r < min_reward or max_reward is not None and r > max_reward:
-                continue
-            if actor_id is not None and actor != actor_id:
-                continue
-            rows.append((seq, item, float(ins)))
-        rows.sort()
-        page = rows[offset:offset + limit]
-        out = []
-        for _, item, ins in page:
-            got = self.get(item)
-            if got is not None:
-                out.append((item, got[0], {**got[1], "inserted_at": ins}))
-        return len(rows), out
-
-    def get(self, item_id: str) -> tuple[Trajectory, dict[str, Any]] | None:
-        """One stored item and its bookkeeping, or None."""
-        k = self.keys
-        p = self.redis.pipeline(transaction=False)
-        for key in (k.items, k.refs, k.handed, k.acked, k.prio, k.lease_of):
-            p.hget(key, item_id)
-        payload, ref, handed, acked, prio, lease = p.execute()
-        if payload is None:
-            return None
-        return codec.decode(payload, ref or None), {
-            "times_sampled": int(handed or 0), "times_acked": int(acked or 0),
-            "priority": _f(prio) if prio is not None else 1.0, "leased": lease is not None,
-        }
-
-    def size(self) -> int:
-        return int(self.redis.zcard(self.keys.order))

@@ -241,8 +241,8 @@ class Cluster:
         r = connect(f"redis://127.0.0.1:{self.ports.redis}/0")
         try:
             queue = PromptQueue(r, self.config["actor"].get("prompt_queue", "train"))
-            if queue.size() == 0:
-                n = queue.load(train, epochs=run.epochs, shuffle_seed=run.data_seed)
+            n = queue.load(train, epochs=run.epochs, shuffle_seed=run.data_seed, if_empty=True)
+            if n:
                 log.info("loaded %d training prompts (%d epochs) into the queue", n, run.epochs)
         finally:
             r.close()

@@ -64,11 +64,11 @@ def load_queue(run: RunSection, config: dict[str, Any], redis_url: str) -> int:
     r = connect(redis_url)
     try:
         queue = PromptQueue(r, config.get("actor", {}).get("prompt_queue", "train"))
-        if queue.size() > 0:
-            log.info("prompt queue already holds %d prompts: not reloading", queue.size())
+        if queue.loaded():  # even with every prompt handed out or claimed: a resumed run keeps its epochs
+            log.info("prompt queue already holds a dataset (%d prompts queued): not reloading", queue.size())
             return 0
         train, _test = load_prompts(run)
-        n = queue.load(train, epochs=run.epochs, shuffle_seed=run.data_seed)
+        n = queue.load(train, epochs=run.epochs, shuffle_seed=run.data_seed, if_empty=True)
         log.info("loaded %d training prompts (%d epochs) into the queue", n, run.epochs)
         return n
     finally:

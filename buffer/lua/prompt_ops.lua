@@ -1,8 +1,10 @@
 -- tbrm prompt queue: claim bookkeeping and epoch refills.
+if redis.replicate_commands then redis.replicate_commands() end
 -- KEYS: same five keys as prompt_pop.lua (data, queue, claims, claim_exp, meta).
 -- ARGV[1] operation:
 --   'done'      [2] consumer, [3..] prompt ids: drop the oldest claim of each (finished); returns how many
 --   'give_back' [2] consumer, [3..] prompt_id, epoch pairs: return those claimed tokens to the queue head
+--   'refill_claim' [2] expected current epoch, [3] lock seconds -> 1 if the caller should push the next epoch
 --   'refill'    [2] expected current epoch, [3..] tokens of the next epoch: pushed only if the queue's epoch
 --               still equals [2] (several actors may race to refill; exactly one wins); returns 1/0
 local op = ARGV[1]
@@ -39,6 +41,19 @@ elseif op == 'give_back' then
     if tok then redis.call('LPUSH', KEYS[2], tok); n = n + 1 end
   end
   return n
+elseif op == 'refill_claim' then
+  -- [2] expected current epoch, [3] lock seconds: 1 if the caller should push the next epoch, else 0 (the epoch
+  -- moved on already, or another consumer holds an unexpired claim for it)
+  if tonumber(redis.call('HGET', KEYS[5], 'epoch') or '-1') ~= tonumber(ARGV[2]) then return 0 end
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
+  local cur = redis.call('HGET', KEYS[5], 'refilling')
+  if cur then
+    local e, exp = string.match(cur, '^(%-?%d+)|(.+)$')
+    if tonumber(e) == tonumber(ARGV[2]) and tonumber(exp) > now then return 0 end
+  end
+  redis.call('HSET', KEYS[5], 'refilling', ARGV[2] .. '|' .. string.format('%.17g', now + tonumber(ARGV[3])))
+  return 1
 elseif op == 'refill' then
   if tonumber(redis.call('HGET', KEYS[5], 'epoch') or '-1') ~= tonumber(ARGV[2]) then return 0 end
   for i = 3, #ARGV, 1000 do

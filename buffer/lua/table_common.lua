@@ -2,9 +2,10 @@
 --
 -- KEYS: the table's keys in the order of buffer.keys.TableKeys.FIELDS; the Python side generates the
 --       `local K = {...}` mapping line just above this prelude, so K.items == KEYS[2] etc.
--- ARGV (common header, then script-specific arguments from ARGV[8]):
+-- ARGV (common header, then script-specific arguments from ARGV[9]):
 --   [1] prioritized (1/0)   [2] priority exponent alpha   [3] samples_per_insert ("" = no ratio limit)
 --   [4] error_buffer        [5] min_size_to_sample        [6] max_size     [7] max_times_sampled (0 = unlimited)
+--   [8] remember_removed_ids (how many removed ids the `gone` zset keeps; 0 = none)
 --
 -- Large values never pass through Lua (converting a 16 KB string into Lua costs ~30 us, 25x a native
 -- command): payloads are HSET by the client in the same MULTI/EXEC as the insert script, and read back by
@@ -22,6 +23,7 @@ local EBUF = tonumber(ARGV[4])
 local MINSIZE = tonumber(ARGV[5])
 local MAXSIZE = tonumber(ARGV[6])
 local MAXTS = tonumber(ARGV[7])
+local REMEMBER = tonumber(ARGV[8])
 
 local CAP = 1
 while CAP < MAXSIZE do CAP = CAP * 2 end
@@ -146,6 +148,17 @@ local function make_available(ids)
   set_leaves(live, false)
 end
 
+-- Removed ids are remembered (zset id -> removal sequence number), the newest REMEMBER of them, so a retried insert of a
+-- consumed, evicted or dropped trajectory is recognised as a duplicate instead of being trained again.
+local function remember_gone(ids)
+  if REMEMBER <= 0 then return end
+  local seq0, kv = redis.call('HINCRBY', K.counters, 'gone_seq', #ids) - #ids, {}
+  for i, id in ipairs(ids) do kv[#kv + 1] = seq0 + i; kv[#kv + 1] = id end
+  bulk('ZADD', K.gone, kv)
+  local over = redis.call('ZCARD', K.gone) - REMEMBER
+  if over > 0 then redis.call('ZREMRANGEBYRANK', K.gone, 0, over - 1) end
+end
+
 -- Remove items everywhere; `reason` is the counter to bump. For the rate limiter an item that leaves the
 -- table counts as max(0, samples_per_insert - times_handed_out) samples: the samples it will never get, so
 -- evictions, staleness drops and max_times_sampled < samples_per_insert cannot deadlock the two sides.
@@ -178,6 +191,7 @@ local function remove_items(ids, reason)
   for _, key in ipairs({K.items, K.meta, K.handed, K.acked, K.prio, K.refs, K.lease_of}) do bulk('HDEL', key, ids) end
   for _, key in ipairs({K.order, K.avail, K.byver}) do bulk('ZREM', key, ids) end
   redis.call('HINCRBY', K.counters, reason, #ids)
+  remember_gone(ids)
 end
 
 -- Ids of `ids` currently held by `lease`.
@@ -188,6 +202,13 @@ local function held_by(lease, ids)
     if owners[i] == lease and not seen[id] then held[#held + 1] = id; seen[id] = true end
   end
   return held
+end
+
+-- A lease is `leases[lease]` (JSON list of its item ids), `leases[lease .. '\31p']` (JSON list of the
+-- probabilities they were drawn with, for replaying a retried sample) and its expiry in `lease_exp`.
+local function drop_lease(lease)
+  redis.call('HDEL', K.leases, lease, lease .. '\31p')
+  redis.call('ZREM', K.lease_exp, lease)
 end
 
 -- Return the items of every expired lease to the pool (lazy lease expiry; no background thread needed).
@@ -202,8 +223,7 @@ local function reclaim(now)
       make_available(held)
       n = n + #held
     end
-    redis.call('HDEL', K.leases, lease)
-    redis.call('ZREM', K.lease_exp, lease)
+    drop_lease(lease)
   end
   if n > 0 then redis.call('HINCRBY', K.counters, 'expired', n) end
   return n
@@ -235,4 +255,33 @@ local function insert_allowance(n)
   if allowed == 0 and n > 0 and redis.call('ZCARD', K.order) == 0 then allowed = 1 end
   if allowed < n then return 'rate', allowed end
   return 'ok', n
+end
+
+-- Acknowledge `ids` (nil: every item) of `lease`: each acked item's acked += 1; if max_times_sampled > 0 and
+-- acked >= max_times_sampled it is removed (counter 'consumed'), else it becomes sampleable again.
+-- Returns how many items the lease still held and were acked (0 for an unknown, finished or expired lease).
+local function ack_lease(lease, ids)
+  local stored = redis.call('HGET', K.leases, lease)
+  if not stored then return 0 end
+  local all = cjson.decode(stored)
+  local held = held_by(lease, ids or all)
+  bulk('HDEL', K.lease_of, held)
+  local acked = bulk_get('HMGET', K.acked, held)
+  local gone, keep, counts = {}, {}, {}
+  for i, id in ipairs(held) do
+    local a = (tonumber(acked[i] or '0') or 0) + 1
+    if MAXTS > 0 and a >= MAXTS then
+      gone[#gone + 1] = id
+    else
+      keep[#keep + 1] = id
+      counts[#counts + 1] = id; counts[#counts + 1] = a
+    end
+  end
+  bulk('HSET', K.acked, counts)
+  remove_items(gone, 'consumed')
+  make_available(keep)
+  -- The lease's item list stays as drawn (a retried sample replays it); held_by tells which are still out.
+  if ids == nil or #held_by(lease, all) == 0 then drop_lease(lease) end
+  if #held > 0 then redis.call('HINCRBY', K.counters, 'acks', #held) end
+  return #held
 end

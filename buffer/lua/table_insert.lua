@@ -1,37 +1,42 @@
 -- tbrm replay table: register a batch of items (body; the prelude table_common.lua comes first).
--- Runs inside MULTI/EXEC right after the client's `HSET items id1 payload1 id2 payload2 ...` of the same batch.
--- KEYS: the table keys (see the prelude).  ARGV[8] = n (<= max_size; the client chunks), then per item 5 values:
+-- Runs inside MULTI/EXEC right after the client's `HSET items id payload` of the same batch.
+-- KEYS: the table keys (see the prelude).  ARGV[9] = n (<= max_size; the client chunks), then per item 5 values:
 --   item_id, policy_version, reward, actor_id, priority ('' = none given: the largest priority ever set, 1 at first)
--- Items already stored (or repeated in the batch) are skipped: retries are idempotent (the payload HSET just
--- rewrote the same bytes). When the table would exceed max_size the fifo remover first evicts the oldest items
--- (lowest insertion sequence; leased or not). The rate limiter may admit only the first k items; the payloads
--- of items not admitted are deleted again, so nothing half-inserted stays behind.
--- Returns {status, k, inserted flag per admitted item}: status 'ok', or 'paused' / 'rate' (k may be 0).
+-- An item is a duplicate when its id is stored, was removed not longer than remember_removed_ids removals ago
+-- (consumed, evicted, dropped), or appeared earlier in the batch: duplicates are skipped, so a retried insert never
+-- brings back a trajectory. The rate limiter may admit only the first k new items; the payloads of new items not
+-- admitted, and of remembered removed ones, are deleted again (only ids not stored: a repeated id in the batch
+-- never deletes the admitted copy), so nothing half-inserted stays behind. When the table would exceed max_size
+-- the fifo remover first evicts the oldest items (lowest insertion sequence; leased or not).
+-- Returns {status, flags}: status 'ok', 'paused' or 'rate'; flags one character per item: 'N' new (stored now),
+-- 'D' duplicate, 'P' pending (new but not admitted: retry it).
 local now = now_s()
 reclaim(now)
-local n = tonumber(ARGV[8])
+local n = tonumber(ARGV[9])
 local ids = {}
-for k = 1, n do ids[k] = ARGV[8 + (k - 1) * 5 + 1] end
+for k = 1, n do ids[k] = ARGV[9 + (k - 1) * 5 + 1] end
 local stored = bulk_get('ZMSCORE', K.order, ids)
-local status, allowed = insert_allowance(n)
-
-local undo = {}
-for k = allowed + 1, n do
-  if not stored[k] then undo[#undo + 1] = ids[k] end
-end
-bulk('HDEL', K.items, undo)
-if allowed == 0 then return {status, 0} end
-
-local fresh, seen, flags = {}, {}, {}
-for k = 1, allowed do
-  if stored[k] or seen[ids[k]] then
-    flags[k] = 0
+local gone = {}
+if REMEMBER > 0 then gone = bulk_get('ZMSCORE', K.gone, ids) end
+local cand, seen, flags = {}, {}, {}
+for k = 1, n do
+  if stored[k] or gone[k] or seen[ids[k]] then
+    flags[k] = 'D'
   else
     seen[ids[k]] = true
-    fresh[#fresh + 1] = k
-    flags[k] = 1
+    cand[#cand + 1] = k
   end
 end
+local status, allowed = 'ok', 0
+if #cand > 0 then status, allowed = insert_allowance(#cand) end  -- only duplicates: nothing to hold back
+local fresh, undo = {}, {}
+for j, k in ipairs(cand) do
+  if j <= allowed then fresh[#fresh + 1] = k; flags[k] = 'N' else flags[k] = 'P'; undo[#undo + 1] = ids[k] end
+end
+for k = 1, n do
+  if gone[k] and not stored[k] then undo[#undo + 1] = ids[k] end
+end
+bulk('HDEL', K.items, undo)
 
 local m = #fresh
 if m > 0 then
@@ -42,7 +47,7 @@ if m > 0 then
   local stamp = fmt(now)
   local pmax = nil
   for j, k in ipairs(fresh) do
-    local b = 8 + (k - 1) * 5
+    local b = 9 + (k - 1) * 5
     local id = ARGV[b + 1]
     order[#order + 1] = seq0 + j; order[#order + 1] = id
     byver[#byver + 1] = ARGV[b + 2]; byver[#byver + 1] = id
@@ -80,6 +85,4 @@ if m > 0 then
   redis.call('HINCRBY', K.counters, 'inserts', m)
   redis.call('HINCRBYFLOAT', K.counters, 'rl_inserts', m)
 end
-local res = {status, allowed}
-for k = 1, allowed do res[#res + 1] = flags[k] end
-return res
+return {status, table.concat(flags)}

@@ -1,30 +1,67 @@
 -- tbrm replay table: sample a batch under a lease (body; the prelude table_common.lua comes first).
--- KEYS: the table keys.  ARGV[8] sampler ('fifo'|'uniform'|'prioritized'), [9] batch size B,
---   [10] learner_version, [11] max_staleness_versions (-1 = off), [12] lease id, [13] lease seconds, [14] seed.
--- Order: expired leases return; stale available items (learner_version - policy_version > max) are dropped
+-- KEYS: the table keys.  ARGV[9] sampler ('fifo'|'uniform'|'prioritized'), [10] batch size B,
+--   [11] learner_version, [12] max_staleness_versions (-1 = off), [13] lease id (the client's request id),
+--   [14] lease seconds, [15] seed, [16] most stale items dropped per call (bounds the work of one call),
+--   [17..] leases to ack in full first (the previous step's: ack and next sample in one round trip).
+-- Order: expired leases return; the leases in [17..] are acked; stale available items (learner_version - policy_version > max) are dropped
 -- (counter dropped_stale); then all-or-nothing: B items are leased if the table holds >= min_size_to_sample
 -- items, >= B are available and the rate limiter allows B samples. Leased items are not sampleable until acked
 -- or expired. Returns {'ok', lease_expires_at, size, available_before, then per item 6 values:
 --   id, times_handed, policy_version, priority, probability, inserted_at}
 -- (the client then HMGETs payloads and cached references outside Lua; an item evicted by a concurrent insert
--- in between is dropped from the batch).
--- or {'paused'|'min_size'|'empty'|'rate'|'dup_lease', size, available}.
+-- in between is dropped from the batch),
+-- or {'paused'|'min_size'|'empty'|'rate', size, available, acked} (acked: items acked via [17..]).
+-- A lease id that is still live replays that lease (its items still held, nothing changes): a client retry
+-- after a lost reply gets the same batch instead of stranding a second lease.
 -- probability: fifo 1; uniform B / available (inclusion probability of a draw without replacement);
 -- prioritized p_i^alpha / sum_j p_j^alpha over the items available at that draw.
 local now = now_s()
 reclaim(now)
-local sampler = ARGV[8]
-local B = tonumber(ARGV[9])
-local lv = tonumber(ARGV[10])
-local max_st = tonumber(ARGV[11])
-local lease = ARGV[12]
-local lease_s = tonumber(ARGV[13])
-math.randomseed(tonumber(ARGV[14]))
--- A client retry of an already executed call (socket timeout) must not overwrite the lease's item list.
-if redis.call('HEXISTS', K.leases, lease) == 1 then return {'dup_lease', 0, 0} end
+local sampler = ARGV[9]
+local B = tonumber(ARGV[10])
+local lv = tonumber(ARGV[11])
+local max_st = tonumber(ARGV[12])
+local lease = ARGV[13]
+local lease_s = tonumber(ARGV[14])
+math.randomseed(tonumber(ARGV[15]))
+local max_drop = tonumber(ARGV[16])
+local acked = 0
+for i = 17, #ARGV do acked = acked + ack_lease(ARGV[i], nil) end
+
+-- Result rows for `ids` drawn with `probs`.
+local function describe(ids, probs, handed, exp, size, navail)
+  local vers = bulk_get('ZMSCORE', K.byver, ids)
+  local prios = {}  -- a table that never stored a priority has none to report (saves a call per batch)
+  if PRIO or redis.call('HLEN', K.prio) > 0 then prios = bulk_get('HMGET', K.prio, ids) end
+  local metas = bulk_get('HMGET', K.meta, ids)
+  local res = {'ok', fmt(exp), size, navail, acked}
+  for i, id in ipairs(ids) do
+    res[#res + 1] = id
+    res[#res + 1] = handed[i]
+    res[#res + 1] = vers[i]
+    res[#res + 1] = prios[i] or '1'
+    res[#res + 1] = fmt(probs[i])
+    res[#res + 1] = string.match(metas[i] or '', '^([^|]*)') or '0'
+  end
+  return res
+end
+
+local old = redis.call('HGET', K.leases, lease)
+if old then
+  local all = cjson.decode(old)
+  local allp = cjson.decode(redis.call('HGET', K.leases, lease .. '\31p') or '[]')
+  local held, probs = held_by(lease, all), {}
+  local pos = {}
+  for i, id in ipairs(all) do pos[id] = i end
+  for i, id in ipairs(held) do probs[i] = allp[pos[id]] or 1 end
+  local exp = tonumber(redis.call('ZSCORE', K.lease_exp, lease))
+  return describe(held, probs, bulk_get('HMGET', K.handed, held), exp, redis.call('ZCARD', K.order),
+                  redis.call('ZCARD', K.avail))
+end
 
 if max_st >= 0 then
-  local stale = redis.call('ZRANGEBYSCORE', K.byver, '-inf', '(' .. fmt(lv - max_st))
+  -- Oldest versions first, at most max_drop per call: a version jump never makes one call O(N).
+  local stale = redis.call('ZRANGEBYSCORE', K.byver, '-inf', '(' .. fmt(lv - max_st), 'LIMIT', 0, max_drop)
   if #stale > 0 then
     local av = bulk_get('ZMSCORE', K.avail, stale)
     local drop = {}
@@ -35,12 +72,12 @@ end
 
 local size = redis.call('ZCARD', K.order)
 local navail = redis.call('ZCARD', K.avail)
-if redis.call('HGET', K.paused, 'sampling') == '1' then return {'paused', size, navail} end
-if size < MINSIZE then return {'min_size', size, navail} end
-if navail < B then return {'empty', size, navail} end
+if redis.call('HGET', K.paused, 'sampling') == '1' then return {'paused', size, navail, acked} end
+if size < MINSIZE then return {'min_size', size, navail, acked} end
+if navail < B then return {'empty', size, navail, acked} end
 if SPI then
   local I, S = rl_state()
-  if I * SPI - S - B < SPI * MINSIZE - EBUF then return {'rate', size, navail} end
+  if I * SPI - S - B < SPI * MINSIZE - EBUF then return {'rate', size, navail, acked} end
 end
 
 local picked, probs = {}, {}
@@ -91,21 +128,9 @@ for i, id in ipairs(picked) do
 end
 bulk('HSET', K.lease_of, owner)
 bulk('HSET', K.handed, handed_new)
-local vers = bulk_get('ZMSCORE', K.byver, picked)
-local prios = bulk_get('HMGET', K.prio, picked)
-local metas = bulk_get('HMGET', K.meta, picked)
-local res = {'ok', fmt(exp), size, navail}
-for i, id in ipairs(picked) do
-  res[#res + 1] = id
-  res[#res + 1] = handed[i]
-  res[#res + 1] = vers[i]
-  res[#res + 1] = prios[i] or '1'
-  res[#res + 1] = fmt(probs[i])
-  res[#res + 1] = string.match(metas[i] or '', '^([^|]*)') or '0'
-end
-redis.call('HSET', K.leases, lease, cjson.encode(picked))
+redis.call('HSET', K.leases, lease, cjson.encode(picked), lease .. '\31p', cjson.encode(probs))
 redis.call('ZADD', K.lease_exp, fmt(exp), lease)
 redis.call('HINCRBY', K.counters, 'samples', B)
 if first > 0 then redis.call('HINCRBY', K.counters, 'sampled_distinct', first) end
 redis.call('HINCRBYFLOAT', K.counters, 'rl_samples', B)
-return res
+return describe(picked, probs, handed, exp, size, navail)

@@ -1,25 +1,27 @@
 -- tbrm replay table: small maintenance operations (body after the prelude).
--- KEYS: the table keys.  ARGV[8] operation:
---   'prio'    ARGV[9..]: item_id, priority pairs -> store priorities (sum-tree leaf updated unless leased);
+-- KEYS: the table keys.  ARGV[9] operation:
+--   'prio'    ARGV[10..]: item_id, priority pairs -> store priorities (sum-tree leaf updated unless leased);
 --             returns how many items existed
---   'ref'     ARGV[9] item_id, ARGV[10] encoded reference record -> cached if the item still exists (1/0)
+--   'ref'     ARGV[10..]: item_id, encoded reference record pairs -> cached for items that still exist and will
+--             be sampled again (a leased item whose ack will be its last, acked + 1 >= max_times_sampled, is
+--             skipped: the reference would never be read); returns how many were cached
 --   'reclaim' return expired leases' items to the pool; returns the number of items returned
---   'probe'   ARGV[9] n -> {status, allowed}: could n items be inserted now (no side effects but reclaim)
---   'renew'   ARGV[9] lease seconds, ARGV[10..] lease ids -> every lease that has not expired yet now expires at
+--   'probe'   ARGV[10] n -> {status, allowed}: could n items be inserted now (no side effects but reclaim)
+--   'renew'   ARGV[10] lease seconds, ARGV[11..] lease ids -> every lease that has not expired yet now expires at
 --             now + lease seconds; returns how many leases were renewed (an expired one was reclaimed first)
 local now = now_s()
-local op = ARGV[8]
+local op = ARGV[9]
 if op == 'reclaim' then return reclaim(now) end
 if op == 'probe' then
   reclaim(now)
-  local status, allowed = insert_allowance(tonumber(ARGV[9]))
+  local status, allowed = insert_allowance(tonumber(ARGV[10]))
   return {status, allowed}
 end
 if op == 'renew' then
   reclaim(now)
-  local exp = fmt(now + tonumber(ARGV[9]))
+  local exp = fmt(now + tonumber(ARGV[10]))
   local n = 0
-  for i = 10, #ARGV do
+  for i = 11, #ARGV do
     if redis.call('HEXISTS', K.leases, ARGV[i]) == 1 then
       redis.call('ZADD', K.lease_exp, exp, ARGV[i])
       n = n + 1
@@ -28,13 +30,22 @@ if op == 'renew' then
   return n
 end
 if op == 'ref' then
-  if redis.call('HEXISTS', K.items, ARGV[9]) == 0 then return 0 end
-  redis.call('HSET', K.refs, ARGV[9], ARGV[10])
-  return 1
+  local ids = {}
+  for i = 10, #ARGV, 2 do ids[#ids + 1] = ARGV[i] end
+  local stored = bulk_get('ZMSCORE', K.order, ids)
+  local acked = bulk_get('HMGET', K.acked, ids)
+  local owner = bulk_get('HMGET', K.lease_of, ids)
+  local kv = {}
+  for j, id in ipairs(ids) do
+    local last = owner[j] and MAXTS > 0 and (tonumber(acked[j] or '0') or 0) + 1 >= MAXTS
+    if stored[j] and not last then kv[#kv + 1] = id; kv[#kv + 1] = ARGV[9 + 2 * j] end
+  end
+  bulk('HSET', K.refs, kv)
+  return #kv / 2
 end
 if op == 'prio' then
   local ids, ps = {}, {}
-  for i = 9, #ARGV, 2 do ids[#ids + 1] = ARGV[i]; ps[#ps + 1] = ARGV[i + 1] end
+  for i = 10, #ARGV, 2 do ids[#ids + 1] = ARGV[i]; ps[#ps + 1] = ARGV[i + 1] end
   local stored = bulk_get('ZMSCORE', K.order, ids)
   local avail = bulk_get('ZMSCORE', K.avail, ids)
   local kv, live, given = {}, {}, {}

@@ -105,6 +105,21 @@ def test_trajectories_paged_filtered_and_by_id(client: TestClient, filled: Repla
         assert client.get("/v1/tables/replay/trajectories", params=bad).status_code == 422, bad
 
 
+def test_trajectories_by_cursor_with_lease_filters(client: TestClient, filled: ReplayTable) -> None:
+    leased = {it.info.item_id for it in filled.sample(3, 0).items}
+    seen, cursor = [], 0
+    while cursor is not None:
+        page = client.get("/v1/tables/replay/trajectories", params={"cursor": cursor, "limit": 6}).json()
+        assert page["total"] is None and len(page["items"]) <= 6
+        seen += [x["item_id"] for x in page["items"]]
+        cursor = page["next_cursor"]
+    assert seen == [f"t{i:03d}" for i in range(20)]  # insertion order, each once
+    page = client.get("/v1/tables/replay/trajectories", params={"cursor": 0, "leased": True}).json()
+    assert {x["item_id"] for x in page["items"]} == leased and all(x["leased"] for x in page["items"])
+    page = client.get("/v1/tables/replay/trajectories", params={"cursor": 0, "min_times_sampled": 1}).json()
+    assert {x["item_id"] for x in page["items"]} == leased
+
+
 def test_actors_weights_learner_prompts(client: TestClient, redis_url: str) -> None:
     r = connect(redis_url)
     assert client.get("/v1/weights").json() == {"latest": None}
@@ -212,3 +227,17 @@ def test_python_m_buffer_serves(redis_url: str, port: int, tmp_path: Path) -> No
     finally:
         os.kill(proc.pid, signal.SIGTERM)
         proc.wait(10)
+
+
+def test_views_of_leases_and_prompt_claims(client: TestClient, filled: ReplayTable, redis_url: str) -> None:
+    b = filled.sample(3, 0)
+    filled.ack(b.lease_id, [b.items[0].info.item_id])
+    got = client.get("/v1/tables/replay/leases").json()["leases"]
+    assert [(x["lease_id"], x["items"], x["held"]) for x in got] == [(b.lease_id, 3, 2)]
+    q = PromptQueue(connect(redis_url), "train")
+    q.load(make_toy_task(3, seed=1), epochs=1)
+    popped = q.pop(2, "actor-1")
+    claims = client.get("/v1/prompts/claims").json()["claims"]
+    assert sorted(c["prompt_id"] for c in claims) == sorted(p.prompt_id for p in popped)
+    assert all(c["consumer"] == "actor-1" and c["copies"] == 1 for c in claims)
+    assert client.get("/v1/tables/replay/leases", params={"limit": 0}).status_code == 422

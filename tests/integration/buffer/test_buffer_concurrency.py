@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from buffer.client import RateLimitTimeout, ReplayTable, TableConfig, Trajectory, connect
+from buffer.client import InsertTimeout, RateLimitTimeout, ReplayTable, TableConfig, Trajectory, connect
 from buffer.schema import RateLimiterConfig, UniformSampler
 
 N_INSERTERS, N_SAMPLERS, PER_INSERTER, BATCH = 4, 4, 150, 8
@@ -95,3 +95,89 @@ def test_killed_sampler_returns_items_after_lease_expiry(redis_url: str) -> None
     assert all(it.info.times_sampled == 2 for it in b.items)
     assert table.ack(b.lease_id) == 3
     assert table.stats().size == 0
+
+
+# ---- exactly once under back-pressure: partial admissions, client retries, a killed sampler ----
+
+CHAOS_INSERTERS, CHAOS_PER_INSERTER = 3, 120
+
+
+def chaos_inserter(url: str, cfg_json: str, k: int, out: mp.Queue) -> None:
+    """Inserts in chunks with a short timeout (partial admissions), retries whole chunks like the actor does,
+    and re-sends some chunks that were fully admitted (a retry after a lost reply), even after consumption."""
+    table = ReplayTable(connect(url), TableConfig.model_validate_json(cfg_json))
+    partial, dup = 0, 0
+    chunks = [[traj(f"c{k}-{j}") for j in range(s, s + 10)] for s in range(0, CHAOS_PER_INSERTER, 10)]
+    for n, chunk in enumerate(chunks):
+        while True:
+            try:
+                res = table.insert_batch(chunk, timeout_s=0.05)
+            except InsertTimeout as e:
+                partial += bool(e.result.admitted)
+                continue  # retry the whole chunk: admitted ids come back as duplicates
+            dup += len(res.duplicates)
+            break
+        if n % 3 == 2:
+            dup += len(table.insert_batch(chunks[n - 2], timeout_s=5).duplicates)  # consumed or stored: no-op
+    out.put(("ins", k, partial, dup))
+
+
+def chaos_sampler(url: str, cfg_json: str, total: int, out: mp.Queue) -> None:
+    """Trains = acks. Every third step the sample call is retried with the same request id (a lost reply)."""
+    table = ReplayTable(connect(url), TableConfig.model_validate_json(cfg_json))
+    trained: list[str] = []
+    step = 0
+    while table.stats().consumed < total:
+        rid = f"{os.getpid()}-{step}"
+        try:
+            b = table.sample(4, learner_version=0, timeout_s=0.2, request_id=rid)
+        except RateLimitTimeout:
+            continue
+        if step % 3 == 0:
+            again = table.sample(4, learner_version=0, timeout_s=0.2, request_id=rid)
+            assert [it.info.item_id for it in again.items] == [it.info.item_id for it in b.items]
+        assert table.ack(b.lease_id) == len(b.items)
+        trained += [it.info.item_id for it in b.items]
+        step += 1
+    out.put(("smp", trained))
+
+
+def die_after_leasing(url: str) -> None:
+    table = ReplayTable(connect(url))
+    table.sample(4, learner_version=0, timeout_s=30, lease_s=1.0)
+    os.kill(os.getpid(), signal.SIGKILL)  # leased, never acked: never trained
+
+
+def test_exactly_once_under_backpressure_retries_and_a_killed_sampler(redis_url: str) -> None:
+    rl = RateLimiterConfig(min_size_to_sample=4, samples_per_insert=1.0, error_buffer=12.0)
+    cfg = TableConfig(max_size=100_000, max_times_sampled=1, sampler=UniformSampler(), rate_limiter=rl, lease_s=30.0)
+    table = ReplayTable(connect(redis_url), cfg)
+    total = CHAOS_INSERTERS * CHAOS_PER_INSERTER
+    ctx = mp.get_context("fork")
+    out: mp.Queue = ctx.Queue()
+    victim = ctx.Process(target=die_after_leasing, args=(redis_url,))
+    procs = [ctx.Process(target=chaos_inserter, args=(redis_url, cfg.model_dump_json(), k, out))
+             for k in range(CHAOS_INSERTERS)]
+    for p in procs:
+        p.start()
+    victim.start()
+    victim.join(30)
+    assert victim.exitcode == -signal.SIGKILL
+    samplers = [ctx.Process(target=chaos_sampler, args=(redis_url, cfg.model_dump_json(), total, out))
+                for _ in range(2)]
+    for p in samplers:
+        p.start()
+    results = [out.get(timeout=120) for _ in procs + samplers]
+    for p in procs + samplers:
+        p.join(30)
+        assert p.exitcode == 0
+    trained = [i for r in results if r[0] == "smp" for i in r[1]]
+    want = {f"c{k}-{j}" for k in range(CHAOS_INSERTERS) for j in range(CHAOS_PER_INSERTER)}
+    assert len(trained) == len(set(trained)), "an id was trained twice"
+    assert set(trained) == want, "an id was lost"
+    assert sum(r[2] for r in results if r[0] == "ins") > 0, "no partial admission happened: the test is too easy"
+    assert sum(r[3] for r in results if r[0] == "ins") > 0
+    s = table.stats()
+    assert s.inserts == total == s.size + s.consumed + s.removed + s.dropped_stale
+    assert (s.size, s.leased, s.consumed, s.acks) == (0, 0, total, total)
+    assert s.extra["expired_lease_items"] == 4  # the killed sampler's lease came back

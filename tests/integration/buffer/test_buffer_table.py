@@ -348,7 +348,7 @@ def test_aof_restart_keeps_contents_and_counters(aof_redis) -> None:
     t.insert([traj(i) for i in range(10)])
     b = t.sample(4, 0)
     t.ack(b.lease_id)
-    t.cache_reference("t00005", [0.1, 0.2, 0.3, 0.4], None)
+    t.cache_reference("t00005", [0.5, 0.25, 0.125, 1.0], None)  # float32-exact values
     before = t.stats()
     aof_redis.restart()
     r2 = connect(aof_redis.url)
@@ -358,7 +358,7 @@ def test_aof_restart_keeps_contents_and_counters(aof_redis) -> None:
     assert after.extra["consumed"] == before.extra["consumed"] == 4
     b = t2.sample(6, 0)
     assert sorted(it.info.item_id for it in b.items) == [f"t{i:05d}" for i in range(4, 10)]
-    assert next(it for it in b.items if it.info.item_id == "t00005").trajectory.ref_logprobs == [0.1, 0.2, 0.3, 0.4]
+    assert next(it for it in b.items if it.info.item_id == "t00005").trajectory.ref_logprobs == [0.5, 0.25, 0.125, 1.0]
     # the old client object keeps working too (reconnect + script reload)
     assert t.ack(b.lease_id) == 6
     aof_redis.restart()

@@ -1,0 +1,49 @@
+"""Errors and results of `buffer.table.ReplayTable` (light: standard library only)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+
+class RateLimitTimeout(TimeoutError):
+    """insert/sample waited `timeout_s` on the rate limiter (or a pause, or too few items) and gave up."""
+
+
+class InsertTimeout(RateLimitTimeout):
+    """An insert gave up after `timeout_s`; `.result` says which ids were admitted, duplicate or still pending."""
+
+    def __init__(self, message: str, result: InsertResult) -> None:
+        super().__init__(message)
+        self.result = result
+
+
+class TableConfigMismatch(ValueError):
+    """The table already exists in Redis with a different TableConfig."""
+
+
+@dataclasses.dataclass
+class InsertResult:
+    """What one insert did, per id (every id of the call is in exactly one list)."""
+
+    admitted: list[str] = dataclasses.field(default_factory=list)
+    """Stored by this call."""
+    duplicates: list[str] = dataclasses.field(default_factory=list)
+    """Not stored: already stored, removed recently enough to be remembered, or repeated within the call."""
+    pending: list[str] = dataclasses.field(default_factory=list)
+    """Not admitted before the timeout (only non-empty in `InsertTimeout.result`): insert these again."""
+
+
+class BufferFull(InsertTimeout):
+    """Inserts refused for memory: Redis used_memory reached the table's guard (`memory_limit_bytes`, else 90%
+    of Redis's maxmemory; raised after `timeout_s` of waiting), or Redis itself refused a write for its maxmemory
+    (raised at once; nothing of that write was stored)."""
+
+
+
+def _f(x: Any) -> float:
+    return float(x.decode() if isinstance(x, bytes) else x)
+
+
+def _s(x: Any) -> str:
+    return x.decode() if isinstance(x, bytes) else str(x)

@@ -1,0 +1,90 @@
+"""Columnar batches against a real redis-server: zero-copy views, sample + ack in one script, and a learner
+loop at one round trip per step (BatchStream)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import redis
+
+from buffer.client import BatchStream, ReplayTable, Trajectory, connect
+from buffer.schema import TableConfig
+
+
+def traj(k: int) -> Trajectory:
+    return Trajectory(
+        traj_id=f"i{k:03d}", prompt_id="p", group_id=f"g{k // 2}", prompt_token_ids=[1, 2, 70_000 + k],
+        response_token_ids=[k, k + 1], behaviour_logprobs=[-0.5, -0.25], reward=float(k), grade_status="correct",
+        policy_version=k % 3, response_text="r" * 600,
+    )
+
+
+@pytest.fixture
+def r(redis_url: str) -> redis.Redis:
+    return connect(redis_url)
+
+
+def test_column_batch_views_and_trajectories(r: redis.Redis) -> None:
+    t = ReplayTable(r, TableConfig(max_times_sampled=0))
+    t.insert([traj(k) for k in range(4)])
+    t.cache_reference("i001", [-1.0, -2.0], 0.5)
+    b = t.sample_columns(4, learner_version=5)
+    assert b.ids == ["i000", "i001", "i002", "i003"] and len(b) == 4
+    assert b.prompt_tokens(2).tolist() == [1, 2, 70_002] and b.prompt_tokens(2).dtype == np.uint32
+    assert b.response_tokens(3).dtype == np.uint16 and not b.response_tokens(3).flags.writeable
+    assert b.behaviour_logprobs(0).tolist() == [-0.5, -0.25]
+    assert b.ref_logprobs(1).tolist() == [-1.0, -2.0] and b.ref_logprobs(0) is None
+    assert b.age_versions.tolist() == [5, 4, 3, 5] and b.times_sampled.tolist() == [1, 1, 1, 1]
+    assert b.field("reward") == [0.0, 1.0, 2.0, 3.0]
+    want = traj(1).model_copy(update={"ref_logprobs": [-1.0, -2.0], "ref_v0": 0.5})
+    assert b.trajectory(1).model_dump(exclude={"created_at"}) == want.model_dump(exclude={"created_at"})
+
+
+def test_sample_acks_the_previous_lease_in_the_same_call(r: redis.Redis) -> None:
+    t = ReplayTable(r, TableConfig(max_times_sampled=1))
+    t.insert([traj(k) for k in range(4)])
+    b1 = t.sample(2, 0)
+    b2 = t.sample_columns(2, 0, ack=[b1.lease_id])
+    assert b2.acked == 2 and set(b2.ids).isdisjoint(it.info.item_id for it in b1.items)
+    s = t.stats()
+    assert (s.size, s.acks, s.leased) == (2, 2, 2)
+
+
+def test_batch_stream_one_round_trip_per_step(r: redis.Redis, monkeypatch: pytest.MonkeyPatch) -> None:
+    t = ReplayTable(r, TableConfig(max_times_sampled=1))
+    t.insert([traj(k) for k in range(12)])
+    stream = BatchStream(t, 2)
+    pipelines = []
+    real = t.redis.pipeline
+    monkeypatch.setattr(t.redis, "pipeline", lambda *a, **kw: pipelines.append(1) or real(*a, **kw))
+    scripts = []
+    real_run = t._run
+    monkeypatch.setattr(t, "_run", lambda *a: scripts.append(a[0]) or real_run(*a))
+    seen, prev = [], None
+    for step in range(5):
+        before = (len(pipelines), len(scripts))
+        b = stream.next(learner_version=step, ack=[prev] if prev else None)
+        if step > 0:  # payloads of batch k + ack of k-1 + lease of k+1: one pipeline, nothing else
+            assert (len(pipelines), len(scripts)) == (before[0] + 1, before[1])
+        seen += b.ids
+        prev = b.lease_id
+    assert len(seen) == len(set(seen)) == 10
+    s = t.stats()
+    assert (s.acks, s.leased, s.size) == (8, 4, 4)  # batch 5 unacked, batch 6 prefetched
+    assert stream.prefetched() is not None
+    t.ack(prev)
+    t.ack(stream.prefetched())
+    assert t.stats().size == 0
+
+
+def test_references_cached_in_one_call_and_skipped_when_never_read_again(r: redis.Redis) -> None:
+    t = ReplayTable(r, TableConfig(max_times_sampled=2))
+    t.insert([traj(k) for k in range(3)])
+    b = t.sample(3, 0)
+    refs = {"i000": ([-1.0, -1.0], 0.5), "i001": (np.array([-2.0, -2.0], np.float32), None), "gone": ([0.0], None)}
+    assert t.cache_references(refs) == 2  # one call; the unknown id is skipped
+    t.ack(b.lease_id)
+    b = t.sample(3, 0)  # second and last training of each item: a reference cached now would never be read
+    assert b.items[0].trajectory.ref_logprobs == [-1.0, -1.0] and b.items[1].trajectory.ref_logprobs == [-2.0, -2.0]
+    assert t.cache_references({"i002": ([-3.0, -3.0], None)}) == 0
+    assert r.hexists(t.keys.refs, "i002") == 0

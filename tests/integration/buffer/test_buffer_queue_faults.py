@@ -1,0 +1,80 @@
+"""Prompt queue and actor registry under faults: a loader dying mid-load, reloads of a served queue, epoch
+refills by one consumer, heartbeats racing a deregister, dead actors pruned."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+import buffer.registry
+from buffer.client import ActorInfo, ActorRegistry, PromptQueue, connect, make_toy_task
+
+
+def test_a_loader_that_died_leaves_no_marker(redis_url: str) -> None:
+    r = connect(redis_url)
+    q = PromptQueue(r)
+    r.hset(q.keys.meta, "loading", "1")  # what a loader killed between its marker and EXEC used to leave
+    assert not q.loaded()
+    assert q.load(make_toy_task(4, seed=1), epochs=1, if_empty=True) == 4
+    assert len(q.pop(4, "c")) == 4
+
+
+def test_a_served_queue_is_not_reloaded_from_epoch_zero(redis_url: str) -> None:
+    q = PromptQueue(connect(redis_url))
+    prompts = make_toy_task(3, seed=2)
+    q.load(prompts, epochs=2)
+    q.pop(3, "c")
+    q.pop(3, "c")  # the last epoch: every prompt claimed, none queued
+    assert q.size() == 0 and q.epochs() == (1, 2)
+    assert q.loaded()
+    assert q.load(prompts, epochs=2, if_empty=True) == 0  # a resumed run keeps its epochs and claims
+    assert q.epochs() == (1, 2) and q.claimed() == 6
+
+
+def test_only_one_consumer_builds_the_next_epoch(redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    r = connect(redis_url)
+    holder, waiter = PromptQueue(r), PromptQueue(r)
+    q = PromptQueue(r)
+    q.load(make_toy_task(5, seed=3), epochs=2, shuffle_seed=1)
+    q.pop(5, "a")  # epoch 0 served
+    built = []
+    monkeypatch.setattr(waiter, "_order", lambda *a: built.append(a) or PromptQueue._order(*a))
+    assert holder._ops(keys=holder.keys.all(), args=["refill_claim", 0, "30"]) == 1  # another consumer's claim
+    got: list = []
+    th = threading.Thread(target=lambda: got.extend(waiter.pop(2, "b")))
+    th.start()
+    time.sleep(0.3)
+    assert th.is_alive() and built == []  # waiting for the holder, not sending its own permutation
+    holder._ops(keys=holder.keys.all(), args=["refill", 0] + PromptQueue._order(5, 1, 1))
+    th.join(5)
+    assert [p.epoch for p in got] == [1, 1] and built == []
+    assert q.size() == 3
+
+
+def test_a_heartbeat_racing_a_deregister_does_not_resurrect(redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    r = connect(redis_url)
+    reg = ActorRegistry(r)
+    reg.register(ActorInfo(actor_id="a1", url="http://x:1"), ttl_s=30)
+    real = buffer.registry._server_time
+
+    def deregister_meanwhile(client):  # noqa: ANN001, ANN202
+        reg.deregister("a1")  # e.g. an operator, between the heartbeat's read and its write
+        return real(client)
+
+    monkeypatch.setattr(buffer.registry, "_server_time", deregister_meanwhile)
+    with pytest.raises(KeyError, match="deregistered"):
+        reg.heartbeat("a1", ttl_s=30, policy_version=3)
+    monkeypatch.setattr(buffer.registry, "_server_time", real)
+    assert reg.all() == [] and reg.live() == []
+
+
+def test_dead_actors_are_pruned(redis_url: str) -> None:
+    reg = ActorRegistry(connect(redis_url))
+    reg.register(ActorInfo(actor_id="dead", url="http://x:1"), ttl_s=0.05)
+    reg.register(ActorInfo(actor_id="alive", url="http://x:2"), ttl_s=30)
+    time.sleep(0.2)
+    assert [(a.actor_id, live) for a, live in reg.all()] == [("alive", True), ("dead", False)]
+    assert reg.prune(older_than_s=0.1) == 1
+    assert [a.actor_id for a, _ in reg.all()] == ["alive"]
