@@ -43,6 +43,17 @@ GAUGES: dict[str, tuple[str, str]] = {
     "pushes_ok": ("tbrm_learner_pushes_ok", "Successful weight pushes since start"),
     "pushes_failed": ("tbrm_learner_pushes_failed", "Failed weight pushes since start"),
     "buffer_size": ("tbrm_learner_buffer_size", "Replay table size seen by the last sample"),
+    "age_s_mean": ("tbrm_learner_age_seconds_mean", "Mean seconds since the trained trajectories were generated"),
+    "reuse_ratio": ("tbrm_learner_reuse_ratio", "Items sampled per item inserted in the replay table"),
+    "never_trained_frac": ("tbrm_learner_never_trained_frac", "Inserted trajectories never sampled, over inserts"),
+    "residual_mean_correct": ("tbrm_learner_residual_mean_correct", "Mean residual of rewarded trajectories"),
+    "residual_mean_incorrect": ("tbrm_learner_residual_mean_incorrect", "Mean residual of unrewarded trajectories"),
+    "log_ratio_sum_mean_incorrect": ("tbrm_learner_log_ratio_sum_mean_incorrect",
+                                     "Mean summed log(pi/pi_ref) of unrewarded trajectories"),
+    "kl_snis": ("tbrm_learner_kl_snis", "Self-normalized IS estimate of KL(pi || pi_ref) on the batch"),
+    "grad_clipped": ("tbrm_learner_grad_clipped", "1 if the last step's gradient norm was clipped"),
+    "guard_skipped_steps": ("tbrm_learner_guard_skipped_steps", "Steps skipped for a non-finite loss or gradient"),
+    "guard_responses": ("tbrm_learner_guard_responses", "Stability-guard responses (rollback / lr back-off)"),
 }
 
 
