@@ -1,6 +1,6 @@
 """The reward service: FastAPI app around the grading library and the supervised worker pool.
 
-Routes: ``POST /v1/grade`` (DESIGN.md §6 wire format), ``GET /health``, ``GET /metrics``, ``GET /v1/config``.
+Routes: ``POST /v1/grade`` (wire format: ``reward.schema``), ``GET /health``, ``GET /metrics``, ``GET /v1/config``.
 Grading an item: cache lookup -> extraction/normalization/fast path (no sympy, in a thread) -> math-verify in a
 worker process for what is left (identical pairs in one batch are verified once).
 """

@@ -37,7 +37,7 @@ class RewardServiceError(RuntimeError):
 
 
 def default_reward_url() -> str:
-    """`TBRM_REWARD_URL` or the default local address (DESIGN.md §6)."""
+    """`TBRM_REWARD_URL` or the default local address (port 8001)."""
     return os.environ.get("TBRM_REWARD_URL", DEFAULT_REWARD_URL)
 
 

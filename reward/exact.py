@@ -95,7 +95,7 @@ def numbers_match(gold: Number, pred: Number) -> bool:
 # --------------------------------------------------------------------------------------------------------------
 # Exact evaluator
 # --------------------------------------------------------------------------------------------------------------
-_TOKEN_RE = re.compile(r"\s*(\d+(?:\.\d+)?|\.\d+|\\frac|\\cdot|\\times|\\div|[-+*/^(){}!])")
+_TOKEN_RE = re.compile(r"\s*(\d+(?:\.\d+)?|\.\d+|\\frac|\\cdot|\\times|\\div|\*\*|[-+*/^(){}!])")
 
 
 class _Unsupported(Exception):
@@ -113,7 +113,7 @@ def _tokens(s: str) -> list[str]:
             raise _Unsupported(s[i:])
         out.append(m.group(1))
         i = m.end()
-    return ["**" if t == "^" else t for t in out]
+    return ["**" if t == "^" else t for t in out]  # `**` (Python) and `^` (TeX) are both powers
 
 
 class _Parser:

@@ -150,9 +150,11 @@ def final_box_group(text: str, boxes: list[Box]) -> list[Box] | None:
 # Answers without a box
 # --------------------------------------------------------------------------------------------------------------
 _MARKUP_RE = re.compile(r"\*\*|__|\\(?:textbf|mathbf|boldsymbol|bm|underline|emph|textit)\s*\{")
+_EMPHASIS_RE = re.compile(r"\*\*|__")
+_MACRO_MARKUP_RE = re.compile(r"\\(?:textbf|mathbf|boldsymbol|bm|underline|emph|textit)\s*\{")
 _PHRASE_RE = re.compile(
     r"(?:final\s+answer|\banswer)(?:\s+(?:is|will\s+be|should\s+be|would\s+be|=)\s*:?|\s*[:：=]|\s*[—–]|\s+-{1,2}(?=\s))"
-    r"|\bthe\s+(?:final\s+)?(?:result|solution)\s+is\s*:?"
+    r"|\bthe\s+(?:final\s+)?(?:result|solution)\s+is\s*:?|\bthe\s+(?:correct\s+)?(?:option|choice)\s+is\s*:?"
     r"|^[ \t#>]*final\s+answer[ \t]*[:：.]?[ \t]*(?=\n)"  # a heading: the answer is on the next line
     r"|^[ \t]*####[ \t]*(?=[-$\\\d])",  # GSM8K style: "#### 42"
     re.IGNORECASE | re.MULTILINE,
@@ -163,7 +165,7 @@ _REVERSE_PHRASE_RE = re.compile(
     re.IGNORECASE,
 )
 _DOUBT_RE = re.compile(
-    r"\b(?:wait|re-?check|recheck|wrong|mistake|error|however|but|actually|hmm+|reconsider|not\s+sure|let\s+me)\b",
+    r"\b(?:wait|re-?check|recheck|wrong|mistake|however|actually|hmm+|reconsider|not\s+sure|let\s+me)\b",
     re.IGNORECASE,
 )
 _CUE_RE = re.compile(
@@ -186,35 +188,43 @@ def _between_operands(s: str, i: int) -> bool:
     return i > 0 and i + 2 < len(s) and (s[i - 1].isalnum() or s[i - 1] in ")}") and (s[i + 2].isalnum() or s[i + 2] in "({")
 
 
-def demarkup(s: str) -> str:
-    """Bold/emphasis markup removed (`**x**`, `\\textbf{x}` -> `x`); the braces of removed macros too."""
-    out = []
-    depth_drop: list[int] = []
+def _close_brace(s: str, i: int, limit: int = STRADDLE_CHARS) -> int | None:
+    """Index of the `}` matching the `{` at `i` (escapes skipped) within `limit` characters, or None."""
     depth = 0
-    i = 0
-    while i < len(s):
-        m = _MARKUP_RE.match(s, i)
-        if m and not (m.group(0) in ("**", "__") and _between_operands(s, i)):
-            if m.group(0).endswith("{"):
-                depth_drop.append(depth)
-                depth += 1
-            i = m.end()
-            continue
+    n = min(len(s), i + limit)
+    while i < n:
         c = s[i]
-        if c == "\\" and i + 1 < len(s):
-            out.append(s[i : i + 2])
+        if c == "\\":
             i += 2
             continue
         if c == "{":
             depth += 1
-        elif c == "}" and depth:
+        elif c == "}":
             depth -= 1
-            if depth_drop and depth_drop[-1] == depth:
-                depth_drop.pop()
-                i += 1
-                continue
-        out.append(c)
+            if depth == 0:
+                return i
         i += 1
+    return None
+
+
+def demarkup(s: str) -> str:
+    """Bold/emphasis markup removed (`**x**`, `\\textbf{x}` -> `x`); the braces of removed macros too."""
+    if not _MARKUP_RE.search(s):
+        return s
+    s = _EMPHASIS_RE.sub(lambda m: m.group(0) if _between_operands(s, m.start()) else "", s)
+    cuts: list[tuple[int, int]] = []  # [start, end) spans to remove: each macro head and its closing brace
+    heads = list(_MACRO_MARKUP_RE.finditer(s))
+    pairs = _brace_pairs(s) if len(heads) > 8 else None  # many macros: one linear pass, not one scan each
+    for m in heads:
+        cuts.append((m.start(), m.end()))
+        close = pairs.get(m.end() - 1) if pairs is not None else _close_brace(s, m.end() - 1)
+        if close is not None:
+            cuts.append((close, close + 1))
+    out, pos = [], 0
+    for start, end in sorted(cuts):
+        out.append(s[pos:start])
+        pos = max(pos, end)
+    out.append(s[pos:])
     return "".join(out)
 
 
@@ -224,8 +234,11 @@ def strip_answer_text(s: str) -> str:
     m = re.match(r"^\$\$?(.+?)\$\$?", s) or re.match(r"^\\\((.+?)\\\)", s) or re.match(r"^\\\[(.+?)\\\]", s)
     if m:
         return m.group(1).strip()
-    s = re.split(r"(?<=[^\d\s])\.(?:\s|$)|\.\s|[!?;]\s|\s\(|,\s(?:so|which|since|because|as)\b", s, maxsplit=1)[0]
-    return s.rstrip(" .").strip()
+    s = re.split(r"(?<=[^\d\s])\.(?:\s|$)|\.\s|[!?;]\s|\s\(|,\s(?:so|which|since|because|as)\b|,?\s(?:and\s)?not\s",
+                 s, maxsplit=1)[0].rstrip(" .").strip()
+    # "Answer: The number of apples is 12." -> the value after the verb (a sentence, not a formula).
+    m = re.fullmatch(r"(?:(?:[A-Za-z',]+\s+){2,}|there\s+)(?:is|are|equals|was|were)\s+(.+)", s, re.IGNORECASE)
+    return m.group(1).strip() if m else s
 
 
 def phrase_answer(plain: str) -> tuple[int, str] | None:
@@ -242,12 +255,12 @@ def phrase_answer(plain: str) -> tuple[int, str] | None:
             start += len(plain[start:]) - len(plain[start:].lstrip())
         line_end = plain.find("\n", start)
         rest = plain[start:] if line_end == -1 else plain[start:line_end]
-        after = "" if line_end == -1 else plain[line_end:]
+        after = plain[start:]
     else:
         return None
-    if _DOUBT_RE.search(after):
-        return None
     ans = strip_answer_text(rest)
+    if _DOUBT_RE.search(after.replace(ans, " ", 1)) or re.match(r"(?:not|never|no longer)\b", ans, re.IGNORECASE):
+        return None
     return (hit.start(), ans) if ans else None
 
 
@@ -284,7 +297,8 @@ def closing_sentence_answer(plain: str) -> str | None:
     if m and len(m.group(1).split()) <= 3 and re.search(r"\d", m.group(1)):
         return m.group(1).strip()
     tokens = _NUMBER_TOKEN_RE.findall(sentence[cue.end() :] if cue.start() == 0 else sentence)
-    return tokens[-1].replace("−", "-") if tokens else None
+    # One number only: "3 red balls and 5 blue balls" states no single answer.
+    return tokens[0].replace("−", "-") if len(tokens) == 1 else None
 
 
 def extract(response: str) -> Extraction:
@@ -293,7 +307,11 @@ def extract(response: str) -> Extraction:
     text = demarkup(raw)
     boxes = find_boxes(text)
     phrase = phrase_answer(text)
-    if boxes and not (phrase is not None and phrase[0] > boxes[-1].end):
+    # A phrase after the last box wins over it when it states a value ("The answer is boxed above." does not).
+    later_phrase = phrase is not None and phrase[0] > boxes[-1].end if boxes else False
+    if later_phrase and phrase is not None and not re.search(r"[\d$\\^_{}()\[\]=+\-/]", phrase[1]):
+        later_phrase = False
+    if boxes and not later_phrase:
         group = final_box_group(text, boxes)
         if group is None:
             return Extraction(None, source="box")

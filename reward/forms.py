@@ -36,6 +36,7 @@ def split_top(s: str, seps: re.Pattern[str]) -> list[str]:
 
 
 _LIST_SEP_RE = re.compile(r"\s*(?:,|;|\\lor(?![A-Za-z])|\\vee(?![A-Za-z])|\s(?:and|or)\s)\s*", re.IGNORECASE)
+_SPACED_ASSIGN_RE = re.compile(r"\s+(?=(?:[A-Za-z]|\\[A-Za-z]+)(?:_\{?\w+\}?)?\s*=)")
 _ASSIGN_RE = re.compile(r"^([A-Za-z]|\\[A-Za-z]+)(?:_\{?\w+\}?)?\s*=\s*(.+)$")
 _SET_RE = re.compile(r"^\\\{(.*)\\\}$")
 _SET_OWNER_RE = re.compile(r"^(?:[A-Za-z]|\\[A-Za-z]+)\s*(?:=|\\in(?![A-Za-z]))\s*(?=\\\{)")
@@ -52,6 +53,10 @@ def as_items(s: str) -> tuple[list[str], bool] | None:
     if is_set and not inner.strip():
         return None
     parts = split_top(inner, _LIST_SEP_RE)
+    if len(parts) == 1:  # x=1 \quad x=2 (only spacing between assignments)
+        parts = split_top(inner, _SPACED_ASSIGN_RE)
+        if len(parts) > 1 and not all(_ASSIGN_RE.match(p) for p in parts):
+            parts = [inner.strip()]
     if len(parts) == 1 and not is_set:
         parts = _plus_minus(parts[0])
     if any(not p for p in parts) or (len(parts) < 2 and not is_set):
@@ -111,8 +116,14 @@ def _rel(op: str) -> str:
     return "<=" if op.startswith("le") or op == "<=" else ">=" if op.startswith("ge") or op == ">=" else op
 
 
+_SET_BUILDER_RE = re.compile(r"^\\\{\s*([A-Za-z])\s*(?:\\mid|\||:)\s*(.*)\\\}$")
+
+
 def _one_interval(s: str) -> str | None:
     s = re.sub(r"^([A-Za-z]|\\theta)\s*\\in\s*", "", s.strip())
+    builder = _SET_BUILDER_RE.match(s)  # \{x \mid 2 < x < 5\}
+    if builder:
+        s = builder.group(2)
     if _INTERVAL_RE.match(s) and not _REL_RE.search(s):
         return s.replace(" ", "")
     parts = [p.strip() for p in _REL_RE.split(s)]
@@ -141,6 +152,9 @@ def as_interval(s: str) -> str | None:
     """The interval (or union) an inequality in one variable describes, written without spaces; else None."""
     if not _REL_RE.search(s) and "\\in" not in s:
         return None
+    builder = _SET_BUILDER_RE.match(s.strip())
+    if builder:
+        s = builder.group(2)
     pieces = split_top(s, _UNION_SEP_RE)
     out = [_one_interval(p) for p in pieces]
     if any(o is None for o in out):

@@ -182,6 +182,9 @@ def _structure(ext: Extraction, pred: str, g: str) -> tuple[Verdict | None, str,
     return None, "", pred, g
 
 
+_CHOICE_RE = re.compile(r"\(([A-E])\)\s*(\S.*)")
+
+
 def decide(ext: Extraction, pred: str, g: str, max_answer_chars: int) -> Prepared:
     """The cheap decision on a normalized (pred, gold) pair; verdict None leaves it to math-verify."""
     raw = ext.answer
@@ -195,8 +198,12 @@ def decide(ext: Extraction, pred: str, g: str, max_answer_chars: int) -> Prepare
     if is_text_answer(g) or is_text_answer(pred):
         same = pred.lower() == g.lower() and is_text_answer(pred) and is_text_answer(g)
         return Prepared(raw, "correct" if same else "incorrect", reason="text")
+    choice = _CHOICE_RE.fullmatch(pred)  # "(D) 42": an option letter with its value (AMC style)
     if re.fullmatch(r"[A-Z]", g):  # a multiple-choice letter: exact letter only (sympy would see a symbol)
-        return Prepared(raw, "incorrect", reason="choice")
+        same = choice is not None and choice.group(1) == g
+        return Prepared(raw, "correct" if same else "incorrect", reason="choice")
+    if choice is not None:
+        return decide(ext, normalize(choice.group(2)), g, max_answer_chars)
     why = _relation_mismatch(pred, g)
     if why is not None:
         return Prepared(raw, "incorrect", reason=why)

@@ -48,13 +48,13 @@ _NUM = r"[+-]?(?:\d[\d,]*(?:\.\d+)?|\.\d+)(?:/\d+)?"
 _EXP = r"(?:\^\s*\{?\s*[23]\s*\}?)?"
 # `5\text{ cm}^2`, `5 \mathrm{m^2}`, `3\text{ sq. units}`: a unit written as text after a number (any length).
 _TEXT_UNIT_RE = re.compile(
-    rf"^({_NUM}|[^a-zA-Z]*?(?:\\(?:frac|sqrt|pi)[^a-zA-Z]*?)*[\d}}])\s*\\(?:text|textrm|mathrm|mbox|rm|operatorname)\s*\{{\s*([A-Za-z][A-Za-z./ ]*?)\s*{_EXP}\s*\}}\s*{_EXP}$"
+    rf"^({_NUM}|[^a-zA-Z]*?(?:\\(?:frac|sqrt|pi|cdot|times)[^a-zA-Z]*?)*(?:[\d}}]|\\pi))\s*\\(?:text|textrm|mathrm|mbox|rm|operatorname)\s*\{{\s*([A-Za-z][A-Za-z./ ]*?)\s*{_EXP}\s*\}}\s*{_EXP}$"
 )
 _UNIT_WORD_RE = re.compile(rf"^({_NUM})\s+([A-Za-z]{{2,}}\.?{_EXP}(?:\s+[A-Za-z]{{2,}}\.?{_EXP}){{0,2}})$")
 _NOT_UNITS = {"pi", "or", "and", "to", "sqrt", "times", "cdot", "div", "infty", "in", "i", "e", "x", "y", "n"}
 _EMPTY_RE = re.compile(
     r"\\emptyset|\\varnothing|\\\{\s*\\\}|\{\s*\}|\\O|(?:there\s+(?:is|are)\s+)?no(?:\s+real)?"
-    r"\s+(?:solutions?|roots?|values?|such\s+\w+)|none|(?:the\s+)?empty\s+set|\\text\{\s*\}",
+    r"\s+(?:solutions?|roots?|values?|such\s+\w+)(?:\s+exists?)?|none|(?:the\s+)?empty\s+set|\\text\{\s*\}",
     re.IGNORECASE,
 )
 EMPTY = r"\emptyset"

@@ -1,4 +1,4 @@
-"""Wire format of the reward service (DESIGN.md §6). Light module: pydantic only."""
+"""Wire format of the reward service. Light module: pydantic only."""
 
 from __future__ import annotations
 

@@ -124,6 +124,12 @@ def test_prepare_is_fast_on_hostile_text() -> None:
         "\\boxed{" * 5_000 + "1" + "}" * 5_000,
         "\\boxed{1}" * 6_000,
         "\\boxed{1} " * 3_000 + "\\boxed{2}",
+        "\\textbf{" * 20_000,
+        "**" * 30_000 + "5",
+        "The answer is " * 5_000,
+        "\\boxed{1} and " * 5_000,
+        "\\boxed{" * 200_000,  # 1.4 MB: only the tail is read
+        "Therefore, " + "1 " * 40_000 + ".",
     ]
     for text in hostile:
         t0 = time.perf_counter()
