@@ -153,7 +153,8 @@ _MARKUP_RE = re.compile(r"\*\*|__|\\(?:textbf|mathbf|boldsymbol|bm|underline|emp
 _EMPHASIS_RE = re.compile(r"\*\*|__")
 _MACRO_MARKUP_RE = re.compile(r"\\(?:textbf|mathbf|boldsymbol|bm|underline|emph|textit)\s*\{")
 _PHRASE_RE = re.compile(
-    r"(?:final\s+answer|\banswer)(?:\s+(?:is|will\s+be|should\s+be|would\s+be|=)\s*:?|\s*[:：=]|\s*[—–]|\s+-{1,2}(?=\s))"
+    r"(?:final\s+answer|\banswer)[*_]*"
+    r"(?:\s+(?:is|will\s+be|should\s+be|would\s+be|=)\s*:?|\s*[:：=]|\s*[—–→⇒]|\s*->|\s*\\Rightarrow|\s+-{1,2}(?=\s))"
     r"|\bthe\s+(?:final\s+)?(?:result|solution)\s+is\s*:?|\bthe\s+(?:correct\s+)?(?:option|choice)\s+is\s*:?"
     r"|^[ \t#>]*final\s+answer[ \t]*[:：.]?[ \t]*(?=\n)"  # a heading: the answer is on the next line
     r"|^[ \t]*####[ \t]*(?=[-$\\\d])",  # GSM8K style: "#### 42"
@@ -230,10 +231,12 @@ def demarkup(s: str) -> str:
 
 def strip_answer_text(s: str) -> str:
     """The answer at the start of `s`: a leading math span, else up to the sentence end."""
-    s = demarkup(s).strip().strip("*_ ").lstrip(":：—–- ").strip()
-    m = re.match(r"^\$\$?(.+?)\$\$?", s) or re.match(r"^\\\((.+?)\\\)", s) or re.match(r"^\\\[(.+?)\\\]", s)
+    s = demarkup(s).strip().strip("*_ ").lstrip(":：—–->→⇒ ").strip()
+    m = (re.match(r"^\$\$?(.+?)\$\$?", s, re.DOTALL) or re.match(r"^\\\((.+?)\\\)", s, re.DOTALL)
+         or re.match(r"^\\\[(.+?)\\\]", s, re.DOTALL))
     if m:
         return m.group(1).strip()
+    s = re.split(r"\n", s, maxsplit=1)[0]
     s = re.split(r"(?<=[^\d\s])\.(?:\s|$)|\.\s|[!?;]\s|\s\(|,\s(?:so|which|since|because|as)\b|,?\s(?:and\s)?not\s",
                  s, maxsplit=1)[0].rstrip(" .").strip()
     # "Answer: The number of apples is 12." -> the value after the verb (a sentence, not a formula).
@@ -253,8 +256,8 @@ def phrase_answer(plain: str) -> tuple[int, str] | None:
         start = hit.end()
         if plain[start : start + 1] == "\n":  # heading form: the next non-empty line
             start += len(plain[start:]) - len(plain[start:].lstrip())
-        line_end = plain.find("\n", start)
-        rest = plain[start:] if line_end == -1 else plain[start:line_end]
+        block_end = plain.find("\n\n", start)  # up to a blank line: a display formula may span lines
+        rest = plain[start : start + 2_000] if block_end == -1 else plain[start : min(block_end, start + 2_000)]
         after = plain[start:]
     else:
         return None

@@ -164,7 +164,10 @@ def _structure(ext: Extraction, pred: str, g: str) -> tuple[Verdict | None, str,
         if elements is not None and len(elements) == len(ext.items):  # x = \boxed{2}, y = \boxed{3} vs (2, 3)
             pred = "(" + ", ".join(normalize(strip_assignment(x)) for x in ext.items) + ")"
             return (("correct", "tuple", pred, g) if key(pred) == key(g) else (None, "", pred, g))
-        if len({key(normalize(x)) for x in ext.items}) > 1:  # several different final boxes, one gold value
+        values = [_number(normalize(strip_assignment(x))) for x in ext.items]
+        if all(v is not None for v in values) and len({v[0] for v in values if v is not None}) == 1:
+            pred, pi = normalize(strip_assignment(ext.items[-1])), None  # \boxed{4} (or \boxed{2^2}): one value
+        else:  # several different final boxes against one gold value: a hedge
             return "no_answer", "several final answers", pred, g
     if gi is not None or pi is not None:
         verdict, p_canon, g_canon = _compare_lists(pi[0] if pi else [pred], gi[0] if gi else [g])

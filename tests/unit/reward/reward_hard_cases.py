@@ -45,6 +45,14 @@ MULTI_BOX = [
     ("mb-same-value-forms", r"That is $\boxed{\frac12}$, i.e. $\boxed{0.5}$.", "1/2", OK),
     ("mb-paragraph-retry", "My first try gave \\boxed{7}.\n\nRechecking the sum, it is \\boxed{8}.", "8", OK),
     ("mb-paragraph-retry-wrong", "My first try gave \\boxed{7}.\n\nRechecking the sum, it is \\boxed{8}.", "7", NO),
+    ("mb-conjugate-roots", r"The roots are \boxed{1+\sqrt{2}} and \boxed{1-\sqrt{2}}.", r"1\pm\sqrt{2}", OK),
+    ("mb-conjugate-roots-wrong", r"The roots are \boxed{1+\sqrt{2}} and \boxed{1-\sqrt{3}}.", r"1\pm\sqrt{2}", NO),
+    ("mb-tuple-parts", r"Thus $a = \boxed{2}$, $b = \boxed{5}$.", "(2,5)", OK),
+    ("mb-tuple-parts-swapped", r"Thus $a = \boxed{5}$, $b = \boxed{2}$.", "(2,5)", NO),
+    ("mb-parts-by-paragraph", "**Part (a):** $\\boxed{12}$\n\n**Part (b):** $\\boxed{7}$", "12, 7", OK),
+    ("mb-same-value-aside", r"So $\boxed{4}$ (or $\boxed{2^2}$).", "4", OK),
+    ("mb-sentences-solutions", r"One root is $\boxed{2}$. The other root is $\boxed{3}$.", r"\{2,3\}", OK),
+    ("mb-think-then-final", "<think>\nmaybe \\boxed{3}\n</think>\n\nThe answer is $\\boxed{4}$.", "3", NO),
 ]
 
 NO_BOX = [
@@ -67,6 +75,16 @@ NO_BOX = [
     ("nb-no-cue-middle-numbers", "We computed 3 + 4 = 7 and then 7 * 5 = 35. I think that is about right.", "35", NA),
     ("nb-no-cue-two-values", "The area is 35 and the perimeter is 24, but the volume is still unknown.", "35", NA),
     ("nb-steps-only", "Step 1: take 5 apples.\nStep 2: take 7 pears.", "7", NA),
+    ("nb-italic-answer", "Summing up.\n*Answer*: 64", "64", OK),
+    ("nb-display-after-heading", "All done.\n\n### Final Answer\n\\[\n\\frac{2}{5}\n\\]", "0.4", OK),
+    ("nb-gsm8k-hashes", "She pays 5 * 9 = 45 dollars.\n#### 45", "45", OK),
+    ("nb-reverse-phrase", "Adding up the cases, 18 is the final answer.", "18", OK),
+    ("nb-answer-sentence", "**Answer: The number of marbles is 31.**", "31", OK),
+    ("nb-negated", "The answer is not 5.", "5", NA),
+    ("nb-phrase-after-box-no-value", "So $\\boxed{7}$.\n\nThe answer is boxed above.", "7", OK),
+    ("nb-two-numbers-closing", "Therefore, there are 3 red balls and 5 blue balls.", "5", NA),
+    ("nb-same-line-retraction", "So the answer is 10. Hmm, wait, I need to recheck that.", "10", NA),
+    ("nb-amc-option", r"Therefore, $\boxed{\textbf{(D)}\ 42}$", "D", OK),
 ]
 
 LONG = [
@@ -172,6 +190,16 @@ NORMALIZATION = [
     ("norm-huge-200", B("2^{200}"), str(2**200), OK),
     ("norm-huge-wrong-base", B("3^{100}"), str(2**100), NO),
     ("norm-huge-commas", B(f"{2**64:,}"), "2^{64}", OK),
+    ("norm-huge-minus-one", B("2^{64}-1"), str(2**64 - 1), OK),
+    ("norm-tower-beyond-budget", B("10^{10^{10}}"), "100^{5\\cdot 10^{9}}", OK),
+    ("norm-tower-beyond-budget-wrong", B("10^{10^{10}}"), "10^{10^{10}}+1", NO),
+    ("norm-set-builder", B(r"\{x \mid 2 < x < 5\}"), "(2,5)", OK),
+    ("norm-unit-pi-area", B(r"28\pi \text{ cm}^2"), r"28\pi", OK),
+    ("norm-word-fraction", B(r"\text{two thirds}"), r"\frac{2}{3}", OK),
+    ("norm-word-with-unit", B(r"\text{five apples}"), "5", OK),
+    ("norm-eq-spaced", B(r"x=1 \quad x=2"), "1, 2", OK),
+    ("norm-eq-name-once", B(r"x = 2 \text{ or } -3"), r"\{-3,2\}", OK),
+    ("norm-sqrt-index-call", B(r"\sqrt[3](8)"), "2", OK),
 ]
 
 TOLERANCE = [
@@ -187,6 +215,10 @@ TOLERANCE = [
     ("tol-tiny-roots", B(r"\sqrt{2}\cdot 10^{-10}"), r"\sqrt{3}\cdot 10^{-10}", NO),
     ("tol-huge-close", B("1000000000001"), "1000000000000", NO),
     ("tol-third-decimal", B("0.3333"), r"\frac{1}{3}", OK),
+    ("tol-tiny-third-powers", B(r"\frac{1}{3^{40}}"), r"\frac{1}{3^{41}}", NO),
+    ("tol-tiny-pi-third-powers", B(r"\frac{\pi}{3^{40}}"), r"\frac{\pi}{3^{41}}", NO),
+    ("tol-same-pi-power-forms", B(r"\pi \cdot 10^{-9}"), r"\frac{\pi}{10^{9}}", OK),
+    ("tol-sci-rounded-third", B(r"3.333\times 10^{-13}"), r"\frac{1}{3}\times 10^{-12}", OK),
 ]
 
 HARD_CASES: list[tuple[str, str, str, str, str]] = [

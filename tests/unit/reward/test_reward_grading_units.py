@@ -164,3 +164,20 @@ def test_two_stage_parser_falls_back_to_full_ll() -> None:
     parsed = _parse("x^2+20x+100")
     assert parsed and not isinstance(parsed[0], str)
     assert str(parsed[0]) == "x**2 + 20*x + 100"
+
+
+@pytest.mark.parametrize(
+    ("pred", "gold"),
+    [("10^{-20}", "2\\cdot 10^{-20}"), ("\\frac{1}{3^{40}}", "\\frac{1}{3^{41}}"), ("0.0000001", "0.0000002"),
+     ("\\frac{\\pi}{3^{40}}", "\\frac{\\pi}{3^{41}}")],
+)
+def test_math_verify_rounding_never_makes_different_values_equal(pred: str, gold: str) -> None:
+    """math-verify rounds to 6 decimals, so it calls these tiny different values equal; verify_pair must not."""
+    from reward import grading
+
+    grading.load_math_verify()
+    assert grading._MV is not None
+    verify = grading._MV[1]
+    mv_says = verify(list(grading._parse(gold)), list(grading._parse(pred)), timeout_seconds=None)
+    assert not grading.verify_pair(pred, gold), f"math-verify alone says {mv_says}"
+    assert grading.verify_pair("\\frac{\\sqrt{2}}{2}", "\\frac{1}{\\sqrt{2}}")  # equal exact forms still pass
