@@ -174,6 +174,8 @@ _CUE_RE = re.compile(
     r"consequently|as\s+a\s+result|this\s+(?:gives|means)|which\s+(?:gives|means)|that\s+means)\b[,:]?\s*",
     re.IGNORECASE,
 )
+_PLAN_RE = re.compile(r"\b(?:let's|let\s+us|next|we\s+(?:will|need\s+to\s+(?:check|find|compute|consider))|"
+                      r"consider|check|suppose|assume|if)\b|\?", re.IGNORECASE)
 _END_CUE_RE = re.compile(r"\b(?:in\s+total|altogether|in\s+all|all\s+together)\s*[.!]?$", re.IGNORECASE)
 _MATH_SPAN_RE = re.compile(r"\$\$(.+?)\$\$|\$(.+?)\$|\\\((.+?)\\\)|\\\[(.+?)\\\]", re.DOTALL)
 _NUMBER_TOKEN_RE = re.compile(
@@ -279,6 +281,11 @@ def bold_line_answer(text: str) -> str | None:
     body = next(g for g in m.groups() if g is not None).strip()
     if len(body) > 80 or body.endswith(":") or not re.search(r"[\d$\\]", body):
         return None
+    if re.match(r"(?:step|case|part|problem|question|example|solution|method|lemma|claim)\b", body, re.I):
+        return None
+    # A bold heading ("**Step 3**", "**Case 2: n even**") is not an answer: at most one word of text.
+    if len(re.findall(r"(?<![\\A-Za-z])[A-Za-z]{2,}", re.sub(r"^(?:final\s+)?answer\s*[:：]", "", body, flags=re.I))) > 1:
+        return None
     return strip_answer_text(body) or None
 
 
@@ -290,7 +297,11 @@ def closing_sentence_answer(plain: str) -> str | None:
     sentences = re.split(r"(?<=[.!?])\s+(?=[A-Z\\$])", lines[-1])
     sentence = sentences[-1].strip()
     cue = _CUE_RE.match(sentence) or _END_CUE_RE.search(sentence)
-    if not cue or len(sentence) > 300 or _DOUBT_RE.search(sentence) or sentence.endswith("?"):
+    # A conclusion ends like one: a truncated generation ("So we have 3") or a plan ("so let's check 3 cases.")
+    # states no answer.
+    if not cue or len(sentence) > 300 or _DOUBT_RE.search(sentence) or _PLAN_RE.search(sentence):
+        return None
+    if not re.search(r"[.!](?:\$|\*\*|\))*$", sentence):
         return None
     spans = [next(g for g in m.groups() if g is not None) for m in _MATH_SPAN_RE.finditer(sentence)]
     if spans:
