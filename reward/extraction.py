@@ -174,6 +174,13 @@ _CUE_RE = re.compile(
     r"consequently|as\s+a\s+result|this\s+(?:gives|means)|which\s+(?:gives|means)|that\s+means)\b[,:]?\s*",
     re.IGNORECASE,
 )
+# "The total number of apples is 15.": a sentence about the asked quantity, stating its value.
+_SUBJECT_RE = re.compile(
+    r"^(?:the|our|its|her|his|their)\s+(?:[a-z]+\s+){0,2}?(?:answer|total|sum|result|value|number|product|"
+    r"difference|quotient|area|perimeter|volume|probability|length|width|height|radius|cost|price|amount|"
+    r"distance|speed|time|ratio|count|age|remainder|measure)\b[^.!?]{0,80}?\b(?:is|are|equals|was|comes\s+to)\s",
+    re.IGNORECASE,
+)
 _PLAN_RE = re.compile(r"\b(?:let's|let\s+us|next|we\s+(?:will|need\s+to\s+(?:check|find|compute|consider))|"
                       r"consider|check|suppose|assume|if)\b|\?", re.IGNORECASE)
 _END_CUE_RE = re.compile(r"\b(?:in\s+total|altogether|in\s+all|all\s+together)\s*[.!]?$", re.IGNORECASE)
@@ -296,7 +303,8 @@ def closing_sentence_answer(plain: str) -> str | None:
         return None
     sentences = re.split(r"(?<=[.!?])\s+(?=[A-Z\\$])", lines[-1])
     sentence = sentences[-1].strip()
-    cue = _CUE_RE.match(sentence) or _END_CUE_RE.search(sentence)
+    subject = _SUBJECT_RE.match(sentence)
+    cue = _CUE_RE.match(sentence) or _END_CUE_RE.search(sentence) or subject
     # A conclusion ends like one: a truncated generation ("So we have 3") or a plan ("so let's check 3 cases.")
     # states no answer.
     if not cue or len(sentence) > 300 or _DOUBT_RE.search(sentence) or _PLAN_RE.search(sentence):
@@ -309,7 +317,10 @@ def closing_sentence_answer(plain: str) -> str | None:
         return span.rsplit("=", 1)[-1].strip() if "=" in span and not re.search(r"[<>]|\\[lg]e", span) else span
     m = re.search(r"\b(?:is|are|equals|was|will\s+be|be)\s+(.+?)[.!]?$", sentence, re.IGNORECASE)
     if m and len(m.group(1).split()) <= 3 and re.search(r"\d", m.group(1)):
-        return m.group(1).strip()
+        value = m.group(1).strip()
+        return None if re.match(r"(?:not|never|no)\b", value, re.IGNORECASE) else value
+    if subject is not None:  # "the number 5 is prime and 7 is too": no value right after the verb
+        return None
     tokens = _NUMBER_TOKEN_RE.findall(sentence[cue.end() :] if cue.start() == 0 else sentence)
     # One number only: "3 red balls and 5 blue balls" states no single answer.
     return tokens[0].replace("−", "-") if len(tokens) == 1 else None

@@ -85,6 +85,11 @@ NO_BOX = [
     ("nb-two-numbers-closing", "Therefore, there are 3 red balls and 5 blue balls.", "5", NA),
     ("nb-same-line-retraction", "So the answer is 10. Hmm, wait, I need to recheck that.", "10", NA),
     ("nb-amc-option", r"Therefore, $\boxed{\textbf{(D)}\ 42}$", "D", OK),
+    ("nb-subject-sentence", "Counting both rows.\nThe total number of apples is 15.", "15", OK),
+    ("nb-subject-sentence-wrong", "Counting both rows.\nThe total number of apples is 16.", "15", NO),
+    ("nb-planning-sentence", "We split the work.\nSo, let us check the 3 cases.", "3", NA),
+    ("nb-truncated-sentence", "Adding the parts.\nTherefore, we get 3", "3", NA),
+    ("nb-subject-no-value", "The number 5 is prime and 7 is too.", "7", NA),
 ]
 
 LONG = [
