@@ -148,6 +148,22 @@ def _one_interval(s: str) -> str | None:
     return None
 
 
+_AND_SEP_RE = re.compile(r"\s*(?:\sand\s|\\land(?![A-Za-z])|\\wedge(?![A-Za-z])|,)\s*", re.IGNORECASE)
+
+
+def _intersection(s: str) -> str | None:
+    """`x > 2 and x < 5` -> `(2,5)`: one lower and one upper ray in the same variable."""
+    pieces = split_top(s, _AND_SEP_RE)
+    if len(pieces) != 2:
+        return None
+    rays = [_one_interval(p) for p in pieces]
+    lower = next((r for r in rays if r and r.endswith(",\\infty)") and not r.startswith("(-\\infty")), None)
+    upper = next((r for r in rays if r and r.startswith("(-\\infty,") and not r.endswith("\\infty)")), None)
+    if lower is None or upper is None:
+        return None
+    return lower[: -len("\\infty)")] + upper[len("(-\\infty,") :]
+
+
 def as_interval(s: str) -> str | None:
     """The interval (or union) an inequality in one variable describes, written without spaces; else None."""
     if not _REL_RE.search(s) and "\\in" not in s:
@@ -155,6 +171,9 @@ def as_interval(s: str) -> str | None:
     builder = _SET_BUILDER_RE.match(s.strip())
     if builder:
         s = builder.group(2)
+    both = _intersection(s)
+    if both is not None:
+        return both
     pieces = split_top(s, _UNION_SEP_RE)
     out = [_one_interval(p) for p in pieces]
     if any(o is None for o in out):

@@ -140,8 +140,8 @@ def _same_item(a: str, b: str) -> bool | None:
 
 def _compare_lists(pred: list[str], gold: list[str]) -> tuple[Verdict | None, str, str]:
     """Sets of solutions: (verdict or None, pred, gold as `\\{...\\}` for math-verify when undecided)."""
-    p = list(dict.fromkeys(normalize(x) for x in pred))
-    g = list(dict.fromkeys(normalize(x) for x in gold))
+    p = list(dict.fromkeys(normalize(strip_assignment(x)) for x in pred))
+    g = list(dict.fromkeys(normalize(strip_assignment(x)) for x in gold))
     canon = ("\\{" + ", ".join(p) + "\\}", "\\{" + ", ".join(g) + "\\}")
     if len(p) != len(g):
         return "incorrect", *canon

@@ -162,6 +162,8 @@ def words_to_number(s: str) -> str | None:
     """An answer written in words as a number string: `twelve` -> `12`, `five apples` -> `5`, `two thirds` ->
     `2/3`, `one half` -> `1/2`; None when `s` does not start with number words (or is only a unit)."""
     words = re.split(r"[\s-]+", s.strip().lower().rstrip("."))
+    if words in (["half"], ["a", "half"], ["one", "half"]):
+        return "1/2"
     for cut in range(len(words), 0, -1):
         value = number_from_words(" ".join(words[:cut]))
         if value is None:
