@@ -205,6 +205,11 @@ NORMALIZATION = [
     ("norm-eq-spaced", B(r"x=1 \quad x=2"), "1, 2", OK),
     ("norm-eq-name-once", B(r"x = 2 \text{ or } -3"), r"\{-3,2\}", OK),
     ("norm-sqrt-index-call", B(r"\sqrt[3](8)"), "2", OK),
+    ("norm-ineq-intersection", B(r"x>2 \text{ and } x<5"), "(2,5)", OK),
+    ("norm-ineq-intersection-wrong", B(r"x>2 \text{ and } x\le 5"), "(2,5)", NO),
+    ("norm-assignment-vs-singleton", B("x = 2"), r"\{2\}", OK),
+    ("norm-factorial-vs-int", B("20!"), "2432902008176640000", OK),
+    ("norm-word-half", B(r"\text{one half}"), "0.5", OK),
 ]
 
 TOLERANCE = [

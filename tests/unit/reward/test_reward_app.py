@@ -127,3 +127,21 @@ def test_invalid_unicode_in_a_bad_request_gets_a_clean_422(client: TestClient) -
     locs = [tuple(d["loc"]) for d in body["detail"]]
     assert ("body", "items", "0", "gold") in locs and "response" in body["hint"]
     assert "input" not in body["detail"][0]  # the offending input is never echoed
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"[" * 100_000 + b"]" * 100_000,  # nesting deeper than the JSON parser's recursion limit
+        b'{"items": [{"response": "x", "gold": ' + b"1" * 5_000 + b"}]}",  # int over Python's digit limit
+        b'{"items": [{"response": 1e999999, "gold": "1"}]}',
+        b"\xef\xbb\xbf" + b'{"items": [{"response": "\\\\boxed{1}", "gold": "1"}]}',  # UTF-8 BOM
+        b'{"items": [{"response": "\xff\xfe\xfd", "gold": "1"}]}',  # not UTF-8
+        b'{"items": [{"response": null, "gold": null}]}',
+        b'{"items": [{"response": "' + "é".encode() * 300_000 + b'\\\\boxed{1}", "gold": "1"}]}',
+    ],
+)
+def test_hostile_bodies_never_get_5xx(client: TestClient, raw: bytes) -> None:
+    r = client.post("/v1/grade", content=raw, headers={"content-type": "application/json"})
+    assert r.status_code < 500, r.text[:300]
+    assert r.status_code in (200, 400, 413, 422)
