@@ -253,10 +253,19 @@ def strip_answer_text(s: str) -> str:
     return m.group(1).strip() if m else s
 
 
+_HYPOTHETICAL_RE = re.compile(r"\b(?:if|whether|suppose|supposing|assume|assuming|check|verify|test|guess)\b[^.!?\n]*$",
+                              re.IGNORECASE)
+
+
+def _hypothetical(text: str, pos: int) -> bool:
+    """"If the answer is 5, ...", "check whether 5 is the answer": a phrase inside a supposition states nothing."""
+    return _HYPOTHETICAL_RE.search(text, max(0, pos - 60), pos) is not None
+
+
 def phrase_answer(plain: str) -> tuple[int, str] | None:
     """(position, answer) of the last explicit answer phrase in demarked text, unless second thoughts follow."""
-    hits = list(_PHRASE_RE.finditer(plain))
-    reverse = list(_REVERSE_PHRASE_RE.finditer(plain))
+    hits = [h for h in _PHRASE_RE.finditer(plain) if not _hypothetical(plain, h.start())]
+    reverse = [h for h in _REVERSE_PHRASE_RE.finditer(plain) if not _hypothetical(plain, h.start())]
     if reverse and (not hits or reverse[-1].start() > hits[-1].start()):
         hit, rest = reverse[-1], reverse[-1].group(1)
         after = plain[hit.end() :]

@@ -90,6 +90,8 @@ NO_BOX = [
     ("nb-planning-sentence", "We split the work.\nSo, let us check the 3 cases.", "3", NA),
     ("nb-truncated-sentence", "Adding the parts.\nTherefore, we get 3", "3", NA),
     ("nb-subject-no-value", "The number 5 is prime and 7 is too.", "7", NA),
+    ("nb-hypothetical", "If the answer is 5, then the sum would be odd, so we look further", "5", NA),
+    ("nb-check-whether", "Next we check whether 5 is the answer", "5", NA),
 ]
 
 LONG = [
