@@ -23,6 +23,14 @@ def _alarm(signum: int, frame: object) -> None:
     raise _CaseTimeout()
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _math_verify_loaded() -> None:
+    """Import math-verify/sympy once outside the per-case timer (the import alone takes seconds on a busy box)."""
+    from reward.grading import load_math_verify
+
+    load_math_verify()
+
+
 def test_table_is_big_and_unique() -> None:
     ids = [c[0] for c in CASES]
     assert len(CASES) >= 150
