@@ -116,7 +116,7 @@ def tail(response: str, tail_chars: int = TAIL_CHARS) -> str:
 # What may stand between two boxes of one answer group: connectors, math spacing, `x =`, punctuation.
 _CONNECTOR_RE = re.compile(
     r"(?:\\text\{|\\mathrm\{|\\quad|\\qquad|\\[,;:! ]|\\(?:text|mbox)\b|[\s$,;&{}()]|\\\(|\\\)|\\\[|\\\]|"
-    r"\b(?:and|or|as well as|also)\b|[A-Za-z](?:_\{?\w+\}?)?\s*=|\\(?:lor|vee|cup)\b)*",
+    r"\\\\|\b(?:and|or|as well as|also)\b|[A-Za-z](?:_\{?\w+\}?)?\s*&?=|\\(?:lor|vee|cup)\b)*",
     re.IGNORECASE,
 )
 

@@ -52,6 +52,8 @@ MULTI_BOX = [
     ("mb-parts-by-paragraph", "**Part (a):** $\\boxed{12}$\n\n**Part (b):** $\\boxed{7}$", "12, 7", OK),
     ("mb-same-value-aside", r"So $\boxed{4}$ (or $\boxed{2^2}$).", "4", OK),
     ("mb-sentences-solutions", r"One root is $\boxed{2}$. The other root is $\boxed{3}$.", r"\{2,3\}", OK),
+    ("mb-align-rows", r"\begin{align} x &= \boxed{2} \\ x &= \boxed{3} \end{align}", "3, 2", OK),
+    ("mb-align-rows-hedge", r"\begin{align} x &= \boxed{2} \\ x &= \boxed{3} \end{align}", "2", NA),
     ("mb-think-then-final", "<think>\nmaybe \\boxed{3}\n</think>\n\nThe answer is $\\boxed{4}$.", "3", NO),
 ]
 
