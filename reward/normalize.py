@@ -30,7 +30,12 @@ _SYMBOLS = {
 _SYMBOL_RE = re.compile("|".join(map(re.escape, _SYMBOLS)))
 
 
+_SUPERSCRIPT_RUN_RE = re.compile("[⁰¹²³⁴⁵⁶⁷⁸⁹⁻]{2,}")
+
+
 def normalize_unicode(s: str) -> str:
+    # A run of superscripts is one exponent: 10⁻⁵ -> 10^{-5}, x¹² -> x^{12}; a single one stays x^2.
+    s = _SUPERSCRIPT_RUN_RE.sub(lambda m: "^{" + m.group(0).translate(_SUPERSCRIPTS).replace("^", "") + "}", s)
     s = s.translate(_SUPERSCRIPTS)
     s = _SYMBOL_RE.sub(lambda m: _SYMBOLS[m.group(0)], s)
     if s.isascii():

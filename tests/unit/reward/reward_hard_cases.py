@@ -120,6 +120,8 @@ UNICODE = [
     ("uni-emoji", "Done 🎉 \\boxed{10} ✅", "10", OK),
     ("uni-rtl-marks", "\\boxed{\u200f42\u200e}", "42", OK),
     ("uni-fullwidth-fraction", "\\boxed{１/２}", "0.5", OK),
+    ("uni-superscript-exponent", "\\boxed{2×10⁻⁵}", "0.00002", OK),
+    ("uni-superscript-exponent-wrong", "\\boxed{2×10⁻⁴}", "0.00002", NO),
     ("uni-bom-and-zero-width", "\ufeff\\boxed{7\u2060}", "7", OK),
     ("uni-surrogate-gold", "\\boxed{3}", "3\udc80", NO),
     ("uni-replacement-char-wrong", "\\boxed{3\ufffd}", "3", NO),
