@@ -156,7 +156,7 @@ _PHRASE_RE = re.compile(
     r"(?:final\s+answer|\banswer)[*_]*"
     r"(?:\s+(?:is|will\s+be|should\s+be|would\s+be|=)\s*:?|\s*[:：=]|\s*[—–→⇒]|\s*->|\s*\\Rightarrow|\s+-{1,2}(?=\s))"
     r"|\bthe\s+(?:final\s+)?(?:result|solution)\s+is\s*:?|\bthe\s+(?:correct\s+)?(?:option|choice)\s+is\s*:?"
-    r"|^[ \t#>]*final\s+answer[ \t]*[:：.]?[ \t]*(?=\n)"  # a heading: the answer is on the next line
+    r"|^[ \t#>]*(?:final\s+)?answer[ \t]*[:：.]?[ \t]*(?=\n)"  # a heading: the answer is on the next line
     r"|^[ \t]*####[ \t]*(?=[-$\\\d])",  # GSM8K style: "#### 42"
     re.IGNORECASE | re.MULTILINE,
 )

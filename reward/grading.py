@@ -314,8 +314,10 @@ def surely_different(gold: object, pred: object) -> bool:
     """True only when two scalar sympy expressions evaluate to clearly different numbers (at the same probe
     point for any free symbols). Equal expressions agree at every point, so this can never reject a right
     answer; it spares math-verify's slowest path (all strategies failing) for the common wrong answer."""
-    from sympy import Expr
+    from sympy import Expr, FiniteSet
 
+    if isinstance(gold, FiniteSet) and isinstance(pred, FiniteSet):
+        return _sets_surely_different(gold, pred)
     if not (isinstance(gold, Expr) and isinstance(pred, Expr)):
         return False
     symbols = gold.free_symbols | pred.free_symbols
@@ -330,6 +332,33 @@ def surely_different(gold: object, pred: object) -> bool:
     if not all(map(math.isfinite, (a.real, a.imag, b.real, b.imag))):
         return False
     return abs(a - b) > 1e-5 * max(1.0, abs(a), abs(b))
+
+
+def _constant_values(items: object) -> list[complex] | None:
+    from sympy import Expr
+
+    values = []
+    for x in items:  # type: ignore[attr-defined]
+        if not isinstance(x, Expr) or x.free_symbols:
+            return None
+        try:
+            v = complex(x.evalf(20))
+        except (TypeError, ValueError, ArithmeticError, AttributeError):
+            return None
+        if not (math.isfinite(v.real) and math.isfinite(v.imag)):
+            return None
+        values.append(v)
+    return values
+
+
+def _sets_surely_different(gold: object, pred: object) -> bool:
+    """Two finite sets of constants: True when some element of one has no clearly equal element in the other
+    (the same test as for scalars, element by element), so math-verify's slow set matching is skipped."""
+    a, b = _constant_values(gold), _constant_values(pred)
+    if a is None or b is None:
+        return False
+    close = lambda x, y: abs(x - y) <= 1e-5 * max(1.0, abs(x), abs(y))  # noqa: E731
+    return len(a) != len(b) or any(not any(close(x, y) for y in b) for x in a)
 
 
 # Relative tolerance between two numbers when one side holds a decimal (a sympy Float): about the 6 significant

@@ -43,6 +43,8 @@ def normalize_unicode(s: str) -> str:
     # NFKC folds fullwidth digits/letters and vulgar fractions (½ -> 1⁄2); other scripts' digits via unicodedata.
     s = unicodedata.normalize("NFKC", s)
     s = _SYMBOL_RE.sub(lambda m: _SYMBOLS[m.group(0)], s)
+    # Emoji and other pictographs (✅, 🎉, ★) carry no value.
+    s = "".join(c for c in s if c.isascii() or c == "\ufffd" or unicodedata.category(c) != "So")
     return "".join(str(unicodedata.digit(c)) if not c.isascii() and c.isdigit() else c for c in s)
 
 

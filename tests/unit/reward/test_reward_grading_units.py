@@ -181,3 +181,12 @@ def test_math_verify_rounding_never_makes_different_values_equal(pred: str, gold
     mv_says = verify(list(grading._parse(gold)), list(grading._parse(pred)), timeout_seconds=None)
     assert not grading.verify_pair(pred, gold), f"math-verify alone says {mv_says}"
     assert grading.verify_pair("\\frac{\\sqrt{2}}{2}", "\\frac{1}{\\sqrt{2}}")  # equal exact forms still pass
+
+
+def test_numeric_disagreement_check_on_finite_sets() -> None:
+    from reward.grading import _parse, load_math_verify, surely_different
+
+    load_math_verify()
+    right = _parse("\\{1+\\sqrt{2}, 1-\\sqrt{2}\\}")[0]
+    assert surely_different(right, _parse("\\{1+\\sqrt{2}, 1-\\sqrt{3}\\}")[0])
+    assert not surely_different(right, _parse("\\{1-\\sqrt{2}, \\frac{2+\\sqrt{8}}{2}\\}")[0])  # equal sets
