@@ -67,10 +67,26 @@ _EMPTY_RE = re.compile(
 EMPTY = r"\emptyset"
 
 
+_ASSIGN_PREFIX_RE = re.compile(r"^([A-Za-z](?:_\{?\w+\}?)?\s*=\s*)(.+)$")
+
+
 def _unit_free(s: str) -> str:
+    """A unit written as text after the number goes (also on the right of `x = `)."""
+    a = _ASSIGN_PREFIX_RE.match(s)
+    prefix, s = (a.group(1), a.group(2)) if a else ("", s)
     m = _TEXT_UNIT_RE.match(s)
     if m and m.group(2).strip().rstrip(".").lower() not in _NOT_UNITS - {"in"}:
-        return m.group(1)
+        return prefix + m.group(1)
+    return prefix + s
+
+
+def _unit_words_free(s: str) -> str:
+    """Unit words after a plain number go: "5 cm", "12 dollars", "5 cm^2", "x = 5 cm"."""
+    a = _ASSIGN_PREFIX_RE.match(s)
+    prefix, rest = (a.group(1), a.group(2)) if a else ("", s)
+    m = _UNIT_WORD_RE.match(rest)
+    if m and not {re.sub(r"[.^{}\d\s]", "", w).lower() for w in m.group(2).split()} & _NOT_UNITS:
+        return prefix + m.group(1)
     return s
 
 
@@ -116,11 +132,9 @@ def normalize(s: str) -> str:
     s = re.sub(r"\\?%|\s*percent\s*$", "", s)
     s = re.sub(r"\s+", " ", s).strip()
     s = s.rstrip(".").strip()
-    # Trailing unit words after a plain number: "5 cm", "12 dollars", "5 cm^2".
-    m = _UNIT_WORD_RE.match(s)
-    if m and not {re.sub(r"[.^{}\d\s]", "", w).lower() for w in m.group(2).split()} & _NOT_UNITS:
-        s = m.group(1)
+    s = _unit_words_free(s)
     s = s.replace("{,}", ",")
+    s = re.sub(r"\+\s*\\infty", r"\\infty", s)  # [3, +\infty) is [3, \infty)
     # Thousands separators: 1,000,000 / 1 000 000 -> 1000000 (exact 3-digit groups only: tuples like 1,2 survive).
     if re.fullmatch(r"[+-]?\d{1,3}(?:,\d{3})+(?:\.\d+)?|[+-]?\d{1,3}(?: \d{3})+(?:\.\d+)?", s):
         s = s.replace(",", "").replace(" ", "")

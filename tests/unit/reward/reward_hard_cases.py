@@ -216,6 +216,8 @@ NORMALIZATION = [
     ("norm-assignment-vs-singleton", B("x = 2"), r"\{2\}", OK),
     ("norm-factorial-vs-int", B("20!"), "2432902008176640000", OK),
     ("norm-word-half", B(r"\text{one half}"), "0.5", OK),
+    ("norm-assignment-with-unit", B(r"x = 5 \text{ cm}"), "5", OK),
+    ("norm-plus-infinity", B(r"x \ge 3"), r"[3, +\infty)", OK),
 ]
 
 TOLERANCE = [
