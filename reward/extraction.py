@@ -74,14 +74,18 @@ def find_boxes(text: str) -> list[Box]:
     """Every `\\boxed`/`\\fbox` in order, with its brace-matched content (or None when unclosed)."""
     boxes: list[Box] = []
     pairs: dict[int, int] | None = None
+    offset = 0
     for m in _BOX_RE.finditer(text):
         i = m.end()
         while i < len(text) and text[i] in " \t":
             i += 1
         if i < len(text) and text[i] == "{":
             if pairs is None:
-                pairs = _brace_pairs(text)
-            close = pairs.get(i)
+                # Braces opened after the first box pair up among themselves: match from there, not from 0.
+                offset = m.start()
+                pairs = _brace_pairs(text[offset:])
+            close = pairs.get(i - offset)
+            close = None if close is None else close + offset
             if close is None:
                 boxes.append(Box(m.start(), len(text), None))
             else:
@@ -253,6 +257,7 @@ def strip_answer_text(s: str) -> str:
     return m.group(1).strip() if m else s
 
 
+_ANCHOR_RE = re.compile(r"answer|result|solution|option|choice|####", re.IGNORECASE)
 _HYPOTHETICAL_RE = re.compile(r"\b(?:if|whether|suppose|supposing|assume|assuming|check|verify|test|guess)\b[^.!?\n]*$",
                               re.IGNORECASE)
 
@@ -264,8 +269,12 @@ def _hypothetical(text: str, pos: int) -> bool:
 
 def phrase_answer(plain: str) -> tuple[int, str] | None:
     """(position, answer) of the last explicit answer phrase in demarked text, unless second thoughts follow."""
-    hits = [h for h in _PHRASE_RE.finditer(plain) if not _hypothetical(plain, h.start())]
-    reverse = [h for h in _REVERSE_PHRASE_RE.finditer(plain) if not _hypothetical(plain, h.start())]
+    anchor = _ANCHOR_RE.search(plain)
+    if anchor is None:
+        return None
+    start = max(0, anchor.start() - 250)  # every phrase begins within 250 characters before its anchor word
+    hits = [h for h in _PHRASE_RE.finditer(plain, start) if not _hypothetical(plain, h.start())]
+    reverse = [h for h in _REVERSE_PHRASE_RE.finditer(plain, start) if not _hypothetical(plain, h.start())]
     if reverse and (not hits or reverse[-1].start() > hits[-1].start()):
         hit, rest = reverse[-1], reverse[-1].group(1)
         after = plain[hit.end() :]
