@@ -6,8 +6,9 @@ service (its own process, free port), next to math-verify called in-process on o
 The mix imitates what actors send: prompts with 4 sampled ~1.5 kB chain-of-thought responses each; answers
 from toy arithmetic (integers, 45% of prompts) and fractions/decimals (15%) to MATH-style LaTeX with random
 parameters (40%: radicals, pi, polynomials, intervals, sets, tuples, matrices, lines, complex numbers), about
-45% right, 40% wrong, 7% without a final answer. Every response is unique and the service cache is off
-(unless --cache), so every item is really graded. Results: a rich table and
+45% right, 40% wrong, 7% without a final answer, 3% "final answer is" without a box, 5% with an intermediate
+boxed result before the final box; 2% of responses are long chains of thought (20-60 kB). Every response is
+unique and the service cache is off (unless --cache), so every item is really graded. Results: a rich table and
 bench/results/reward.json.
 """
 
@@ -90,6 +91,8 @@ def make_mix(n: int, seed: int = 0, samples_per_prompt: int = 4) -> list[GradeIt
         for _ in range(samples_per_prompt):
             i = len(items)
             text = f"Sample {i}. " + FILLER * rng.randint(6, 14)
+            if rng.random() < 0.02:  # a reasoning model's long chain of thought (the grader reads its tail)
+                text = f"Sample {i}. " + FILLER * rng.randint(120, 400)
             r = rng.random()
             if r < 0.45:
                 resp = f"{text}Putting it together, the answer is $\\boxed{{{right}}}$."
@@ -97,8 +100,11 @@ def make_mix(n: int, seed: int = 0, samples_per_prompt: int = 4) -> list[GradeIt
                 resp = f"{text}Putting it together, the answer is $\\boxed{{{wrong}}}$."
             elif r < 0.92:  # truncated generation: no final answer
                 resp = text + "Hence we need to compute"
-            else:  # final-answer phrase, no box
-                resp = f"{text}\nThe final answer is ${right if r < 0.96 else wrong}$."
+            elif r < 0.95:  # final-answer phrase, no box
+                resp = f"{text}\nThe final answer is ${right if r < 0.935 else wrong}$."
+            else:  # an intermediate result boxed before the final one
+                resp = (f"{text}First, $a = \\boxed{{{rng.randint(2, 9)}}}$. Then the answer is "
+                        f"$\\boxed{{{right if r < 0.975 else wrong}}}$.")
             items.append(GradeItem(response=resp, gold=gold))
     return items[:n]
 

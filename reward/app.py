@@ -1,6 +1,6 @@
 """The reward service: FastAPI app around the grading library and the supervised worker pool.
 
-Routes: ``POST /v1/grade`` (DESIGN.md §6 wire format), ``GET /health``, ``GET /metrics``, ``GET /v1/config``.
+Routes: ``POST /v1/grade`` (wire format: ``reward.schema``), ``GET /health``, ``GET /metrics``, ``GET /v1/config``.
 Grading an item: cache lookup -> extraction/normalization/fast path (no sympy, in a thread) -> math-verify in a
 worker process for what is left (identical pairs in one batch are verified once).
 """
@@ -19,7 +19,8 @@ from contextlib import asynccontextmanager
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
-from fastapi import APIRouter, FastAPI
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -33,7 +34,15 @@ from pydantic import BaseModel, ConfigDict
 
 from reward.grading import Prepared, prepare
 from reward.pool import WorkerPool
-from reward.schema import GradeItem, GradeRequest, GradeResponse, GradeResult
+from reward.schema import (
+    MAX_BATCH_ITEMS,
+    MAX_GOLD_CHARS,
+    GradeItem,
+    GradeRequest,
+    GradeResponse,
+    GradeResult,
+    valid_unicode,
+)
 from reward.settings import RewardSettings
 
 log = logging.getLogger(__name__)
@@ -245,6 +254,20 @@ class Grader:
         return results
 
 
+_REQUEST_SHAPE = (f'expected {{"items": [{{"response": "<text>", "gold": "<text>"}}, ...]}} with 1 to {MAX_BATCH_ITEMS} '
+                  f"items, both fields strings, gold at most {MAX_GOLD_CHARS} characters")
+
+
+async def validation_error(request: Request, exc: Exception) -> JSONResponse:
+    """422 naming each bad field and the expected shape. The offending input is never echoed: it can be megabytes
+    long or hold text that does not encode (FastAPI's default handler failed with 500 on lone surrogates)."""
+    errors = exc.errors() if isinstance(exc, RequestValidationError) else []
+    detail = [{"loc": [valid_unicode(str(part)) for part in e.get("loc", ())],
+               "msg": valid_unicode(str(e.get("msg", "invalid"))), "type": str(e.get("type", "invalid"))}
+              for e in errors[:20]]
+    return JSONResponse({"detail": detail, "hint": _REQUEST_SHAPE}, status_code=422)
+
+
 def _pkg_version(name: str) -> str | None:
     try:
         return version(name)
@@ -269,6 +292,7 @@ def create_app(settings: RewardSettings | None = None) -> FastAPI:
             await grader.pool.close()
 
     app = FastAPI(title="tbrm reward", version="0.1.0", lifespan=lifespan)
+    app.add_exception_handler(RequestValidationError, validation_error)
     app.state.grader = grader
     app.state.settings = settings
     router = APIRouter(prefix="/v1")

@@ -8,7 +8,8 @@ Used by actors (and eval) to grade responses::
 
 Retries happen only on transport errors (connect/read failures, timeouts) and 5xx answers, with exponential
 backoff; 4xx answers (a malformed request) raise at once, because retrying cannot fix them. Batches larger
-than the server's cap are split transparently, results come back in input order.
+than the server's cap (items, or about MAX_REQUEST_BYTES of JSON) are split transparently, results come back in
+input order. Only the last MAX_RESPONSE_CHARS characters of a response are sent: the grader reads its tail.
 """
 
 from __future__ import annotations
@@ -21,11 +22,20 @@ from collections.abc import Sequence
 
 import httpx
 
-from reward.schema import MAX_BATCH_ITEMS, GradeItem, GradeRequest, GradeResponse, GradeResult
+from reward.schema import (
+    MAX_BATCH_ITEMS,
+    MAX_RESPONSE_CHARS,
+    GradeItem,
+    GradeRequest,
+    GradeResponse,
+    GradeResult,
+)
 
 log = logging.getLogger(__name__)
 
 DEFAULT_REWARD_URL = "http://127.0.0.1:8001"
+# Target size of one request body; well under the service's default `max_body_bytes` (32 MiB).
+MAX_REQUEST_BYTES = 8 * 2**20
 
 
 class RewardServiceError(RuntimeError):
@@ -37,7 +47,7 @@ class RewardServiceError(RuntimeError):
 
 
 def default_reward_url() -> str:
-    """`TBRM_REWARD_URL` or the default local address (DESIGN.md §6)."""
+    """`TBRM_REWARD_URL` or the default local address (port 8001)."""
     return os.environ.get("TBRM_REWARD_URL", DEFAULT_REWARD_URL)
 
 
@@ -97,7 +107,18 @@ class RewardClient:
 
     def _chunks(self, items: Sequence[GradeItem]) -> list[list[GradeItem]]:
         items = [it if isinstance(it, GradeItem) else GradeItem.model_validate(it) for it in items]
-        return [items[i : i + self.batch_size] for i in range(0, len(items), self.batch_size)]
+        items = [it.model_copy(update={"response": it.response[-MAX_RESPONSE_CHARS:]})
+                 if len(it.response) > MAX_RESPONSE_CHARS else it for it in items]
+        chunks: list[list[GradeItem]] = []
+        size = 0
+        for it in items:
+            cost = 6 * (len(it.response) + len(it.gold)) + 64  # JSON bytes, worst case (\uXXXX escapes)
+            if not chunks or len(chunks[-1]) >= self.batch_size or size + cost > MAX_REQUEST_BYTES:
+                chunks.append([])
+                size = 0
+            chunks[-1].append(it)
+            size += cost
+        return chunks
 
     @staticmethod
     def _body(chunk: list[GradeItem]) -> bytes:

@@ -1,19 +1,19 @@
-"""Math answer grading: extraction, normalization, a fast exact path, guards, and the math-verify step.
+"""Math answer grading: extraction, normalization, exact fast paths, guards, and the math-verify step.
 
-The pipeline for one (response, gold) pair:
+The pipeline for one (response, gold) pair (the policy in words: docs/grading.md):
 
-1. ``extract_answer(response)``: the last ``\\boxed{}``/``\\fbox{}`` (real brace matching; ``\\{`` does not
-   count), else "the final answer is ...", else an ``Answer:`` last line. An unclosed final box, an empty box, or
-   several *different* boxed answers in the final paragraph give no answer (hedging must never earn reward).
-2. ``normalize``: unicode digits/minus/symbols, ``$``, ``\\left``/``\\right``, spacing macros, ``\\text{}``,
-   ``\\dfrac``/``\\tfrac``, degrees, percent, thousands separators, trailing unit words after a number.
-3. ``fast_grade``: identical normalized strings -> correct; two plain numbers (integers, decimals, fractions,
-   scientific notation, repeating decimals) are compared exactly with ``Fraction``; text answers (words) are
-   compared as strings; anything a guard flags (power towers, huge factorials, deep nesting, huge literals) is
-   decided without sympy (incorrect). Only what is left needs math-verify.
-4. ``verify_pair`` (math-verify ``parse`` + ``verify(gold, pred)``, gold first) -- called ONLY inside supervised
-   worker processes (``reward.pool``), because math-verify's timeouts rely on signals and sympy can hang or blow
-   up memory.
+1. ``reward.extraction.extract``: the final answer in the last ``TAIL_CHARS`` characters: the final group of
+   ``\\boxed{}``/``\\fbox{}`` (several different boxes joined by "and"/"or"/commas are a list of solutions),
+   else an answer phrase ("final answer is", "the answer is", "Answer:"), a bold last line, a closing sentence.
+2. ``reward.normalize.normalize``: unicode, delimiters, currency, spacing, wrappers, units, number words, roots,
+   the empty set.
+3. ``decide``: identical strings; the empty set; lists of solutions compared as sets; inequalities as intervals;
+   text answers as strings; plain numbers and rational expressions with powers exactly (``reward.exact``;
+   a decimal approximates only to its own last digit); guards for what can hang sympy. Only what is left
+   needs math-verify.
+4. ``verify_pair`` (math-verify ``parse`` + ``verify(gold, pred)``, gold first, then an exactness check so that
+   its float rounding never makes two different numbers equal) -- called ONLY inside supervised worker
+   processes (``reward.pool``), because math-verify's timeouts rely on signals and sympy can hang.
 
 False positives are worse than false negatives: wherever a rule is unsure, it answers incorrect.
 """
@@ -23,122 +23,23 @@ from __future__ import annotations
 import functools
 import math
 import re
-import unicodedata
 from dataclasses import dataclass
-from fractions import Fraction
 from typing import Literal
+
+from reward.exact import Number, exact_value, numbers_match, parse_number, power_form
+from reward.extraction import Extraction, extract, extract_answer, find_boxes
+from reward.forms import as_interval, as_items, as_tuple, strip_assignment
+from reward.normalize import EMPTY, is_text_answer, key, normalize
+from reward.schema import valid_unicode
+
+__all__ = ["extract_answer", "find_boxes", "gold_answer", "guard_reason", "normalize", "numbers_match",
+           "parse_number", "prepare", "grade_in_process", "verify_pair"]
 
 Verdict = Literal["correct", "incorrect", "no_answer"]
 
 # Answers longer than this (after extraction) are never handed to sympy; string equality still counts.
 MAX_ANSWER_CHARS = 1_000
-
 _BOX_RE = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])")
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Extraction
-# --------------------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Box:
-    start: int
-    end: int
-    content: str | None  # None: the box was never closed
-
-
-def _brace_pairs(text: str) -> dict[int, int]:
-    """Index of each `{` -> index of its closing `}` (escaped `\\{`/`\\}` skipped), in one O(n) pass.
-
-    One pass for the whole text keeps extraction linear even for thousands of (unclosed) boxes.
-    """
-    pairs: dict[int, int] = {}
-    stack: list[int] = []
-    i = 0
-    n = len(text)
-    while i < n:
-        c = text[i]
-        if c == "\\":
-            i += 2  # an escaped char (\{, \}, \\) never opens or closes a group
-            continue
-        if c == "{":
-            stack.append(i)
-        elif c == "}" and stack:
-            pairs[stack.pop()] = i
-        i += 1
-    return pairs
-
-
-def find_boxes(text: str) -> list[Box]:
-    """Every `\\boxed`/`\\fbox` in order, with its brace-matched content (or None when unclosed)."""
-    boxes: list[Box] = []
-    pairs: dict[int, int] | None = None
-    for m in _BOX_RE.finditer(text):
-        i = m.end()
-        while i < len(text) and text[i] in " \t":
-            i += 1
-        if i < len(text) and text[i] == "{":
-            if pairs is None:
-                pairs = _brace_pairs(text)
-            close = pairs.get(i)
-            if close is None:
-                boxes.append(Box(m.start(), len(text), None))
-            else:
-                boxes.append(Box(m.start(), close + 1, text[i + 1 : close]))
-        elif i > m.end():
-            # `\boxed 5`: TeX takes the next token; take the run up to whitespace or `$`.
-            tok = re.match(r"[^\s$]+", text[i:])
-            boxes.append(Box(m.start(), i + (tok.end() if tok else 0), tok.group(0) if tok else None))
-        else:
-            boxes.append(Box(m.start(), m.end(), None))
-    return boxes
-
-
-_FINAL_ANSWER_RE = re.compile(r"final\s+answer\s+is\s*:?\s*", re.IGNORECASE)
-_ANSWER_LINE_RE = re.compile(r"^[\s*#>_-]*(?:final\s+)?answer\s*[:：](.+)$", re.IGNORECASE)
-
-
-def _strip_answer_text(s: str) -> str:
-    s = s.strip().strip("*_ ")
-    # Content of the first math span if the answer is written in math mode ($...$, \(...\), \[...\]).
-    m = re.match(r"^\$\$?(.+?)\$\$?", s) or re.match(r"^\\\((.+?)\\\)", s) or re.match(r"^\\\[(.+?)\\\]", s)
-    if m:
-        return m.group(1).strip()
-    return s.rstrip(" .").strip()
-
-
-def extract_answer(response: str) -> str | None:
-    """The final answer of `response`, or None when there is none (or it is ambiguous/unclosed)."""
-    boxes = find_boxes(response)
-    if boxes:
-        last = boxes[-1]
-        if last.content is None or not last.content.strip():
-            return None
-        # The final paragraph's boxes (no blank line between them) must agree.
-        group = [last]
-        for box in reversed(boxes[:-1]):
-            if box.end > group[0].start:
-                continue  # encloses a later box (nested boxes): part of it, not a separate answer
-            if box.content is None or "\n\n" in response[box.end : group[0].start]:
-                break
-            group.insert(0, box)
-            if len(group) > 16:
-                return None  # a wall of boxes is not a final answer
-        answers = {normalize(b.content or "") for b in group}
-        if len(answers) > 1:
-            return None
-        return last.content.strip()
-    hits = list(_FINAL_ANSWER_RE.finditer(response))
-    if hits:
-        rest = response[hits[-1].end() :].split("\n", 1)[0]
-        ans = _strip_answer_text(rest)
-        return ans or None
-    lines = [ln for ln in response.strip().splitlines() if ln.strip()]
-    if lines:
-        m = _ANSWER_LINE_RE.match(lines[-1])
-        if m:
-            ans = _strip_answer_text(m.group(1))
-            return ans or None
-    return None
 
 
 def gold_answer(gold: str) -> str:
@@ -148,152 +49,6 @@ def gold_answer(gold: str) -> str:
         if ans is not None:
             return ans
     return gold.strip()
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Normalization
-# --------------------------------------------------------------------------------------------------------------
-_SUPERSCRIPTS = str.maketrans({"⁰": "^0", "¹": "^1", "²": "^2", "³": "^3", "⁴": "^4", "⁵": "^5", "⁶": "^6",
-                               "⁷": "^7", "⁸": "^8", "⁹": "^9", "⁻": "^-"})
-_SYMBOLS = {
-    "−": "-", "–": "-", "—": "-", "‐": "-", "‒": "-", "﹣": "-", "－": "-",
-    "×": r"\times ", "·": r"\cdot ", "⋅": r"\cdot ", "÷": r"\div ", "∗": "*",
-    "π": r"\pi ", "∞": r"\infty ", "√": r"\sqrt ", "≤": r"\le ", "≥": r"\ge ", "≠": r"\ne ",
-    "∪": r"\cup ", "∩": r"\cap ", "∈": r"\in ", "±": r"\pm ", "°": r"^\circ ", "º": r"^\circ ",
-    "⁄": "/", "∕": "/", "，": ",", "：": ":", "（": "(", "）": ")",
-    "\u00a0": " ", "\u2009": " ", "\u202f": " ", "\u200b": "",
-}
-_SYMBOL_RE = re.compile("|".join(map(re.escape, _SYMBOLS)))
-
-
-def normalize_unicode(s: str) -> str:
-    s = s.translate(_SUPERSCRIPTS)
-    s = _SYMBOL_RE.sub(lambda m: _SYMBOLS[m.group(0)], s)
-    if s.isascii():
-        return s
-    # NFKC folds fullwidth digits/letters and vulgar fractions (½ -> 1⁄2); other scripts' digits via unicodedata.
-    s = unicodedata.normalize("NFKC", s)
-    s = _SYMBOL_RE.sub(lambda m: _SYMBOLS[m.group(0)], s)
-    return "".join(str(unicodedata.digit(c)) if not c.isascii() and c.isdigit() else c for c in s)
-
-
-_TEXT_MACRO_RE = re.compile(r"\\(?:text|textbf|textit|textrm|textnormal|mathrm|mathbf|mathit|mbox|hbox|operatorname)\s*\{([^{}]*)\}")
-_UNIT_WORD_RE = re.compile(r"^([+-]?(?:\d[\d,]*(?:\.\d+)?|\.\d+)(?:/\d+)?)\s+([A-Za-z]{2,}\.?(?:\s+[A-Za-z]{2,}\.?){0,2})$")
-_NOT_UNITS = {"pi", "or", "and", "to", "sqrt", "times", "cdot", "div", "infty", "in"}
-
-
-def normalize(s: str) -> str:
-    """Canonical string form used for the fast path and handed to math-verify."""
-    s = normalize_unicode(s)
-    s = s.replace("\n", " ").strip()
-    s = s.strip("$").strip()
-    if s.startswith("\\[") and s.endswith("\\]") or s.startswith("\\(") and s.endswith("\\)"):
-        s = s[2:-2].strip()
-    s = re.sub(r"\\(?:displaystyle|textstyle|scriptstyle)(?![A-Za-z])", "", s)
-    s = re.sub(r"\\(?:left|right|bigl|bigr|Bigl|Bigr|big|Big|biggl|biggr|bigg|Bigg)(?![A-Za-z])\s*", "", s)
-    s = re.sub(r"(?<!\\)\\[,;:! ]|~|\\q?quad(?![A-Za-z])", " ", s)  # not the `\ ` of a `\\` row break
-    s = re.sub(r"\\[dtc]frac(?![A-Za-z])", r"\\frac", s)
-    s = re.sub(r"\\frac\s*(\d)\s*(\d)", r"\\frac{\1}{\2}", s)  # \frac12 -> \frac{1}{2}
-    for _ in range(4):  # \text{...} -> ...  (innermost first; a few rounds cover nesting)
-        new = _TEXT_MACRO_RE.sub(r"\1", s)
-        if new == s:
-            break
-        s = new
-    # Degrees and percent mean "the number" for grading purposes (as in the MATH normalizer).
-    s = re.sub(r"\^\s*\{?\s*\\circ\s*\}?|\\circ(?![A-Za-z])|\\degree(?![A-Za-z])", "", s)
-    s = re.sub(r"\s*(?:degrees?|deg)\s*$", "", s)
-    s = re.sub(r"\\?%|\s*percent\s*$", "", s)
-    s = re.sub(r"\s+", " ", s).strip()
-    s = s.rstrip(".").strip()
-    # Trailing unit words after a plain number: "5 cm", "12 dollars".
-    m = _UNIT_WORD_RE.match(s)
-    if m and not set(w.rstrip(".").lower() for w in m.group(2).split()) & _NOT_UNITS:
-        s = m.group(1)
-    s = s.replace("{,}", ",")
-    # Thousands separators: 1,000,000 -> 1000000 (only exact 3-digit groups, so tuples like 1,2 survive).
-    if re.fullmatch(r"[+-]?\d{1,3}(?:,\d{3})+(?:\.\d+)?", s):
-        s = s.replace(",", "")
-    # Multiple choice: "(A)" / "A)" -> "A".
-    m = re.fullmatch(r"\(?([A-Z])\)", s)
-    if m:
-        s = m.group(1)
-    return s
-
-
-def _key(s: str) -> str:
-    return re.sub(r"\s+", "", s)
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Fast path: plain numbers and text
-# --------------------------------------------------------------------------------------------------------------
-_MAX_NUM_DIGITS = 200
-_DEC = r"(?:\d+(?:\.\d*)?|\.\d+)"
-_NUM_RE = re.compile(rf"([+-]?){_DEC}")
-_FRAC_SLASH_RE = re.compile(r"([+-]?)(\d+)/(\d+)")
-_FRAC_TEX_RE = re.compile(r"([+-]?)\\frac\{\s*([+-]?\d+)\s*\}\{\s*(\d+)\s*\}")
-_SCI_E_RE = re.compile(rf"([+-]?{_DEC})[eE]([+-]?\d+)")
-_SCI_TEX_RE = re.compile(rf"([+-]?{_DEC})\s*(?:\\times|\\cdot|\*|x)\s*10\s*\^\s*\{{?\s*([+-]?\d+)\s*\}}?")
-_REPEAT_RE = re.compile(r"([+-]?)(\d*)\.(\d*)\\overline\{(\d+)\}")
-
-
-def parse_number(s: str) -> tuple[Fraction, int | None] | None:
-    """A plain number as (exact value, decimal places if written as a terminating decimal), else None."""
-    t = _key(s)
-    if not t or len(t) > _MAX_NUM_DIGITS:
-        return None
-    if m := _NUM_RE.fullmatch(t):
-        places = len(t.split(".", 1)[1]) if "." in t else None
-        return Fraction(t), places
-    if m := _FRAC_SLASH_RE.fullmatch(t) or _FRAC_TEX_RE.fullmatch(t):
-        sign, num, den = m.groups()
-        if int(den) == 0:
-            return None
-        value = Fraction(int(num), int(den))
-        return (-value if sign == "-" else value), None
-    if m := _SCI_E_RE.fullmatch(t) or _SCI_TEX_RE.fullmatch(s.replace(" ", "")):
-        mant, exp = m.groups()
-        if abs(int(exp)) > 400:
-            return None
-        value = Fraction(mant) * Fraction(10) ** int(exp)
-        return value, None
-    if m := _REPEAT_RE.fullmatch(t):
-        sign, whole, fixed, rep = m.groups()
-        # x = whole.fixed(rep)(rep)... = (whole.fixed rep - whole.fixed) / (10^len(fixed) * (10^len(rep) - 1))
-        a = int((whole or "0") + fixed + rep)
-        b = int((whole or "0") + fixed)
-        value = Fraction(a - b, 10 ** len(fixed) * (10 ** len(rep) - 1))
-        return (-value if sign == "-" else value), None
-    return None
-
-
-def numbers_match(gold: tuple[Fraction, int | None], pred: tuple[Fraction, int | None]) -> bool:
-    """Exact equality, or a decimal with >= 3 places that is the other (non-terminating) value rounded."""
-    g, g_places = gold
-    p, p_places = pred
-    if g == p:
-        return True
-    for exact, dec, places in ((g, p, p_places), (p, g, g_places)):
-        if places is not None and places >= 3 and not _terminates(exact):
-            if abs(exact - dec) <= Fraction(1, 2 * 10**places):
-                return True
-    return False
-
-
-def _terminates(x: Fraction) -> bool:
-    d = x.denominator
-    for p in (2, 5):
-        while d % p == 0:
-            d //= p
-    return d == 1
-
-
-_WORD_RE = re.compile(r"[A-Za-z][A-Za-z' -]*[A-Za-z]")
-
-
-def is_text_answer(s: str) -> bool:
-    """Words (>= 3 letters, no math): compared as strings, never by sympy (which multiplies letters)."""
-    return bool(_WORD_RE.fullmatch(s)) and sum(c.isalpha() for c in s) >= 3
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -359,33 +114,125 @@ class Prepared:
     reason: str = ""
 
 
-def prepare(response: str, gold: str, max_answer_chars: int = MAX_ANSWER_CHARS) -> Prepared:
-    """Extraction, normalization, fast path and guards. Never calls sympy."""
-    raw = extract_answer(response)
-    if raw is None:
-        return Prepared(None, "no_answer", reason="no final answer")
-    pred = normalize(raw)
-    g = normalize(gold_answer(gold))
-    if not pred:
-        return Prepared(raw, "no_answer", reason="empty answer")
-    if _key(pred) == _key(g):
+def _number(s: str, max_chars: int = MAX_ANSWER_CHARS) -> Number | None:
+    """A plain number, or the exact value of a rational expression with powers (2^{10}, 1/10^{12}); what the
+    guards call too long or too deeply nested stays theirs."""
+    n = parse_number(s)
+    if n is not None:
+        return n
+    if not s.isdigit() and (len(s) > max_chars or guard_reason(s, max_chars) in ("deep nesting", "too long")):
+        return None
+    v = exact_value(s)
+    return None if v is None else (v, None)
+
+
+def _same_item(a: str, b: str) -> bool | None:
+    """Two list items: True/False when decided without sympy, None when math-verify must decide."""
+    if key(a) == key(b):
+        return True
+    an, bn = _number(a), _number(b)
+    if an is not None and bn is not None:
+        return numbers_match(an, bn)
+    if is_text_answer(a) or is_text_answer(b) or EMPTY in (a, b):
+        return a.lower() == b.lower()
+    return None
+
+
+def _compare_lists(pred: list[str], gold: list[str]) -> tuple[Verdict | None, str, str]:
+    """Sets of solutions: (verdict or None, pred, gold as `\\{...\\}` for math-verify when undecided)."""
+    p = list(dict.fromkeys(normalize(strip_assignment(x)) for x in pred))
+    g = list(dict.fromkeys(normalize(strip_assignment(x)) for x in gold))
+    canon = ("\\{" + ", ".join(p) + "\\}", "\\{" + ", ".join(g) + "\\}")
+    if len(p) != len(g):
+        return "incorrect", *canon
+    unmatched = list(g)
+    for x in p:
+        hit = next((y for y in unmatched if _same_item(x, y)), None)
+        if hit is None:
+            if all(_same_item(x, y) is False for y in unmatched):
+                return "incorrect", *canon
+            return None, *canon  # some pair needs sympy
+        unmatched.remove(hit)
+    return "correct", *canon
+
+
+def _structure(ext: Extraction, pred: str, g: str) -> tuple[Verdict | None, str, str, str]:
+    """Lists, sets and inequalities: (verdict or None, reason, pred, gold) with forms rewritten for later stages."""
+    gi, pi = as_items(g), as_items(pred)
+    if ext.items and gi is None:
+        elements = as_tuple(g)
+        if elements is not None and len(elements) == len(ext.items):  # x = \boxed{2}, y = \boxed{3} vs (2, 3)
+            pred = "(" + ", ".join(normalize(strip_assignment(x)) for x in ext.items) + ")"
+            return (("correct", "tuple", pred, g) if key(pred) == key(g) else (None, "", pred, g))
+        values = [_number(normalize(strip_assignment(x))) for x in ext.items]
+        if all(v is not None for v in values) and len({v[0] for v in values if v is not None}) == 1:
+            pred, pi = normalize(strip_assignment(ext.items[-1])), None  # \boxed{4} (or \boxed{2^2}): one value
+        else:  # several different final boxes against one gold value: a hedge
+            return "no_answer", "several final answers", pred, g
+    if gi is not None or pi is not None:
+        verdict, p_canon, g_canon = _compare_lists(pi[0] if pi else [pred], gi[0] if gi else [g])
+        n = len(gi[0]) if gi else 0
+        if verdict != "correct" and 2 <= n <= len(ext.last_boxes):
+            # A multi-part answer boxed part by part (separate lines or paragraphs): its last n boxes.
+            if _compare_lists(list(ext.last_boxes[-n:]), gi[0])[0] == "correct":  # type: ignore[index]
+                return "correct", "list of last boxes", p_canon, g_canon
+        return verdict, "list", p_canon, g_canon
+    g_int, p_int = as_interval(g), as_interval(pred)
+    if g_int is not None or p_int is not None:
+        g, pred = g_int or g, p_int or pred
+        if key(g) == key(pred):
+            return "correct", "interval", pred, g
+    return None, "", pred, g
+
+
+_CHOICE_RE = re.compile(r"\(([A-E])\)\s*(\S.*)")
+
+
+def decide(ext: Extraction, pred: str, g: str, max_answer_chars: int) -> Prepared:
+    """The cheap decision on a normalized (pred, gold) pair; verdict None leaves it to math-verify."""
+    raw = ext.answer
+    if key(pred) == key(g):
         return Prepared(raw, "correct", reason="identical")
+    if EMPTY in (pred, g):
+        return Prepared(raw, "incorrect", reason="empty set")
+    verdict, why, pred, g = _structure(ext, pred, g)
+    if verdict is not None:
+        return Prepared(raw, verdict, reason=why)
     if is_text_answer(g) or is_text_answer(pred):
         same = pred.lower() == g.lower() and is_text_answer(pred) and is_text_answer(g)
         return Prepared(raw, "correct" if same else "incorrect", reason="text")
+    choice = _CHOICE_RE.fullmatch(pred)  # "(D) 42": an option letter with its value (AMC style)
     if re.fullmatch(r"[A-Z]", g):  # a multiple-choice letter: exact letter only (sympy would see a symbol)
-        return Prepared(raw, "incorrect", reason="choice")
+        same = choice is not None and choice.group(1) == g
+        return Prepared(raw, "correct" if same else "incorrect", reason="choice")
+    if choice is not None:
+        return decide(ext, normalize(choice.group(2)), g, max_answer_chars)
     why = _relation_mismatch(pred, g)
     if why is not None:
         return Prepared(raw, "incorrect", reason=why)
-    gn, pn = parse_number(g), parse_number(pred)
+    gn, pn = _number(g, max_answer_chars), _number(pred, max_answer_chars)
     if gn is not None and pn is not None:
         return Prepared(raw, "correct" if numbers_match(gn, pn) else "incorrect", reason="number")
+    gp, pp = power_form(g), power_form(pred)
+    if gp is not None and pp is not None:  # powers too large to compute: b^e = c^f iff same root and exponent
+        return Prepared(raw, "correct" if gp == pp else "incorrect", reason="power")
     for side in (pred, g):
         why = guard_reason(side, max_answer_chars)
         if why is not None:
             return Prepared(raw, "incorrect", reason=f"guard: {why}")
     return Prepared(raw, None, pred=pred, gold=g)
+
+
+def prepare(response: str, gold: str, max_answer_chars: int = MAX_ANSWER_CHARS) -> Prepared:
+    """Extraction, normalization, fast paths and guards. Never calls sympy."""
+    response, gold = valid_unicode(response), valid_unicode(gold)
+    ext = extract(response)
+    if ext.answer is None:
+        return Prepared(None, "no_answer", reason="no final answer")
+    pred = normalize(ext.answer)
+    if not pred:
+        return Prepared(ext.answer, "no_answer", reason="empty answer")
+    return decide(ext, pred, normalize(gold_answer(gold)), max_answer_chars)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -467,8 +314,10 @@ def surely_different(gold: object, pred: object) -> bool:
     """True only when two scalar sympy expressions evaluate to clearly different numbers (at the same probe
     point for any free symbols). Equal expressions agree at every point, so this can never reject a right
     answer; it spares math-verify's slowest path (all strategies failing) for the common wrong answer."""
-    from sympy import Expr
+    from sympy import Expr, FiniteSet
 
+    if isinstance(gold, FiniteSet) and isinstance(pred, FiniteSet):
+        return _sets_surely_different(gold, pred)
     if not (isinstance(gold, Expr) and isinstance(pred, Expr)):
         return False
     symbols = gold.free_symbols | pred.free_symbols
@@ -485,6 +334,60 @@ def surely_different(gold: object, pred: object) -> bool:
     return abs(a - b) > 1e-5 * max(1.0, abs(a), abs(b))
 
 
+def _constant_values(items: object) -> list[complex] | None:
+    from sympy import Expr
+
+    values = []
+    for x in items:  # type: ignore[attr-defined]
+        if not isinstance(x, Expr) or x.free_symbols:
+            return None
+        try:
+            v = complex(x.evalf(20))
+        except (TypeError, ValueError, ArithmeticError, AttributeError):
+            return None
+        if not (math.isfinite(v.real) and math.isfinite(v.imag)):
+            return None
+        values.append(v)
+    return values
+
+
+def _sets_surely_different(gold: object, pred: object) -> bool:
+    """Two finite sets of constants: True when some element of one has no clearly equal element in the other
+    (the same test as for scalars, element by element), so math-verify's slow set matching is skipped."""
+    a, b = _constant_values(gold), _constant_values(pred)
+    if a is None or b is None:
+        return False
+    close = lambda x, y: abs(x - y) <= 1e-5 * max(1.0, abs(x), abs(y))  # noqa: E731
+    return len(a) != len(b) or any(not any(close(x, y) for y in b) for x in a)
+
+
+# Relative tolerance between two numbers when one side holds a decimal (a sympy Float): about the 6 significant
+# digits math-verify rounds to, but relative to the magnitude instead of absolute.
+FLOAT_REL_TOL = 1e-6
+# Two exact forms (no decimal on either side) must agree to double precision after a 50-digit evaluation.
+EXACT_REL_TOL = 1e-12
+
+
+def numerically_different(gold: object, pred: object) -> bool:
+    """True when two constant scalars that math-verify called equal differ beyond the tolerance rule.
+
+    math-verify rounds numbers to 6 decimal places, so 1/10^{12} and 2/10^{12} (or 10^{-20} and 2*10^{-20})
+    come out equal; exact forms must compare exactly, and a decimal only within FLOAT_REL_TOL of the value."""
+    from sympy import Expr, Float
+
+    if not (isinstance(gold, Expr) and isinstance(pred, Expr)) or gold.free_symbols or pred.free_symbols:
+        return False
+    try:
+        a = complex(gold.evalf(50))
+        b = complex(pred.evalf(50))
+    except (TypeError, ValueError, ArithmeticError, AttributeError):
+        return False
+    if not all(map(math.isfinite, (a.real, a.imag, b.real, b.imag))):
+        return False
+    tol = FLOAT_REL_TOL if gold.has(Float) or pred.has(Float) else EXACT_REL_TOL
+    return abs(a - b) > tol * max(abs(a), abs(b))
+
+
 def verify_pair(pred: str, gold: str) -> bool:
     """math-verify on a normalized pair: parse both (wrapped in a box), then verify(gold, pred), gold first.
 
@@ -499,7 +402,9 @@ def verify_pair(pred: str, gold: str) -> bool:
         return False
     if surely_different(gold_parsed[0], pred_parsed[0]):
         return False
-    return bool(verify(list(gold_parsed), list(pred_parsed), timeout_seconds=None))
+    if not verify(list(gold_parsed), list(pred_parsed), timeout_seconds=None):
+        return False
+    return not numerically_different(gold_parsed[0], pred_parsed[0])
 
 
 def grade_in_process(response: str, gold: str) -> tuple[str, str | None]:

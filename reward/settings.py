@@ -61,7 +61,7 @@ class RewardSettings(BaseSettings):
     host: str = "127.0.0.1"
     """Interface to bind."""
     port: int = Field(8001, ge=1, le=65535)
-    """TCP port (DESIGN.md §6: 8001)."""
+    """TCP port (the reward service listens on 8001 by default)."""
     workers: int = Field(2, ge=1, le=64)
     """math-verify worker processes (each grades one pair at a time on its main thread)."""
     soft_timeout_s: float = Field(3.0, gt=0)

@@ -10,6 +10,8 @@ a false positive (reward for a wrong answer) is worse than a false negative.
 
 from __future__ import annotations
 
+from reward_hard_cases import HARD_CASES
+
 
 def B(x: str, pre: str = "Working it out step by step, we get ") -> str:
     """A response ending in one boxed answer."""
@@ -169,7 +171,7 @@ CASES: list[tuple[str, str, str, str]] = [
     ("mc-wrong", B("B"), "C", NO),
     ("mc-lowercase", B("c"), "C", NO),
     ("text-and", B("12\\text{ and }13"), "12 and 13", OK),
-    ("text-vs-number", B("\\text{twelve}"), "12", NO),
+    ("text-vs-number", B("\\text{twelve}"), "12", OK),  # number words are numbers (issue 18)
     # --- extraction: where the final answer is ---
     ("last-box-wins", "First guess \\boxed{3}.\n\nOn reflection the answer is \\boxed{4}.", "4", OK),
     ("last-box-wins-wrong", "First guess \\boxed{4}.\n\nOn reflection the answer is \\boxed{3}.", "4", NO),
@@ -235,3 +237,5 @@ CASES: list[tuple[str, str, str, str]] = [
     ("guard-too-long", B("1+" * 600 + "1"), "601", NO),
     ("guard-identical-tower", B("2^{2^{2}}"), "2^{2^{2}}", OK),  # identical strings still count
 ]
+# The issue-18 hard cases (several boxes, no box, long responses, invalid Unicode, normalization gaps, tolerance).
+CASES += [(cid, response, gold, expected) for cid, _kind, response, gold, expected in HARD_CASES]

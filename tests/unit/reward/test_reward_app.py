@@ -91,3 +91,57 @@ def test_cli_help_lists_options() -> None:
     text = build_parser().format_help()
     for opt in ("--host", "--port", "--workers", "--hard-timeout-s", "--score-incorrect", "--cache-size"):
         assert opt in text
+
+
+def test_one_megabyte_response_is_graded(client: TestClient) -> None:
+    filler = "We keep reasoning about the problem in small careful steps. " * 17_000  # ~1 MB
+    body = {"items": [{"response": filler + r"so $\boxed{42}$", "gold": "42"},
+                      {"response": filler + "Final answer: 41", "gold": "42"}]}
+    r = client.post("/v1/grade", json=body)
+    assert r.status_code == 200, r.text[:300]
+    assert [x["status"] for x in r.json()["results"]] == ["correct", "incorrect"]
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b'{"items": [{"response": "x \\udc80\\udcff \\\\boxed{4}", "gold": "4"}]}',  # JSON escapes of lone surrogates
+        b'{"items": [{"response": "\\\\boxed{4\\ud800}", "gold": "4"}]}',
+        b'{"items": [{"response": "\\\\boxed{4}", "gold": "4\\udc80"}]}',
+        '{"items": [{"response": "caf\udcc3\udca9 \\\\boxed{4}", "gold": "4"}]}'.encode("utf-8", "surrogateescape"),
+    ],
+)
+def test_invalid_unicode_is_graded_not_500(client: TestClient, raw: bytes) -> None:
+    r = client.post("/v1/grade", content=raw, headers={"content-type": "application/json"})
+    assert r.status_code in (200, 400, 422), r.text[:300]
+    if r.status_code == 200:
+        (res,) = r.json()["results"]
+        assert res["status"] in ("correct", "incorrect")
+
+
+def test_invalid_unicode_in_a_bad_request_gets_a_clean_422(client: TestClient) -> None:
+    raw = b'{"items": [{"response": "\\udc80", "gold": 5, "extra": "\\ud800"}]}'
+    r = client.post("/v1/grade", content=raw, headers={"content-type": "application/json"})
+    assert r.status_code == 422
+    body = r.json()
+    locs = [tuple(d["loc"]) for d in body["detail"]]
+    assert ("body", "items", "0", "gold") in locs and "response" in body["hint"]
+    assert "input" not in body["detail"][0]  # the offending input is never echoed
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"[" * 100_000 + b"]" * 100_000,  # nesting deeper than the JSON parser's recursion limit
+        b'{"items": [{"response": "x", "gold": ' + b"1" * 5_000 + b"}]}",  # int over Python's digit limit
+        b'{"items": [{"response": 1e999999, "gold": "1"}]}',
+        b"\xef\xbb\xbf" + b'{"items": [{"response": "\\\\boxed{1}", "gold": "1"}]}',  # UTF-8 BOM
+        b'{"items": [{"response": "\xff\xfe\xfd", "gold": "1"}]}',  # not UTF-8
+        b'{"items": [{"response": null, "gold": null}]}',
+        b'{"items": [{"response": "' + "é".encode() * 300_000 + b'\\\\boxed{1}", "gold": "1"}]}',
+    ],
+)
+def test_hostile_bodies_never_get_5xx(client: TestClient, raw: bytes) -> None:
+    r = client.post("/v1/grade", content=raw, headers={"content-type": "application/json"})
+    assert r.status_code < 500, r.text[:300]
+    assert r.status_code in (200, 400, 413, 422)

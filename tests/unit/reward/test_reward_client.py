@@ -129,3 +129,16 @@ def test_client_validates_arguments() -> None:
 def test_default_url_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TBRM_REWARD_URL", "http://reward.example:9")
     assert RewardClient().base_url == "http://reward.example:9"
+
+
+def test_long_responses_are_sent_as_their_tail_in_bounded_requests() -> None:
+    from reward.client import MAX_REQUEST_BYTES
+    from reward.schema import MAX_RESPONSE_CHARS
+
+    client = RewardClient("http://127.0.0.1:1", batch_size=256)
+    long_item = GradeItem(response="x" * 3 * MAX_RESPONSE_CHARS + "\\boxed{5}", gold="5")
+    chunks = client._chunks([long_item] * 100 + [GradeItem(response="\\boxed{1}", gold="1")] * 300)
+    flat = [it for c in chunks for it in c]
+    assert len(flat) == 400 and flat[0].response.endswith("\\boxed{5}")
+    assert all(len(it.response) <= MAX_RESPONSE_CHARS for it in flat)
+    assert all(len(c) <= 256 and len(client._body(c)) <= MAX_REQUEST_BYTES for c in chunks)

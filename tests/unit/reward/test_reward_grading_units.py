@@ -31,16 +31,17 @@ def test_unclosed_box_is_reported() -> None:
 
 def test_last_box_of_last_paragraph() -> None:
     assert extract_answer("\\boxed{1}\n\nso \\boxed{2}") == "2"
-    assert extract_answer("\\boxed{1} and \\boxed{2}") is None
-    assert extract_answer("\\boxed{2} and again \\boxed{2.0}") is None  # different strings: ambiguous, refused
-    assert extract_answer("\\boxed{2} and again \\boxed{ 2 }") == "2"
+    assert extract_answer("\\boxed{1} and \\boxed{2}") == "1, 2"  # one group: a list of solutions
+    assert extract_answer("\\boxed{2}. Doubling it gives \\boxed{4}") == "4"  # prose between: the last wins
+    assert extract_answer("\\boxed{2} and \\boxed{ 2 }") == "2"
 
 
 def test_answer_line_and_phrase() -> None:
     assert extract_answer("blah\n\nAnswer: $x^2$") == "x^2"
     assert extract_answer("The final answer is: \\(7\\). Done.") == "7"
     assert extract_answer("The final answer is 3.\nThe final answer is 4.") == "4"
-    assert extract_answer("Answer: 3\nmore text") is None
+    assert extract_answer("Answer: 3\nThat is the count of both kinds.") == "3"
+    assert extract_answer("Answer: 3\nHmm, wait: the last step is wrong.") is None  # second thoughts void it
 
 
 def test_gold_may_be_a_solution() -> None:
@@ -105,7 +106,8 @@ def test_prepare_fast_paths_skip_sympy() -> None:
     assert prepare("\\boxed{12}", "12").reason == "identical"
     assert prepare("\\boxed{0.5}", "1/2").reason == "number"
     assert prepare("\\boxed{\\text{Paris}}", "London").reason == "text"
-    assert prepare("\\boxed{2^{2^{2^{2}}}}", "65536").reason.startswith("guard")
+    assert prepare("\\boxed{2^{2^{2^{2}}}}", "65536").reason == "number"  # computed exactly, within budget
+    assert prepare("\\boxed{9^{9^{9}}}", "1").reason.startswith("guard")  # over the budget: the guard decides
     p = prepare("\\boxed{\\sqrt{4}}", "2")
     assert p.verdict is None and p.pred == "\\sqrt{4}" and p.gold == "2"
 
@@ -122,6 +124,12 @@ def test_prepare_is_fast_on_hostile_text() -> None:
         "\\boxed{" * 5_000 + "1" + "}" * 5_000,
         "\\boxed{1}" * 6_000,
         "\\boxed{1} " * 3_000 + "\\boxed{2}",
+        "\\textbf{" * 20_000,
+        "**" * 30_000 + "5",
+        "The answer is " * 5_000,
+        "\\boxed{1} and " * 5_000,
+        "\\boxed{" * 200_000,  # 1.4 MB: only the tail is read
+        "Therefore, " + "1 " * 40_000 + ".",
     ]
     for text in hostile:
         t0 = time.perf_counter()
@@ -156,3 +164,29 @@ def test_two_stage_parser_falls_back_to_full_ll() -> None:
     parsed = _parse("x^2+20x+100")
     assert parsed and not isinstance(parsed[0], str)
     assert str(parsed[0]) == "x**2 + 20*x + 100"
+
+
+@pytest.mark.parametrize(
+    ("pred", "gold"),
+    [("10^{-20}", "2\\cdot 10^{-20}"), ("\\frac{1}{3^{40}}", "\\frac{1}{3^{41}}"), ("0.0000001", "0.0000002"),
+     ("\\frac{\\pi}{3^{40}}", "\\frac{\\pi}{3^{41}}")],
+)
+def test_math_verify_rounding_never_makes_different_values_equal(pred: str, gold: str) -> None:
+    """math-verify rounds to 6 decimals, so it calls these tiny different values equal; verify_pair must not."""
+    from reward import grading
+
+    grading.load_math_verify()
+    assert grading._MV is not None
+    verify = grading._MV[1]
+    mv_says = verify(list(grading._parse(gold)), list(grading._parse(pred)), timeout_seconds=None)
+    assert not grading.verify_pair(pred, gold), f"math-verify alone says {mv_says}"
+    assert grading.verify_pair("\\frac{\\sqrt{2}}{2}", "\\frac{1}{\\sqrt{2}}")  # equal exact forms still pass
+
+
+def test_numeric_disagreement_check_on_finite_sets() -> None:
+    from reward.grading import _parse, load_math_verify, surely_different
+
+    load_math_verify()
+    right = _parse("\\{1+\\sqrt{2}, 1-\\sqrt{2}\\}")[0]
+    assert surely_different(right, _parse("\\{1+\\sqrt{2}, 1-\\sqrt{3}\\}")[0])
+    assert not surely_different(right, _parse("\\{1-\\sqrt{2}, \\frac{2+\\sqrt{8}}{2}\\}")[0])  # equal sets
