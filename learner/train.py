@@ -245,6 +245,7 @@ def fill_reference(
     ]
     trajs = [items[i].trajectory for i in todo]
     device = next(ref_model.parameters()).device
+    cache: dict[str, tuple[list[float], float]] = {}
     for plan in plan_micro_batches(trajs, settings.micro_batch_size, settings.max_tokens_per_micro_batch):
         mb = collate([trajs[j] for j in plan]).to(device)
         logp, v0 = reference_logprobs(ref_model, mb)
@@ -253,8 +254,9 @@ def fill_reference(
             n = len(t.response_token_ids)
             t.ref_logprobs = logp[row, :n].tolist()
             t.ref_v0 = float(v0[row])
-            if table is not None:
-                table.cache_reference(items[todo[j]].info.item_id, t.ref_logprobs, t.ref_v0)
+            cache[items[todo[j]].info.item_id] = (t.ref_logprobs, t.ref_v0)
+    if table is not None and cache:
+        table.cache_references(cache)  # one call; skipped for items whose coming ack removes them
     return len(todo)
 
 
