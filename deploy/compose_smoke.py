@@ -78,8 +78,9 @@ class Smoke:
             "TBRM_PROMETHEUS_PORT": self.ports["prometheus"],
         }.items()))  # fmt: skip
         grafana = os.environ.get("TBRM_GRAFANA_IMAGE", "grafana/grafana:12.1.0")
-        # Debian has no Grafana package: without a registry its image is absent and the service is skipped.
-        self.scale_args = [] if image_size_gb(grafana) is not None else ["--scale", "grafana=0"]
+        # Debian has no Grafana package: without a registry its image is absent and the service is skipped
+        # (`--scale grafana=0` alone still tries to pull it).
+        self.scale_args = [] if image_size_gb(grafana) is not None else ["--pull", "never", "--scale", "grafana=0"]
 
     # ---- plumbing ----
     def compose(self, *args: str, timeout_s: float = COMPOSE_TIMEOUT_S) -> str:
@@ -167,7 +168,8 @@ def start(smoke: Smoke) -> None:
 
     def healthy() -> tuple[bool, str]:
         buffer, learner = smoke.try_get("buffer", "/health"), smoke.try_get("learner", "/health")
-        ok = bool(buffer and buffer["redis"] and learner and learner["state"] == "running")
+        # The learner answers "starting" until the buffer holds enough to sample: up, not yet training.
+        ok = bool(buffer and buffer["redis"] and learner and learner["status"] == "ok")
         return ok, f"buffer {buffer}, learner {learner}"
 
     smoke.wait("services healthy", healthy)
