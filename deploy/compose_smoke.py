@@ -222,11 +222,11 @@ def buffer_api(smoke: Smoke) -> None:
     smoke.check("buffer API learner", learner.get("step", 0) > 0,
                 f"step {learner.get('step')}, policy_version {learner.get('policy_version')}")
     try:
-        smoke.get("buffer", "/admin/pause", method="POST")
+        smoke.get("buffer", "/v1/admin/pause", method="POST")
         code = 200
     except urllib.error.HTTPError as e:
         code = e.code
-    smoke.check("admin needs the token", code in (401, 403), f"POST /admin/pause without a token -> {code}")
+    smoke.check("admin needs the token", code in (401, 403), f"POST /v1/admin/pause without a token -> {code}")
 
 
 def prometheus(smoke: Smoke) -> None:
