@@ -159,6 +159,10 @@ def create_app(settings: ActorSettings | None = None, engine: ActorEngine | None
         else:
             state.engine = engine
         metrics.weight_version.set(state.engine.version)
+        if settings.canary:
+            # the first prompt-log-prob request of a fresh engine sets up its kernels (measured: tens of seconds on
+            # a loaded CPU): pay it at start, not inside the first push
+            await run_in_threadpool(_canary, state.engine)
         if settings.run_loop:
             from actor_service.loop import ActorLoop
 
@@ -329,11 +333,13 @@ def create_app(settings: ActorSettings | None = None, engine: ActorEngine | None
             tensors = await run_in_threadpool(_parse, eng, body)
             receive_s = time.perf_counter() - t0
             load_s = await run_in_threadpool(_apply, eng, tensors, version)
+            t1 = time.perf_counter()
             canary = await run_in_threadpool(_canary, eng)
+            canary_s = time.perf_counter() - t1
         metrics.record_update(version, load_s, receive_s, len(body))
         return WeightUpdateResponse(
             policy_version=version, sha256=digest, nbytes=len(body), receive_s=receive_s, load_s=load_s,
-            canary_logprobs=canary,
+            canary_s=canary_s, canary_logprobs=canary,
         )
 
     def _parse(eng: ActorEngine, body: bytes | bytearray) -> dict[str, Any]:

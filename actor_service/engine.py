@@ -433,9 +433,9 @@ class ActorEngine:
 
     def update_weights(self, path: str | Path, version: int) -> float:
         """Apply a validated safetensors file as `version` (catch-up from the learner's file, tests)."""
-        from safetensors.torch import load
+        from actor_service.weights import parse_weights, read_into_memory
 
-        return self.apply_weights(load(Path(path).read_bytes()), version)
+        return self.apply_weights(parse_weights(read_into_memory(path), self.spec, self.optional, 1 << 30), version)
 
     def _iter_weights(self, tensors: Tensors | None) -> Iterator[tuple[str, Any]]:
         if tensors is None:  # the checkpoint the engine started from

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from actor_service.engine import Completion
-from actor_service.weights import WeightsFormatError, parse_weights
+from actor_service.weights import WeightsFormatError, parse_weights, read_into_memory
 from buffer.client import Prompt, Trajectory
 from reward.schema import MAX_GOLD_CHARS, MAX_RESPONSE_CHARS, GradeItem, GradeResult
 
@@ -75,7 +75,7 @@ def read_announced(path: Path, sha256: str, engine: Any, max_header_bytes: int) 
     """The tensors of an announced weights file, checked like a push (sha256, header, names/shapes/dtypes)."""
     if not path.is_file():
         raise FileNotFoundError(f"{path} is not readable here")
-    data = path.read_bytes()
+    data = read_into_memory(path)
     digest = hashlib.sha256(data).hexdigest()
     if digest != sha256:
         raise WeightsFormatError(f"sha256 of {path} is {digest}, WeightsStore says {sha256}")

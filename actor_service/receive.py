@@ -3,7 +3,8 @@
 With a Content-Length (what `actor_service.client.push_weights` sends) the body lands in one buffer allocated up
 front; every SHA256_BLOCK_BYTES received are hashed by a worker thread (hashlib releases the GIL), overlapping
 with the event loop receiving the next block, so the digest is ready about when the last byte arrives. A chunked
-body (no Content-Length) is collected block by block and joined once at the end.
+body (no Content-Length) is collected block by block and joined once at the end. The result is a writable
+bytearray: the parsed tensors are zero-copy views of it (actor_service.weights.parse_weights).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ class BodyRefused(HTTPException):
         self.reason = reason
 
 
-async def receive_body(request: _Stream, declared: int | None, limit: int) -> tuple[bytes | bytearray, str]:
+async def receive_body(request: _Stream, declared: int | None, limit: int) -> tuple[bytearray, str]:
     """The whole body and its sha256 hex digest. Raises BodyRefused (413 over `limit`, 400 incomplete/empty)."""
     h = hashlib.sha256()
     loop = asyncio.get_running_loop()
@@ -76,7 +77,7 @@ async def _into_buffer(request: _Stream, declared: int, limit: int, hash_async) 
     return buf, n
 
 
-async def _into_blocks(request: _Stream, limit: int, hash_async) -> tuple[bytes, int]:  # noqa: ANN001
+async def _into_blocks(request: _Stream, limit: int, hash_async) -> tuple[bytearray, int]:  # noqa: ANN001
     blocks: list[bytes] = []
     block = bytearray()
     n = 0
@@ -100,4 +101,4 @@ async def _into_blocks(request: _Stream, limit: int, hash_async) -> tuple[bytes,
     finally:
         for fut in pending:
             await fut
-    return b"".join(blocks), n
+    return bytearray().join(blocks), n

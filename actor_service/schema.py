@@ -42,6 +42,7 @@ class WeightUpdateResponse(BaseModel):
     nbytes: int
     receive_s: float = Field(description="seconds spent receiving and verifying the body")
     load_s: float = Field(description="seconds spent applying the weights to the running engine")
+    canary_s: float = Field(default=0.0, description="seconds spent scoring the canary after the apply")
     canary_logprobs: list[float] | None = Field(
         default=None,
         description="log pi(t_i | t_<i) of the canary sequence (canary_token_ids, tokens 1..) under the weights "

@@ -67,16 +67,36 @@ def read_header_bytes(data: bytes | bytearray | memoryview, max_header_bytes: in
 def parse_weights(
     data: bytes | bytearray, expected: dict[str, TensorSpec], optional: set[str], max_header_bytes: int
 ) -> dict[str, Any]:
-    """Validate a safetensors file held in memory against the model and load its tensors (safetensors' own
-    parser; the bytes are never written anywhere). Raises WeightsFormatError / WeightsMismatchError."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load
+    """Validate a safetensors file held in memory against the model and return its tensors as zero-copy views of
+    `data` (the header checks above bound every tensor to its own range of the data section, so no copy is
+    needed; the views keep `data` alive). Nothing is written anywhere. Raises WeightsFormatError /
+    WeightsMismatchError."""
+    import torch
 
-    check_against(read_header_bytes(data, max_header_bytes), expected, optional)
-    try:
-        return load(data if isinstance(data, bytes) else bytes(data))
-    except SafetensorError as e:
-        raise WeightsFormatError(f"not a valid safetensors file: {e}") from e
+    specs = read_header_bytes(data, max_header_bytes)
+    check_against(specs, expected, optional)
+    n = struct.unpack("<Q", bytes(data[:8]))[0]
+    header = json.loads(bytes(data[8 : 8 + n]))
+    base = 8 + n
+    out: dict[str, Any] = {}
+    for name, spec in specs.items():
+        begin = header[name]["data_offsets"][0]
+        count = math.prod(spec.shape)
+        dtype = getattr(torch, TORCH_DTYPES[spec.dtype])
+        flat = torch.frombuffer(data, dtype=dtype, count=count, offset=base + begin) if count else torch.empty(
+            0, dtype=dtype)
+        out[name] = flat.reshape(spec.shape)
+    return out
+
+
+def read_into_memory(path: str | Path) -> bytearray:
+    """A file's bytes in one writable buffer (parse_weights returns views of it)."""
+    path = Path(path)
+    data = bytearray(path.stat().st_size)
+    with open(path, "rb", buffering=0) as f:
+        if f.readinto(data) != len(data):
+            raise WeightsFormatError(f"{path} changed while it was read")
+    return data
 
 
 def _header_length(head: bytes, size: int, max_header_bytes: int) -> int:

@@ -19,20 +19,25 @@ def test_accelerator_follows_the_hardware() -> None:
     assert default_accelerator() == ("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def test_collectives_run_on_the_gloo_groups_device(tmp_path: Path) -> None:
-    assert collective_device() == torch.device("cpu")  # no process group yet
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.distributed.init_process_group("gloo", rank=0, world_size=1)
+def test_collectives_run_on_the_gloo_groups_device() -> None:
+    dist = torch.distributed
+    own = not dist.is_initialized()  # another test of this process may have set up a (gloo) group already
+    if own:
+        assert collective_device() == torch.device("cpu")  # no process group yet
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        dist.init_process_group("gloo", rank=0, world_size=1)
     try:
+        assert dist.get_backend() == "gloo"
         dev = collective_device()
         t = torch.tensor([1.5, 2.0], dtype=torch.float64, device=dev)
-        torch.distributed.all_reduce(t)
-        assert dev == torch.device("cpu") and t.tolist() == [1.5, 2.0]
+        dist.all_reduce(t)
+        assert dev == torch.device("cpu") and t.tolist() == [1.5 * dist.get_world_size(), 2.0 * dist.get_world_size()]
     finally:
-        torch.distributed.destroy_process_group()
+        if own:
+            dist.destroy_process_group()
 
 
 def _env(path: Path, container: str) -> dict[str, str]:
