@@ -22,6 +22,7 @@ import asyncio
 import hmac
 import logging
 import re
+import threading
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
@@ -161,8 +162,8 @@ def create_app(settings: ActorSettings | None = None, engine: ActorEngine | None
         metrics.weight_version.set(state.engine.version)
         if settings.canary:
             # the first prompt-log-prob request of a fresh engine sets up its kernels (measured: tens of seconds on
-            # a loaded CPU): pay it at start, not inside the first push
-            await run_in_threadpool(_canary, state.engine)
+            # a loaded CPU): pay it in the background at start, not inside the first push
+            threading.Thread(target=_warm_canary, args=(state.engine,), name="canary-warmup", daemon=True).start()
         if settings.run_loop:
             from actor_service.loop import ActorLoop
 
@@ -359,6 +360,12 @@ def create_app(settings: ActorSettings | None = None, engine: ActorEngine | None
             raise _Refusal(409, "version", str(e)) from None
         except WeightsApplyError as e:
             raise _Refusal(400, "apply_failed", str(e)) from None
+
+    def _warm_canary(eng: ActorEngine) -> None:
+        try:
+            _canary(eng)
+        except Exception as e:  # noqa: BLE001  (e.g. the engine closed first: only a warm-up)
+            log.debug("canary warm-up skipped: %s", e)
 
     def _canary(eng: ActorEngine) -> list[float] | None:
         if not settings.canary:
