@@ -5,7 +5,7 @@ weight push vs raw loopback TCP, and the learner's step time with a push every s
                                 [--push-hidden 512] [--push-layers 12] [--pushes 3] [--steps 8]   (make bench-actor)
 
 1. Long-tailed throughput (same process, same vLLM engine and requests, interleaved repeats, paired ratios). The
-   warmed-up toy model at temperature 1.0 answers most prompts in a few dozen tokens and rambles to
+   warmed-up toy model at `--temperature` (1.6) answers most prompts in a few dozen tokens and rambles to
    `--tail-max-tokens` on some (the run reports median and max response length; max >= 4x median is required):
    - engine: vLLM's own continuous batching, `LLM.generate` of all requests at once with at most K sequences
      in flight (`max_num_seqs = K`);
@@ -135,7 +135,7 @@ def bench_tail(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         prompts = make_toy_task(args.tail_prompts, seed=1)
         system = ActorSettings().system_prompt
         ids = [{"prompt_token_ids": engine.chat_token_ids(p.messages, system)} for p in prompts]
-        params = SamplingParams(n=n, temperature=1.0, max_tokens=args.tail_max_tokens, logprobs=0)
+        params = SamplingParams(n=n, temperature=args.temperature, max_tokens=args.tail_max_tokens, logprobs=0)
 
         def bare(batch_prompts: int) -> dict[str, float]:
             t0 = time.perf_counter()
@@ -155,7 +155,7 @@ def bench_tail(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
             settings = ActorSettings(
                 actor_id=f"bench-{rep}", redis_url=redis_url, reward_url=reward_url, prompts_per_batch=k // n,
                 n_samples_per_prompt=n, max_tokens=args.tail_max_tokens, max_model_len=args.tail_max_tokens + 128,
-                temperature=1.0, idle_sleep_s=0.01, table=TableConfig(name="bench", max_size=100_000),
+                temperature=args.temperature, idle_sleep_s=0.01, table=TableConfig(name="bench", max_size=100_000),
                 heartbeat_interval_s=1.0, max_inflight_sequences=k,
             )
             loop = ActorLoop(settings, engine)
@@ -190,7 +190,7 @@ def bench_tail(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         batch_paired = [b["tokens_per_s"] / e["tokens_per_s"]
                         for e, b in zip(runs["engine"], runs["per_batch"], strict=True)]
         return {"config": {"prompts": len(prompts), "n": n, "k": k, "max_tokens": args.tail_max_tokens,
-                           "repeats": args.repeats, "temperature": 1.0, "model": "warmed-up toy (tiny Qwen2)"},
+                           "repeats": args.repeats, "temperature": args.temperature, "model": "warmed-up toy (tiny Qwen2)"},
                 "median": med, "runs": runs, "paired_service_vs_engine": paired,
                 "tail_throughput_vs_engine": statistics.median(paired),
                 "per_batch_vs_engine": statistics.median(batch_paired),
@@ -426,6 +426,8 @@ def main() -> None:
     p.add_argument("--k", type=int, default=64, help="sequences in flight (engine max_num_seqs, actor K)")
     p.add_argument("--n", type=int, default=2)
     p.add_argument("--tail-max-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=1.6,
+                   help="sampling temperature of the tail run (the toy model rambles to max tokens on some prompts)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=None, help="torch threads of the engine / training loop")
     p.add_argument("--steps", type=int, default=6, help="training steps per learner run")
