@@ -8,24 +8,24 @@ it gracefully: no new prompts, the batch in flight is finished or given back, th
 `POST /v1/weights` (DESIGN.md §5, header names in actor_service.schema). Checks, in this order, each refusal
 leaving the running weights untouched:
   401 bearer token missing/wrong (or none configured) -> 400 bad version/sha256 headers -> 409 version not newer
-  (checked before the body is read, and again under the engine lock) -> 413 Content-Length or streamed size over
+  (checked before the body is read, and again on the engine thread) -> 413 Content-Length or streamed size over
   `max_weight_bytes` -> 400 body shorter than Content-Length -> 400 sha256 mismatch -> 400 not a safetensors file /
-  truncated -> 400 first tensor whose name, shape or dtype does not match the model -> apply (reload_weights).
+  truncated -> 400 first tensor whose name, shape or dtype does not match the model -> apply (reload_weights from
+  memory, actor_service.engine) -> score the canary. A 401 is answered without reading the body; other early
+  refusals read and discard a body up to DRAIN_LIMIT_BYTES so the client sees the status. The body is received
+  into memory and hashed on another thread while it arrives (actor_service.receive); nothing is written to disk.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import hmac
 import logging
 import re
+import threading
 import time
-from collections import deque
 from collections.abc import AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager, suppress
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, FastAPI, Header, HTTPException, Request, Response
@@ -35,6 +35,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.requests import ClientDisconnect
 
 from actor_service.metrics import ActorMetrics
+from actor_service.receive import BodyRefused, receive_body
 from actor_service.schema import (
     SHA256_HEADER,
     VERSION_HEADER,
@@ -44,9 +45,10 @@ from actor_service.schema import (
     GenerateResponse,
     GenerateResult,
     WeightUpdateResponse,
+    canary_token_ids,
 )
 from actor_service.settings import ActorSettings
-from actor_service.weights import WeightsFormatError, WeightsMismatchError, check_against, read_header
+from actor_service.weights import WeightsFormatError, WeightsMismatchError, parse_weights
 
 if TYPE_CHECKING:
     from actor_service.engine import ActorEngine
@@ -55,10 +57,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _SHA256_RE = re.compile(r"^[0-9a-fA-F]{64}$")
-SINK_BLOCK_BYTES = 4 * 2**20
-"""Body bytes hashed and written per worker-thread call."""
-SINK_PENDING = 4
-"""Blocks queued for the hashing/writing thread before receiving waits (bounds memory to ~16 MiB per push)."""
 DRAIN_LIMIT_BYTES = 256 * 2**20
 """On an early refusal, read and discard a declared body up to this size so the client gets the status code
 instead of a broken pipe; larger bodies are cut off (the connection closes)."""
@@ -110,7 +108,7 @@ def _parse_version(raw: str | None) -> int:
 
 class _BodyLimit:
     """ASGI middleware: 413 for a body over `limit` bytes, by Content-Length or counted while it streams in, on
-    every route but POST /v1/weights (that one streams to disk and enforces `max_weight_bytes` itself)."""
+    every route but POST /v1/weights (that one enforces `max_weight_bytes` itself)."""
 
     def __init__(self, app: Any, limit: int) -> None:
         self.app, self.limit = app, limit
@@ -162,6 +160,10 @@ def create_app(settings: ActorSettings | None = None, engine: ActorEngine | None
         else:
             state.engine = engine
         metrics.weight_version.set(state.engine.version)
+        if settings.canary:
+            # the first prompt-log-prob request of a fresh engine sets up its kernels (measured: tens of seconds on
+            # a loaded CPU): pay it in the background at start, not inside the first push
+            threading.Thread(target=_warm_canary, args=(state.engine,), name="canary-warmup", daemon=True).start()
         if settings.run_loop:
             from actor_service.loop import ActorLoop
 
@@ -297,7 +299,7 @@ def create_app(settings: ActorSettings | None = None, engine: ActorEngine | None
             declared = int(content_length)
         try:
             return await _push(request, authorization, policy_version, sha256, declared)
-        except _Refusal as refusal:
+        except (_Refusal, BodyRefused) as refusal:
             metrics.record_refused(refusal.reason)
             log.warning("weight push refused (%d): %s", refusal.status_code, refusal.detail)
             raise
@@ -307,8 +309,10 @@ def create_app(settings: ActorSettings | None = None, engine: ActorEngine | None
         declared: int | None,
     ) -> WeightUpdateResponse:
         eng = state.require_engine()
+        # No token, no reading: an unauthenticated client gets its 401 and the connection closes (nothing of the
+        # body is read, so it cannot make the actor spend time or memory).
+        _check_token(settings, authorization)
         try:
-            _check_token(settings, authorization)
             version = _parse_version(raw_version)
             if sha256 is None or not _SHA256_RE.match(sha256):
                 raise _Refusal(400, "headers", f"{SHA256_HEADER} must be the 64-hex-digit sha256 of the body")
@@ -323,84 +327,50 @@ def create_app(settings: ActorSettings | None = None, engine: ActorEngine | None
             raise
         async with state.push_lock:
             t0 = time.perf_counter()
-            path = eng.new_incoming_path()
-            try:
-                nbytes, digest = await _receive(request, path, declared)
-                if not hmac.compare_digest(digest, sha256.lower()):
-                    raise _Refusal(400, "checksum", f"sha256 mismatch: body hashes to {digest}, header says "
-                                                    f"{sha256.lower()}")
-                await run_in_threadpool(_validate, eng, path)
-                receive_s = time.perf_counter() - t0
-                load_s = await run_in_threadpool(_apply, eng, path, version)
-            finally:
-                path.unlink(missing_ok=True)
-        metrics.record_update(version, load_s, receive_s, nbytes)
+            body, digest = await receive_body(request, declared, settings.max_weight_bytes)
+            if not hmac.compare_digest(digest, sha256.lower()):
+                raise _Refusal(400, "checksum", f"sha256 mismatch: body hashes to {digest}, header says "
+                                                f"{sha256.lower()}")
+            tensors = await run_in_threadpool(_parse, eng, body)
+            receive_s = time.perf_counter() - t0
+            load_s = await run_in_threadpool(_apply, eng, tensors, version)
+            t1 = time.perf_counter()
+            canary = await run_in_threadpool(_canary, eng)
+            canary_s = time.perf_counter() - t1
+        metrics.record_update(version, load_s, receive_s, len(body))
         return WeightUpdateResponse(
-            policy_version=version, sha256=digest, nbytes=nbytes, receive_s=receive_s, load_s=load_s
+            policy_version=version, sha256=digest, nbytes=len(body), receive_s=receive_s, load_s=load_s,
+            canary_s=canary_s, canary_logprobs=canary,
         )
 
-    async def _receive(request: Request, path: Path, declared: int | None) -> tuple[int, str]:
-        """Stream the body into `path` while hashing it; returns (bytes, sha256 hex).
-
-        sha256 runs at about the speed of loopback TCP on a small CPU, so hashing and writing happen on a worker
-        thread (hashlib and file writes release the GIL) in blocks of SINK_BLOCK_BYTES, overlapping with the
-        event loop receiving the next block; at most SINK_PENDING blocks are queued (bounded memory).
-        """
-        h = hashlib.sha256()
-        n = 0
-        limit = settings.max_weight_bytes
-        loop = asyncio.get_running_loop()
-        pending: deque[asyncio.Future[None]] = deque()
-        with open(path, "wb", buffering=0) as f, ThreadPoolExecutor(1, thread_name_prefix="weights-sink") as pool:
-
-            def sink(block: bytearray) -> None:
-                h.update(block)
-                f.write(block)
-
-            block = bytearray()
-            try:
-                try:
-                    async for chunk in request.stream():
-                        n += len(chunk)
-                        if n > limit:
-                            raise _Refusal(413, "too_large", f"body exceeds max_weight_bytes={limit}")
-                        block += chunk
-                        if len(block) >= SINK_BLOCK_BYTES:
-                            pending.append(loop.run_in_executor(pool, sink, block))
-                            block = bytearray()
-                            if len(pending) >= SINK_PENDING:
-                                await pending.popleft()
-                except ClientDisconnect:
-                    raise _Refusal(400, "incomplete", f"client disconnected after {n} bytes of the body") from None
-                if block:
-                    pending.append(loop.run_in_executor(pool, sink, block))
-            finally:
-                while pending:
-                    await pending.popleft()
-        if declared is not None and n != declared:
-            raise _Refusal(400, "incomplete", f"body has {n} bytes, Content-Length said {declared}")
-        if n == 0:
-            raise _Refusal(400, "format", "empty body: send the safetensors file")
-        return n, h.hexdigest()
-
-    def _validate(eng: ActorEngine, path: Path) -> None:
+    def _parse(eng: ActorEngine, body: bytes | bytearray) -> dict[str, Any]:
         try:
-            pushed = read_header(path, max_header_bytes=settings.max_header_bytes)
-            check_against(pushed, eng.spec, eng.optional)
+            return parse_weights(body, eng.spec, eng.optional, settings.max_header_bytes)
         except WeightsFormatError as e:
             raise _Refusal(400, "format", str(e)) from None
         except WeightsMismatchError as e:
             raise _Refusal(400, "mismatch", str(e)) from None
 
-    def _apply(eng: ActorEngine, path: Path, version: int) -> float:
+    def _apply(eng: ActorEngine, tensors: dict[str, Any], version: int) -> float:
         from actor_service.engine import VersionConflict, WeightsApplyError
 
         try:
-            return eng.update_weights(path, version, move=True)
+            return eng.apply_weights(tensors, version)
         except VersionConflict as e:
             raise _Refusal(409, "version", str(e)) from None
         except WeightsApplyError as e:
             raise _Refusal(400, "apply_failed", str(e)) from None
+
+    def _warm_canary(eng: ActorEngine) -> None:
+        try:
+            _canary(eng)
+        except Exception as e:  # noqa: BLE001  (e.g. the engine closed first: only a warm-up)
+            log.debug("canary warm-up skipped: %s", e)
+
+    def _canary(eng: ActorEngine) -> list[float] | None:
+        if not settings.canary:
+            return None
+        return eng.score(canary_token_ids(eng.spec["model.embed_tokens.weight"].shape[0]))
 
     app.include_router(router)
     return app

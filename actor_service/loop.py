@@ -1,48 +1,42 @@
 """The sampling loop of an actor: prompt queue -> chat template -> vLLM (n samples, log-probs) -> reward -> buffer.
 
-Two background threads of the actor service, without pause:
+Continuous generation (vLLM's add_request/step loop, actor_service.engine), two background threads:
+- feed: keeps up to K = `max_inflight_sequences` sequences in flight, popping prompts (claimed with a TTL, never
+  handed to two actors) as sequences finish; each prompt is one request of n samples;
+- post: takes every prompt group whose n samples are done, grades all that are ready in one reward call, inserts
+  the Trajectories (blocks on the buffer's rate limiter: backpressure), marks the prompts done.
+The engine never idles on the longest sequence of a batch. Backpressure: at most 2K sequences in flight plus
+waiting for insertion, so the engine stops after about K more once the buffer refuses inserts.
 
-    generate thread: pop B prompts (claimed with a TTL, never handed to two actors) -> generate n samples each under
-        the engine lock (policy_version at start and end) -> hand the batch over (one slot)
-    post thread:     grade the B*n responses in one reward call -> insert B*n Trajectories (blocks on the buffer's
-        rate limiter: backpressure) -> mark the prompts done
-
-so grading and inserting batch k overlap generating batch k+1, and the engine never runs more than one batch
-ahead of what the buffer accepted.
-
-Failure behaviour:
-- reward service down (transport error / 5xx after the client's own retries): wait with exponential backoff and
-  retry the same batch; the prompts stay claimed by this actor meanwhile (nothing is lost).
-- Redis down: every Redis call waits and retries (redis-py reconnects on the next command).
-- stop() (SIGTERM via uvicorn's shutdown): take no new prompts; a batch in flight is finished if grading and
-  inserting succeed promptly, otherwise its prompts are given back to the queue; then deregister.
-- Weights: pushes arrive over HTTP (actor_service.app) and are applied between generate calls by the engine lock.
-  At start, and before each batch, a newer version announced in the WeightsStore is loaded from its path when this
-  machine can read it (catch-up after a restart). With `sync`, no batch starts until the engine holds the
-  announced version, and the actor generates exactly `prompts_per_batch x n_samples_per_prompt` trajectories per
-  version (one learner batch when sized so: `tbrm up --sync` does), then waits for the next version: the
-  on-policy baseline wastes no generation (prompts skipped as too long are made up for by the next pop; a batch
-  given back after a failed insert is generated again).
+Failures: reward down -> backoff and retry the same groups (prompts stay claimed); Redis down -> every call waits
+and retries; stop() (SIGTERM) -> no new prompts, this actor's requests are aborted and their prompts given back,
+finished groups inserted if that succeeds promptly (else given back), deregister.
+Weights: pushes arrive over HTTP (actor_service.app); the engine applies them between two steps (`weight_updates =
+"inflight"`, samples record the versions of their first and last token) or once the requests in flight are done
+(`"between_batches"`). Before each refill a newer version announced in the WeightsStore is loaded from its file
+when this machine can read it (catch-up after a restart).
+`sync`: nothing starts until the engine holds the announced version, and exactly `prompts_per_batch x
+n_samples_per_prompt` trajectories are generated per version (one learner batch, as `tbrm up --sync` sizes it),
+then the actor waits for the next version (groups given back after a failed insert are generated again).
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import queue
 import threading
 import time
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
 import redis as redis_lib
 
-from actor_service.engine import ActorEngine, Generation, VersionConflict, WeightsApplyError
+from actor_service.engine import ActorEngine, Completion, VersionConflict, WeightsApplyError
+from actor_service.groups import Group, grade_items, read_announced, to_trajectories
 from actor_service.metrics import ActorMetrics
 from actor_service.settings import ActorSettings
-from actor_service.weights import WeightsFormatError, WeightsMismatchError, check_against, read_header
+from actor_service.weights import WeightsFormatError, WeightsMismatchError
 from buffer.client import (
     ActorInfo,
     ActorRegistry,
@@ -55,16 +49,17 @@ from buffer.client import (
     connect,
 )
 from reward.client import RewardClient, RewardServiceError
-from reward.schema import MAX_GOLD_CHARS, MAX_RESPONSE_CHARS, GradeItem, GradeResult
+from reward.schema import GradeResult
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 _REDIS_ERRORS = (redis_lib.ConnectionError, redis_lib.TimeoutError, OSError)
+MAX_GROUPS_PER_GRADE = 256  # most finished prompt groups graded in one reward call (all that are ready, up to this)
 
 
-class _Stopping(Exception):
-    """Raised inside the loop when stop() was requested while waiting on a dependency."""
+class _Stopping(Exception):  # raised inside the loop when stop() was requested while waiting on a dependency
+    pass
 
 
 class ActorLoop:
@@ -84,17 +79,17 @@ class ActorLoop:
         self.actor_id = settings.actor_id
         self.reward = reward_client or RewardClient(settings.reward_url, timeout_s=settings.reward_timeout_s,
                                                     retries=2)
+        self.capacity = settings.max_inflight_sequences or settings.prompts_per_batch * settings.n_samples_per_prompt
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=f"actor-loop-{self.actor_id}", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=f"actor-feed-{self.actor_id}", daemon=True)
         self._hb_thread = threading.Thread(target=self._heartbeat_loop, name="actor-heartbeat", daemon=True)
-        self._inflight: dict[int, list[Prompt]] = {}  # batch number -> prompts claimed and not yet done
-        self._inflight_lock = threading.Lock()
-        # Generated batches waiting for grading + insertion. One slot: the engine generates batch k+1 while batch
-        # k is graded and inserted (hides the reward/buffer latency), but never runs further ahead, so the
-        # buffer's backpressure reaches the engine after one batch.
-        self._post_q: queue.Queue[tuple[int, list[tuple[Prompt, list[int]]], Generation]] = queue.Queue(maxsize=1)
         self._post_thread = threading.Thread(target=self._post_loop, name="actor-post", daemon=True)
-        self._batch_seq = 0
+        self._lock = threading.Lock()
+        self._groups: dict[int, Group] = {}  # id(group) -> claimed, not yet done or given back
+        self._in_engine = 0  # sequences submitted and not finished
+        self._waiting = 0  # sequences finished and not yet inserted
+        self._finished: queue.Queue[Group] = queue.Queue()
+        self._room = threading.Event()  # set when sequences finish: the feed thread may refill
         self._redis: redis_lib.Redis | None = None
         self._queue: PromptQueue | None = None
         self._table: ReplayTable | None = None
@@ -102,7 +97,6 @@ class ActorLoop:
         self._weights: WeightsStore | None = None
         self._registered = False
         self._failed_catch_up: set[int] = set()
-        self._sync_lock = threading.Lock()
         self._sync_counts: dict[int, int] = {}  # sync mode: version -> trajectories generated with it
         self._started_at = time.time()
         self.batches = 0
@@ -116,10 +110,11 @@ class ActorLoop:
         return self._thread.is_alive()
 
     def stop(self, timeout_s: float | None = None) -> None:
-        """Stop taking prompts, finish or give back the batch in flight, deregister. Safe to call twice."""
+        """Stop taking prompts, abort or finish what is in flight, give back the rest, deregister. Idempotent."""
         if timeout_s is None:
             timeout_s = 2 * self.settings.reward_timeout_s + self.settings.insert_timeout_s + 60.0
         self._stop.set()
+        self._room.set()
         self.metrics.state = "stopping"
         deadline = time.monotonic() + timeout_s
         for thread in (self._thread, self._post_thread):
@@ -127,7 +122,7 @@ class ActorLoop:
                 thread.join(max(0.0, deadline - time.monotonic()))
                 if thread.is_alive():
                     log.error("%s did not stop within %.0fs; giving its prompts back", thread.name, timeout_s)
-        self._give_back_inflight()
+        self._give_back_all()
         if self._hb_thread.is_alive():
             self._hb_thread.join(self.settings.heartbeat_interval_s + 5.0)
         if self._registered and self._registry is not None:
@@ -142,7 +137,7 @@ class ActorLoop:
     # ---- redis plumbing ----
     def _retry_redis(self, fn: Callable[[], T], what: str) -> T:
         """Call fn until Redis answers; waits with backoff while it is down. Always tries at least once (so a
-        batch finishing during shutdown still gets inserted), then raises _Stopping if stop() was requested."""
+        group finishing during shutdown still gets inserted), then raises _Stopping if stop() was requested."""
         delay = 0.2
         while True:
             try:
@@ -213,7 +208,7 @@ class ActorLoop:
             except _REDIS_ERRORS as e:
                 log.warning("heartbeat failed: %s", e)
 
-    # ---- main loop ----
+    # ---- feed thread ----
     def _run(self) -> None:
         try:
             self._connect()
@@ -225,185 +220,188 @@ class ActorLoop:
             return
         self.metrics.state = "running"
         while not self._stop.is_set():
-            batch_no = -1
             try:
-                if not self._ready_to_sample():
-                    self._stop.wait(self.settings.idle_sleep_s)
+                self._room.clear()
+                want = self._prompts_to_pop() if self._ready_to_sample() else 0
+                if want == 0:
+                    self._room.wait(self.settings.idle_sleep_s)
                     continue
                 assert self._queue is not None
-                want = self._prompts_to_pop()
                 prompts = self._retry_redis(
                     lambda want=want: self._queue.pop(want, self.actor_id, lease_s=self.settings.prompt_lease_s),
                     "pop prompts",
                 )
                 if not prompts:
-                    if self.metrics.prompts_in_flight == 0:
+                    if not self._groups:
                         self.metrics.state = "idle"
                     self._stop.wait(self.settings.idle_sleep_s)
                     continue
-                self._batch_seq += 1
-                batch_no = self._batch_seq
-                self._track(batch_no, list(prompts))
-                generated = self._generate(batch_no, prompts)
-                if generated is not None:
-                    self._hand_over(generated)
+                self._submit(prompts)
             except _Stopping:
                 break
-            except Exception as e:  # noqa: BLE001  (keep sampling: a bad batch must not kill the actor)
-                log.exception("sampling batch failed; giving its prompts back")
+            except Exception as e:  # noqa: BLE001  (keep sampling: a bad prompt must not kill the actor)
+                log.exception("submitting prompts failed")
                 self.metrics.last_error = f"{type(e).__name__}: {e}"
-                self._give_back_batch(batch_no)
                 self._stop.wait(1.0)
+        self._abort_own()
 
-    def _hand_over(self, item: tuple[int, list[tuple[Prompt, list[int]]], Generation]) -> None:
-        """Queue a generated batch for the post thread; waits while the slot is taken (backpressure)."""
-        while True:
-            try:
-                self._post_q.put(item, timeout=0.2)
-                return
-            except queue.Full:
-                if not self._post_thread.is_alive():
-                    raise RuntimeError("post-processing thread died") from None
+    def _free_sequences(self) -> int:
+        """Sequences the engine may take now: up to K in the engine, and 2K with those waiting for insertion."""
+        with self._lock:
+            return max(0, min(self.capacity - self._in_engine, 2 * self.capacity - self._in_engine - self._waiting))
 
-    def _post_loop(self) -> None:
-        """Grade and insert generated batches; after stop(), finish what is queued (or give it back) and exit."""
-        while True:
-            try:
-                batch_no, batch, gen = self._post_q.get(timeout=0.2)
-            except queue.Empty:
-                if self._stop.is_set() and not self._thread.is_alive():
-                    return
-                continue
-            try:
-                self._finish(batch_no, batch, gen)
-            except _Stopping:
-                self._give_back_batch(batch_no)
-            except Exception as e:  # noqa: BLE001  (keep going: the prompts return to the queue)
-                log.exception("grading/inserting a batch failed; giving its prompts back")
-                self.metrics.last_error = f"{type(e).__name__}: {e}"
-                self._give_back_batch(batch_no)
-                self._sync_count(gen.version_start, -len(batch) * self.settings.n_samples_per_prompt)
+    def _prompts_to_pop(self) -> int:
+        """Prompts to submit now (0 = wait); in sync mode at most what is left of this version's one batch."""
+        n = self.settings.n_samples_per_prompt
+        free = max(self._free_sequences() // n, 1 if self._in_engine == 0 and self._waiting == 0 else 0)
+        left = self._sync_left()
+        return free if left is None else min(free, left)
+
+    def _sync_left(self) -> int | None:
+        """Sync mode: prompts still to generate with the engine's version (one batch per version); else None."""
+        s = self.settings
+        if not s.sync:
+            return None
+        with self._lock:
+            done = self._sync_counts.get(self.engine.version, 0)
+        return max(0, s.prompts_per_batch - done // s.n_samples_per_prompt)
 
     def _ready_to_sample(self) -> bool:
         """Catch up to announced weights; in sync mode, only sample on the announced version, one batch each."""
         latest = self._catch_up()
         behind = latest is not None and self.engine.version < latest
-        if self.settings.sync and (behind or self._prompts_to_pop() == 0):
-            if self.metrics.state != "waiting_for_weights":
+        if self.settings.sync and (behind or self._sync_left() == 0):
+            if self.metrics.state != "waiting_for_weights" and not self._groups:
                 log.info("sync mode: waiting for weights version %d (have %d)",
                          latest if behind else self.engine.version + 1, self.engine.version)
-            self.metrics.state = "waiting_for_weights"
+                self.metrics.state = "waiting_for_weights"
             return False
         return True
 
-    def _prompts_to_pop(self) -> int:
-        """Prompts for the next batch; in sync mode what is left of this version's one batch (0 = wait)."""
-        s = self.settings
-        if not s.sync:
-            return s.prompts_per_batch
-        with self._sync_lock:
-            done = self._sync_counts.get(self.engine.version, 0)
-        return max(0, s.prompts_per_batch - done // s.n_samples_per_prompt)
-
-    def _sync_count(self, version: int, trajectories: int) -> None:
-        """Sync mode: record trajectories generated with `version` (negative: given back, to be redone)."""
-        if not self.settings.sync:
-            return
-        with self._sync_lock:
-            self._sync_counts[version] = self._sync_counts.get(version, 0) + trajectories
-            for old in [v for v in self._sync_counts if v < self.engine.version]:
-                del self._sync_counts[old]
-
-    def _catch_up(self) -> int | None:
-        """Load the announced latest weights from their path if newer and readable; returns the latest version."""
-        assert self._weights is not None
-        info = self._retry_redis(self._weights.latest, "read latest weights")
-        if info is None or info.version <= self.engine.version:
-            return None if info is None else info.version
-        if info.version in self._failed_catch_up or not info.path:
-            return info.version
-        path = Path(info.path)
-        try:
-            if not path.is_file():
-                raise FileNotFoundError(f"{path} is not readable here")
-            digest = _sha256(path)
-            if digest != info.sha256:
-                raise WeightsFormatError(f"sha256 of {path} is {digest}, WeightsStore says {info.sha256}")
-            check_against(read_header(path, self.settings.max_header_bytes), self.engine.spec, self.engine.optional)
-            load_s = self.engine.update_weights(path, info.version, move=False)
-        except VersionConflict:
-            return info.version  # a push landed meanwhile
-        except (OSError, WeightsFormatError, WeightsMismatchError, WeightsApplyError) as e:
-            self._failed_catch_up.add(info.version)
-            log.warning("cannot catch up to weights version %d from %s (%s); waiting for a push",
-                        info.version, path, e)
-            return info.version
-        self.metrics.record_update(info.version, load_s)
-        log.info("caught up to weights version %d from %s", info.version, path)
-        return info.version
-
-    def _generate(
-        self, batch_no: int, prompts: list[Prompt]
-    ) -> tuple[int, list[tuple[Prompt, list[int]]], Generation] | None:
+    def _submit(self, prompts: list[Prompt]) -> None:
         s, eng = self.settings, self.engine
         system = s.system_prompt or None
-        batch: list[tuple[Prompt, list[int]]] = []
         skipped: list[str] = []
         for p in prompts:
             ids = eng.chat_token_ids(p.messages, system)
-            if eng.fits(ids):
-                batch.append((p, ids))
-            else:
+            if not eng.fits(ids):
                 skipped.append(p.prompt_id)
+                continue
+            group = Group(p, ids, version=eng.version)
+            with self._lock:
+                self._groups[id(group)] = group
+                self._in_engine += s.n_samples_per_prompt
+                if s.sync:
+                    counts = self._sync_counts
+                    counts[group.version] = counts.get(group.version, 0) + s.n_samples_per_prompt
+                    for old in [v for v in counts if v < group.version]:
+                        del counts[old]
+                self.metrics.prompts_in_flight = len(self._groups)
+            try:
+                group.request_id = eng.submit(ids, self._on_done(group), n=s.n_samples_per_prompt,
+                                              temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_tokens)
+            except Exception as e:  # noqa: BLE001  (the prompt goes back; the others continue)
+                self._on_done(group)(None, e)
+        if self.metrics.state in ("idle", "starting", "waiting_for_weights"):
+            self.metrics.state = "running"
         if skipped:
             log.warning("%d prompts do not fit max_model_len=%d; dropped: %s", len(skipped), eng.max_model_len,
                         skipped[:5])
             self.metrics.prompts_skipped.inc(len(skipped))
             assert self._queue is not None
             self._retry_redis(lambda: self._queue.done(self.actor_id, skipped), "mark skipped prompts done")
-        if not batch:
-            self._untrack(batch_no)
-            return None
-        if self.metrics.state in ("idle", "starting", "waiting_for_weights"):
-            self.metrics.state = "running"
-        gen = eng.generate([ids for _, ids in batch], n=s.n_samples_per_prompt, temperature=s.temperature,
-                           top_p=s.top_p, max_tokens=s.max_tokens)
-        self._sync_count(gen.version_start, len(batch) * s.n_samples_per_prompt)
-        self.metrics.record_generation(gen.n_tokens, gen.latency_s)
-        return batch_no, batch, gen
 
-    def _finish(self, batch_no: int, batch: list[tuple[Prompt, list[int]]], gen: Generation) -> None:
+    def _on_done(self, group: Group) -> Callable[[Completion | None, BaseException | None], None]:
+        """Engine callback (driver thread): hand the group to the post thread and let the feed thread refill."""
+
+        def done(completion: Completion | None, error: BaseException | None) -> None:
+            if group.done.is_set():
+                return
+            group.completion, group.error = completion, error
+            group.done.set()
+            n = self.settings.n_samples_per_prompt
+            with self._lock:
+                self._in_engine -= n
+                self._waiting += n
+            self._finished.put(group)
+            self._room.set()
+
+        return done
+
+    def _abort_own(self) -> None:
+        """On stop: abort this actor's requests still in the engine (their groups are given back)."""
+        with self._lock:
+            ids = [g.request_id for g in self._groups.values() if g.request_id and not g.done.is_set()]
+        if ids:
+            log.info("stopping: aborting %d prompts in flight", len(ids))
+            try:
+                self.engine.abort(ids)
+            except Exception as e:  # noqa: BLE001  (engine closed: the prompts are given back anyway)
+                log.warning("abort failed: %s", e)
+
+    # ---- post thread ----
+    def _post_loop(self) -> None:
+        """Grade and insert finished groups; after stop(), finish what is done (or give it back) and exit."""
+        while True:
+            groups = self._take_finished()
+            if not groups:
+                if self._stop.is_set() and not self._thread.is_alive():
+                    with self._lock:
+                        if self._in_engine <= 0:
+                            return
+                continue
+            ok = [g for g in groups if g.completion is not None]
+            for g in groups:
+                if g.completion is None:
+                    if not self._stop.is_set():
+                        log.warning("generation of %s failed: %s", g.prompt.prompt_id, g.error)
+                        self.metrics.last_error = f"{type(g.error).__name__}: {g.error}"
+                    self._give_back_groups([g])
+            if not ok:
+                continue
+            try:
+                self._finish(ok)
+            except _Stopping:
+                self._give_back_groups(ok)
+            except Exception as e:  # noqa: BLE001  (keep going: the prompts return to the queue)
+                log.exception("grading/inserting failed; giving the prompts back")
+                self.metrics.last_error = f"{type(e).__name__}: {e}"
+                self._give_back_groups(ok)
+
+    def _take_finished(self) -> list[Group]:
+        try:
+            groups = [self._finished.get(timeout=0.2)]
+        except queue.Empty:
+            return []
+        while len(groups) < MAX_GROUPS_PER_GRADE and not self._finished.empty():  # the only consumer
+            groups.append(self._finished.get_nowait())
+        return groups
+
+    def _finish(self, groups: list[Group]) -> None:
+        for g in groups:
+            assert g.completion is not None
+            self.metrics.record_generation(g.completion.n_tokens, g.completion.latency_s)
         t0 = time.perf_counter()
-        results = self._grade(batch, gen)
+        results = self._grade(groups)
         grade_s = time.perf_counter() - t0
         self.metrics.grade_latency.observe(grade_s)
-        trajectories = self._trajectories(batch, gen, results, grade_s)
+        trajectories = to_trajectories(groups, results, grade_s, self.engine.decode, self.actor_id)
         t0 = time.perf_counter()
         self._insert(trajectories)
         self.metrics.insert_latency.observe(time.perf_counter() - t0)
         assert self._queue is not None
-        done_ids = [p.prompt_id for p, _ in batch]
+        done_ids = [g.prompt.prompt_id for g in groups]
         self._retry_redis(lambda: self._queue.done(self.actor_id, done_ids), "mark prompts done")
-        self._untrack(batch_no)
-        self.metrics.record_inserted(len(trajectories), len(batch))
-        self.metrics.state = "running"
+        self._untrack(groups)
+        self.metrics.record_inserted(len(trajectories), len(groups))
+        if self.metrics.state not in ("stopping", "waiting_for_weights"):
+            self.metrics.state = "running"
         self.metrics.last_error = None
         self.batches += 1
 
-    def _grade(self, batch: list[tuple[Prompt, list[int]]], gen: Generation) -> list[GradeResult]:
+    def _grade(self, groups: list[Group]) -> list[GradeResult]:
         """Grade every sample; waits (backoff) while the reward service is unavailable; raises _Stopping."""
-        items: list[GradeItem] = []
-        slots: list[int] = []  # index into the flat sample list of each gradable item
-        results: list[GradeResult] = []
-        for (p, _), group in zip(batch, gen.samples, strict=True):
-            for smp in group:
-                if len(p.gold) > MAX_GOLD_CHARS:
-                    results.append(GradeResult(score=0.0, status="error", extracted=None))
-                    continue
-                # The final answer sits at the end of a response: keep the tail of an overlong one.
-                items.append(GradeItem(response=smp.text[-MAX_RESPONSE_CHARS:], gold=p.gold))
-                slots.append(len(results))
-                results.append(GradeResult(score=0.0, status="error", extracted=None))
+        items, slots, results = grade_items(groups)
         if not items:
             return results
         delay = 1.0
@@ -412,12 +410,11 @@ class ActorLoop:
                 graded = self.reward.grade(items)
                 break
             except RewardServiceError as e:
-                if e.status_code is not None and 400 <= e.status_code < 500:
-                    # Our request is malformed: retrying cannot help; record the batch as grading errors.
-                    log.error("reward service refused a batch (%s); recording status=error", e)
-                    self.metrics.reward_errors.inc()
-                    return results
                 self.metrics.reward_errors.inc()
+                if e.status_code is not None and 400 <= e.status_code < 500:
+                    # Our request is malformed: retrying cannot help; record the groups as grading errors.
+                    log.error("reward service refused a batch (%s); recording status=error", e)
+                    return results
                 self.metrics.state = "reward_unavailable"
                 self.metrics.last_error = f"reward service unavailable: {e}"
                 if self._stop.is_set():
@@ -428,27 +425,6 @@ class ActorLoop:
         for slot, res in zip(slots, graded, strict=True):
             results[slot] = res
         return results
-
-    def _trajectories(
-        self, batch: list[tuple[Prompt, list[int]]], gen: Generation, results: list[GradeResult], grade_s: float
-    ) -> list[Trajectory]:
-        out: list[Trajectory] = []
-        k = 0
-        for (p, ids), group in zip(batch, gen.samples, strict=True):
-            group_id = uuid.uuid4().hex
-            prompt_text = self.engine.decode(ids, skip_special_tokens=False)
-            for smp in group:
-                res = results[k]
-                k += 1
-                out.append(Trajectory(
-                    prompt_id=p.prompt_id, group_id=group_id, prompt_token_ids=ids,
-                    response_token_ids=smp.token_ids, behaviour_logprobs=smp.logprobs, prompt_text=prompt_text,
-                    response_text=smp.text, finish_reason=smp.finish_reason, reward=res.score,
-                    grade_status=res.status, extracted=res.extracted, gold=p.gold, data_source=p.data_source,
-                    policy_version=gen.version_start, policy_version_end=gen.version_end, actor_id=self.actor_id,
-                    gen_latency_s=gen.latency_s, grade_latency_s=grade_s,
-                ))
-        return out
 
     def _insert(self, trajectories: list[Trajectory]) -> None:
         """Insert; blocks while the rate limiter says the actors are ahead (backpressure); raises _Stopping."""
@@ -466,38 +442,56 @@ class ActorLoop:
                 self.metrics.state = "backpressure"
                 log.info("buffer rate limiter blocks inserts (learner behind); waiting")
 
+    # ---- catch-up from the announced file ----
+    def _catch_up(self) -> int | None:
+        """Load the announced latest weights from their path if newer and readable; returns the latest version."""
+        assert self._weights is not None
+        info = self._retry_redis(self._weights.latest, "read latest weights")
+        if info is None or info.version <= self.engine.version:
+            return None if info is None else info.version
+        if info.version in self._failed_catch_up or not info.path:
+            return info.version
+        path = Path(info.path)
+        try:
+            load_s = self.engine.apply_weights(read_announced(path, info.sha256, self.engine, self.settings.max_header_bytes),
+                                               info.version)
+        except VersionConflict:
+            return info.version  # a push landed meanwhile
+        except (OSError, WeightsFormatError, WeightsMismatchError, WeightsApplyError) as e:
+            self._failed_catch_up.add(info.version)
+            log.warning("cannot catch up to weights version %d from %s (%s); waiting for a push",
+                        info.version, path, e)
+            return info.version
+        self.metrics.record_update(info.version, load_s)
+        log.info("caught up to weights version %d from %s", info.version, path)
+        return info.version
+
     # ---- prompts in flight ----
-    def _track(self, batch_no: int, prompts: list[Prompt]) -> None:
-        with self._inflight_lock:
-            self._inflight[batch_no] = prompts
-            self.metrics.prompts_in_flight = sum(len(v) for v in self._inflight.values())
+    def _untrack(self, groups: list[Group]) -> None:
+        n = self.settings.n_samples_per_prompt
+        with self._lock:
+            for g in groups:
+                if self._groups.pop(id(g), None) is not None and g.done.is_set():
+                    self._waiting -= n
+            self.metrics.prompts_in_flight = len(self._groups)
 
-    def _untrack(self, batch_no: int) -> list[Prompt]:
-        with self._inflight_lock:
-            prompts = self._inflight.pop(batch_no, [])
-            self.metrics.prompts_in_flight = sum(len(v) for v in self._inflight.values())
-        return prompts
-
-    def _give_back(self, prompts: list[Prompt]) -> None:
+    def _give_back_groups(self, groups: list[Group]) -> None:
+        """Return the prompts to the queue; in sync mode their trajectories are generated again."""
+        if self.settings.sync:
+            with self._lock:
+                for g in groups:
+                    if g.version in self._sync_counts:
+                        self._sync_counts[g.version] -= self.settings.n_samples_per_prompt
+        self._untrack(groups)
+        prompts = [g.prompt for g in groups]
         if prompts and self._queue is not None:
             queue_ = self._queue
             if self._bounded(lambda: queue_.give_back(self.actor_id, prompts), "give back prompts"):
                 self.metrics.prompts_given_back.inc(len(prompts))
                 log.info("gave %d unfinished prompts back to the queue", len(prompts))
 
-    def _give_back_batch(self, batch_no: int) -> None:
-        self._give_back(self._untrack(batch_no))
-
-    def _give_back_inflight(self) -> None:
-        with self._inflight_lock:
-            batches = list(self._inflight)
-        for batch_no in batches:
-            self._give_back_batch(batch_no)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
+    def _give_back_all(self) -> None:
+        with self._lock:
+            groups = list(self._groups.values())
+        if groups:
+            self._give_back_groups(groups)

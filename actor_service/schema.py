@@ -5,7 +5,8 @@
            Content-Type: application/octet-stream
   body:    a safetensors file with HF parameter names (never pickle)
   200 -> WeightUpdateResponse; 400 malformed/mismatched tensors or checksum; 401 token; 409 version not newer;
-  413 body too large.
+  413 body too large. The response carries the log-probs of a fixed canary sequence under the applied weights
+  (verified delivery: the learner compares them with its own).
 """
 
 from __future__ import annotations
@@ -20,12 +21,33 @@ TOY_SYSTEM_PROMPT = "Answer in \\boxed{}."
 """The short system turn the toy model was warmed up with (actor_service.toy_model)."""
 
 
+CANARY_LENGTH = 48
+CANARY_MAX_TOKEN = 4096
+
+
+def canary_token_ids(vocab_rows: int, length: int = CANARY_LENGTH) -> list[int]:
+    """The fixed canary sequence both sides score after a push: `length` token ids below min(vocab_rows, 4096)
+    from a fixed linear congruential stream (no RNG library: the same ids on every machine and version)."""
+    bound = max(2, min(vocab_rows, CANARY_MAX_TOKEN))
+    x, out = 12345, []
+    for _ in range(length):
+        x = (1103515245 * x + 12345) % 2**31
+        out.append((x >> 8) % bound)
+    return out
+
+
 class WeightUpdateResponse(BaseModel):
     policy_version: int
     sha256: str
     nbytes: int
     receive_s: float = Field(description="seconds spent receiving and verifying the body")
     load_s: float = Field(description="seconds spent applying the weights to the running engine")
+    canary_s: float = Field(default=0.0, description="seconds spent scoring the canary after the apply")
+    canary_logprobs: list[float] | None = Field(
+        default=None,
+        description="log pi(t_i | t_<i) of the canary sequence (canary_token_ids, tokens 1..) under the weights "
+                    "just applied; the learner compares them with its own for the same version",
+    )
 
 
 class ActorStatus(BaseModel):
@@ -91,7 +113,8 @@ class GenerateResult(BaseModel):
 
 class GenerateResponse(BaseModel):
     policy_version: int
-    """Weights version that produced every sample of this response (pushes wait for generation to end)."""
+    """Weights version at the first token of these samples (with in-flight updates a push may land while they
+    are generated; then later tokens come from the newer weights)."""
     results: list[GenerateResult]
     """One entry per prompt, in request order."""
     latency_s: float

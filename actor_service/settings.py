@@ -74,14 +74,20 @@ class ActorSettings(RunTomlSettings):
     """No graph capture/compilation (fast start; required on CPU)."""
     vllm_threads: int | None = Field(default=None, ge=1)
     """torch/OpenMP threads of the in-process engine (None = torch's default). Set it on shared CPUs."""
-    weights_dir: Path | None = None
-    """Working folder for pushed weights (config/tokenizer copies + model.safetensors); None = a temp dir."""
     initial_policy_version: int = Field(default=0, ge=0)
     """Version of the weights in `model_dir` (the learner's version 0 is the same base model)."""
 
     # ---- sampling ----
     prompts_per_batch: int = Field(default=8, ge=1, le=4096)
-    """Prompts popped from the queue and generated together."""
+    """Prompts per batch: sets the default `max_inflight_sequences` (x n_samples_per_prompt), and in sync mode the
+    prompts generated per policy version."""
+    max_inflight_sequences: int | None = Field(default=None, ge=1, le=65536)
+    """K: sequences kept in flight on the engine (refilled as they finish); None = prompts_per_batch x
+    n_samples_per_prompt. Finished groups waiting for insertion count against 2K (backpressure)."""
+    weight_updates: Literal["inflight", "between_batches"] = "inflight"
+    """When a push is applied: "inflight" = between two engine steps, running sequences continue on the new
+    weights (each trajectory records the versions of its first and last token); "between_batches" = once the
+    sequences in flight finish (no new sequence starts meanwhile), so every trajectory has one version."""
     n_samples_per_prompt: int = Field(default=4, ge=1, le=256)
     """Responses per prompt (one GRPO group)."""
     temperature: float = Field(default=1.0, ge=0.0, le=10.0)
@@ -153,6 +159,9 @@ class ActorSettings(RunTomlSettings):
     """Largest accepted weights body (413 above it)."""
     max_header_bytes: int = Field(default=100 * 2**20, ge=1024)
     """Largest accepted safetensors JSON header."""
+    canary: bool = True
+    """After applying a push, score the fixed canary sequence (actor_service.schema.canary_token_ids) and return
+    its log-probs in the push response, for the learner to compare with its own (verified delivery)."""
 
     @model_validator(mode="after")
     def _toy_prompt_for_the_toy_model(self) -> ActorSettings:

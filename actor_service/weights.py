@@ -5,6 +5,7 @@ maps each tensor name to `{"dtype", "shape", "data_offsets": [begin, end]}` (off
 section). `read_header` bounds N, parses the JSON, and checks that every tensor's byte range lies inside the file
 and matches its dtype and shape, so a truncated or forged file is refused before any loader touches it.
 `check_against` then compares names, shapes and dtypes with the model the engine runs (`model_spec`).
+`parse_weights` does both for a pushed body held in memory and loads its tensors.
 """
 
 from __future__ import annotations
@@ -14,11 +15,19 @@ import math
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 DTYPE_BYTES = {
     "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "U16": 2,
     "U32": 4, "U64": 8, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1,
 }
+
+TORCH_DTYPES = {
+    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64", "I32": "int32",
+    "I16": "int16", "I8": "int8", "U8": "uint8", "U16": "uint16", "U32": "uint32", "U64": "uint64", "BOOL": "bool",
+    "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",
+}
+"""safetensors dtype code -> torch dtype name (`str(tensor.dtype)` without `torch.`)."""
 
 TIED_OPTIONAL = "lm_head.weight"
 """With tied embeddings HF checkpoints omit the output matrix; a state dict may still carry it."""
@@ -44,50 +53,77 @@ def read_header(path: str | Path, max_header_bytes: int = 100 * 2**20) -> dict[s
     size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(8)
-        if len(head) < 8:
-            raise WeightsFormatError(f"not a safetensors file: {size} bytes, shorter than the 8-byte header length")
-        (n,) = struct.unpack("<Q", head)
-        if n > max_header_bytes:
-            raise WeightsFormatError(f"not a safetensors file: header length {n} exceeds {max_header_bytes} bytes")
-        if 8 + n > size:
-            raise WeightsFormatError(f"truncated safetensors file: header of {n} bytes, file has {size} bytes")
-        raw = f.read(n)
+        n = _header_length(head, size, max_header_bytes)
+        return _parse_header(f.read(n), size - 8 - n)
+
+
+def read_header_bytes(data: bytes | bytearray | memoryview, max_header_bytes: int = 100 * 2**20
+                      ) -> dict[str, TensorSpec]:
+    """`read_header` of a safetensors file held in memory."""
+    n = _header_length(bytes(data[:8]), len(data), max_header_bytes)
+    return _parse_header(bytes(data[8 : 8 + n]), len(data) - 8 - n)
+
+
+def parse_weights(
+    data: bytes | bytearray, expected: dict[str, TensorSpec], optional: set[str], max_header_bytes: int
+) -> dict[str, Any]:
+    """Validate a safetensors file held in memory against the model and return its tensors as zero-copy views of
+    `data` (the header checks above bound every tensor to its own range of the data section, so no copy is
+    needed; the views keep `data` alive). Nothing is written anywhere. Raises WeightsFormatError /
+    WeightsMismatchError."""
+    import torch
+
+    specs = read_header_bytes(data, max_header_bytes)
+    check_against(specs, expected, optional)
+    n = struct.unpack("<Q", bytes(data[:8]))[0]
+    header = json.loads(bytes(data[8 : 8 + n]))
+    base = 8 + n
+    out: dict[str, Any] = {}
+    for name, spec in specs.items():
+        begin = header[name]["data_offsets"][0]
+        count = math.prod(spec.shape)
+        dtype = getattr(torch, TORCH_DTYPES[spec.dtype])
+        flat = torch.frombuffer(data, dtype=dtype, count=count, offset=base + begin) if count else torch.empty(
+            0, dtype=dtype)
+        out[name] = flat.reshape(spec.shape)
+    return out
+
+
+def read_into_memory(path: str | Path) -> bytearray:
+    """A file's bytes in one writable buffer (parse_weights returns views of it)."""
+    path = Path(path)
+    data = bytearray(path.stat().st_size)
+    with open(path, "rb", buffering=0) as f:
+        if f.readinto(data) != len(data):
+            raise WeightsFormatError(f"{path} changed while it was read")
+    return data
+
+
+def _header_length(head: bytes, size: int, max_header_bytes: int) -> int:
+    if len(head) < 8:
+        raise WeightsFormatError(f"not a safetensors file: {size} bytes, shorter than the 8-byte header length")
+    (n,) = struct.unpack("<Q", head)
+    if n > max_header_bytes:
+        raise WeightsFormatError(f"not a safetensors file: header length {n} exceeds {max_header_bytes} bytes")
+    if 8 + n > size:
+        raise WeightsFormatError(f"truncated safetensors file: header of {n} bytes, file has {size} bytes")
+    return n
+
+
+def _parse_header(raw: bytes, data_size: int) -> dict[str, TensorSpec]:
     try:
         header = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise WeightsFormatError(f"not a safetensors file: header is not JSON ({e})") from e
     if not isinstance(header, dict):
         raise WeightsFormatError("not a safetensors file: header is not a JSON object")
-    data_size = size - 8 - n
     specs: dict[str, TensorSpec] = {}
     ranges: list[tuple[int, int, str]] = []
     for name, entry in header.items():
         if name == "__metadata__":
             continue
-        if not isinstance(entry, dict):
-            raise WeightsFormatError(f"tensor {name!r}: header entry is not an object")
-        dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-        if dtype not in DTYPE_BYTES:
-            raise WeightsFormatError(f"tensor {name!r}: unknown dtype {dtype!r}")
-        if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
-            raise WeightsFormatError(f"tensor {name!r}: bad shape {shape!r}")
-        if not (
-            isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)
-            and 0 <= offsets[0] <= offsets[1]
-        ):
-            raise WeightsFormatError(f"tensor {name!r}: bad data_offsets {offsets!r}")
-        if offsets[1] > data_size:
-            raise WeightsFormatError(
-                f"truncated safetensors file: tensor {name!r} ends at byte {offsets[1]} of a {data_size}-byte "
-                "data section"
-            )
-        expected = math.prod(shape) * DTYPE_BYTES[dtype]
-        if offsets[1] - offsets[0] != expected:
-            raise WeightsFormatError(
-                f"tensor {name!r}: {offsets[1] - offsets[0]} bytes for shape {shape} of {dtype} ({expected} expected)"
-            )
-        specs[name] = TensorSpec(dtype, tuple(shape))
-        ranges.append((offsets[0], offsets[1], name))
+        specs[name], begin, end = _tensor_entry(name, entry, data_size)
+        ranges.append((begin, end, name))
     if not specs:
         raise WeightsFormatError("safetensors file holds no tensors")
     ranges.sort()
@@ -95,6 +131,32 @@ def read_header(path: str | Path, max_header_bytes: int = 100 * 2**20) -> dict[s
         if begin < end:
             raise WeightsFormatError(f"tensors {a!r} and {b!r} overlap in the data section")
     return specs
+
+
+def _tensor_entry(name: str, entry: object, data_size: int) -> tuple[TensorSpec, int, int]:
+    if not isinstance(entry, dict):
+        raise WeightsFormatError(f"tensor {name!r}: header entry is not an object")
+    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if dtype not in DTYPE_BYTES:
+        raise WeightsFormatError(f"tensor {name!r}: unknown dtype {dtype!r}")
+    if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
+        raise WeightsFormatError(f"tensor {name!r}: bad shape {shape!r}")
+    if not (
+        isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)
+        and 0 <= offsets[0] <= offsets[1]
+    ):
+        raise WeightsFormatError(f"tensor {name!r}: bad data_offsets {offsets!r}")
+    if offsets[1] > data_size:
+        raise WeightsFormatError(
+            f"truncated safetensors file: tensor {name!r} ends at byte {offsets[1]} of a {data_size}-byte "
+            "data section"
+        )
+    expected = math.prod(shape) * DTYPE_BYTES[dtype]
+    if offsets[1] - offsets[0] != expected:
+        raise WeightsFormatError(
+            f"tensor {name!r}: {offsets[1] - offsets[0]} bytes for shape {shape} of {dtype} ({expected} expected)"
+        )
+    return TensorSpec(dtype, tuple(shape)), offsets[0], offsets[1]
 
 
 def model_spec(model_dir: str | Path) -> tuple[dict[str, TensorSpec], set[str]]:

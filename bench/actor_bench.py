@@ -1,22 +1,30 @@
-"""Actor benchmark: service throughput vs bare `vllm.LLM.generate`, and weight push vs a raw loopback socket.
+"""Actor benchmark: continuous generation vs the engine's own continuous batching on a long-tailed length mix,
+weight push vs raw loopback TCP, and the learner's step time with a push every step.
 
-    python bench/actor_bench.py [--batches 8] [--prompts 16] [--n 4] [--max-tokens 64] [--repeats 5]
-                                [--push-hidden 512] [--push-layers 12] [--pushes 3]        (make bench-actor)
+    python bench/actor_bench.py [--tail-prompts 192] [--k 64] [--tail-max-tokens 256] [--repeats 3]
+                                [--push-hidden 512] [--push-layers 12] [--pushes 3] [--steps 8]   (make bench-actor)
 
-1. Throughput (same process, same vLLM engine, same batch shape, interleaved repeats, median reported):
-   - bare: `LLM.generate` of `--prompts` chat-templated toy prompts x `--n` samples with log-probs, `--batches`
-     times back to back;
-   - service: the actor's sampling loop on the same engine draining `--batches` x `--prompts` prompts from a real
-     prompt queue (own redis-server), grading through a real reward service (`python -m reward`), inserting
-     into a real replay table. Measured from loop start to the last insert.
-   Overhead = 1 - service tokens/s / bare tokens/s (goal: < 10%).
+1. Long-tailed throughput (same process, same vLLM engine and requests, interleaved repeats, paired ratios). The
+   warmed-up toy model at `--temperature` (1.6) answers most prompts in a few dozen tokens and rambles to
+   `--tail-max-tokens` on some (the run reports median and max response length; max >= 4x median is required):
+   - engine: vLLM's own continuous batching, `LLM.generate` of all requests at once with at most K sequences
+     in flight (`max_num_seqs = K`);
+   - per_batch: today's old path, `LLM.generate` of K-sequence batches one after another (waits for the longest);
+   - service: the actor's sampling loop (K sequences in flight, refilled as they finish) draining the same
+     prompts from a real prompt queue (own redis-server), grading through a real reward service, inserting into
+     a real replay table; from loop start to the last insert.
+   `tail_throughput_vs_engine` = median of paired service / engine response tokens/s (goal >= 0.9).
 2. Weight push (an actor process `python -m actor_service --run-loop false` serving a random Qwen2 of ~35M
-   parameters, fp32): `actor_service.client.push_weights` of its safetensors file (sha256 computed once, as the
-   learner does for all actors) -> bytes/s end to end, bytes/s of the receive+verify phase, and the apply latency
-   (reload_weights); next to a raw loopback TCP transfer of the same bytes into a reader process that discards
-   them (goal: push >= half the raw rate).
-Prints a rich table and writes bench/results/actor.json. The model is untrained (random weights): throughput is
-about the plumbing, not the model.
+   parameters, fp32, ~136 MB): `actor_service.client.push_weights` -> end to end (send, receive into memory with
+   sha256 on another thread, parse, apply from memory, canary score), receive+verify, apply; next to a raw
+   loopback TCP transfer of the same bytes into a reader that discards them. `push_receive_vs_raw_tcp` (goal
+   >= 0.5), `push_end_to_end_s` (goal <= 0.5 s).
+3. Learner step with a push every step: the same ~35M-parameter model trained (SFT loss, AdamW, random tokens,
+   batch `--train-batch` x `--train-len`) for `--steps` steps without export, and with
+   `learner.export.WeightExporter.submit` after every step pushing to the actor of 2. through the learner's
+   `WeightPusher` (snapshot on the training thread; serialize, hash, write, push in the background);
+   `step_time_with_push_vs_without` = median step time ratio (goal <= 1.1).
+Prints a rich table and writes bench/results/actor.json with the load average at start and end.
 """
 
 from __future__ import annotations
@@ -92,68 +100,74 @@ def stop(proc: subprocess.Popen[bytes] | None) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- throughput ---
-def bench_throughput(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
-    from vllm import SamplingParams
-
-    from actor_service.engine import ActorEngine
-    from actor_service.loop import ActorLoop
-    from actor_service.settings import ActorSettings
-    from actor_service.toy_model import build_tiny_random_model
-    from buffer.client import PromptQueue, ReplayTable, TableConfig, connect, make_toy_task
-
-    model = build_tiny_random_model(tmp / "tiny")
-    engine = ActorEngine(model, max_model_len=512, kv_cache_bytes=256 * 2**20, seed=0,
-                         weights_dir=tmp / "tiny-weights")
+def start_services(tmp: Path) -> tuple[str, str, list[subprocess.Popen[bytes]]]:
     rport, wport = free_port(), free_port()
     redis_proc = subprocess.Popen([redis_binary(), "--port", str(rport), "--save", "", "--appendonly", "no",
                                    "--dir", str(tmp)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     reward_proc = subprocess.Popen([sys.executable, "-m", "reward", "--port", str(wport), "--workers", "1"],
                                    cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    redis_url, reward_url = f"redis://127.0.0.1:{rport}/0", f"http://127.0.0.1:{wport}"
-    try:
-        wait_http(reward_url, reward_proc, 120, "reward service")
-        r = connect(redis_url)
-        r.ping()
-        n_prompts = args.batches * args.prompts
-        prompts = make_toy_task(n_prompts, seed=1)
-        system = ActorSettings().system_prompt
-        ids = [engine.chat_token_ids(p.messages, system) for p in prompts]
-        params = SamplingParams(n=args.n, temperature=1.0, top_p=1.0, max_tokens=args.max_tokens, logprobs=0)
-        # warm-up (first generate allocates and builds kernels)
-        engine._call(lambda: engine.llm.generate([{"prompt_token_ids": x} for x in ids[: args.prompts]], params,
-                                                 use_tqdm=False))
+    reward_url = f"http://127.0.0.1:{wport}"
+    wait_http(reward_url, reward_proc, 120, "reward service")
+    return f"redis://127.0.0.1:{rport}/0", reward_url, [redis_proc, reward_proc]
 
-        def bare() -> dict[str, float]:
+
+def length_stats(lengths: list[int]) -> dict[str, float]:
+    ordered = sorted(lengths)
+    return {"median": statistics.median(ordered), "p90": ordered[int(0.9 * (len(ordered) - 1))],
+            "max": ordered[-1], "mean": statistics.fmean(ordered)}
+
+
+def bench_tail(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
+    from vllm import SamplingParams
+
+    from actor_service.engine import ActorEngine
+    from actor_service.loop import ActorLoop
+    from actor_service.settings import ActorSettings
+    from actor_service.toy_model import ensure_toy_model
+    from buffer.client import PromptQueue, ReplayTable, TableConfig, connect, make_toy_task
+
+    k, n = args.k, args.n
+    engine = ActorEngine(ensure_toy_model(), max_model_len=args.tail_max_tokens + 128, kv_cache_bytes=256 * 2**20,
+                         seed=0, max_num_seqs=k, threads=args.threads)
+    redis_url, reward_url, procs = start_services(tmp)
+    try:
+        r = connect(redis_url)
+        prompts = make_toy_task(args.tail_prompts, seed=1)
+        system = ActorSettings().system_prompt
+        ids = [{"prompt_token_ids": engine.chat_token_ids(p.messages, system)} for p in prompts]
+        params = SamplingParams(n=n, temperature=args.temperature, max_tokens=args.tail_max_tokens, logprobs=0)
+
+        def bare(batch_prompts: int) -> dict[str, float]:
             t0 = time.perf_counter()
-            tokens = seqs = 0
-            for b in range(args.batches):
-                batch = [{"prompt_token_ids": x} for x in ids[b * args.prompts:(b + 1) * args.prompts]]
-                outs = engine._call(lambda batch=batch: engine.llm.generate(batch, params, use_tqdm=False))
-                tokens += sum(len(c.token_ids) for o in outs for c in o.outputs)
-                seqs += sum(len(o.outputs) for o in outs)
+            outs = []
+            for b in range(0, len(ids), batch_prompts):
+                chunk = ids[b:b + batch_prompts]
+                outs += engine._call(lambda chunk=chunk: engine.llm.generate(chunk, params, use_tqdm=False))
             wall = time.perf_counter() - t0
-            return {"tokens_per_s": tokens / wall, "trajectories_per_s": seqs / wall, "wall_s": wall,
-                    "tokens": tokens}
+            lengths = [len(c.token_ids) for o in outs for c in o.outputs]
+            return {"tokens_per_s": sum(lengths) / wall, "wall_s": wall, "tokens": sum(lengths),
+                    **{f"len_{key}": v for key, v in length_stats(lengths).items()}}
 
         def service(rep: int) -> dict[str, float]:
             r.flushall()
             PromptQueue(r, "train").load(prompts, epochs=1)
             table = ReplayTable(r, TableConfig(name="bench", max_size=100_000))
             settings = ActorSettings(
-                actor_id=f"bench-{rep}", redis_url=redis_url, reward_url=reward_url, prompts_per_batch=args.prompts,
-                n_samples_per_prompt=args.n, max_tokens=args.max_tokens, max_model_len=512, temperature=1.0,
-                idle_sleep_s=0.01, table=TableConfig(name="bench", max_size=100_000), heartbeat_interval_s=1.0,
+                actor_id=f"bench-{rep}", redis_url=redis_url, reward_url=reward_url, prompts_per_batch=k // n,
+                n_samples_per_prompt=n, max_tokens=args.tail_max_tokens, max_model_len=args.tail_max_tokens + 128,
+                temperature=args.temperature, idle_sleep_s=0.01, table=TableConfig(name="bench", max_size=100_000),
+                heartbeat_interval_s=1.0, max_inflight_sequences=k,
             )
             loop = ActorLoop(settings, engine)
-            target = n_prompts * args.n
+            target = len(prompts) * n
             t0 = time.perf_counter()
             loop.start()
             try:
                 # Poll the loop's own counter (an attribute read): polling Redis from this process every few ms
                 # would steal the GIL from the in-process engine and bill the bench's polling to the service.
                 while loop.metrics.total_trajectories < target:
-                    if time.perf_counter() - t0 > 600:
-                        raise RuntimeError("service run did not finish in 600 s")
+                    if time.perf_counter() - t0 > 900:
+                        raise RuntimeError("service run did not finish in 900 s")
                     time.sleep(0.01)
                 wall = time.perf_counter() - t0
                 if table.stats().inserts != target:
@@ -161,27 +175,90 @@ def bench_throughput(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
             finally:
                 loop.stop()
             tokens = loop.metrics.total_tokens
-            return {"tokens_per_s": tokens / wall, "trajectories_per_s": target / wall, "wall_s": wall,
-                    "tokens": tokens, "grade_s_per_batch": loop.metrics.grade_latency._sum.get() / args.batches,
-                    "insert_s_per_batch": loop.metrics.insert_latency._sum.get() / args.batches}
+            return {"tokens_per_s": tokens / wall, "wall_s": wall, "tokens": tokens}
 
-        runs: dict[str, list[dict[str, float]]] = {"bare": [], "service": []}
+        bare(max(1, k // n))  # warm-up
+        runs: dict[str, list[dict[str, float]]] = {"engine": [], "per_batch": [], "service": []}
         for rep in range(args.repeats):
-            runs["bare"].append(bare())
+            runs["engine"].append(bare(len(ids)))
             runs["service"].append(service(rep))
-            log.info("repeat %d: bare %.0f tok/s, service %.0f tok/s", rep, runs["bare"][-1]["tokens_per_s"],
-                     runs["service"][-1]["tokens_per_s"])
-        med = {k: {m: statistics.median(x[m] for x in v) for m in v[0]} for k, v in runs.items()}
-        # Each service run is compared with the bare run just before it (the shared machine's load drifts).
-        paired = [s_["tokens_per_s"] / b["tokens_per_s"] for b, s_ in zip(runs["bare"], runs["service"], strict=True)]
-        overhead = 1 - statistics.median(paired)
-        return {"config": {"batches": args.batches, "prompts_per_batch": args.prompts, "n": args.n,
-                           "max_tokens": args.max_tokens, "repeats": args.repeats, "model": "tiny random Qwen2"},
-                "median": med, "runs": runs, "paired_ratios": paired, "overhead": overhead}
+            runs["per_batch"].append(bare(max(1, k // n)))
+            log.info("repeat %d: engine %.0f, service %.0f, per-batch %.0f tok/s", rep,
+                     *(runs[x][-1]["tokens_per_s"] for x in ("engine", "service", "per_batch")))
+        med = {key: {m: statistics.median(x[m] for x in v) for m in v[0]} for key, v in runs.items()}
+        paired = [s_["tokens_per_s"] / e["tokens_per_s"] for e, s_ in zip(runs["engine"], runs["service"], strict=True)]
+        batch_paired = [b["tokens_per_s"] / e["tokens_per_s"]
+                        for e, b in zip(runs["engine"], runs["per_batch"], strict=True)]
+        return {"config": {"prompts": len(prompts), "n": n, "k": k, "max_tokens": args.tail_max_tokens,
+                           "repeats": args.repeats, "temperature": args.temperature, "model": "warmed-up toy (tiny Qwen2)"},
+                "median": med, "runs": runs, "paired_service_vs_engine": paired,
+                "tail_throughput_vs_engine": statistics.median(paired),
+                "per_batch_vs_engine": statistics.median(batch_paired),
+                "max_over_median_length": med["engine"]["len_max"] / max(1.0, med["engine"]["len_median"])}
     finally:
         engine.close()
-        stop(reward_proc)
-        stop(redis_proc)
+        for proc in procs:
+            stop(proc)
+
+
+# ------------------------------------------------------------------------------------- learner step + push ---
+def bench_learner_push(args: argparse.Namespace, model_dir: Path, actor_url: str, tmp: Path) -> dict[str, Any]:
+    """Median training step time without export, and with an export + push to the actor after every step."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from buffer.client import ActorInfo
+    from learner.export import WeightExporter
+    from learner.push import WeightPusher
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-6)
+    g = torch.Generator().manual_seed(0)
+    batch = torch.randint(0, model.config.vocab_size, (args.train_batch, args.train_len), generator=g)
+    actor = ActorInfo(actor_id="bench-actor", url=actor_url, policy_version=0, started_at=1.0)
+    pusher = WeightPusher(lambda: [actor], TOKEN, timeout_s=120, retry_s=0.5)
+    exporter = WeightExporter(model, tmp / "learner-weights", keep=2, dtype=None, publish=lambda info: None,
+                              pusher=pusher)
+    version = 1000  # above the versions the push bench used on this actor
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        out = model(input_ids=batch, labels=batch, use_cache=False)
+        out.loss.backward()
+        opt.step()
+
+    def run(push: bool) -> list[float]:
+        nonlocal version
+        times = []
+        for _ in range(args.steps):
+            t0 = time.perf_counter()
+            step()
+            if push:
+                version += 1
+                exporter.submit(version)
+            times.append(time.perf_counter() - t0)
+        exporter.wait_idle(300)
+        pusher.wait_idle(300)
+        return times
+
+    try:
+        step()  # warm-up
+        runs: dict[str, list[float]] = {"without": [], "with": []}
+        for _ in range(args.repeats):
+            runs["without"] += run(False)
+            runs["with"] += run(True)
+        med = {key: statistics.median(v) for key, v in runs.items()}
+        return {"config": {"steps": args.steps, "repeats": args.repeats, "batch": args.train_batch,
+                           "seq_len": args.train_len, "params": sum(p.numel() for p in model.parameters())},
+                "median_step_s": med, "runs": runs, "pushes_ok": pusher.stats.pushes_ok,
+                "pushes_failed": pusher.stats.pushes_failed, "exports_superseded": exporter.superseded,
+                "export": exporter.metrics(), "canary_drift_max": pusher.stats.canary_drift_max,
+                "step_time_with_push_vs_without": med["with"] / med["without"]}
+    finally:
+        exporter.close()
+        pusher.close()
 
 
 # ---------------------------------------------------------------------------------------------- weight push ---
@@ -246,6 +323,8 @@ def perturbed_copy(src: Path, dst: Path, seed: int) -> None:
 
 
 def bench_push(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
+    import httpx
+
     from actor_service.client import file_sha256, push_weights
     from actor_service.toy_model import build_tiny_random_model
 
@@ -264,8 +343,7 @@ def bench_push(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     actor_log = open(tmp / "actor.log", "wb")  # noqa: SIM115
     actor = subprocess.Popen(
         [sys.executable, "-m", "actor_service", "--port", str(port), "--model-dir", str(model), "--run-loop",
-         "false", "--max-model-len", "256", "--kv-cache-bytes", str(64 * 2**20), "--weights-dir",
-         str(tmp / "actor-weights"), "--log-level", "warning"],
+         "false", "--max-model-len", "256", "--kv-cache-bytes", str(64 * 2**20), "--log-level", "warning"],
         cwd=REPO, env=env, stdout=actor_log, stderr=subprocess.STDOUT,
     )
     rport, vport = free_port(), free_port()
@@ -282,6 +360,8 @@ def bench_push(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
             actor_log.flush()
             sys.stderr.write((tmp / "actor.log").read_text()[-4000:])
             raise
+        # a serving actor has generated before its first push (first requests set up kernels)
+        httpx.post(f"{url}/v1/generate", json={"prompts": ["1+1="], "chat": False, "max_tokens": 4}, timeout=300)
         pushes = []
         for i, f in enumerate(files):
             t0 = time.perf_counter()
@@ -293,18 +373,22 @@ def bench_push(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
             raw_s = raw_transfer(f, rport)
             raw_verify_s = raw_transfer(f, vport)
             pushes.append({"push_s": wall, "receive_s": resp.receive_s, "apply_s": resp.load_s, "sha256_s": sha_s,
+                           "canary_s": resp.canary_s,
                            "raw_s": raw_s, "raw_verify_s": raw_verify_s, "push_bytes_per_s": nbytes / wall,
                            "receive_bytes_per_s": nbytes / resp.receive_s, "raw_bytes_per_s": nbytes / raw_s,
                            "raw_verify_bytes_per_s": nbytes / raw_verify_s})
-            log.info("push %d: %.0f MB/s end to end (apply %.3fs), raw %.0f MB/s", i + 1, nbytes / wall / 1e6,
-                     resp.load_s, nbytes / raw_s / 1e6)
+            log.info("push %d: %.3fs end to end (receive %.3fs, apply %.3fs, canary %.3fs), raw %.0f MB/s", i + 1,
+                     wall, resp.receive_s, resp.load_s, resp.canary_s, nbytes / raw_s / 1e6)
         med = {k: statistics.median(p[k] for p in pushes) for k in pushes[0]}
-        return {"config": {"params": n_params, "bytes": nbytes, "hidden": args.push_hidden,
-                           "layers": args.push_layers, "pushes": args.pushes, "dtype": "float32"},
-                "median": med, "runs": pushes,
-                "ratio_push_vs_raw": med["push_bytes_per_s"] / med["raw_bytes_per_s"],
-                "ratio_receive_vs_raw": med["receive_bytes_per_s"] / med["raw_bytes_per_s"],
-                "ratio_receive_vs_raw_verify": med["receive_bytes_per_s"] / med["raw_verify_bytes_per_s"]}
+        out = {"config": {"params": n_params, "bytes": nbytes, "hidden": args.push_hidden,
+                          "layers": args.push_layers, "pushes": args.pushes, "dtype": "float32"},
+               "median": med, "runs": pushes,
+               "ratio_push_vs_raw": med["push_bytes_per_s"] / med["raw_bytes_per_s"],
+               "ratio_receive_vs_raw": med["receive_bytes_per_s"] / med["raw_bytes_per_s"],
+               "ratio_receive_vs_raw_verify": med["receive_bytes_per_s"] / med["raw_verify_bytes_per_s"]}
+        if not args.skip_learner:
+            out["learner"] = bench_learner_push(args, model, url, tmp)
+        return out
     finally:
         stop(actor)
         stop(reader)
@@ -312,13 +396,44 @@ def bench_push(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         actor_log.close()
 
 
+def add_rows(table: Table, result: dict[str, Any]) -> None:
+    if "tail" in result:
+        t, med = result["tail"], result["tail"]["median"]
+        e = med["engine"]
+        table.add_row(f"response tokens/s, long tail (median {e['len_median']:.0f}, max {e['len_max']:.0f} tokens)",
+                      f"{e['tokens_per_s']:.0f} (vLLM continuous batching)", f"{med['service']['tokens_per_s']:.0f}",
+                      f"{t['tail_throughput_vs_engine']:.2f}", ">= 0.9")
+        table.add_row("  old per-batch path (generate per K sequences)", f"{e['tokens_per_s']:.0f}",
+                      f"{med['per_batch']['tokens_per_s']:.0f}", f"{t['per_batch_vs_engine']:.2f}", "")
+    if "push" in result:
+        m, c = result["push"]["median"], result["push"]["config"]
+        table.add_row(f"push receive+verify MB/s ({c['bytes'] / 1e6:.0f} MB)",
+                      f"{m['raw_bytes_per_s'] / 1e6:.0f} (raw loopback TCP)", f"{m['receive_bytes_per_s'] / 1e6:.0f}",
+                      f"{result['push']['ratio_receive_vs_raw']:.2f}", ">= 0.5")
+        table.add_row("push + apply end to end s", "",
+                      f"{m['push_s']:.3f} (receive {m['receive_s']:.3f}, apply {m['apply_s']:.3f}, "
+                      f"canary {m['canary_s']:.3f})", "", "<= 0.5")
+        if "learner" in result["push"]:
+            ln = result["push"]["learner"]
+            table.add_row(f"learner step s ({ln['config']['params'] / 1e6:.0f}M params), push every step",
+                          f"{ln['median_step_s']['without']:.3f} (no push)", f"{ln['median_step_s']['with']:.3f}",
+                          f"{ln['step_time_with_push_vs_without']:.2f}", "<= 1.1")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--batches", type=int, default=8)
-    p.add_argument("--prompts", type=int, default=16)
-    p.add_argument("--n", type=int, default=4)
-    p.add_argument("--max-tokens", type=int, default=64)
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--tail-prompts", type=int, default=192)
+    p.add_argument("--k", type=int, default=64, help="sequences in flight (engine max_num_seqs, actor K)")
+    p.add_argument("--n", type=int, default=2)
+    p.add_argument("--tail-max-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=1.6,
+                   help="sampling temperature of the tail run (the toy model rambles to max tokens on some prompts)")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=None, help="torch threads of the engine / training loop")
+    p.add_argument("--steps", type=int, default=6, help="training steps per learner run")
+    p.add_argument("--train-batch", type=int, default=4)
+    p.add_argument("--train-len", type=int, default=256)
+    p.add_argument("--skip-learner", action="store_true")
     p.add_argument("--push-hidden", type=int, default=512)
     p.add_argument("--push-layers", type=int, default=12)
     p.add_argument("--pushes", type=int, default=3)
@@ -340,36 +455,24 @@ def main() -> None:
         if not args.skip_push:
             result["push"] = bench_push(args, tmp)
         if not args.skip_throughput:
-            result["throughput"] = bench_throughput(args, tmp)
+            result["tail"] = bench_tail(args, tmp)
     result["machine"]["load_avg_end"] = os.getloadavg()
 
-    console = Console()
-    table = Table(title="actor service vs baselines (median of repeats)")
-    for col in ("measure", "baseline", "actor service", "ratio", "goal"):
-        table.add_column(col)
-    if "throughput" in result:
-        t = result["throughput"]["median"]
-        table.add_row("tokens/s", f"{t['bare']['tokens_per_s']:.0f} (bare LLM.generate)",
-                      f"{t['service']['tokens_per_s']:.0f}", f"{t['service']['tokens_per_s'] / t['bare']['tokens_per_s']:.2f}",
-                      "overhead < 10%")
-        table.add_row("trajectories/s", f"{t['bare']['trajectories_per_s']:.1f}",
-                      f"{t['service']['trajectories_per_s']:.1f}",
-                      f"{t['service']['trajectories_per_s'] / t['bare']['trajectories_per_s']:.2f}", "")
-        table.add_row("service overhead (median of paired runs)", "", f"{100 * result['throughput']['overhead']:.1f}%",
-                      "", "< 10%")
+    summary = {}
+    if "tail" in result:
+        summary["tail_throughput_vs_engine"] = result["tail"]["tail_throughput_vs_engine"]
     if "push" in result:
-        m, c = result["push"]["median"], result["push"]["config"]
-        table.add_row(f"push end to end {c['bytes'] / 1e6:.0f} MB ({c['params'] / 1e6:.1f}M params) MB/s",
-                      f"{m['raw_bytes_per_s'] / 1e6:.0f} (raw loopback TCP)", f"{m['push_bytes_per_s'] / 1e6:.0f}",
-                      f"{result['push']['ratio_push_vs_raw']:.2f}", ">= 0.5")
-        table.add_row("receive+verify MB/s", f"{m['raw_bytes_per_s'] / 1e6:.0f} (raw TCP)",
-                      f"{m['receive_bytes_per_s'] / 1e6:.0f}", f"{result['push']['ratio_receive_vs_raw']:.2f}",
-                      ">= 0.5")
-        table.add_row("receive+verify MB/s", f"{m['raw_verify_bytes_per_s'] / 1e6:.0f} (raw TCP + sha256 + write)",
-                      f"{m['receive_bytes_per_s'] / 1e6:.0f}", f"{result['push']['ratio_receive_vs_raw_verify']:.2f}",
-                      "")
-        table.add_row("apply latency (reload_weights) s", "", f"{m['apply_s']:.3f}", "", "")
-        table.add_row("client sha256 s (once per version)", "", f"{m['sha256_s']:.3f}", "", "")
+        summary["push_receive_vs_raw_tcp"] = result["push"]["ratio_receive_vs_raw"]
+        summary["push_end_to_end_s"] = result["push"]["median"]["push_s"]
+        if "learner" in result["push"]:
+            summary["step_time_with_push_vs_without"] = result["push"]["learner"]["step_time_with_push_vs_without"]
+    result.update(summary)
+    console = Console()
+    table = Table(title=f"actor data plane (load avg {result['machine']['load_avg_start'][0]:.1f} -> "
+                        f"{result['machine']['load_avg_end'][0]:.1f} on {os.cpu_count()} cpus)")
+    for col in ("measure", "baseline", "actor", "ratio", "goal"):
+        table.add_column(col)
+    add_rows(table, result)
     console.print(table)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))

@@ -22,6 +22,8 @@ class LiveStatus:
     metrics: dict[str, float] = field(default_factory=dict)
     latest_weights: WeightsInfo | None = None
     actors_delivered: dict[str, int] = field(default_factory=dict)
+    actors_canary_drift: dict[str, dict[str, float]] = field(default_factory=dict)
+    """Per actor: the version of its last verified push and the canary drift (learner/push.py)."""
     error: str = ""
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -41,5 +43,6 @@ class LiveStatus:
                 "metrics": dict(self.metrics),
                 "latest_weights": self.latest_weights.model_dump() if self.latest_weights else None,
                 "actors_delivered": dict(self.actors_delivered),
+                "actors_canary_drift": dict(self.actors_canary_drift),
                 "error": self.error,
             }

@@ -10,6 +10,12 @@ thread pool. It does not wait. So
 - an actor that joins late, or restarts (new `started_at`), lags the latest version and is caught up in the next
   `sync` call;
 - an actor gets at most one push in flight; if several versions were exported meanwhile it gets the newest.
+
+Verified delivery: the exporter registers the learner's own log-probs of the canary sequence for each version
+(`expect_canary`); an actor answers a push with its log-probs of the same sequence under the weights it applied.
+The largest absolute difference is the actor's drift for that version (`canary_drift()`, `stats.canary_*`); above
+`canary_max_drift` the push is logged as a warning and counted in `canary_alarms` (a silently corrupted apply,
+e.g. a wrong tied head, or trainer/engine numerics that diverge).
 """
 
 from __future__ import annotations
@@ -46,6 +52,10 @@ class PushStats:
     last_latency_s: float = 0.0
     last_error: str = ""
     latencies_s: list[float] = field(default_factory=list)
+    canary_alarms: int = 0
+    """Pushes whose canary drift exceeded the threshold."""
+    canary_drift_max: float = 0.0
+    """Largest drift of the last push to each actor (max over actors)."""
 
 
 class WeightPusher:
@@ -59,6 +69,7 @@ class WeightPusher:
         retry_s: float = 5.0,
         workers: int = 8,
         push_fn: PushFn | None = None,
+        canary_max_drift: float = 0.05,
     ) -> None:
         if push_fn is None:
             from actor_service.client import push_weights  # noqa: PLC0415
@@ -73,6 +84,40 @@ class WeightPusher:
         self._actors: dict[str, _ActorState] = {}
         self._lock = threading.Lock()
         self.stats = PushStats()
+        self.canary_max_drift = canary_max_drift
+        self._canary: dict[int, list[float]] = {}  # version -> the learner's canary log-probs (newest few)
+        self._drift: dict[str, tuple[int, float]] = {}  # actor -> (version, drift) of its last push
+
+    def expect_canary(self, version: int, logprobs: list[float]) -> None:
+        """The learner's canary log-probs for `version` (actors' answers are compared with them)."""
+        with self._lock:
+            self._canary[version] = logprobs
+            for old in sorted(self._canary)[:-8]:
+                del self._canary[old]
+
+    def canary_drift(self) -> dict[str, dict[str, float]]:
+        """{actor_id: {"version", "drift"}} of each actor's last verified push."""
+        with self._lock:
+            return {a: {"version": float(v), "drift": d} for a, (v, d) in self._drift.items()}
+
+    def _check_canary(self, actor_id: str, version: int, answer: object) -> None:
+        got = getattr(answer, "canary_logprobs", None)
+        with self._lock:
+            want = self._canary.get(version)
+        if got is None or want is None:
+            return
+        drift = max((abs(a - b) for a, b in zip(got, want, strict=False)), default=0.0)
+        if len(got) != len(want):
+            drift = float("inf")
+        with self._lock:
+            self._drift[actor_id] = (version, drift)
+            self.stats.canary_drift_max = max(d for _, d in self._drift.values())
+            if drift > self.canary_max_drift:
+                self.stats.canary_alarms += 1
+        if drift > self.canary_max_drift:
+            log.warning("actor %s serves v%d with canary log-probs %.3g away from the learner's (threshold %.3g):"
+                        " the weights it applied are not the ones sent", actor_id, version, drift,
+                        self.canary_max_drift)
 
     def sync(self, latest: WeightsInfo | None) -> int:
         """Start pushes of `latest` to the actors that lag it; returns how many pushes were started."""
@@ -101,7 +146,7 @@ class WeightPusher:
     def _push_one(self, actor: ActorInfo, st: _ActorState, info: WeightsInfo) -> None:
         t0 = time.monotonic()
         try:
-            self._push_fn(
+            answer = self._push_fn(
                 actor.url, info.path, info.version, self._token, timeout_s=self._timeout_s, sha256=info.sha256
             )
         except Exception as e:  # noqa: BLE001  (any failure of one actor is logged and retried, never raised)
@@ -126,6 +171,7 @@ class WeightPusher:
                 self.stats.last_latency_s = dt
                 self.stats.latencies_s = (self.stats.latencies_s + [dt])[-100:]
             log.info("pushed v%d to %s in %.3fs", info.version, actor.actor_id, dt)
+            self._check_canary(actor.actor_id, info.version, answer)
         finally:
             with self._lock:
                 st.in_flight = None

@@ -53,6 +53,8 @@ from buffer.client import (
 )
 from buffer.schema import LearnerStatus, PrioritizedSampler, SampledItem, WeightsInfo
 from learner.acks import PendingAcks
+from learner.collectives import collective_device, default_accelerator
+from learner.export import WeightExporter
 from learner.guard import StabilityGuard, all_ranks_agree, grad_norm, params_finite, scale_lr
 from learner.live import LiveStatus
 from learner.loss import TRAJ_PREFIX, LossBatch, compute_loss
@@ -68,7 +70,6 @@ from learner.model import (
 from learner.push import PushFn, WeightPusher
 from learner.replay import ResidualLog, age_metrics, residual_metrics, reuse_metrics, write_priorities
 from learner.settings import ConstantSchedule, LearnerSettings, default_cache_dir
-from learner.weights import export_weights
 
 log = logging.getLogger(__name__)
 
@@ -106,8 +107,9 @@ def ensure_single_process_env() -> None:
 
 
 def configure_environment() -> None:
-    """CPU DeepSpeed defaults and a persistent cache for its compiled ops (the first build takes ~25 s)."""
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    """DeepSpeed's accelerator follows the hardware (cuda with a GPU, else cpu) unless DS_ACCELERATOR is set, and a
+    persistent cache for its compiled ops (the first build takes ~25 s)."""
+    os.environ.setdefault("DS_ACCELERATOR", default_accelerator())
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(default_cache_dir() / "torch_extensions"))
     ensure_single_process_env()
 
@@ -291,7 +293,7 @@ def token_mean_loss(settings: LearnerSettings) -> bool:
 def all_reduce_sum(values: list[float], world_size: int) -> list[float]:
     if world_size == 1:
         return values
-    t = torch.tensor(values, dtype=torch.float64)
+    t = torch.tensor(values, dtype=torch.float64, device=collective_device())
     torch.distributed.all_reduce(t)
     return t.tolist()
 
@@ -299,7 +301,7 @@ def all_reduce_sum(values: list[float], world_size: int) -> list[float]:
 def all_reduce_max(value: float, world_size: int) -> float:
     if world_size == 1:
         return value
-    t = torch.tensor([value], dtype=torch.float64)
+    t = torch.tensor([value], dtype=torch.float64, device=collective_device())
     torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
     return float(t[0])
 
@@ -335,7 +337,7 @@ def reduce_metrics(partials: list[tuple[float, dict[str, float]]], world_size: i
             sq += w * (m["residual_std"] ** 2 + m["residual_mean"] ** 2)
     vec = all_reduce_sum([sums[k] for k in keys] + [sq], world_size)
     if world_size > 1:
-        mx = torch.tensor([maxes[k] for k in keys], dtype=torch.float64)
+        mx = torch.tensor([maxes[k] for k in keys], dtype=torch.float64, device=collective_device())
         torch.distributed.all_reduce(mx, op=torch.distributed.ReduceOp.MAX)
         maxes = dict(zip(keys, mx.tolist(), strict=True))
     out = {k: (maxes[k] if k.endswith("_max") else vec[i]) for i, k in enumerate(keys)}
@@ -539,17 +541,13 @@ def train(
             tag, version, published.version, published.version + 1,
         )
         version = published.version + 1
-    weights_store = status_store = pusher = pending = None
+    weights_store = status_store = pusher = pending = exporter = None
     metrics_file = None
     latest: WeightsInfo | None = None
 
-    def publish(v: int) -> WeightsInfo:
-        """Export the current weights as version `v` and record them in Redis (rank 0)."""
-        info = export_weights(
-            engine.module, run_dir / WEIGHTS_DIR, v, keep=settings.keep_weights, dtype=settings.export_dtype
-        )
-        weights_store.set_latest(info)
-        return info
+    def publish(v: int) -> WeightsInfo | None:
+        """Export the current weights as version `v`, record them in Redis and push them; waits (rank 0)."""
+        return exporter.publish_now(v)
 
     if rank == 0:
         weights_store = WeightsStore(redis)
@@ -557,8 +555,11 @@ def train(
         registry = ActorRegistry(redis)
         pusher = WeightPusher(
             registry.live, settings.auth_token, timeout_s=settings.push_timeout_s, retry_s=settings.push_retry_s,
-            workers=settings.push_workers, push_fn=push_fn,
+            workers=settings.push_workers, push_fn=push_fn, canary_max_drift=settings.canary_max_drift,
         )
+        # snapshot on this thread, export + push on the exporter's while the next step runs (learner/export.py)
+        exporter = WeightExporter(engine.module, run_dir / WEIGHTS_DIR, keep=settings.keep_weights,
+                                  dtype=settings.export_dtype, publish=weights_store.set_latest, pusher=pusher)
         metrics_file = open(run_dir / METRICS_FILE, "a", buffering=1)  # noqa: SIM115  (closed in finally)
         if settings.ack_after_checkpoint and settings.checkpoint_interval_steps and table.config.max_times_sampled == 1:
             pending = PendingAcks(table, settings.lease_s or table.config.lease_s)
@@ -683,9 +684,10 @@ def train(
             t_push = 0.0
             if rank == 0 and step % push_every == 0 and response != "rollback":
                 tp = time.monotonic()
-                latest = publish(version)
+                exporter.submit(version)
                 t_push = time.monotonic() - tp
             if rank == 0:
+                latest = exporter.latest or latest
                 pusher.sync(latest)
 
             # 6. log
@@ -713,7 +715,10 @@ def train(
                     "sample_time_s": t_sampled - t0,
                     "ref_time_s": t_ref - t_sampled,
                     "train_time_s": t_step - t_ref,
-                    "export_time_s": t_push,
+                    "export_blocking_s": t_push,
+                    **exporter.metrics(),
+                    "canary_drift_max": pusher.stats.canary_drift_max,
+                    "canary_alarms": pusher.stats.canary_alarms,
                     "push_latency_s": pusher.stats.last_latency_s,
                     "pushes_ok": pusher.stats.pushes_ok,
                     "pushes_failed": pusher.stats.pushes_failed,
@@ -725,6 +730,7 @@ def train(
                 live.update(
                     step=step, policy_version=version, last_step_at=time.time(), metrics=numeric,
                     latest_weights=latest, actors_delivered=pusher.delivered(),
+                    actors_canary_drift=pusher.canary_drift(),
                 )
                 status_store.set(LearnerStatus(step=step, policy_version=version, metrics=numeric, state="running"))
                 log.info(
@@ -751,6 +757,8 @@ def train(
                 status_store.set(LearnerStatus(step=step, policy_version=version, state="failed"))
             except Exception as e2:  # noqa: BLE001  (Redis may be the failure; the original error is raised)
                 log.warning("cannot record the failure in Redis: %s", e2)
+        if exporter is not None:
+            exporter.close(timeout_s=settings.push_timeout_s)
         if pusher is not None:
             pusher.close()
         if pending is not None:
@@ -770,6 +778,7 @@ def train(
             latest = publish(version)
         # deliver the final weights; pushes in flight finish (each is bounded by its timeout)
         pusher.sync(latest)
+        exporter.close(timeout_s=settings.push_timeout_s)
         pusher.wait_idle(settings.push_timeout_s)
         pusher.close()
         status_store.set(LearnerStatus(step=step, policy_version=version, metrics=live.metrics, state="stopped"))

@@ -24,7 +24,7 @@ def actor_engine(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory)
     from actor_service.engine import ActorEngine
 
     engine = ActorEngine(tiny_model_dir, max_model_len=256, kv_cache_bytes=32 * 2**20, seed=0,
-                         weights_dir=tmp_path_factory.mktemp("actor_weights"))
+                         inflight_updates=True)
     yield engine
     engine.close()
 

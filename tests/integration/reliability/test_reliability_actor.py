@@ -46,8 +46,7 @@ def engine(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):  # n
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     from actor_service.engine import ActorEngine
 
-    eng = ActorEngine(tiny_model_dir, max_model_len=256, kv_cache_bytes=32 * 2**20, seed=0,
-                      weights_dir=tmp_path_factory.mktemp("reliability_actor_weights"))
+    eng = ActorEngine(tiny_model_dir, max_model_len=256, kv_cache_bytes=32 * 2**20, seed=0)
     yield eng
     eng.close()
 

@@ -1,0 +1,126 @@
+"""Pushes without disk, over real HTTP into the real engine: nothing is opened for writing while a push is
+received, verified and applied; an unauthenticated push is answered without reading its body; a failed apply
+rolls back to the weights held in memory."""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from actor_helpers import ServerThread, hf_greedy
+
+from actor_service.client import WeightPushError, push_weights
+from actor_service.engine import clean_stale_temp_dirs
+from actor_service.schema import SHA256_HEADER, VERSION_HEADER
+from actor_service.settings import ActorSettings
+
+TOKEN = "memory-token"
+_WRITES: list[str] = []
+_WATCH = threading.Event()
+
+
+def _audit(event: str, args: tuple) -> None:
+    if not _WATCH.is_set():
+        return
+    if event == "open" and isinstance(args[1], str) and any(c in args[1] for c in "wax+"):
+        _WRITES.append(f"open {args[0]} {args[1]}")
+    elif event in ("os.rename", "os.mkdir", "os.remove", "shutil.copyfile", "os.link"):
+        _WRITES.append(f"{event} {args[0]}")
+
+
+sys.addaudithook(_audit)
+
+
+@pytest.fixture(scope="module")
+def server(actor_engine):  # noqa: ANN001, ANN201
+    from actor_service.app import create_app
+
+    settings = ActorSettings(run_loop=False, auth_token=TOKEN, max_model_len=256, actor_id="memory-test")
+    srv = ServerThread(create_app(settings, engine=actor_engine))
+    yield srv
+    srv.stop()
+
+
+def test_push_writes_no_file(server, actor_engine, make_variant) -> None:  # noqa: ANN001
+    # a first push may set up caches of torch/vLLM (e.g. compiled kernels) once per process; the claim is per push
+    push_weights(server.url, make_variant(55) / "model.safetensors", actor_engine.version + 1, TOKEN, timeout_s=60)
+    variant = make_variant(51)
+    version = actor_engine.version + 1
+    _WRITES.clear()
+    _WATCH.set()
+    try:
+        resp = push_weights(server.url, variant / "model.safetensors", version, TOKEN, timeout_s=60)
+    finally:
+        _WATCH.clear()
+    assert resp.policy_version == version
+    assert _WRITES == []
+    prompts = [actor_engine.text_token_ids("17-5=")]
+    gen = actor_engine.generate(prompts, temperature=0.0, max_tokens=10)
+    assert [g[0].token_ids for g in gen.samples] == hf_greedy(variant, prompts, 10)
+
+
+def test_unauthenticated_push_is_answered_without_reading_the_body(server, actor_engine) -> None:  # noqa: ANN001
+    host, port = "127.0.0.1", int(server.url.rsplit(":", 1)[1])
+    head = (f"POST /v1/weights HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer wrong\r\n"
+            f"{VERSION_HEADER}: {actor_engine.version + 1}\r\n{SHA256_HEADER}: {'0' * 64}\r\n"
+            f"Content-Type: application/octet-stream\r\nContent-Length: {100 * 2**20}\r\n\r\n")
+    with socket.create_connection((host, port), timeout=10) as s:
+        s.sendall(head.encode())  # ... and not one byte of the 100 MB body
+        t0 = time.monotonic()
+        answer = s.recv(4096).decode(errors="replace")
+    assert answer.startswith("HTTP/1.1 401"), answer[:200]
+    assert time.monotonic() - t0 < 5
+
+
+def test_failed_apply_rolls_back_to_the_weights_in_memory(server, actor_engine, make_variant) -> None:  # noqa: ANN001
+    import torch
+    from safetensors.torch import load_file
+
+    from actor_service.engine import WeightsApplyError
+    from actor_service.generation import abandon_partial_reload
+
+    good, other = make_variant(52), make_variant(54)
+    actor_engine.update_weights(good / "model.safetensors", actor_engine.version + 1)
+    before = actor_engine.version
+    prompts = [actor_engine.text_token_ids("hello world")]
+    expected = hf_greedy(good, prompts, 10)
+
+    def served() -> list[list[int]]:
+        gen = actor_engine.generate(prompts, temperature=0.0, max_tokens=10)
+        return [g[0].token_ids for g in gen.samples]
+
+    # 1) tensors that do not fit are refused before vLLM's loader starts
+    bad = load_file(str(other / "model.safetensors"))
+    bad["model.norm.weight"] = torch.empty(0)
+    with pytest.raises(WeightsApplyError, match="model.norm.weight"):
+        actor_engine.apply_weights(bad, before + 1)
+    assert actor_engine.version == before and served() == expected
+    # 2) a loader failure halfway (earlier layers already hold the new values): the engine drops vLLM's partial
+    #    reload state and reloads the weights it served, from memory (what apply_weights does on such a failure)
+    with pytest.raises(AssertionError, match="Attempted to load weight"):
+        actor_engine._call(lambda: actor_engine._reload(bad))
+    actor_engine._call(lambda: actor_engine.llm.collective_rpc(abandon_partial_reload))
+    actor_engine._call(lambda: actor_engine._reload(actor_engine._current))
+    assert actor_engine.version == before and served() == expected
+
+
+def test_wrong_token_is_refused_by_the_client_too(server, actor_engine, make_variant) -> None:  # noqa: ANN001
+    with pytest.raises(WeightPushError) as info:
+        push_weights(server.url, make_variant(53) / "model.safetensors", actor_engine.version + 1, "nope",
+                     timeout_s=30)
+    assert info.value.status == 401
+
+
+def test_stale_temp_dirs_are_cleaned(tmp_path: Path) -> None:
+    old, fresh, other = tmp_path / "tbrm-actor-old", tmp_path / "tbrm-actor-new", tmp_path / "keep-me"
+    for d in (old, fresh, other):
+        (d / "incoming").mkdir(parents=True)
+    os.utime(old, (time.time() - 7200, time.time() - 7200))
+    os.utime(other, (time.time() - 7200, time.time() - 7200))
+    assert clean_stale_temp_dirs(str(tmp_path)) == [old]
+    assert not old.exists() and fresh.exists() and other.exists()
