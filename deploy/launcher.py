@@ -45,7 +45,8 @@ from deploy.dashboard import Collector, Dashboard, Snapshot
 from deploy.evaluation import EvalResult, eval_via_actor
 from deploy.report import make_plots
 from deploy.run_config import RunSection, dump_toml
-from deploy.run_dir import RunDir, Summary
+from deploy.run_dir import RunDir, Summary, export_hf
+from deploy.tracking import ClusterTracker, child_env
 from deploy.supervisor import (
     ProcSpec,
     ServiceCrashed,
@@ -166,8 +167,11 @@ class Cluster:
         cfg["learner"].setdefault("run_dir", str(self.rd.path / "learner"))
         cfg["learner"].setdefault("torch_threads", run.learner_threads)
         cfg["actor"].setdefault("vllm_threads", run.actor_threads)
+        cfg["learner"].setdefault("report_to", list(run.report_to))
+        cfg["learner"].setdefault("tensorboard_dir", str(self.rd.tensorboard / "learner"))
         self._ensure_model()
         self.rd.write_config(dump_toml(cfg))
+        self.tracker = ClusterTracker(run.report_to, self.rd.path, dump_toml(cfg))
         plan = topology.local_plan(
             run.actors, ports=self.ports, python=sys.executable, redis_server=redis_bin, redis_dir=str(self.rd.redis)
         )
@@ -175,6 +179,7 @@ class Cluster:
         base = {**os.environ, **{k: v for k, v in BASE_CHILD_ENV.items() if k not in os.environ}}
         base.setdefault("TORCH_EXTENSIONS_DIR", str(_tbrm_home() / "torch_extensions"))
         base[topology.ENV_AUTH_TOKEN] = self.token
+        base.update({k: v for k, v in child_env(run.report_to, self.rd.path).items() if k not in os.environ})
         self.plan = plan
         self.actor_urls = {p.name: str(p.url) for p in plan if p.service == "actor"}
         self.learner_url = next(str(p.url) for p in plan if p.service == "learner")
@@ -224,9 +229,9 @@ class Cluster:
             model_dir = ensure_toy_model()
             if time.monotonic() - t > 2:
                 self.console.print(f"toy model ready ({time.monotonic() - t:.0f} s)")
-            actor.setdefault("system_prompt", _warmup_system_prompt(model_dir) or TOY_SYSTEM_PROMPT)
+            actor.setdefault("system_prompt", warmup_system_prompt(model_dir) or TOY_SYSTEM_PROMPT)
         elif actor.get("model_dir"):
-            prompt = _warmup_system_prompt(Path(actor["model_dir"]))
+            prompt = warmup_system_prompt(Path(actor["model_dir"]))
             if prompt is not None:
                 actor.setdefault("system_prompt", prompt)
 
@@ -301,15 +306,15 @@ class Cluster:
             self.state.initial = res
             step = 0
         self.state.evals.append(res)
-        self.rd.append_eval(
-            {
-                "kind": kind,
-                "wall_s": round(time.monotonic() - self.state.t0, 3),
-                "learner_step": step,
-                **res.model_dump(exclude={"examples"}),
-                "examples": res.examples,
-            }
-        )
+        record = {
+            "kind": kind,
+            "wall_s": round(time.monotonic() - self.state.t0, 3),
+            "learner_step": step,
+            **res.model_dump(exclude={"examples"}),
+            "examples": res.examples,
+        }
+        self.rd.append_eval(record)
+        self.tracker.on_eval(record)
         msg = f"held-out accuracy {res.accuracy:.3f} ({res.correct}/{res.n}) at policy v{res.policy_version} [{kind}]"
         if self.state.initial and kind != "initial":
             msg += f", {100 * (res.accuracy - self.state.initial.accuracy):+.1f} points"
@@ -375,6 +380,8 @@ class Cluster:
     def _run(self) -> int:
         specs = self._prepare()
         self.console.print(f"run directory: {self.rd.path}")
+        for line in self.tracker.how_to_open():
+            self.console.print(line, highlight=False, soft_wrap=True)
         # The budget starts with the services: building the toy model on first use is setup, like pip install.
         started = self.state.t0 = time.monotonic()
 
@@ -427,7 +434,9 @@ class Cluster:
                     snap.wall_s = time.monotonic() - self.state.t0
                     self._annotate(snap)
                     self.state.last_snapshot = snap
-                    self.rd.append_metrics(snap.record())
+                    record = snap.record()
+                    self.rd.append_metrics(record)
+                    self.tracker.on_snapshot(record)
                     if self._dash is not None:
                         self._dash.show(snap, self._budget_text())
                     if self._budget_spent(snap):
@@ -558,6 +567,7 @@ class Cluster:
             self.console.print(f"[yellow]ports still listening after stop: {leftovers}[/]")
         summary = self._summary(last)
         self.rd.write_summary(summary)
+        self._publish_results(summary)
         try:
             make_plots(self.rd)
         except Exception as e:  # noqa: BLE001 (plots are a convenience; the summary is already written)
@@ -568,6 +578,20 @@ class Cluster:
         if st.interrupted:
             return 130
         return 0
+
+    def _publish_results(self, summary: Summary) -> None:
+        """The summary to the trackers; the learner's last weights as the HF folder `hf/latest`."""
+        tracker = getattr(self, "tracker", None)
+        if tracker is not None:
+            tracker.on_summary(summary.model_dump(mode="json"))
+            tracker.close()
+        try:
+            folder, version = export_hf(self.rd.path)
+        except FileNotFoundError as e:  # no step was exported (crash at start, zero steps)
+            log.info("no HF export: %s", e)
+            return
+        self.console.print(f"model (policy v{version}, an HF folder for transformers, vLLM and `tbrm eval`): {folder}",
+                           highlight=False, soft_wrap=True)  # fmt: skip
 
     def actor_urls_alive(self) -> bool:
         return bool(getattr(self, "actor_urls", None)) and any(
@@ -642,7 +666,7 @@ def _table_config(config: dict[str, Any]) -> Any:
     return TableConfig.model_validate(table)
 
 
-def _warmup_system_prompt(model_dir: Path) -> str | None:
+def warmup_system_prompt(model_dir: Path) -> str | None:
     """The system prompt recorded by the toy model's warm-up (None for other models)."""
     try:
         report = json.loads((Path(model_dir) / "warmup.json").read_text())

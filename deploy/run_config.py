@@ -7,20 +7,25 @@ Sections (DESIGN.md §6):
 - `[reward]`, `[buffer]`, `[actor]`, `[learner]`: each service's settings with the same field names as its
   pydantic-settings class (`TBRM_<SERVICE>_*` env vars still override them inside the service).
 
-Resolution: `configs/toy.toml` (the default toy run) <- `--config FILE` (deep-merged) <- CLI flags. The result is
-written to `<run_dir>/config.toml` and every service gets `TBRM_RUN_CONFIG=<run_dir>/config.toml`.
+Resolution: `configs/toy.toml` (the default toy run) <- `--config FILE` (deep-merged) <- CLI flags and dotted
+overrides (`tbrm up learner.lr=3e-5 actor.temperature=1.0`, or `--learner.lr 3e-5`: `parse_overrides`, built on
+pydantic-settings' CLI over one model whose fields are the sections' settings classes, so every setting of every
+service can be given and `tbrm settings` documents them all). The result is written to `<run_dir>/config.toml` and
+every service gets `TBRM_RUN_CONFIG=<run_dir>/config.toml`.
 """
 
 from __future__ import annotations
 
+import argparse
 import copy
 import json
 import math
+import re
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "toy.toml"
@@ -84,6 +89,10 @@ class RunSection(BaseModel):
     """At the end, wait this long for the actors to load the learner's last weights before the final eval."""
     loss: Literal["tbrm", "grpo", "keep"] = "keep"
     """Shortcut for `--loss`: replace `[learner.loss]` with the named objective ("keep" = as configured)."""
+    report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(default_factory=lambda: ["tensorboard"])
+    """Experiment trackers (learner/tracking.py): TensorBoard event files in `<run_dir>/tensorboard` (default),
+    W&B and MLflow offline in the run directory (optional packages: `pip install "tbrm[wandb]"` / `"tbrm[mlflow]"`);
+    [] = only the JSONL files. Also the learner's `report_to` unless `[learner]` sets its own."""
 
 
 def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
@@ -161,6 +170,124 @@ def resolve(
         raise ValueError("set a budget: run.minutes or run.steps (--minutes / --steps)")
     data["run"] = run.model_dump(mode="json", exclude_none=True)
     return run, data
+
+
+# ---- dotted overrides of any setting (`tbrm up learner.lr=3e-5 --actor.temperature 1.0`) ----
+
+_KEY_VALUE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]*=")
+
+
+def section_classes() -> dict[str, type[BaseModel]]:
+    """The settings class of each run TOML section (all light modules: pydantic only)."""
+    from actor_service.settings import ActorSettings  # noqa: PLC0415
+    from buffer.schema import TableConfig  # noqa: PLC0415
+    from buffer.settings import BufferSettings  # noqa: PLC0415
+    from learner.settings import LearnerSettings  # noqa: PLC0415
+    from reward.settings import RewardSettings  # noqa: PLC0415
+
+    return {"run": RunSection, "table": TableConfig, "reward": RewardSettings, "buffer": BufferSettings,
+            "actor": ActorSettings, "learner": LearnerSettings}  # fmt: skip
+
+
+def overrides_parser(prog: str = "tbrm up") -> tuple[argparse.ArgumentParser, Any]:
+    """pydantic-settings' CLI over one model with a field per section: `--<section>.<field>[.<sub>] VALUE`
+    (kebab or snake case), nested models also as JSON, booleans as `--x.flag` / `--no-x.flag`; `--help` lists every
+    setting of every service with its documentation."""
+    from pydantic_settings import BaseSettings, CliSettingsSource, PydanticBaseSettingsSource  # noqa: PLC0415
+
+    classes = section_classes()
+    fields: dict[str, Any] = {name: (cls | None, None) for name, cls in classes.items()}
+
+    class Sections(BaseSettings):
+        @classmethod
+        def settings_customise_sources(
+            cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource, *args: Any, **kw: Any
+        ) -> tuple[PydanticBaseSettingsSource, ...]:
+            return (init_settings,)  # the command line only: never the environment
+
+    from pydantic import create_model  # noqa: PLC0415
+
+    model = create_model("RunOverrides", __base__=Sections, **fields)
+    parser = argparse.ArgumentParser(
+        prog=prog, formatter_class=argparse.RawDescriptionHelpFormatter,
+        usage=f"{prog} [OPTIONS] [SECTION.FIELD=VALUE | --SECTION.FIELD VALUE ...]",
+        description="Override any setting of the run config: SECTION.FIELD=VALUE or --SECTION.FIELD VALUE "
+        "(nested: learner.loss.beta=0.02, table.rate_limiter.error_buffer=200; JSON for a whole model: "
+        "learner.schedule='{\"kind\": \"constant\"}'). Sections: run (the launcher), table (the replay table, "
+        "copied into buffer, actor and learner), reward, buffer, actor, learner.",
+    )  # fmt: skip
+    source = CliSettingsSource(model, root_parser=parser, cli_kebab_case=True, cli_implicit_flags=True,
+                               cli_use_class_docs_for_groups=True)  # fmt: skip
+    return parser, source
+
+
+def parse_overrides(tokens: list[str]) -> dict[str, Any]:
+    """Command-line overrides -> nested dict of raw values ({"learner": {"lr": "3e-5"}}). `a.b=c` tokens are read as
+    `--a.b=c`. An unknown setting exits with argparse's message (status 2), like any bad flag."""
+    if not tokens:
+        return {}
+    argv = [_flag(t) for t in tokens]
+    parser, source = overrides_parser()
+    args = parser.parse_args(argv)
+    return {k: v for k, v in source(parsed_args=args)().items() if v is not None}
+
+
+def _flag(token: str) -> str:
+    """`a.b_c=v` -> `--a.b-c=v`, `--a.b_c` -> `--a.b-c` (snake or kebab case); values are left alone."""
+    if _KEY_VALUE.match(token):
+        token = "--" + token
+    if not token.startswith("--"):
+        return token
+    name, sep, value = token.partition("=")
+    return name.replace("_", "-") + sep + value
+
+
+def typed_overrides(raw: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
+    """`raw` (strings from the command line) with every value converted to its setting's type: each section is
+    validated merged over `base` (defaults <- config file), so a bad value is a ValueError naming the field."""
+    from pydantic import ValidationError  # noqa: PLC0415
+
+    classes = section_classes()
+    out: dict[str, Any] = {}
+    for section, values in raw.items():
+        merged = deep_merge(base.get(section, {}), values)
+        try:
+            model = classes[section].model_validate(merged)
+        except ValidationError as e:
+            raise ValueError(f"[{section}] override {values}: {e}") from e
+        out[section] = _pick(model, values)
+    return out
+
+
+def _pick(model: BaseModel, values: dict[str, Any]) -> dict[str, Any]:
+    """The validated values of exactly the keys given in `values` (recursively), as TOML-writable data."""
+    out: dict[str, Any] = {}
+    for key, given in values.items():
+        value = getattr(model, key)
+        if isinstance(given, dict) and isinstance(value, BaseModel) and not _replaces(given, value):
+            out[key] = _pick(value, given)
+        else:
+            out[key] = _plain(value)
+    return out
+
+
+def _replaces(given: dict[str, Any], value: BaseModel) -> bool:
+    """A tagged model given with its `kind` is written whole (deep_merge replaces it when the kind changes)."""
+    return "kind" in given and hasattr(value, "kind")
+
+
+def _plain(v: Any) -> Any:
+    if isinstance(v, BaseModel):
+        return {k: _plain(x) for k, x in v if x is not None}
+    if isinstance(v, SecretStr):
+        return v.get_secret_value()
+    if isinstance(v, Path):
+        return str(v)
+    if isinstance(v, list | tuple):
+        return [_plain(x) for x in v]
+    if isinstance(v, dict):
+        return {k: _plain(x) for k, x in v.items()}
+    return v
 
 
 # ---- a small TOML writer (the stdlib reads TOML but cannot write it) ----

@@ -66,6 +66,7 @@ from learner.model import (
 )
 from learner.push import PushFn, WeightPusher
 from learner.settings import ConstantSchedule, LearnerSettings, default_cache_dir
+from learner.tracking import open_metrics_log
 from learner.weights import export_weights
 
 log = logging.getLogger(__name__)
@@ -499,7 +500,7 @@ def train(
             registry.live, settings.auth_token, timeout_s=settings.push_timeout_s, retry_s=settings.push_retry_s,
             workers=settings.push_workers, push_fn=push_fn,
         )
-        metrics_file = open(run_dir / METRICS_FILE, "a", buffering=1)  # noqa: SIM115  (closed in finally)
+        metrics_file = open_metrics_log(run_dir, settings, METRICS_FILE)  # + TensorBoard/W&B/MLflow; closed in finally
         if settings.ack_after_checkpoint and settings.checkpoint_interval_steps:
             pending = PendingAcks(table, settings.lease_s or table.config.lease_s)
             held = settings.checkpoint_interval_steps * settings.batch_size
@@ -625,7 +626,7 @@ def train(
                     "pushes_failed": pusher.stats.pushes_failed,
                     "unacked_items": pending.pending_items if pending is not None else 0,
                 }
-                metrics_file.write(json.dumps(line) + "\n")
+                metrics_file.write(line)
                 history.append(line)
                 numeric = {k: float(v) for k, v in line.items() if isinstance(v, int | float) and v is not None}
                 live.update(
