@@ -145,7 +145,8 @@ class Cluster:
         self._stop = threading.Event()
         self._signals = 0
         self._eval_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="eval")
-        self._eval_future: Future[EvalResult] | None = None
+        self._eval_future: Future[EvalResult | None] | None = None
+        self._eval_kind = "periodic"
         self._last_eval_at = 0.0
         self.test_prompts: list[Any] = []
         self.token = os.environ.get(topology.ENV_AUTH_TOKEN) or secrets.token_urlsafe(32)
@@ -252,11 +253,18 @@ class Cluster:
         finally:
             r.close()
 
-    def _hold_sampling(self, hold: bool) -> None:
-        """Pause the learner's side of the replay table until the initial evaluation has run on version 0.
+    def _one_call_eval(self) -> bool:
+        """True when the held-out set fits in one `/v1/generate` call: one engine call runs on one weights version
+        (pushes land between engine calls), so the evaluation needs no pause of the learner."""
+        from actor_service.schema import MAX_GENERATE_PROMPTS  # noqa: PLC0415
 
-        Actors start generating (and filling the buffer) at once; only the first optimizer step waits, so the
-        initial accuracy is measured on the base weights however the start-up races go."""
+        return len(self.test_prompts) <= MAX_GENERATE_PROMPTS
+
+    def _hold_sampling(self, hold: bool) -> None:
+        """Pause the learner's side of the replay table (only for held-out sets larger than one generate call: the
+        initial evaluation must run on version 0 and a periodic one on one version).
+
+        Actors start generating (and filling the buffer) at once; only the optimizer steps wait."""
         from buffer.client import ReplayTable, connect  # noqa: PLC0415
 
         r = connect(f"redis://127.0.0.1:{self.ports.redis}/0")
@@ -271,13 +279,16 @@ class Cluster:
         self._sampling_held = hold
 
     # ---- evaluation ----
-    def _eval_now(self, hold: bool = True) -> EvalResult | None:
+    def _eval_now(self, hold: bool | None = None) -> EvalResult | None:
         """Greedy held-out accuracy on actor 0's current weights.
 
-        The eval needs several `/v1/generate` calls (64 prompts each); with a push after every learner step the
-        weights would change between them. So the learner's sampling is paused for the ~1-2 s of the eval (its
-        current step and push finish; the next waits), and a chunk series that still straddles a push is
-        retried."""
+        A held-out set that fits one `/v1/generate` call (the toy's 200 problems) is answered by one engine call,
+        hence by one weights version, while training goes on. A larger one needs several calls, and with a push after
+        every learner step the weights would change between them: then the learner's sampling is paused for the
+        eval (`hold`; its current step and push finish, the next waits) and a series that still straddles a push
+        is retried."""
+        if hold is None:
+            hold = not self._one_call_eval()
         from reward.client import RewardClient  # noqa: PLC0415
 
         url = next(iter(self.actor_urls.values()))
@@ -320,16 +331,33 @@ class Cluster:
             msg += f", {100 * (res.accuracy - self.state.initial.accuracy):+.1f} points"
         self._message(msg)
 
-    def _maybe_eval(self) -> None:
+    def _start_initial_eval(self) -> None:
+        """The baseline evaluation in the background as soon as actor 0 answers: the learner's first push needs a
+        trained step, i.e. the actors' first graded batch, so the single engine call of the eval is queued on
+        version 0 while the learner starts and trains."""
+        if self._eval_future is None and self.state.initial is None:
+            self._eval_kind = "initial"
+            self._eval_future = self._eval_pool.submit(self._eval_now)
+            self._last_eval_at = time.monotonic()
+
+    def _collect_eval(self, wait_s: float | None = None) -> None:
+        """Record the evaluation in flight if it finished (or within `wait_s`)."""
         f = self._eval_future
-        if f is not None and f.done():
-            self._eval_future = None
-            try:
-                res = f.result()
-                if res is not None:
-                    self._record_eval(res, "periodic")
-            except Exception as e:  # noqa: BLE001 (an eval failure is reported, it does not end the run)
-                self._message(f"[yellow]evaluation failed: {type(e).__name__}: {e}[/]")
+        if f is None or (wait_s is None and not f.done()):
+            return
+        self._eval_future = None
+        try:
+            res = f.result(timeout=wait_s)
+            if res is not None:
+                self._record_eval(res, self._eval_kind)
+                if self._eval_kind == "initial" and res.policy_version not in (0, None):
+                    self._message(f"[yellow]initial eval ran on v{res.policy_version}, not v0[/]")
+        except Exception as e:  # noqa: BLE001 (an eval failure is reported, it does not end the run)
+            self._message(f"[yellow]{self._eval_kind} evaluation failed: {type(e).__name__}: {e}[/]")
+        self._eval_kind = "periodic"
+
+    def _maybe_eval(self) -> None:
+        self._collect_eval()
         now = time.monotonic()
         if self._eval_future is None and now - self._last_eval_at >= self.run_cfg.eval_interval_s:
             self._last_eval_at = now
@@ -389,16 +417,12 @@ class Cluster:
             self.console.print(f"  {name:<10} healthy after {took:5.1f} s")
             if name == "redis":
                 self._load_data()
-                self._hold_sampling(True)
+                if not self._one_call_eval():  # v0 must wait for a multi-call initial eval (see _eval_now)
+                    self._hold_sampling(True)
             if name == "learner":
                 self.state.learner_started = time.monotonic()
             if name == next(iter(self.actor_urls)):
-                res = self._eval_now()  # sampling has been held since Redis came up; this releases it
-                if res is not None:
-                    self._record_eval(res, "initial")
-                    if res.policy_version not in (0, None):
-                        self._message(f"[yellow]initial eval ran on v{res.policy_version}, not v0[/]")
-                self._last_eval_at = time.monotonic()
+                self._start_initial_eval()
 
         try:
             self.sup.start_all(specs, on_healthy=on_healthy, should_stop=self._stop.is_set)
@@ -409,10 +433,7 @@ class Cluster:
             self.rd.write_run_info(self.run_info)
         self.console.print(f"cluster up in {time.monotonic() - started:.1f} s; training "
                            f"({self._budget_text()}); Ctrl-C stops")
-        if self.state.initial is None:
-            res = self._eval_now()
-            if res is not None:
-                self._record_eval(res, "initial")
+        self._start_initial_eval()
         collector = Collector(
             f"redis://127.0.0.1:{self.ports.redis}/0", self.actor_urls, self.learner_url,
             table_config=_table_config(self.config),
@@ -537,14 +558,7 @@ class Cluster:
             self._message("stopping the learner ...")
             self.sup.stop(learner)
             st.learner_started = st.learner_started or st.t0
-        if self._eval_future is not None:
-            try:
-                res = self._eval_future.result(timeout=self.run_cfg.eval_timeout_s)
-                if res is not None:
-                    self._record_eval(res, "periodic")
-            except Exception as e:  # noqa: BLE001 (a late periodic eval failing must not block shutdown)
-                log.info("last periodic evaluation failed: %s", e)
-            self._eval_future = None
+        self._collect_eval(wait_s=self.run_cfg.eval_timeout_s)
         if final_eval and self.actor_urls_alive():
             self._final_sync(collector)
             try:

@@ -229,7 +229,12 @@ def parse_overrides(tokens: list[str]) -> dict[str, Any]:
     argv = [_flag(t) for t in tokens]
     parser, source = overrides_parser()
     args = parser.parse_args(argv)
-    return {k: v for k, v in source(parsed_args=args)().items() if v is not None}
+    return _empty_lists({k: v for k, v in source(parsed_args=args)().items() if v is not None})
+
+
+def _empty_lists(d: dict[str, Any]) -> dict[str, Any]:
+    """pydantic-settings' CLI reads an empty list `[]` as `[""]`; no setting takes a list of one empty string."""
+    return {k: _empty_lists(v) if isinstance(v, dict) else [] if v == [""] else v for k, v in d.items()}
 
 
 def _flag(token: str) -> str:
