@@ -46,7 +46,14 @@ def up(
 
 def resolve_up(config: str | None, flags: dict, tokens: list[str]) -> tuple:
     """`tbrm up`'s config: defaults <- --config <- the named flags <- dotted overrides (typed, validated)."""
-    from deploy.run_config import DEFAULT_CONFIG, deep_merge, load_toml, parse_overrides, resolve, typed_overrides
+    from deploy.run_config import (
+        DEFAULT_CONFIG,
+        deep_merge,
+        load_toml,
+        parse_overrides,
+        resolve,
+        typed_overrides,
+    )
 
     over: dict = {"run": {k: v for k, v in flags.items() if v is not None}}
     if flags.get("steps") is not None and flags.get("minutes") is None:

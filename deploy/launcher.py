@@ -46,7 +46,6 @@ from deploy.evaluation import EvalResult, eval_via_actor
 from deploy.report import make_plots
 from deploy.run_config import RunSection, dump_toml
 from deploy.run_dir import RunDir, Summary, export_hf
-from deploy.tracking import ClusterTracker, child_env
 from deploy.supervisor import (
     ProcSpec,
     ServiceCrashed,
@@ -57,6 +56,7 @@ from deploy.supervisor import (
     port_is_listening,
     redis_ping,
 )
+from deploy.tracking import ClusterTracker, child_env
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from buffer.client import FifoSampler, ReplayTable, TableConfig, connect
+from buffer.client import ReplayTable, connect
+from buffer.schema import FifoSampler, TableConfig
 from deploy.run_dir import export_hf
 from learner.settings import LearnerSettings
 from learner.train import train
