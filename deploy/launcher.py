@@ -52,7 +52,9 @@ from deploy.supervisor import (
     ProcSpec,
     ServiceCrashed,
     Supervisor,
+    free_port,
     http_ok,
+    listens_on,
     pick_port,
     pick_port_range,
     port_is_listening,
@@ -128,21 +130,23 @@ class PortReservations:
         self.files.clear()
 
 
-def pick_ports(n_actors: int, reservations: PortReservations | None = None) -> topology.Ports:
+def pick_ports(
+    n_actors: int, reservations: PortReservations | None = None, defaults: bool = True
+) -> topology.Ports:
     """The default ports where free, else free ones (so `tbrm up` runs beside a system Redis or another run); with
-    `reservations`, also none that another launcher on this machine holds."""
+    `reservations`, also none that another launcher on this machine holds; `defaults=False`: OS-assigned ports."""
     default = topology.Ports()
     taken: set[int] = set()
     chosen = {}
     for name in ("redis", "reward", "buffer", "learner"):
         while True:
-            p = pick_port(getattr(default, name), taken)
+            p = pick_port(getattr(default, name) if defaults else free_port(), taken)
             taken.add(p)
             if reservations is None or reservations.reserve(p):
                 break
         chosen[name] = p
     while True:
-        base = pick_port_range(default.actor_base, n_actors, taken)
+        base = pick_port_range(default.actor_base if defaults else free_port(), n_actors, taken)
         ports = range(base, base + n_actors)
         if reservations is None or all([reservations.reserve(p) for p in ports]):
             break
@@ -207,7 +211,7 @@ class Cluster:
     def _prepare(self) -> list[ProcSpec]:
         run = self.run_cfg
         cfg = self.config
-        self.ports = pick_ports(run.actors, self.port_locks)
+        self.ports = pick_ports(run.actors, self.port_locks, defaults=run.ports == "default")
         redis_bin = redis_server_binary()
         cfg["learner"].setdefault("run_dir", str(self.rd.path / "learner"))
         cfg["learner"].setdefault("torch_threads", run.learner_threads)
@@ -241,7 +245,7 @@ class Cluster:
                     name=p.name,
                     argv=p.argv,
                     env={**base, **shared, **p.env, **thread_env(p.service, run), **extra},
-                    health=_health_check(p),
+                    health=self._own_health_check(p),
                     health_timeout_s=run.health_timeout_s if heavy else LIGHT_HEALTH_TIMEOUT_S,
                     depends_on=deps,
                     port=p.port,
@@ -259,6 +263,17 @@ class Cluster:
             }
         self.rd.write_run_info(self.run_info)
         return specs
+
+    def _own_health_check(self, p: topology.Process) -> Callable[[], bool]:
+        """The service's health check, passed only when its port is held by the process this launcher started
+        (not by another run's service that happens to answer there)."""
+        check = _health_check(p)
+
+        def own() -> bool:
+            m = self.sup.procs.get(p.name)
+            return check() and (m is None or listens_on(m.popen.pid, p.port))
+
+        return own
 
     def _ensure_model(self) -> None:
         """Build the toy model before any service needs it (actors and learner would otherwise race to build it),

@@ -79,6 +79,9 @@ class RunSection(BaseModel):
     vllm_cpu_bind: str = "nobind"
     """VLLM_CPU_OMP_THREADS_BIND for the actors ("nobind": leave placement to the OS on a shared machine;
     "auto" lets vLLM pin its threads itself; or a CPU list like "0")."""
+    ports: Literal["default", "free"] = "default"
+    """"default": the documented ports (Redis 6379, reward 8001, buffer 8002, learner 8003, actor i 8100 + i) where
+    free, else free ones; "free": OS-assigned free ports for every service (several runs on one machine, tests)."""
     health_timeout_s: float = Field(default=300.0, gt=0)
     """How long a heavy service (actor, learner) may take to answer /health (first DeepSpeed start compiles)."""
     stop_timeout_s: float = Field(default=30.0, gt=0)

@@ -30,10 +30,11 @@ def test_tbrm_up_override_tracking_and_hf_latest(tmp_path: Path, toy_model_dir: 
     tbrm = [sys.executable, "-c", "from deploy.cli import app; app()"]
     t0 = time.time()
     proc = subprocess.run(
-        [*tbrm, "up", f"learner.lr={LR}", "--run.eval-interval-s", "20", "--steps", "4", "--no-dashboard",
+        [*tbrm, "up", f"learner.lr={LR}", "--run.eval-interval-s", "20", "run.ports=free", "--steps", "4", "--no-dashboard",
          "--run-dir", str(run)],
         cwd=REPO, capture_output=True, text=True, timeout=600, env={**os.environ, "COLUMNS": "200"},
     )  # fmt: skip
+    print(proc.stdout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "tensorboard --logdir" in proc.stdout and "hf/latest" in proc.stdout
 

@@ -16,3 +16,24 @@ def test_two_launchers_never_share_a_port(tmp_path: Path) -> None:
     assert len(used_a) == 6 and len(used_b) == 6 and not used_a & used_b
     first.release()
     assert second.reserve(a.buffer)  # released with the first run
+
+
+def test_health_counts_only_the_launchers_own_listener() -> None:
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from deploy.supervisor import listens_on
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        assert listens_on(os.getpid(), port)
+        other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+        try:
+            assert not listens_on(other.pid, port)  # something answers on the port, but not this process
+        finally:
+            other.kill()
+            other.wait()
