@@ -123,7 +123,7 @@ class BufferSettings(RunTomlSettings):
     host: str = "127.0.0.1"
     """Interface to bind."""
     port: int = Field(8002, ge=1, le=65535)
-    """TCP port (DESIGN.md §6: 8002)."""
+    """TCP port (default 8002)."""
     redis_url: str = Field(
         "redis://127.0.0.1:6379/0", validation_alias=AliasChoices("redis_url", "TBRM_REDIS_URL")
     )

@@ -3,14 +3,18 @@
 What it does, top to bottom (`run_cluster`):
 
 1. Resolve the run config (`deploy/run_config.py`), create the run directory (`deploy/run_dir.py`), build the toy
-   model if missing, pick ports (the defaults of DESIGN.md §6, or free ones where those are taken) and a random
-   bearer token (`TBRM_AUTH_TOKEN`, unless one is set).
-2. Start the processes of `deploy/topology.local_plan` (the single source of truth for commands, ports and health)
-   in dependency order, each gated on its health check: redis-server (own dir in the run directory, AOF) and the
-   reward service, then the buffer API, then the actors and the learner together. Training prompts are loaded into
-   the prompt queue as soon as Redis answers. Each process logs to `<run_dir>/logs/<name>.log`.
-3. Evaluate held-out greedy accuracy on actor 0 as soon as it is up (policy version 0 = `initial_accuracy`), then
-   every `eval_interval_s`, and once more at the end on the learner's last weights.
+   model if missing, pick ports (the documented defaults where free, else free ones; `run.ports = "free"`:
+   OS-assigned ones; reserved against other launchers on the machine) and a random bearer token
+   (`TBRM_AUTH_TOKEN`, unless one is set).
+2. Start the processes of `deploy/topology.local_plan` (the single source of truth for commands, ports and health),
+   each gated on its health check: redis-server (own dir in the run directory, AOF) and the reward service; as soon
+   as Redis answers, the buffer API, the actors and the learner together (`LOCAL_DEPENDS`: locally they need only
+   Redis, which cuts the cold start: an actor's first batch is graded when the reward service is up, the learner
+   waits for data anyway). Training prompts are loaded into the prompt queue as soon as Redis answers. Each process
+   logs to `<run_dir>/logs/<name>.log`.
+3. Evaluate held-out greedy accuracy on actor 0 as soon as it is up (policy version 0 = `initial_accuracy`) in the
+   background, without pausing the learner (one generate call = one weights version), then every
+   `eval_interval_s`, and once more at the end on the learner's last weights.
 4. Poll the cluster every `poll_interval_s` (dashboard + `metrics.jsonl`) until the learner finishes its steps,
    the time budget ends, a service crashes, or Ctrl-C / SIGTERM arrives.
 5. Stop the learner, let the actors load its last push, run the final evaluation, stop everything in reverse
@@ -64,11 +68,16 @@ from deploy.tracking import ClusterTracker, child_env
 
 log = logging.getLogger(__name__)
 
+LOCAL_DEPENDS = {"actor": ("redis",), "learner": ("redis",)}
+"""Start order of a local run where it differs from the topology's (containers keep theirs): an actor retries the
+reward service with backoff and keeps its prompts meanwhile, the learner only samples from Redis, and neither uses
+the buffer API, so both start with Redis and load vLLM/DeepSpeed while the light services come up."""
+
 LIGHT_HEALTH_TIMEOUT_S = 60.0
 """Redis, reward and buffer API start in seconds; a minute means something is wrong."""
 
 BASE_CHILD_ENV = {
-    # DeepSpeed and vLLM on CPU (RECIPES.md): in-process vLLM engine, no hub, no tokenizer thread pools.
+    # DeepSpeed and vLLM on CPU (docs/operations.md): in-process vLLM engine, no hub, no tokenizer thread pools.
     "DS_ACCELERATOR": "cpu",
     "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
     "HF_HUB_OFFLINE": "1",
@@ -239,7 +248,7 @@ class Cluster:
                 # Pushed weights land in the run directory (not a temp dir a killed actor would leak).
                 extra["TBRM_ACTOR_WEIGHTS_DIR"] = str(self.rd.path / p.name)
             heavy = p.service in ("actor", "learner")
-            deps = [q.name for q in plan if q.service in p.depends_on]
+            deps = [q.name for q in plan if q.service in LOCAL_DEPENDS.get(p.service, p.depends_on)]
             specs.append(
                 ProcSpec(
                     name=p.name,

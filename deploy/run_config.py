@@ -1,6 +1,6 @@
 """The run config of `tbrm up`: one TOML for the whole cluster, resolved once and written into the run directory.
 
-Sections (DESIGN.md §6):
+Sections (docs/operations.md#configuration):
 - `[run]`     the launcher itself (this module's `RunSection`): actors, budget, evaluation, dataset, threads.
 - `[table]`   the replay table, copied into `[buffer.table]`, `[actor.table]` and `[learner.table]` unless those are
               given (the three must agree, so it is written once).
@@ -154,7 +154,7 @@ def resolve(
             data["learner"]["loss"] = {"kind": run.loss}
     if data["learner"].get("loss", {}).get("kind") == "grpo" and data["actor"].get("n_samples_per_prompt", 4) < 2:
         # GRPO normalizes rewards within a group of samples of one prompt: groups of 1 carry no signal.
-        # Keep the trajectories per step, split as prompts x 4 samples (RECIPES.md: 4 x 4 for the toy).
+        # Keep the trajectories per step, split as prompts x 4 samples (4 x 4 measured best for the toy).
         per_batch = data["actor"].get("prompts_per_batch", 16) * data["actor"].get("n_samples_per_prompt", 1)
         data["actor"]["n_samples_per_prompt"] = 4
         data["actor"]["prompts_per_batch"] = max(1, per_batch // 4)

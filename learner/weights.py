@@ -1,4 +1,5 @@
-"""Export the policy's weights as a safetensors file with HF parameter names (what the actors load, DESIGN.md §5).
+"""Export the policy's weights as a safetensors file with HF parameter names (what the actors load;
+docs/weight-protocol.md).
 
 With ZeRO <= 2 every rank holds the full parameters, so `engine.module.state_dict()` is the HF state dict.
 Tied tensors (e.g. `lm_head.weight` sharing `model.embed_tokens.weight`) are written once under the first name,
