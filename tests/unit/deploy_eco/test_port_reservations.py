@@ -7,7 +7,7 @@ from pathlib import Path
 
 def test_two_launchers_never_share_a_port(tmp_path: Path) -> None:
     """A port one launcher reserved (its actor may bind it only a minute later) is skipped by another."""
-    from deploy.launcher import PortReservations, pick_ports
+    from deploy.ports import PortReservations, pick_ports
 
     first, second = PortReservations(tmp_path), PortReservations(tmp_path)
     a, b = pick_ports(2, first), pick_ports(2, second)
