@@ -262,6 +262,11 @@ class Cluster:
         finally:
             r.close()
 
+    def _load_data_and_hold(self) -> None:
+        self._load_data()
+        if not self._one_call_eval():  # v0 must wait for a multi-call initial eval (see _eval_now)
+            self._hold_sampling(True)
+
     def _one_call_eval(self) -> bool:
         """True when the held-out set fits in one `/v1/generate` call: one engine call runs on one weights version
         (pushes land between engine calls), so the evaluation needs no pause of the learner."""
@@ -346,7 +351,7 @@ class Cluster:
         version 0 while the learner starts and trains."""
         if self._eval_future is None and self.state.initial is None:
             self._eval_kind = "initial"
-            self._eval_future = self._eval_pool.submit(self._eval_now)
+            self._eval_future = self._eval_pool.submit(self._eval_now)  # after the prompt loading (one worker)
             self._last_eval_at = time.monotonic()
 
     def _collect_eval(self, wait_s: float | None = None) -> None:
@@ -425,10 +430,8 @@ class Cluster:
 
         def on_healthy(name: str, took: float) -> None:
             self.console.print(f"  {name:<10} healthy after {took:5.1f} s")
-            if name == "redis":
-                self._load_data()
-                if not self._one_call_eval():  # v0 must wait for a multi-call initial eval (see _eval_now)
-                    self._hold_sampling(True)
+            if name == "redis":  # prompts load while the actors and the learner start (not on their path)
+                self._data_loaded = self._eval_pool.submit(self._load_data_and_hold)
             if name == "learner":
                 self.state.learner_started = time.monotonic()
             if name == next(iter(self.actor_urls)):
@@ -436,6 +439,7 @@ class Cluster:
 
         try:
             self.sup.start_all(specs, on_healthy=on_healthy, should_stop=self._stop.is_set)
+            self._data_loaded.result()  # a dataset error surfaces here, before training is reported as started
         except ServiceCrashed as e:
             return self._crashed(e)
         finally:
