@@ -9,8 +9,8 @@ JSONL files). Every backend receives the same calls:
     tracker.summary({"final_accuracy": 0.7})
     tracker.close()
 
-- **tensorboard**: `tensorboardX.SummaryWriter` event files in `tensorboard_dir` (default `<run_dir>/tensorboard`);
-  the small `tensorboardX` package writes them, the `tensorboard` package is only needed to view them
+- **tensorboard**: event files in `tensorboard_dir` (default `<run_dir>/tensorboard`), written by
+  `learner/tb_events.py` with the standard library only; the `tensorboard` package is only needed to view them
   (`tensorboard --logdir DIR`).
 - **wandb**: `wandb.init(mode="offline")` unless `WANDB_MODE` says otherwise; files under `WANDB_DIR` (default
   the run directory); sync later with `wandb sync`. Project `WANDB_PROJECT` (default "tbrm"); the processes of one
@@ -30,17 +30,17 @@ import json
 import logging
 import math
 import os
-import struct
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal, Protocol
+
+from learner.tb_events import EventWriter, read_events
 
 log = logging.getLogger(__name__)
 
 TrackerName = Literal["tensorboard", "wandb", "mlflow"]
 TRACKERS: tuple[str, ...] = ("tensorboard", "wandb", "mlflow")
 _INSTALL = {
-    "tensorboard": 'pip install tensorboardX (part of the default install)',
     "wandb": 'pip install "tbrm[wandb]" (or pip install wandb)',
     "mlflow": 'pip install "tbrm[mlflow]" (or pip install mlflow-skinny)',
 }
@@ -78,22 +78,18 @@ def numbers(record: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
 
 class _TensorBoard:
     def __init__(self, log_dir: Path, config: Mapping[str, Any]) -> None:
-        tbx = _import("tensorboard", "tensorboardX")
-        log_dir.mkdir(parents=True, exist_ok=True)
-        self.writer = tbx.SummaryWriter(logdir=str(log_dir), flush_secs=10)
+        self.writer = EventWriter(log_dir)
         if config:
             self.text("config", "```\n" + json.dumps(config, indent=2, sort_keys=True, default=str) + "\n```")
 
     def log(self, metrics: dict[str, float], step: int) -> None:
-        for k, v in metrics.items():
-            self.writer.add_scalar(k, v, global_step=step)
+        self.writer.scalars(metrics, step)
 
     def text(self, tag: str, text: str) -> None:
-        self.writer.add_text(tag, text, global_step=0)
+        self.writer.text(tag, text)
 
     def summary(self, values: dict[str, Any]) -> None:
         self.text("summary", "```\n" + json.dumps(values, indent=2, sort_keys=True, default=str) + "\n```")
-        self.writer.flush()
 
     def close(self) -> None:
         self.writer.close()
@@ -252,46 +248,24 @@ def open_metrics_log(run_dir: Path, settings: Any, file_name: str = "metrics.jso
     return MetricsLog(Path(run_dir) / file_name, tracker)
 
 
-# ---- reading event files back (TFRecord framing + tensorboardX's Event protobuf) ----
-
-
-def _records(path: Path) -> Iterable[bytes]:
-    """TFRecord framing: u64 length, u32 masked crc of the length, data, u32 masked crc of the data."""
-    with path.open("rb") as f:
-        while True:
-            head = f.read(12)
-            if len(head) < 12:
-                return
-            (n,) = struct.unpack("<Q", head[:8])
-            data = f.read(n)
-            f.read(4)
-            if len(data) < n:
-                return  # a torn last record (the writer was killed): ignore it
-            yield data
+# ---- reading event files back ----
 
 
 def read_scalars(log_dir: str | Path) -> dict[str, list[tuple[int, float]]]:
     """Every scalar in the event files under `log_dir` (recursively): {tag: [(step, value), ...]} in file order."""
-    from tensorboardX.proto import event_pb2  # noqa: PLC0415
-
     out: dict[str, list[tuple[int, float]]] = {}
     for path in sorted(Path(log_dir).rglob("events.out.tfevents.*")):
-        for raw in _records(path):
-            event = event_pb2.Event.FromString(raw)
-            for v in event.summary.value:
-                if v.WhichOneof("value") == "simple_value":
-                    out.setdefault(v.tag, []).append((int(event.step), float(v.simple_value)))
+        for step, tag, value in read_events(path):
+            if isinstance(value, float):
+                out.setdefault(tag, []).append((step, value))
     return out
 
 
 def read_texts(log_dir: str | Path) -> dict[str, str]:
     """The text summaries (`Tracker.text`, `summary`) under `log_dir`: {tag: text} (the last one wins)."""
-    from tensorboardX.proto import event_pb2  # noqa: PLC0415
-
     out: dict[str, str] = {}
     for path in sorted(Path(log_dir).rglob("events.out.tfevents.*")):
-        for raw in _records(path):
-            for v in event_pb2.Event.FromString(raw).summary.value:
-                if v.HasField("tensor") and v.tensor.string_val:
-                    out[v.tag.removesuffix("/text_summary")] = v.tensor.string_val[0].decode()
+        for _, tag, value in read_events(path):
+            if isinstance(value, str):
+                out[tag] = value
     return out

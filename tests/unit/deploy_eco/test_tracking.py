@@ -70,3 +70,30 @@ def test_a_failing_backend_is_dropped_not_raised(tmp_path: Path) -> None:
     tracker.log({"x": 1.0}, step=1)
     assert "broken" not in tracker.backends
 
+
+
+def test_event_files_match_the_reference_protobuf(tmp_path: Path) -> None:
+    """Our standard-library writer against TensorBoard's schema (tensorboardX ships the compiled protobufs)."""
+    from learner.tb_events import EventWriter, crc32c, records
+
+    assert crc32c(b"123456789") == 0xE3069283  # the CRC-32C check value
+    w = EventWriter(tmp_path)
+    w.scalars({"train/loss": 1.5, "train/lr": 1e-4}, step=3)
+    w.text("config", "lr = 1e-4")
+    w.close()
+    pb = pytest.importorskip("tensorboardX.proto.event_pb2")
+    events = [pb.Event.FromString(r) for r in records(w.path)]
+    assert events[0].file_version == "brain.Event:2"
+    assert events[1].step == 3 and [(v.tag, v.simple_value) for v in events[1].summary.value] == [
+        ("train/loss", 1.5), ("train/lr", pytest.approx(1e-4))]  # fmt: skip
+    text = events[2].summary.value[0]
+    assert text.tag == "config/text_summary" and text.metadata.plugin_data.plugin_name == "text"
+    assert text.tensor.string_val == [b"lr = 1e-4"] and text.tensor.dtype == 7
+    from tensorboardX.record_writer import RecordWriter  # the reference framing (masked CRC-32C) byte for byte
+
+    ref = tmp_path / "ref"
+    rw = RecordWriter(str(ref))
+    for r in records(w.path):
+        rw.write(r)
+    rw.close()
+    assert ref.read_bytes() == w.path.read_bytes()
