@@ -89,7 +89,9 @@ def test_event_files_match_the_reference_protobuf(tmp_path: Path) -> None:
     text = events[2].summary.value[0]
     assert text.tag == "config/text_summary" and text.metadata.plugin_data.plugin_name == "text"
     assert text.tensor.string_val == [b"lr = 1e-4"] and text.tensor.dtype == 7
-    from tensorboardX.record_writer import RecordWriter  # the reference framing (masked CRC-32C) byte for byte
+    from tensorboardX.record_writer import (
+        RecordWriter,  # the reference framing (masked CRC-32C) byte for byte
+    )
 
     ref = tmp_path / "ref"
     rw = RecordWriter(str(ref))
