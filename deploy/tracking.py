@@ -2,7 +2,7 @@
 
 The learner logs its per-step metrics itself (`learner/tracking.py`, events in `<run_dir>/tensorboard/learner`);
 the launcher adds what only it knows, in `<run_dir>/tensorboard/cluster`: the held-out evaluations (`eval/*` at the
-learner step they were taken), the cluster's polled metrics (`cluster/*`: actor tokens/s, buffer counters, version
+policy version they evaluated, i.e. the learner step that produced it), the cluster's polled metrics (`cluster/*`: actor tokens/s, buffer counters, version
 lag, once per new learner step), the resolved config (text) and the run summary (text + `summary/*`). Both are
 runs of one TensorBoard log directory, so `tensorboard --logdir <run_dir>/tensorboard` shows them side by side.
 W&B and MLflow get the same calls when `[run] report_to` names them (offline by default: see learner/tracking.py).
@@ -45,8 +45,11 @@ class ClusterTracker:
         self._last_step: int | None = None
 
     def on_eval(self, record: Mapping[str, Any]) -> None:
-        self.tracker.log({k: record[k] for k in EVAL_KEYS if k in record}, step=int(record.get("learner_step") or 0),
-                         prefix="eval/")  # fmt: skip
+        """An eval.jsonl record, at the policy version it evaluated (the learner step that produced those weights;
+        an evaluation finishes some steps later)."""
+        step = record.get("policy_version")
+        step = record.get("learner_step") if step is None else step
+        self.tracker.log({k: record[k] for k in EVAL_KEYS if k in record}, step=int(step or 0), prefix="eval/")
 
     def on_snapshot(self, record: Mapping[str, Any]) -> None:
         """A metrics.jsonl record of the dashboard; logged once per learner step (polls repeat steps)."""
