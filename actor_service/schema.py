@@ -74,7 +74,7 @@ class ActorStatus(BaseModel):
     """Most recent recoverable error of the sampling loop (reward or Redis unavailable, ...)."""
 
 
-MAX_GENERATE_PROMPTS = 64
+MAX_GENERATE_PROMPTS = 256  # = generate_max_samples: a 200-problem held-out set is one engine call (one version)
 """Most prompts one `POST /v1/generate` may carry (it runs on the shared engine, between training batches)."""
 
 

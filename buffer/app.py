@@ -324,7 +324,7 @@ def create_app(settings: BufferSettings | None = None) -> FastAPI:
 
     v1 = APIRouter(prefix="/v1")
 
-    @v1.get("/config")
+    @v1.get("/config", response_model=BufferSettings.config_view())
     def config() -> dict[str, Any]:
         d = settings.model_dump(mode="json")
         d["auth_token"] = "***" if settings.auth_token else None

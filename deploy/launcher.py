@@ -3,14 +3,18 @@
 What it does, top to bottom (`run_cluster`):
 
 1. Resolve the run config (`deploy/run_config.py`), create the run directory (`deploy/run_dir.py`), build the toy
-   model if missing, pick ports (the defaults of DESIGN.md §6, or free ones where those are taken) and a random
-   bearer token (`TBRM_AUTH_TOKEN`, unless one is set).
-2. Start the processes of `deploy/topology.local_plan` (the single source of truth for commands, ports and health)
-   in dependency order, each gated on its health check: redis-server (own dir in the run directory, AOF) and the
-   reward service, then the buffer API, then the actors and the learner together. Training prompts are loaded into
-   the prompt queue as soon as Redis answers. Each process logs to `<run_dir>/logs/<name>.log`.
-3. Evaluate held-out greedy accuracy on actor 0 as soon as it is up (policy version 0 = `initial_accuracy`), then
-   every `eval_interval_s`, and once more at the end on the learner's last weights.
+   model if missing, pick ports (the documented defaults where free, else free ones; `run.ports = "free"`:
+   OS-assigned ones; reserved against other launchers on the machine) and a random bearer token
+   (`TBRM_AUTH_TOKEN`, unless one is set).
+2. Start the processes of `deploy/topology.local_plan` (the single source of truth for commands, ports and health),
+   each gated on its health check: redis-server (own dir in the run directory, AOF) and the reward service; as soon
+   as Redis answers, the buffer API, the actors and the learner together (`LOCAL_DEPENDS`: locally they need only
+   Redis, which cuts the cold start: an actor's first batch is graded when the reward service is up, the learner
+   waits for data anyway). Training prompts are loaded into the prompt queue as soon as Redis answers. Each process
+   logs to `<run_dir>/logs/<name>.log`.
+3. Evaluate held-out greedy accuracy on actor 0 as soon as it is up (policy version 0 = `initial_accuracy`) in the
+   background, without pausing the learner (one generate call = one weights version), then every
+   `eval_interval_s`, and once more at the end on the learner's last weights.
 4. Poll the cluster every `poll_interval_s` (dashboard + `metrics.jsonl`) until the learner finishes its steps,
    the time budget ends, a service crashes, or Ctrl-C / SIGTERM arrives.
 5. Stop the learner, let the actors load its last push, run the final evaluation, stop everything in reverse
@@ -43,27 +47,33 @@ from rich.console import Console
 from deploy import topology
 from deploy.dashboard import Collector, Dashboard, Snapshot
 from deploy.evaluation import EvalResult, eval_via_actor
+from deploy.ports import PortReservations, pick_ports
 from deploy.report import make_plots, replay_summary
 from deploy.run_config import RunSection, dump_toml
-from deploy.run_dir import RunDir, Summary
+from deploy.run_dir import RunDir, Summary, export_hf
 from deploy.supervisor import (
     ProcSpec,
     ServiceCrashed,
     Supervisor,
     http_ok,
-    pick_port,
-    pick_port_range,
+    listens_on,
     port_is_listening,
     redis_ping,
 )
+from deploy.tracking import ClusterTracker, child_env
 
 log = logging.getLogger(__name__)
+
+LOCAL_DEPENDS = {"actor": ("redis",), "learner": ("redis",)}
+"""Start order of a local run where it differs from the topology's (containers keep theirs): an actor retries the
+reward service with backoff and keeps its prompts meanwhile, the learner only samples from Redis, and neither uses
+the buffer API, so both start with Redis and load vLLM/DeepSpeed while the light services come up."""
 
 LIGHT_HEALTH_TIMEOUT_S = 60.0
 """Redis, reward and buffer API start in seconds; a minute means something is wrong."""
 
 BASE_CHILD_ENV = {
-    # DeepSpeed and vLLM on CPU (RECIPES.md): in-process vLLM engine, no hub, no tokenizer thread pools.
+    # DeepSpeed and vLLM on CPU (docs/operations.md): in-process vLLM engine, no hub, no tokenizer thread pools.
     "DS_ACCELERATOR": "cpu",
     "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
     "HF_HUB_OFFLINE": "1",
@@ -93,18 +103,6 @@ def thread_env(service: str, run: RunSection) -> dict[str, str]:
     if service == "actor":
         env["VLLM_CPU_OMP_THREADS_BIND"] = run.vllm_cpu_bind
     return env
-
-
-def pick_ports(n_actors: int) -> topology.Ports:
-    """The default ports where free, else free ones (so `tbrm up` runs beside a system Redis or another run)."""
-    default = topology.Ports()
-    taken: set[int] = set()
-    chosen = {}
-    for name in ("redis", "reward", "buffer", "learner"):
-        chosen[name] = pick_port(getattr(default, name), taken)
-        taken.add(chosen[name])
-    chosen["actor_base"] = pick_port_range(default.actor_base, n_actors, taken)
-    return topology.Ports(**chosen)
 
 
 @dataclass
@@ -144,10 +142,12 @@ class Cluster:
         self._stop = threading.Event()
         self._signals = 0
         self._eval_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="eval")
-        self._eval_future: Future[EvalResult] | None = None
+        self._eval_future: Future[EvalResult | None] | None = None
+        self._eval_kind = "periodic"
         self._last_eval_at = 0.0
         self.test_prompts: list[Any] = []
         self.token = os.environ.get(topology.ENV_AUTH_TOKEN) or secrets.token_urlsafe(32)
+        self.port_locks = PortReservations()
 
     # ---- signals ----
     def _on_signal(self, signum: int, frame: object) -> None:
@@ -161,13 +161,16 @@ class Cluster:
     def _prepare(self) -> list[ProcSpec]:
         run = self.run_cfg
         cfg = self.config
-        self.ports = pick_ports(run.actors)
+        self.ports = pick_ports(run.actors, self.port_locks, defaults=run.ports == "default")
         redis_bin = redis_server_binary()
         cfg["learner"].setdefault("run_dir", str(self.rd.path / "learner"))
         cfg["learner"].setdefault("torch_threads", run.learner_threads)
         cfg["actor"].setdefault("vllm_threads", run.actor_threads)
+        cfg["learner"].setdefault("report_to", list(run.report_to))
+        cfg["learner"].setdefault("tensorboard_dir", str(self.rd.tensorboard / "learner"))
         self._ensure_model()
         self.rd.write_config(dump_toml(cfg))
+        self.tracker = ClusterTracker(run.report_to, self.rd.path, dump_toml(cfg))
         plan = topology.local_plan(
             run.actors, ports=self.ports, python=sys.executable, redis_server=redis_bin, redis_dir=str(self.rd.redis)
         )
@@ -175,6 +178,7 @@ class Cluster:
         base = {**os.environ, **{k: v for k, v in BASE_CHILD_ENV.items() if k not in os.environ}}
         base.setdefault("TORCH_EXTENSIONS_DIR", str(_tbrm_home() / "torch_extensions"))
         base[topology.ENV_AUTH_TOKEN] = self.token
+        base.update({k: v for k, v in child_env(run.report_to, self.rd.path).items() if k not in os.environ})
         self.plan = plan
         self.actor_urls = {p.name: str(p.url) for p in plan if p.service == "actor"}
         self.learner_url = next(str(p.url) for p in plan if p.service == "learner")
@@ -185,13 +189,13 @@ class Cluster:
                 # Pushed weights land in the run directory (not a temp dir a killed actor would leak).
                 extra["TBRM_ACTOR_WEIGHTS_DIR"] = str(self.rd.path / p.name)
             heavy = p.service in ("actor", "learner")
-            deps = [q.name for q in plan if q.service in p.depends_on]
+            deps = [q.name for q in plan if q.service in LOCAL_DEPENDS.get(p.service, p.depends_on)]
             specs.append(
                 ProcSpec(
                     name=p.name,
                     argv=p.argv,
                     env={**base, **shared, **p.env, **thread_env(p.service, run), **extra},
-                    health=_health_check(p),
+                    health=self._own_health_check(p),
                     health_timeout_s=run.health_timeout_s if heavy else LIGHT_HEALTH_TIMEOUT_S,
                     depends_on=deps,
                     port=p.port,
@@ -210,6 +214,17 @@ class Cluster:
         self.rd.write_run_info(self.run_info)
         return specs
 
+    def _own_health_check(self, p: topology.Process) -> Callable[[], bool]:
+        """The service's health check, passed only when its port is held by the process this launcher started
+        (not by another run's service that happens to answer there)."""
+        check = _health_check(p)
+
+        def own() -> bool:
+            m = self.sup.procs.get(p.name)
+            return check() and (m is None or listens_on(m.popen.pid, p.port))
+
+        return own
+
     def _ensure_model(self) -> None:
         """Build the toy model before any service needs it (actors and learner would otherwise race to build it),
         and give the actors the system prompt the model was warmed up with (a toy model answers garbage under
@@ -224,9 +239,9 @@ class Cluster:
             model_dir = ensure_toy_model()
             if time.monotonic() - t > 2:
                 self.console.print(f"toy model ready ({time.monotonic() - t:.0f} s)")
-            actor.setdefault("system_prompt", _warmup_system_prompt(model_dir) or TOY_SYSTEM_PROMPT)
+            actor.setdefault("system_prompt", warmup_system_prompt(model_dir) or TOY_SYSTEM_PROMPT)
         elif actor.get("model_dir"):
-            prompt = _warmup_system_prompt(Path(actor["model_dir"]))
+            prompt = warmup_system_prompt(Path(actor["model_dir"]))
             if prompt is not None:
                 actor.setdefault("system_prompt", prompt)
 
@@ -247,11 +262,23 @@ class Cluster:
         finally:
             r.close()
 
-    def _hold_sampling(self, hold: bool) -> None:
-        """Pause the learner's side of the replay table until the initial evaluation has run on version 0.
+    def _load_data_and_hold(self) -> None:
+        self._load_data()
+        if not self._one_call_eval():  # v0 must wait for a multi-call initial eval (see _eval_now)
+            self._hold_sampling(True)
 
-        Actors start generating (and filling the buffer) at once; only the first optimizer step waits, so the
-        initial accuracy is measured on the base weights however the start-up races go."""
+    def _one_call_eval(self) -> bool:
+        """True when the held-out set fits in one `/v1/generate` call: one engine call runs on one weights version
+        (pushes land between engine calls), so the evaluation needs no pause of the learner."""
+        from actor_service.schema import MAX_GENERATE_PROMPTS  # noqa: PLC0415
+
+        return len(self.test_prompts) <= MAX_GENERATE_PROMPTS
+
+    def _hold_sampling(self, hold: bool) -> None:
+        """Pause the learner's side of the replay table (only for held-out sets larger than one generate call: the
+        initial evaluation must run on version 0 and a periodic one on one version).
+
+        Actors start generating (and filling the buffer) at once; only the optimizer steps wait."""
         from buffer.client import ReplayTable, connect  # noqa: PLC0415
 
         r = connect(f"redis://127.0.0.1:{self.ports.redis}/0")
@@ -266,13 +293,16 @@ class Cluster:
         self._sampling_held = hold
 
     # ---- evaluation ----
-    def _eval_now(self, hold: bool = True) -> EvalResult | None:
+    def _eval_now(self, hold: bool | None = None) -> EvalResult | None:
         """Greedy held-out accuracy on actor 0's current weights.
 
-        The eval needs several `/v1/generate` calls (64 prompts each); with a push after every learner step the
-        weights would change between them. So the learner's sampling is paused for the ~1-2 s of the eval (its
-        current step and push finish; the next waits), and a chunk series that still straddles a push is
-        retried."""
+        A held-out set that fits one `/v1/generate` call (the toy's 200 problems) is answered by one engine call,
+        hence by one weights version, while training goes on. A larger one needs several calls, and with a push after
+        every learner step the weights would change between them: then the learner's sampling is paused for the
+        eval (`hold`; its current step and push finish, the next waits) and a series that still straddles a push
+        is retried."""
+        if hold is None:
+            hold = not self._one_call_eval()
         from reward.client import RewardClient  # noqa: PLC0415
 
         url = next(iter(self.actor_urls.values()))
@@ -301,30 +331,47 @@ class Cluster:
             self.state.initial = res
             step = 0
         self.state.evals.append(res)
-        self.rd.append_eval(
-            {
-                "kind": kind,
-                "wall_s": round(time.monotonic() - self.state.t0, 3),
-                "learner_step": step,
-                **res.model_dump(exclude={"examples"}),
-                "examples": res.examples,
-            }
-        )
+        record = {
+            "kind": kind,
+            "wall_s": round(time.monotonic() - self.state.t0, 3),
+            "learner_step": step,
+            **res.model_dump(exclude={"examples"}),
+            "examples": res.examples,
+        }
+        self.rd.append_eval(record)
+        self.tracker.on_eval(record)
         msg = f"held-out accuracy {res.accuracy:.3f} ({res.correct}/{res.n}) at policy v{res.policy_version} [{kind}]"
         if self.state.initial and kind != "initial":
             msg += f", {100 * (res.accuracy - self.state.initial.accuracy):+.1f} points"
         self._message(msg)
 
-    def _maybe_eval(self) -> None:
+    def _start_initial_eval(self) -> None:
+        """The baseline evaluation in the background as soon as actor 0 answers: the learner's first push needs a
+        trained step, i.e. the actors' first graded batch, so the single engine call of the eval is queued on
+        version 0 while the learner starts and trains."""
+        if self._eval_future is None and self.state.initial is None:
+            self._eval_kind = "initial"
+            self._eval_future = self._eval_pool.submit(self._eval_now)  # after the prompt loading (one worker)
+            self._last_eval_at = time.monotonic()
+
+    def _collect_eval(self, wait_s: float | None = None) -> None:
+        """Record the evaluation in flight if it finished (or within `wait_s`)."""
         f = self._eval_future
-        if f is not None and f.done():
-            self._eval_future = None
-            try:
-                res = f.result()
-                if res is not None:
-                    self._record_eval(res, "periodic")
-            except Exception as e:  # noqa: BLE001 (an eval failure is reported, it does not end the run)
-                self._message(f"[yellow]evaluation failed: {type(e).__name__}: {e}[/]")
+        if f is None or (wait_s is None and not f.done()):
+            return
+        self._eval_future = None
+        try:
+            res = f.result(timeout=wait_s)
+            if res is not None:
+                self._record_eval(res, self._eval_kind)
+                if self._eval_kind == "initial" and res.policy_version not in (0, None):
+                    self._message(f"[yellow]initial eval ran on v{res.policy_version}, not v0[/]")
+        except Exception as e:  # noqa: BLE001 (an eval failure is reported, it does not end the run)
+            self._message(f"[yellow]{self._eval_kind} evaluation failed: {type(e).__name__}: {e}[/]")
+        self._eval_kind = "periodic"
+
+    def _maybe_eval(self) -> None:
+        self._collect_eval()
         now = time.monotonic()
         if self._eval_future is None and now - self._last_eval_at >= self.run_cfg.eval_interval_s:
             self._last_eval_at = now
@@ -371,30 +418,28 @@ class Cluster:
             for s, h in old.items():
                 signal.signal(s, h)
             self._eval_pool.shutdown(wait=False, cancel_futures=True)
+            self.port_locks.release()  # the services are stopped: their ports are free for the next run
 
     def _run(self) -> int:
         specs = self._prepare()
         self.console.print(f"run directory: {self.rd.path}")
+        for line in self.tracker.how_to_open():
+            self.console.print(line, highlight=False, soft_wrap=True)
         # The budget starts with the services: building the toy model on first use is setup, like pip install.
         started = self.state.t0 = time.monotonic()
 
         def on_healthy(name: str, took: float) -> None:
             self.console.print(f"  {name:<10} healthy after {took:5.1f} s")
-            if name == "redis":
-                self._load_data()
-                self._hold_sampling(True)
+            if name == "redis":  # prompts load while the actors and the learner start (not on their path)
+                self._data_loaded = self._eval_pool.submit(self._load_data_and_hold)
             if name == "learner":
                 self.state.learner_started = time.monotonic()
             if name == next(iter(self.actor_urls)):
-                res = self._eval_now()  # sampling has been held since Redis came up; this releases it
-                if res is not None:
-                    self._record_eval(res, "initial")
-                    if res.policy_version not in (0, None):
-                        self._message(f"[yellow]initial eval ran on v{res.policy_version}, not v0[/]")
-                self._last_eval_at = time.monotonic()
+                self._start_initial_eval()
 
         try:
             self.sup.start_all(specs, on_healthy=on_healthy, should_stop=self._stop.is_set)
+            self._data_loaded.result()  # a dataset error surfaces here, before training is reported as started
         except ServiceCrashed as e:
             return self._crashed(e)
         finally:
@@ -402,10 +447,7 @@ class Cluster:
             self.rd.write_run_info(self.run_info)
         self.console.print(f"cluster up in {time.monotonic() - started:.1f} s; training "
                            f"({self._budget_text()}); Ctrl-C stops")
-        if self.state.initial is None:
-            res = self._eval_now()
-            if res is not None:
-                self._record_eval(res, "initial")
+        self._start_initial_eval()
         collector = Collector(
             f"redis://127.0.0.1:{self.ports.redis}/0", self.actor_urls, self.learner_url,
             table_config=_table_config(self.config),
@@ -427,7 +469,9 @@ class Cluster:
                     snap.wall_s = time.monotonic() - self.state.t0
                     self._annotate(snap)
                     self.state.last_snapshot = snap
-                    self.rd.append_metrics(snap.record())
+                    record = snap.record()
+                    self.rd.append_metrics(record)
+                    self.tracker.on_snapshot(record)
                     if self._dash is not None:
                         self._dash.show(snap, self._budget_text())
                     if self._budget_spent(snap):
@@ -528,14 +572,7 @@ class Cluster:
             self._message("stopping the learner ...")
             self.sup.stop(learner)
             st.learner_started = st.learner_started or st.t0
-        if self._eval_future is not None:
-            try:
-                res = self._eval_future.result(timeout=self.run_cfg.eval_timeout_s)
-                if res is not None:
-                    self._record_eval(res, "periodic")
-            except Exception as e:  # noqa: BLE001 (a late periodic eval failing must not block shutdown)
-                log.info("last periodic evaluation failed: %s", e)
-            self._eval_future = None
+        self._collect_eval(wait_s=self.run_cfg.eval_timeout_s)
         if final_eval and self.actor_urls_alive():
             self._final_sync(collector)
             try:
@@ -558,6 +595,7 @@ class Cluster:
             self.console.print(f"[yellow]ports still listening after stop: {leftovers}[/]")
         summary = self._summary(last)
         self.rd.write_summary(summary)
+        self._publish_results(summary)
         try:
             make_plots(self.rd)
         except Exception as e:  # noqa: BLE001 (plots are a convenience; the summary is already written)
@@ -568,6 +606,20 @@ class Cluster:
         if st.interrupted:
             return 130
         return 0
+
+    def _publish_results(self, summary: Summary) -> None:
+        """The summary to the trackers; the learner's last weights as the HF folder `hf/latest`."""
+        tracker = getattr(self, "tracker", None)
+        if tracker is not None:
+            tracker.on_summary(summary.model_dump(mode="json"))
+            tracker.close()
+        try:
+            folder, version = export_hf(self.rd.path)
+        except FileNotFoundError as e:  # no step was exported (crash at start, zero steps)
+            log.info("no HF export: %s", e)
+            return
+        self.console.print(f"model (policy v{version}, an HF folder for transformers, vLLM and `tbrm eval`): {folder}",
+                           highlight=False, soft_wrap=True)  # fmt: skip
 
     def actor_urls_alive(self) -> bool:
         return bool(getattr(self, "actor_urls", None)) and any(
@@ -643,7 +695,7 @@ def _table_config(config: dict[str, Any]) -> Any:
     return TableConfig.model_validate(table)
 
 
-def _warmup_system_prompt(model_dir: Path) -> str | None:
+def warmup_system_prompt(model_dir: Path) -> str | None:
     """The system prompt recorded by the toy model's warm-up (None for other models)."""
     try:
         report = json.loads((Path(model_dir) / "warmup.json").read_text())

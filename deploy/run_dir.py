@@ -10,6 +10,10 @@ Layout::
       eval.jsonl           one JSON object per held-out evaluation (step, policy_version, accuracy, ...)
       summary.json         the headline numbers (initial/final accuracy, steps, wall time, trajectories, version)
       plots/*.png          accuracy and reward vs step and vs wall time, version-lag histogram
+      tensorboard/         TensorBoard event files: cluster/ (evals, cluster metrics, config, summary) and
+                           learner/ (per-step metrics); `tensorboard --logdir <run_dir>/tensorboard`
+      hf/latest/           the learner's last weights as a complete HF model folder (`tbrm export` makes others)
+      learner/             the learner's run dir: checkpoints/, weights/policy-v*.safetensors, metrics.jsonl
       redis/               the run's own redis-server dir (AOF lives here)
 
 Appends are line-buffered JSON so that a crashed run still leaves readable files.
@@ -20,6 +24,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -88,6 +93,8 @@ class RunDir:
         self.eval_path = self.path / "eval.jsonl"
         self.summary_path = self.path / "summary.json"
         self.run_info_path = self.path / "run.json"
+        self.tensorboard = self.path / "tensorboard"
+        self.hf = self.path / "hf"
 
     def log_path(self, service: str) -> Path:
         return self.logs / f"{service}.log"
@@ -140,3 +147,52 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
         except json.JSONDecodeError:
             continue
     return out
+
+
+# ---- HF model folders from a run's exported weights (`tbrm export`, end of `tbrm up`) ----
+
+
+def weights_dir_of(run_path: Path) -> Path:
+    """The exported weights of a run: `<run>/learner/weights` (a `tbrm up` run) or `<run>/weights` (a learner's
+    own run directory, e.g. the compose checkpoints volume)."""
+    for cand in (run_path / "learner" / "weights", run_path / "weights"):
+        if cand.is_dir():
+            return cand
+    raise FileNotFoundError(f"{run_path} has no exported weights (neither learner/weights/ nor weights/)")
+
+
+def base_model_of(run_path: Path) -> Path:
+    """The learner's initial model (config, tokenizer) of a run: `[learner] model_path` of its config.toml, else
+    the learner's default (the toy model)."""
+    from learner.settings import default_model_dir  # noqa: PLC0415  (light: pydantic only)
+
+    try:
+        with (run_path / "config.toml").open("rb") as f:
+            path = tomllib.load(f).get("learner", {}).get("model_path")
+    except (OSError, tomllib.TOMLDecodeError):
+        path = None
+    return Path(path) if path else default_model_dir()
+
+
+def export_hf(
+    run_path: str | Path, version: int | None = None, base_model: str | Path | None = None, out: str | Path | None = None
+) -> tuple[Path, int]:
+    """Write exported `version` (default: the newest) of a run as an HF model folder; returns (folder, version).
+
+    Default folder: `<run>/hf/latest` for the newest version, `<run>/hf/v<version:08d>` for an explicit one."""
+    from learner.weights import exported_versions, write_hf_folder  # noqa: PLC0415
+
+    run_path = Path(run_path).resolve()
+    versions = exported_versions(weights_dir_of(run_path))
+    if not versions:
+        raise FileNotFoundError(f"no policy-v*.safetensors in {weights_dir_of(run_path)}")
+    chosen = max(versions) if version is None else version
+    if chosen not in versions:
+        raise FileNotFoundError(
+            f"version {chosen} is not kept in {weights_dir_of(run_path)}; kept: {sorted(versions)} "
+            "(the learner keeps the newest `keep_weights`)"
+        )
+    if out is None:
+        out = run_path / "hf" / ("latest" if version is None else f"v{chosen:08d}")
+    base = Path(base_model) if base_model is not None else base_model_of(run_path)
+    return write_hf_folder(base, versions[chosen], Path(out), version=chosen), chosen

@@ -82,6 +82,30 @@ def port_is_listening(port: int, host: str = "127.0.0.1") -> bool:
         return s.connect_ex((host, port)) == 0
 
 
+def listens_on(pid: int, port: int) -> bool:
+    """True if process `pid` holds the TCP socket listening on `port` (Linux /proc); True where /proc cannot tell.
+
+    A health check answered on the right port by a foreign process (another run that picked the same port) must not
+    count as this service being up."""
+    inodes: set[str] = set()
+    try:
+        for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+            for line in Path(table).read_text().splitlines()[1:]:
+                cols = line.split()
+                if cols[3] == "0A" and int(cols[1].rsplit(":", 1)[1], 16) == port:  # 0A = LISTEN
+                    inodes.add(cols[9])
+        fds = list(Path(f"/proc/{pid}/fd").iterdir())
+    except (OSError, IndexError, ValueError):
+        return True
+    for fd in fds:
+        try:
+            if os.readlink(fd).removeprefix("socket:[").removesuffix("]") in inodes:
+                return True
+        except OSError:
+            continue
+    return False
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))

@@ -3,8 +3,9 @@
     python -m learner --host 127.0.0.1 --port 8003 --max-steps 100 --run-dir runs/x
     torchrun --nproc_per_node 2 -m learner ...      # data-parallel; only rank 0 serves HTTP and pushes
 
-Every field of `LearnerSettings` is a flag (CLI > env TBRM_LEARNER_* > run TOML [learner] > default); nested
-fields (`--loss`, `--schedule`, `--table`) take JSON, e.g. `--loss '{"kind": "tbrm", "beta": 0.02}'`.
+Every field of `LearnerSettings` is a flag, parsed by pydantic-settings' CLI (CLI > env TBRM_LEARNER_* > run TOML
+[learner] > default); nested fields (`loss`, `schedule`, `table`) by dotted name (`--loss.kind tbrm --loss.beta
+0.02`) or as JSON (`--loss '{"kind": "tbrm", "beta": 0.02}'`).
 `--config PATH` names the run TOML (same as TBRM_RUN_CONFIG).
 SIGTERM/SIGINT stop the loop after the current step; it then writes a checkpoint and exits.
 """

@@ -10,7 +10,7 @@ import time
 from typing import Any
 
 from fastapi import APIRouter, FastAPI
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, generate_latest
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -99,7 +99,7 @@ def create_app(settings: LearnerSettings, live: LiveStatus) -> FastAPI:
         )
         return JSONResponse(body.model_dump(), status_code=503 if snap["state"] == "failed" else 200)
 
-    @app.get("/metrics", response_class=Response)
+    @app.get("/metrics", response_class=PlainTextResponse)
     def metrics() -> Response:
         snap = live.snapshot()
         values = {**snap["metrics"], "step": snap["step"], "policy_version": snap["policy_version"]}
@@ -121,7 +121,7 @@ def create_app(settings: LearnerSettings, live: LiveStatus) -> FastAPI:
             actors_delivered=snap["actors_delivered"], error=snap["error"],
         )
 
-    @v1.get("/config")
+    @v1.get("/config", response_model=LearnerSettings.config_view())
     def config() -> dict[str, Any]:
         return settings.redacted()
 

@@ -192,7 +192,13 @@ class LearnerSettings(RunTomlSettings):
     resume: Literal["auto", "never", "must"] = "auto"
     """auto: resume if the run directory has a checkpoint; never: start fresh; must: fail without a checkpoint."""
     run_dir: Path = Path("runs/learner")
-    """Run directory: metrics.jsonl, checkpoints/, weights/."""
+    """Run directory: metrics.jsonl, checkpoints/, weights/, tensorboard/."""
+    report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(default_factory=lambda: ["tensorboard"])
+    """Experiment trackers of the per-step metrics besides metrics.jsonl (learner/tracking.py): TensorBoard event
+    files, W&B (offline unless WANDB_MODE is set), MLflow (file store beside them unless MLFLOW_TRACKING_URI is
+    set); [] = none. wandb and mlflow are optional packages."""
+    tensorboard_dir: Path | None = None
+    """Where the TensorBoard event files go; None = `<run_dir>/tensorboard`."""
 
     # ---- buffer and cluster ----
     redis_url: str = Field(

@@ -70,6 +70,7 @@ from learner.model import (
 from learner.push import PushFn, WeightPusher
 from learner.replay import ResidualLog, age_metrics, residual_metrics, reuse_metrics, write_priorities
 from learner.settings import ConstantSchedule, LearnerSettings, default_cache_dir
+from learner.tracking import open_metrics_log
 
 log = logging.getLogger(__name__)
 
@@ -560,7 +561,7 @@ def train(
         # snapshot on this thread, export + push on the exporter's while the next step runs (learner/export.py)
         exporter = WeightExporter(engine.module, run_dir / WEIGHTS_DIR, keep=settings.keep_weights,
                                   dtype=settings.export_dtype, publish=weights_store.set_latest, pusher=pusher)
-        metrics_file = open(run_dir / METRICS_FILE, "a", buffering=1)  # noqa: SIM115  (closed in finally)
+        metrics_file = open_metrics_log(run_dir, settings, METRICS_FILE)  # + TensorBoard/W&B/MLflow; closed in finally
         if settings.ack_after_checkpoint and settings.checkpoint_interval_steps and table.config.max_times_sampled == 1:
             pending = PendingAcks(table, settings.lease_s or table.config.lease_s)
             held = settings.checkpoint_interval_steps * settings.batch_size
@@ -724,7 +725,7 @@ def train(
                     "pushes_failed": pusher.stats.pushes_failed,
                     "unacked_items": pending.pending_items if pending is not None else 0,
                 }
-                metrics_file.write(json.dumps(line) + "\n")
+                metrics_file.write(line)
                 history.append(line)
                 numeric = {k: float(v) for k, v in line.items() if isinstance(v, int | float) and v is not None}
                 live.update(

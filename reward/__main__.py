@@ -1,36 +1,43 @@
 """Run the reward service: ``python -m reward --host 127.0.0.1 --port 8001 [--workers 2 ...]``.
 
-Every setting of `RewardSettings` is a flag (CLI > env TBRM_REWARD_* > run TOML [reward] > default).
+Every setting of `RewardSettings` is a flag, parsed by pydantic-settings' CLI (command line > env TBRM_REWARD_* >
+run TOML [reward] > default); nested ones by dotted name (`--scores.incorrect -1`) or as JSON
+(`--scores '{"incorrect": -1}'`); `--config PATH` names the run TOML (same as TBRM_RUN_CONFIG).
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
+from pathlib import Path
+from typing import Any
 
-from reward.settings import RewardSettings, ScoreMap
+from pydantic_settings import CliSettingsSource
+
+from reward.settings import RewardSettings
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m reward", description="tbrm math reward service")
-    for name, field in RewardSettings.model_fields.items():
-        if name == "scores":
-            continue
-        kind = field.annotation if field.annotation in (int, float) else str
-        p.add_argument(f"--{name.replace('_', '-')}", dest=name, type=kind, default=None,
-                       help=f"{field.description or ''} (default {field.default})")
-    for name, field in ScoreMap.model_fields.items():
-        p.add_argument(f"--score-{name.replace('_', '-')}", dest=f"score_{name}", type=float, default=None,
-                       help=f"score of status {name} (default {field.default})")
-    return p
+def build_parser() -> tuple[argparse.ArgumentParser, CliSettingsSource[Any]]:
+    p = argparse.ArgumentParser(
+        prog="python -m reward", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="tbrm math reward service\n\nPrecedence: command line > environment (TBRM_REWARD_<FIELD>, nested "
+        "with __) > the [reward] table of the run TOML (--config / TBRM_RUN_CONFIG) > defaults.",
+    )  # fmt: skip
+    p.add_argument("--config", type=Path, default=None, metavar="RUN_TOML",
+                   help="run TOML whose [reward] table holds settings (same as TBRM_RUN_CONFIG)")
+    source = CliSettingsSource(RewardSettings, root_parser=p, cli_kebab_case=True, cli_implicit_flags=True,
+                               cli_use_class_docs_for_groups=True)  # fmt: skip
+    return p, source
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = vars(build_parser().parse_args(argv))
-    overrides = {k: v for k, v in args.items() if v is not None and not k.startswith("score_")}
-    base = RewardSettings(**overrides)
-    score_overrides = {k[len("score_"):]: v for k, v in args.items() if k.startswith("score_") and v is not None}
-    settings = base.model_copy(update={"scores": base.scores.model_copy(update=score_overrides)})
+    parser, source = build_parser()
+    args = parser.parse_args(argv)
+    if args.config is not None:
+        os.environ["TBRM_RUN_CONFIG"] = str(args.config)
+    del args.config
+    settings = RewardSettings(_cli_settings_source=source(parsed_args=args))
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     import uvicorn

@@ -88,8 +88,8 @@ def test_settings_reject_bad_values() -> None:
 def test_cli_help_lists_options() -> None:
     from reward.__main__ import build_parser
 
-    text = build_parser().format_help()
-    for opt in ("--host", "--port", "--workers", "--hard-timeout-s", "--score-incorrect", "--cache-size"):
+    text = build_parser()[0].format_help()
+    for opt in ("--host", "--port", "--workers", "--hard-timeout-s", "--scores.incorrect", "--cache-size"):
         assert opt in text
 
 
