@@ -8,7 +8,7 @@ export VLLM_ENABLE_V1_MULTIPROCESSING ?= 0
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup up test test-slow lint bench bench-buffer bench-reward bench-learner bench-actor bench-cluster clean
+.PHONY: setup up test test-slow lint bench bench-buffer bench-reward bench-learner bench-actor bench-cluster chaos clean
 
 setup: $(STAMP)
 
@@ -46,6 +46,10 @@ bench-actor: setup
 	$(BIN)/python bench/actor_bench.py
 bench-cluster: setup
 	$(BIN)/python bench/cluster_bench.py
+
+# Random SIGKILLs of actors, learner, reward service and Redis during a 10-minute run; audits the books (exit 1 on a violation)
+chaos: setup
+	$(BIN)/python bench/chaos.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -197,6 +197,7 @@ class Cluster:
                     port=p.port,
                     stop_timeout_s=run.stop_timeout_s,
                     may_exit=p.service == "learner",
+                    restart=run.restart,
                 )
             )
         self.run_info: dict[str, Any] = {
@@ -442,6 +443,7 @@ class Cluster:
             collector.close()
 
     def _annotate(self, snap: Snapshot) -> None:
+        snap.services = self.sup.status()
         if self.state.evals:
             snap.accuracy = self.state.evals[-1].accuracy
             snap.accuracy_version = self.state.evals[-1].policy_version

@@ -22,6 +22,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from deploy.supervisor import RestartPolicy
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "toy.toml"
 SERVICE_SECTIONS = ("reward", "buffer", "actor", "learner")
@@ -84,6 +86,9 @@ class RunSection(BaseModel):
     """At the end, wait this long for the actors to load the learner's last weights before the final eval."""
     loss: Literal["tbrm", "grpo", "keep"] = "keep"
     """Shortcut for `--loss`: replace `[learner.loss]` with the named objective ("keep" = as configured)."""
+    restart: RestartPolicy = Field(default_factory=RestartPolicy)
+    """`[run.restart]`: a service that dies is restarted with back-off up to a crash-loop limit
+    (`deploy/supervisor.py`); mode = "no" ends the run at the first crash instead."""
 
 
 def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:

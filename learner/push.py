@@ -9,7 +9,13 @@ thread pool. It does not wait. So
   `push_retry_s`; the loop never waits on it;
 - an actor that joins late, or restarts (new `started_at`), lags the latest version and is caught up in the next
   `sync` call;
-- an actor gets at most one push in flight; if several versions were exported meanwhile it gets the newest.
+- an actor gets at most one push in flight; if several versions were exported meanwhile it gets the newest;
+- an actor that answers 409 (it holds this version or a newer one) is booked as delivered only when the registry
+  shows it at exactly this version (a timed-out push that landed; a number always names the same weights).
+  Otherwise, or when it reports a version above `latest`, it is ahead of this learner (weights of another lineage,
+  e.g. a learner that restarted below the published version): not a delivery; `version_floor` records the newest
+  version seen, the learner numbers its next weights above it (learner/checkpoints.py `next_version`) and the
+  push after that lands.
 """
 
 from __future__ import annotations
@@ -73,6 +79,8 @@ class WeightPusher:
         self._actors: dict[str, _ActorState] = {}
         self._lock = threading.Lock()
         self.stats = PushStats()
+        self.version_floor = 0
+        """The newest version an actor was seen holding above what this learner pushed (409s, registry)."""
 
     def sync(self, latest: WeightsInfo | None) -> int:
         """Start pushes of `latest` to the actors that lag it; returns how many pushes were started."""
@@ -90,6 +98,8 @@ class WeightPusher:
                 st = self._actors.get(actor.actor_id)
                 if st is None or st.started_at != actor.started_at:
                     st = self._actors[actor.actor_id] = _ActorState(started_at=actor.started_at)
+                if actor.policy_version > latest.version:
+                    self._ahead(actor, actor.policy_version)
                 if st.in_flight is not None or now < st.retry_at:
                     continue
                 if max(actor.policy_version, st.delivered) >= latest.version:
@@ -105,13 +115,17 @@ class WeightPusher:
                 actor.url, info.path, info.version, self._token, timeout_s=self._timeout_s, sha256=info.sha256
             )
         except Exception as e:  # noqa: BLE001  (any failure of one actor is logged and retried, never raised)
-            if getattr(e, "status", None) == 409:
-                # the actor already has this version or a newer one (e.g. pushed before a learner restart)
-                with self._lock:
-                    st.delivered = max(st.delivered, info.version)
-                log.info("actor %s already has v%d or newer (409)", actor.actor_id, info.version)
-                return
             with self._lock:
+                if getattr(e, "status", None) == 409:
+                    if actor.policy_version == info.version:
+                        # it already holds exactly this version (an earlier push that timed out but landed):
+                        # the same number is the same weights, since numbers are never reissued
+                        st.delivered = max(st.delivered, info.version)
+                        log.info("actor %s already has v%d (409)", actor.actor_id, info.version)
+                        return
+                    # it holds a newer version, or one its heartbeat has not reported yet: not delivered; the
+                    # learner numbers its next weights past it (version_floor) and retries after retry_s
+                    self._ahead(actor, max(info.version, actor.policy_version))
                 st.failures += 1
                 st.retry_at = time.monotonic() + self._retry_s
                 self.stats.pushes_failed += 1
@@ -129,6 +143,13 @@ class WeightPusher:
         finally:
             with self._lock:
                 st.in_flight = None
+
+    def _ahead(self, actor: ActorInfo, version: int) -> None:
+        """Record an actor that holds `version`, newer than what this learner pushed (caller holds the lock)."""
+        if version > self.version_floor:
+            log.warning("actor %s holds v%d, ahead of this learner's weights: the next version will exceed it",
+                        actor.actor_id, version)
+            self.version_floor = version
 
     def wait_idle(self, timeout_s: float) -> bool:
         """Wait until no push is in flight (tests, shutdown); True if idle within the timeout."""

@@ -8,12 +8,16 @@ stops). Real DeepSpeed, real Redis.
 What holds: the batch of step 3 is not acked (only checkpointed updates are: learner/acks.py); its lease expires
 and the resumed learner, restarted at the step-2 checkpoint, trains on it again, so every trajectory's update
 ends up in the model exactly once and none is lost. No version number is issued twice (the resumed learner
-numbers its weights after the crashed run's newest export).
+numbers its weights after the crashed run's newest export). With max_staleness_versions = 3 the returned batch
+(and the one never sampled) would be older than that at the resumed learner's raised version: the resumed learner
+samples within the staleness of the rolled-back items until they are trained again, so none is dropped (issue 21).
+A fresh learner (no checkpoint, or resume = "never") continues after the published versions too.
 The SIGKILL itself over real processes: tests/e2e/test_faults.py::test_learner_sigkill_resumes_from_checkpoint_*.
 """
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -21,13 +25,15 @@ import pytest
 import torch
 
 from buffer.client import ReplayTable, WeightsStore, connect
-from buffer.schema import FifoSampler, TableConfig, Trajectory
+from buffer.schema import FifoSampler, TableConfig, Trajectory, WeightsInfo
 from learner.live import LiveStatus
 
 BATCH = 4
 CRASH_STEP = 3
 CHECKPOINT_EVERY = 2
 LEASE_S = 2.0
+MAX_STALENESS = 3
+TABLE = TableConfig(sampler=FifoSampler(), max_times_sampled=1, max_staleness_versions=MAX_STALENESS)
 
 
 class SimulatedKill(BaseException):
@@ -65,7 +71,7 @@ def settings(run_dir: Path, model: Path, redis_url: str, **kw: Any):  # noqa: AN
         micro_batch_size=BATCH, lr=1e-3, loss={"kind": "tbrm", "beta": 0.5}, sample_timeout_s=3.0, port=0,
         lease_s=LEASE_S,
         push_timeout_s=2.0, checkpoint_interval_steps=CHECKPOINT_EVERY, push_interval_steps=1, torch_threads=1,
-        table=TableConfig(sampler=FifoSampler(), max_times_sampled=1),
+        table=TABLE,
     )
     base.update(kw)
     return LearnerSettings(**base)
@@ -78,7 +84,7 @@ def crashed_then_resumed(tiny_model_dir: Path, redis_server, tmp_path_factory: p
     torch.set_num_threads(1)
     r = connect(redis_server.url)
     r.flushall()
-    table = ReplayTable(r, TableConfig(sampler=FifoSampler(), max_times_sampled=1))
+    table = ReplayTable(r, TABLE)
     table.insert(trajectories(4 * BATCH))
     run_dir = tmp_path_factory.mktemp("learner_crash")
     live = CrashingStatus()
@@ -88,7 +94,11 @@ def crashed_then_resumed(tiny_model_dir: Path, redis_server, tmp_path_factory: p
     at_crash = table.stats()
     exported_v3 = WeightsStore(r).latest()
     # two steps: one on the 4th batch, available at once, one on the crashed step's batch once its lease expired
-    resumed = train(settings(run_dir, tiny_model_dir, redis_server.url, max_steps=CRASH_STEP + 1))
+    stop = threading.Event()  # a learner whose data was dropped as stale would wait for more forever
+    timer = threading.Timer(90.0, stop.set)
+    timer.start()
+    resumed = train(settings(run_dir, tiny_model_dir, redis_server.url, max_steps=CRASH_STEP + 1), stop=stop)
+    timer.cancel()
     yield {"at_crash": at_crash, "exported_v3": exported_v3, "resumed": resumed, "table": table,
            "url": redis_server.url}
     r.flushall()
@@ -123,3 +133,31 @@ def test_versions_are_never_reissued(crashed_then_resumed) -> None:  # noqa: ANN
     assert s["exported_v3"].version == CRASH_STEP
     assert s["resumed"].policy_version == CRASH_STEP + 3
     assert WeightsStore(connect(s["url"])).latest().version == CRASH_STEP + 3
+
+
+def test_the_rolled_back_batch_is_not_dropped_as_stale(crashed_then_resumed) -> None:  # noqa: ANN001
+    after = crashed_then_resumed["table"].stats()
+    assert after.dropped_stale == 0
+    # the resumed run trained on the never-sampled batch and the rolled-back one, both at most MAX_STALENESS old
+    assert all(x["version_lag_max"] <= MAX_STALENESS for x in crashed_then_resumed["resumed"].history)
+
+
+def test_a_fresh_learner_continues_after_the_published_version(
+    tiny_model_dir: Path, redis_server, tmp_path: Path  # noqa: ANN001
+) -> None:
+    """No checkpoint (a crash before the first one, a wiped run dir) or resume = "never", while Redis still holds
+    published weights: the learner numbers after them instead of restarting at v0 (its exports would be refused)."""
+    from learner.train import train
+
+    torch.set_num_threads(1)
+    r = connect(redis_server.url)
+    r.flushall()
+    ReplayTable(r, TABLE).insert(trajectories(2 * BATCH))
+    WeightsStore(r).set_latest(WeightsInfo(version=7, sha256="0" * 64, nbytes=1, path=None))
+    fresh = train(settings(tmp_path, tiny_model_dir, redis_server.url, max_steps=1))
+    assert [x["policy_version"] for x in fresh.history] == [9]  # v8 = its start weights, v9 after the step
+    assert WeightsStore(r).latest().version == 9
+    never = train(settings(tmp_path, tiny_model_dir, redis_server.url, max_steps=1, resume="never"))
+    assert [x["policy_version"] for x in never.history] == [11]
+    assert WeightsStore(r).latest().version == 11
+    r.flushall()
