@@ -91,11 +91,13 @@ class Chaos(threading.Thread):
     def run(self) -> None:
         from buffer.client import connect  # noqa: PLC0415
 
-        while not hasattr(self.c, "ports") or self._running("learner") is None:
+        # the cluster is up once the launcher's poll loop runs (after the initial evaluation)
+        while self.c.state.last_snapshot is None:
             if self.done.wait(1.0):
                 return
         redis = connect(f"redis://127.0.0.1:{self.c.ports.redis}/0", timeout_s=2.0)
         t0 = self.c.state.t0
+        self._fit_plan(time.monotonic() - t0 + 10.0)
         for k in self.plan:
             while time.monotonic() - t0 < k["at_s"]:
                 self._poll_published(redis)
@@ -104,6 +106,18 @@ class Chaos(threading.Thread):
             self._kill(k, redis)
         while not self.done.wait(0.5):
             self._poll_published(redis)
+
+    def _fit_plan(self, up_s: float) -> None:
+        """A slow start-up (a loaded machine) squeezes the planned moments into what is left of the window."""
+        first, last = self.plan[0]["at_s"], self.plan[-1]["at_s"]
+        if up_s <= first or last <= first:
+            return
+        end = max(last, up_s + 1.0)
+        for k in self.plan:
+            k["planned_s"] = k["at_s"]
+            k["at_s"] = round(up_s + (k["at_s"] - first) * (end - up_s) / (last - first), 1)
+        print(f"  cluster up at {up_s - 10:.0f}s, after the first planned kill: moments squeezed into "
+              f"[{up_s:.0f}s, {end:.0f}s]", flush=True)
 
     def _kill(self, k: dict[str, Any], redis: Any) -> None:
         waited = 0.0
@@ -217,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kills", type=int, default=22, help="SIGKILLs in all")
     p.add_argument("--min-each", type=int, default=4, help="at least this many per group (actor/learner/reward/redis)")
     p.add_argument("--actors", type=int, default=1)
-    p.add_argument("--warmup-s", type=float, default=45.0, help="no kill in the first seconds of the budget")
+    p.add_argument("--warmup-s", type=float, default=60.0, help="no kill in the first seconds of the budget")
     p.add_argument("--tail-s", type=float, default=75.0, help="no kill in the last seconds of the budget")
     p.add_argument("--appendfsync", choices=("everysec", "always"), default="everysec")
     p.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "chaos.json")
@@ -245,11 +259,25 @@ def main(argv: list[str] | None = None) -> int:
     return report(args, rd, chaos, result, load_before)
 
 
-def _cluster_class(appendfsync: str) -> Any:
-    """The launcher's Cluster, with Redis' appendfsync set for the run (the default topology uses everysec)."""
-    from deploy.launcher import Cluster  # noqa: PLC0415
+def _random_ports(n_actors: int) -> Any:
+    """Consecutive free ports at a random base below Linux's ephemeral range (32768+): on a shared machine another
+    cluster may take a default port between the check and the bind, and an outgoing connection may take an
+    ephemeral one while a slow actor starts; a restarted service must also get its own port back."""
+    from deploy import topology  # noqa: PLC0415
+    from deploy.supervisor import pick_port_range  # noqa: PLC0415
 
-    class ChaosCluster(Cluster):
+    base = pick_port_range(random.randrange(10000, 30000), 4 + n_actors, set())
+    return topology.Ports(redis=base, reward=base + 1, buffer=base + 2, learner=base + 3, actor_base=base + 4)
+
+
+def _cluster_class(appendfsync: str) -> Any:
+    """The launcher's Cluster, with Redis' appendfsync set for the run (the default topology uses everysec) and
+    ports away from the defaults."""
+    import deploy.launcher as launcher  # noqa: PLC0415
+
+    launcher.pick_ports = _random_ports
+
+    class ChaosCluster(launcher.Cluster):
         def _prepare(self) -> list[Any]:
             specs = super()._prepare()
             for s in specs:
