@@ -10,7 +10,7 @@ The N minutes count from the first poll of the cluster (all services up, initial
 `--kills` moments drawn uniformly (seeded) between `--warmup-s` after that and `--tail-s` before the budget ends,
 each aimed at a service group (at least `--min-each` per group: actor, learner, reward, redis; the rest at
 random). A kill waits (up to `--max-wait-s`) until its target runs and is healthy again, so every kill hits a live
-service. Shorter leases than the toy defaults (table 30 s, prompt claims 30 s) and a
+service. Shorter leases than the toy defaults (table 30 s, prompt claims 60 s) and a
 checkpoint every 20 steps let the books settle within the run.
 
 Audit (the books from the run's Redis, reopened from its AOF after the run, and the learner's training log):
@@ -43,7 +43,7 @@ from bench import chaos_audit as audit  # noqa: E402
 
 GROUPS = ("actor", "learner", "reward", "redis")
 TABLE_LEASE_S = 30.0
-PROMPT_LEASE_S = 30.0
+PROMPT_LEASE_S = 60.0
 
 
 def plan_kills(seed: int, n: int, min_each: int, start: float, end: float, actors: int) -> list[dict[str, Any]]:

@@ -254,8 +254,10 @@ class Cluster:
         Actors start generating (and filling the buffer) at once; only the first optimizer step waits, so the
         initial accuracy is measured on the base weights however the start-up races go."""
         from buffer.client import ReplayTable, connect  # noqa: PLC0415
+        from learner.acks import patient_redis  # noqa: PLC0415
 
-        r = connect(f"redis://127.0.0.1:{self.ports.redis}/0")
+        # patient: a Redis restart (restart policy) must not leave the learner paused until the next evaluation
+        r = patient_redis(connect(f"redis://127.0.0.1:{self.ports.redis}/0"))
         try:
             table = ReplayTable(r, _table_config(self.config))
             if hold:
