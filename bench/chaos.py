@@ -46,11 +46,13 @@ TABLE_LEASE_S = 30.0
 PROMPT_LEASE_S = 60.0
 
 
-def plan_kills(seed: int, n: int, min_each: int, start: float, end: float, actors: int) -> list[dict[str, Any]]:
-    """`n` kills at sorted uniform moments in [start, end], each group at least `min_each` times."""
+def plan_kills(seed: int, n: int, min_each: int, start: float, end: float, actors: int,
+               extra_groups: tuple[str, ...] = GROUPS) -> list[dict[str, Any]]:
+    """`n` kills at sorted uniform moments in [start, end], each group at least `min_each` times, the rest drawn
+    from `extra_groups`."""
     rng = random.Random(seed)
     groups = [g for g in GROUPS for _ in range(min_each)]
-    groups += [rng.choice(GROUPS) for _ in range(max(0, n - len(groups)))]
+    groups += [rng.choice(extra_groups) for _ in range(max(0, n - len(groups)))]
     rng.shuffle(groups)
     moments = sorted(rng.uniform(start, end) for _ in groups)
     return [{"at_s": round(t, 1), "group": g,
@@ -224,6 +226,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kills", type=int, default=22, help="SIGKILLs in all")
     p.add_argument("--min-each", type=int, default=4, help="at least this many per group (actor/learner/reward/redis)")
     p.add_argument("--actors", type=int, default=1)
+    p.add_argument("--extra-groups", default="learner,reward,redis",
+                   help="groups the kills beyond --min-each go to (an actor restarts in minutes on a loaded CPU)")
     p.add_argument("--warmup-s", type=float, default=20.0, help="no kill in the first seconds of the budget")
     p.add_argument("--tail-s", type=float, default=75.0, help="no kill in the last seconds of the budget")
     p.add_argument("--max-wait-s", type=float, default=240.0, help="longest wait for a target to be up again")
@@ -238,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     run, config = chaos_config(args)
     rd = RunDir(REPO / "runs" / time.strftime("chaos-%Y%m%d-%H%M%S"))
     plan = plan_kills(args.seed, args.kills, args.min_each, args.warmup_s, args.minutes * 60 - args.tail_s,
-                      args.actors)
+                      args.actors, tuple(args.extra_groups.split(",")))
     load_before = os.getloadavg()
     print(f"chaos run: {args.minutes:g} min, {len(plan)} planned SIGKILLs (seed {args.seed}), run dir {rd.path}, "
           f"load {load_before[0]:.2f}", flush=True)

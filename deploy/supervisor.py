@@ -41,6 +41,8 @@ from pydantic import BaseModel, ConfigDict, Field
 log = logging.getLogger(__name__)
 
 _PR_SET_PDEATHSIG = 1
+RESTART_HEALTH_FACTOR = 3.0
+"""A restarted service gets this many times its `health_timeout_s` to become healthy before it is killed."""
 
 
 def _set_pdeathsig() -> None:  # runs in the child between fork and exec
@@ -336,7 +338,9 @@ class Supervisor:
             if m.spec.health():
                 m.healthy_at = now
                 log.info("%s healthy again after %.1f s", m.spec.name, now - m.started_at)
-            elif now - m.started_at > m.spec.health_timeout_s:
+            elif now - m.started_at > RESTART_HEALTH_FACTOR * m.spec.health_timeout_s:
+                # a loaded machine restarts slowly: kill only far past the first-start deadline (else a slow
+                # service would be killed on every attempt and never come back)
                 log.warning("%s not healthy %.0f s after its restart: killing it", m.spec.name, now - m.started_at)
                 _killpg(m.popen.pid, signal.SIGKILL)
         elif h.consecutive and now - m.started_at >= policy.window_s:
