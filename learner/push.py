@@ -10,8 +10,9 @@ thread pool. It does not wait. So
 - an actor that joins late, or restarts (new `started_at`), lags the latest version and is caught up in the next
   `sync` call;
 - an actor gets at most one push in flight; if several versions were exported meanwhile it gets the newest;
-- an actor that answers 409 (it holds this version or a newer one) is booked as delivered only when the registry
-  shows it at exactly this version (a timed-out push that landed; a number always names the same weights).
+- an actor that answers 409 (it holds this version or a newer one) is booked as delivered only when it holds
+  exactly this version (its answer names it; else the registry's record): its own catch-up or a timed-out push
+  that landed, and a number always names the same weights.
   Otherwise, or when it reports a version above `latest`, it is ahead of this learner (weights of another lineage,
   e.g. a learner that restarted below the published version): not a delivery; `version_floor` records the newest
   version seen, the learner numbers its next weights above it (learner/checkpoints.py `next_version`) and the
@@ -21,6 +22,7 @@ thread pool. It does not wait. So
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -40,6 +42,9 @@ class _ActorState:
     started_at: float
     delivered: int = -1
     """Newest version this pusher delivered to this incarnation of the actor."""
+    refused: int = -1
+    """Newest version this incarnation refused with 409 while holding another one (not pushed again; a newer
+    version is pushed at once, without the failure back-off: the actor is alive and answering)."""
     in_flight: Future[Any] | None = None
     retry_at: float = 0.0
     failures: int = 0
@@ -102,7 +107,7 @@ class WeightPusher:
                     self._ahead(actor, actor.policy_version)
                 if st.in_flight is not None or now < st.retry_at:
                     continue
-                if max(actor.policy_version, st.delivered) >= latest.version:
+                if max(actor.policy_version, st.delivered, st.refused) >= latest.version:
                     continue
                 st.in_flight = self._pool.submit(self._push_one, actor, st, latest)
                 started += 1
@@ -117,15 +122,21 @@ class WeightPusher:
         except Exception as e:  # noqa: BLE001  (any failure of one actor is logged and retried, never raised)
             with self._lock:
                 if getattr(e, "status", None) == 409:
-                    if actor.policy_version == info.version:
-                        # it already holds exactly this version (an earlier push that timed out but landed):
-                        # the same number is the same weights, since numbers are never reissued
+                    # the version the actor holds: from its answer, else from its (maybe stale) heartbeat
+                    said = re.search(r"current version (\d+)", str(e))
+                    held = int(said.group(1)) if said else actor.policy_version
+                    if held == info.version:
+                        # it already holds exactly this version (its own catch-up from WeightsStore, or a push
+                        # that timed out but landed): the same number is the same weights (never reissued)
                         st.delivered = max(st.delivered, info.version)
                         log.info("actor %s already has v%d (409)", actor.actor_id, info.version)
                         return
-                    # it holds a newer version, or one its heartbeat has not reported yet: not delivered; the
-                    # learner numbers its next weights past it (version_floor) and retries after retry_s
-                    self._ahead(actor, max(info.version, actor.policy_version))
+                    # it holds another version (newer, or one its heartbeat has not reported): not delivered; the
+                    # learner numbers its next weights past it (version_floor) and pushes those at once
+                    self._ahead(actor, max(info.version, held))
+                    st.refused = max(st.refused, info.version)
+                    log.warning("actor %s refused v%d (409, holds v%d)", actor.actor_id, info.version, held)
+                    return
                 st.failures += 1
                 st.retry_at = time.monotonic() + self._retry_s
                 self.stats.pushes_failed += 1

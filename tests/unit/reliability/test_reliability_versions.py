@@ -18,13 +18,14 @@ def _info(version: int) -> WeightsInfo:
     return WeightsInfo(version=version, sha256="0" * 64, nbytes=1, path="/nonexistent/model.safetensors")
 
 
-def _pusher(actor_version: int, answer_409: bool) -> tuple[WeightPusher, list[int]]:
+def _pusher(actor_version: int, answer_409: bool, holds: int | None = None) -> tuple[WeightPusher, list[int]]:
     calls: list[int] = []
 
     def push_fn(url: str, path: str, version: int, token: str, **kw: object) -> None:
         calls.append(version)
         if answer_409:
-            raise WeightPushError(409, f"policy version {version} is not newer than the actor's")
+            said = "" if holds is None else f" current version {holds}"
+            raise WeightPushError(409, f"policy version {version} is not newer than the actor's{said}")
 
     actor = ActorInfo(actor_id="a0", url="http://127.0.0.1:1", policy_version=actor_version, started_at=1.0)
     return WeightPusher(lambda: [actor], "t", retry_s=60.0, push_fn=push_fn), calls
@@ -43,7 +44,8 @@ def test_a_409_from_an_actor_ahead_is_not_delivered_and_raises_the_floor() -> No
         _settle(p)
         assert calls == [1]
         assert p.delivered() == {"a0": -1}, "a refused push was booked as delivered"
-        assert p.version_floor == 1 and p.stats.pushes_failed == 1
+        assert p.version_floor == 1
+        assert p.sync(_info(1)) == 0 and p.sync(_info(2)) == 1  # the refused version is not resent, a newer one is
     finally:
         p.close()
 
@@ -55,6 +57,24 @@ def test_an_actor_reporting_a_newer_version_raises_the_floor_without_a_push() ->
         _settle(p)
         assert calls == [] and p.version_floor == 30
         assert next_version(1, p.version_floor) == 31
+    finally:
+        p.close()
+
+
+def test_the_409_answer_names_the_version_the_actor_holds() -> None:
+    # the heartbeat lags: the answer says whether the actor caught up to this very version or is ahead
+    p, _ = _pusher(actor_version=0, answer_409=True, holds=4)
+    try:
+        p.sync(_info(4))
+        _settle(p)
+        assert p.delivered() == {"a0": 4} and p.version_floor == 0
+    finally:
+        p.close()
+    p, _ = _pusher(actor_version=0, answer_409=True, holds=30)
+    try:
+        p.sync(_info(4))
+        _settle(p)
+        assert p.delivered() == {"a0": -1} and p.version_floor == 30
     finally:
         p.close()
 
