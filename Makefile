@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
 .PHONY: setup up test test-slow lint bench bench-buffer bench-reward bench-learner bench-actor bench-cluster \
-	bench-replay clean docker-base docker-images compose-smoke
+	bench-replay chaos clean docker-base docker-images compose-smoke
 
 setup: $(STAMP)
 
@@ -60,6 +60,10 @@ docker-images:
 	deploy/docker/build.sh
 compose-smoke:
 	$(PY) -m deploy.compose_smoke --json bench/results/compose_smoke.json $(ARGS)
+
+# Random SIGKILLs of actors, learner, reward service and Redis during a 10-minute run; audits the books (exit 1 on a violation)
+chaos: setup
+	$(BIN)/python bench/chaos.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

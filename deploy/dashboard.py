@@ -66,6 +66,12 @@ class Snapshot:
     accuracy_version: int | None = None
     initial_accuracy: float | None = None
     errors: list[str] = field(default_factory=list)
+    services: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Supervisor view per process (`Supervisor.status()`): state, restarts, last exit status (launcher only)."""
+
+    @property
+    def restarts(self) -> dict[str, int]:
+        return {n: int(s.get("restarts") or 0) for n, s in self.services.items()}
 
     @property
     def train_reward(self) -> float | None:
@@ -110,6 +116,8 @@ class Snapshot:
             "accuracy": self.accuracy,
             "learner": self.learner_metrics,
         }
+        if self.services:
+            rec["restarts"] = self.restarts
         for k in ("size", "inserts", "samples", "acks", "leased", "dropped_stale", "removed"):
             if k in self.buffer:
                 rec[f"buffer_{k}"] = self.buffer[k]
@@ -271,9 +279,25 @@ def render(snap: Snapshot, title: str = "tbrm", budget: str = "") -> Panel:
     shown = {k: m[k] for k in ("loss", "residual_mean", "v0_mean", "grad_norm", "step_s") if k in m}
     if shown:
         parts.append(Text("  ".join(f"{k} {v:.4g}" for k, v in shown.items()), style="dim"))
+    line = services_line(snap)
+    if line:
+        parts.append(Text(line, style="yellow"))
     if snap.errors:
         parts.append(Text("; ".join(snap.errors[:3]), style="yellow"))
     return Panel(Group(*parts), title=title, border_style="cyan")
+
+
+def services_line(snap: Snapshot) -> str:
+    """Restarted or not-running services, e.g. "restarts: actor-0 2 (last exit -9, running), redis 1 (...)";
+    "" while every service runs on its first start."""
+    shown = []
+    for name, st in snap.services.items():
+        n = int(st.get("restarts") or 0)
+        if n or st.get("state") != "running":
+            last = st.get("last_exit")
+            exit_text = f"last exit {last}, " if last is not None else ""
+            shown.append(f"{name} {n} ({exit_text}{st.get('state')})")
+    return "restarts: " + ", ".join(shown) if shown else ""
 
 
 def plain_line(snap: Snapshot) -> str:
@@ -287,7 +311,7 @@ def plain_line(snap: Snapshot) -> str:
         f"version={snap.learner_version if snap.learner_version is not None else '-'} actors[{versions}] "
         f"reward={_fmt(snap.train_reward)} acc={acc} buffer={snap.buffer.get('size', '-')} "
         f"lag={_fmt(snap.lag_mean, '.2f')} tok/s={snap.tokens_per_s:.0f}"
-    )
+    ) + (f" {services_line(snap)}" if services_line(snap) else "")
 
 
 class Dashboard:

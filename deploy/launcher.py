@@ -201,6 +201,7 @@ class Cluster:
                     port=p.port,
                     stop_timeout_s=run.stop_timeout_s,
                     may_exit=p.service == "learner",
+                    restart=run.restart,
                 )
             )
         self.run_info: dict[str, Any] = {
@@ -280,8 +281,10 @@ class Cluster:
 
         Actors start generating (and filling the buffer) at once; only the optimizer steps wait."""
         from buffer.client import ReplayTable, connect  # noqa: PLC0415
+        from learner.acks import patient_redis  # noqa: PLC0415
 
-        r = connect(f"redis://127.0.0.1:{self.ports.redis}/0")
+        # patient: a Redis restart (restart policy) must not leave the learner paused until the next evaluation
+        r = patient_redis(connect(f"redis://127.0.0.1:{self.ports.redis}/0"))
         try:
             table = ReplayTable(r, _table_config(self.config))
             if hold:
@@ -486,6 +489,7 @@ class Cluster:
             collector.close()
 
     def _annotate(self, snap: Snapshot) -> None:
+        snap.services = self.sup.status()
         if self.state.evals:
             snap.accuracy = self.state.evals[-1].accuracy
             snap.accuracy_version = self.state.evals[-1].policy_version

@@ -27,6 +27,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
+from deploy.supervisor import RestartPolicy
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "toy.toml"
 SERVICE_SECTIONS = ("reward", "buffer", "actor", "learner")
@@ -96,6 +98,9 @@ class RunSection(BaseModel):
     """Experiment trackers (learner/tracking.py): TensorBoard event files in `<run_dir>/tensorboard` (default),
     W&B and MLflow offline in the run directory (optional packages: `pip install "tbrm[wandb]"` / `"tbrm[mlflow]"`);
     [] = only the JSONL files. Also the learner's `report_to` unless `[learner]` sets its own."""
+    restart: RestartPolicy = Field(default_factory=RestartPolicy)
+    """`[run.restart]`: a service that dies is restarted with back-off up to a crash-loop limit
+    (`deploy/supervisor.py`); mode = "no" ends the run at the first crash instead."""
 
 
 def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:

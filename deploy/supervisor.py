@@ -11,6 +11,13 @@ are told to stop instead of running on as orphans.
 
 stdout and stderr of every service go to `<run_dir>/logs/<name>.log`; a service that exits unexpectedly is
 reported with the tail of that log (`ServiceCrashed`).
+
+Restarts (`RestartPolicy`, like Compose's `restart: on-failure` plus systemd's start limit): `check()` restarts a
+service that exited unexpectedly after a back-off (`backoff_s`, doubling per consecutive restart up to
+`backoff_max_s`; the count resets once the service has run `window_s`), without blocking the caller, and marks it
+healthy again once its health check passes. More than `max_restarts` restarts within `window_s` is a crash loop:
+then, as for a service without a policy, `check()` raises `ServiceCrashed`. `status()` reports every service's
+state and restart count (the dashboard shows them).
 """
 
 from __future__ import annotations
@@ -26,13 +33,16 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, Literal
 
 import httpx
+from pydantic import BaseModel, ConfigDict, Field
 
 log = logging.getLogger(__name__)
 
 _PR_SET_PDEATHSIG = 1
+RESTART_HEALTH_FACTOR = 3.0
+"""A restarted service gets this many times its `health_timeout_s` to become healthy before it is killed."""
 
 
 def _set_pdeathsig() -> None:  # runs in the child between fork and exec
@@ -148,6 +158,40 @@ def http_ok(url: str, timeout_s: float = 2.0) -> bool:
         return False
 
 
+class RestartPolicy(BaseModel):
+    """When a service that exited unexpectedly is started again (`[run.restart]` in the run config)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    mode: Literal["on-failure", "no"] = "on-failure"
+    """on-failure: restart after a non-zero exit or a signal (an exit 0 of a service that may exit is its end);
+    no: any unexpected exit ends the run (`tbrm up` exits 1)."""
+    backoff_s: float = Field(default=1.0, ge=0)
+    """Delay before the first restart; doubles with each consecutive restart."""
+    backoff_max_s: float = Field(default=30.0, ge=0)
+    """Longest delay between restarts."""
+    max_restarts: int = Field(default=5, ge=0)
+    """Crash-loop limit: this many restarts within `window_s` and the next exit ends the run."""
+    window_s: float = Field(default=60.0, gt=0)
+    """Window of the crash-loop limit; a service that ran this long since its last restart starts over at
+    `backoff_s`."""
+
+    def delay_s(self, consecutive: int) -> float:
+        return min(self.backoff_s * 2**consecutive, self.backoff_max_s)
+
+
+@dataclass
+class ServiceHistory:
+    """Restarts of one service across its incarnations (kept by the supervisor, shown by the dashboard)."""
+
+    restarts: list[float] = field(default_factory=list)
+    """monotonic times of every restart."""
+    consecutive: int = 0
+    last_exit: int | None = None
+    restart_at: float | None = None
+    """When a pending restart is due (None: none pending)."""
+
+
 @dataclass
 class ProcSpec:
     """One process to supervise."""
@@ -165,6 +209,8 @@ class ProcSpec:
     """Grace period between SIGTERM and SIGKILL."""
     may_exit: bool = False
     """An exit with status 0 is a normal end (the learner after max_steps), not a crash."""
+    restart: RestartPolicy | None = None
+    """None: an unexpected exit is always a crash (`check()` raises)."""
 
 
 @dataclass
@@ -186,6 +232,7 @@ class Supervisor:
         self.cwd = cwd
         self.procs: dict[str, Managed] = {}
         self.order: list[str] = []
+        self.history: dict[str, ServiceHistory] = {}
 
     # ---- start ----
     def spawn(self, spec: ProcSpec) -> Managed:
@@ -250,17 +297,23 @@ class Supervisor:
                     )
             time.sleep(poll_s)
 
+    def _respawn(self, name: str) -> Managed:
+        """Start `name` again with its spec, in its old place of the start order (reverse-order shutdown)."""
+        old = self.procs.pop(name)
+        idx = self.order.index(name)
+        self.order.remove(name)
+        m = self.spawn(old.spec)
+        self.order.remove(name)
+        self.order.insert(idx, name)
+        return m
+
     def restart(self, name: str, timeout_s: float | None = None, poll_s: float = 0.2) -> Managed:
         """Stop `name` if it still runs, start it again with the same spec and wait for its health."""
         old = self.procs[name]
         if old.popen.poll() is None or not old.log_file.closed:
             self.stop(name)
-        del self.procs[name]
-        idx = self.order.index(name)
-        self.order.remove(name)
-        m = self.spawn(old.spec)
-        self.order.remove(name)
-        self.order.insert(idx, name)  # keep the reverse-order shutdown right
+        m = self._respawn(name)
+        self.history.setdefault(name, ServiceHistory()).restart_at = None  # a pending automatic restart is moot
         deadline = time.monotonic() + (old.spec.health_timeout_s if timeout_s is None else timeout_s)
         while not old.spec.health():
             self._raise_if_exited(m)
@@ -285,9 +338,78 @@ class Supervisor:
             raise ServiceCrashed(m.spec.name, f"exited with status {rc}", m.log_path, rc)
 
     def check(self) -> None:
-        """Raise ServiceCrashed for the first service that died unexpectedly."""
+        """Restart services per their `RestartPolicy` (never blocking); raise ServiceCrashed for the first one
+        that died unexpectedly without a policy or in a crash loop."""
+        now = time.monotonic()
+        for name in list(self.order):
+            m = self.procs[name]
+            rc = m.popen.poll()
+            if m.stopped or (rc == 0 and m.spec.may_exit):
+                continue
+            policy = m.spec.restart
+            if rc is None:
+                if policy is not None:
+                    self._watch_restarted(m, policy, now)
+                continue
+            if policy is None or policy.mode == "no":
+                self._raise_if_exited(m)
+            self._on_exit(m, rc, policy, now)
+
+    def _watch_restarted(self, m: Managed, policy: RestartPolicy, now: float) -> None:
+        """A running service with a policy: health of a restarted one; back-off reset after a quiet window."""
+        h = self.history.setdefault(m.spec.name, ServiceHistory())
+        if m.healthy_at is None:
+            if m.spec.health():
+                m.healthy_at = now
+                log.info("%s healthy again after %.1f s", m.spec.name, now - m.started_at)
+            elif now - m.started_at > RESTART_HEALTH_FACTOR * m.spec.health_timeout_s:
+                # a loaded machine restarts slowly: kill only far past the first-start deadline (else a slow
+                # service would be killed on every attempt and never come back)
+                log.warning("%s not healthy %.0f s after its restart: killing it", m.spec.name, now - m.started_at)
+                _killpg(m.popen.pid, signal.SIGKILL)
+        elif h.consecutive and now - m.started_at >= policy.window_s:
+            h.consecutive = 0
+
+    def _on_exit(self, m: Managed, rc: int, policy: RestartPolicy, now: float) -> None:
+        """An unexpected exit: schedule a restart after the back-off, start it when due, or give up (crash loop)."""
+        name = m.spec.name
+        h = self.history.setdefault(name, ServiceHistory())
+        if h.restart_at is None:
+            recent = [t for t in h.restarts if now - t < policy.window_s]
+            if len(recent) >= policy.max_restarts:
+                raise ServiceCrashed(name, f"exited with status {rc} in a crash loop ({len(recent)} restarts in the "
+                                     f"last {policy.window_s:g} s)", m.log_path, rc)
+            h.last_exit = rc
+            h.restart_at = now + policy.delay_s(h.consecutive)
+            log.warning("%s exited with status %s: restarting in %.1f s", name, rc, h.restart_at - now)
+            if not m.log_file.closed:
+                m.log_file.write(f"# {time.strftime('%H:%M:%S')} exited, status {rc}; restarting\n".encode())
+                m.log_file.close()
+        elif now >= h.restart_at:
+            h.restart_at = None
+            h.restarts.append(now)
+            h.consecutive += 1
+            self._respawn(name)
+
+    def status(self) -> dict[str, dict[str, object]]:
+        """Every service's state ("running", "starting", "restarting", "exited", "stopped"), restart count and
+        last unexpected exit status."""
+        out: dict[str, dict[str, object]] = {}
+        now = time.monotonic()
         for name in self.order:
-            self._raise_if_exited(self.procs[name])
+            m = self.procs[name]
+            h = self.history.get(name, ServiceHistory())
+            rc = m.popen.poll()
+            if m.stopped:
+                state = "stopped"
+            elif h.restart_at is not None:
+                state = f"restarting in {max(0.0, h.restart_at - now):.0f}s"
+            elif rc is not None:
+                state = "exited"
+            else:
+                state = "running" if m.healthy_at is not None else "starting"
+            out[name] = {"state": state, "restarts": len(h.restarts), "last_exit": h.last_exit}
+        return out
 
     def exited_ok(self, name: str) -> bool:
         m = self.procs.get(name)

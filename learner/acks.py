@@ -10,16 +10,47 @@ update is in a checkpoint, and no trajectory is lost.
 
 Cost: up to `checkpoint_interval_steps` x `batch_size` trajectories stay leased (not sampleable) between
 checkpoints, which the table's `max_size` must leave room for.
+
+Redis errors (a restart, a failover) on the ack path are retried with back-off for up to `REDIS_RETRY_S`
+(`redis_retry`), each retry logged, instead of crashing the learner: an ack that reached Redis before the error
+acks nothing the second time (the lease is gone), so a retry never counts an item twice.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+import redis
 
 from buffer.client import ReplayTable
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+REDIS_RETRY_S = 60.0
+"""How long an ack (or a lease renewal) keeps retrying through Redis errors before it gives up and raises."""
+
+
+def redis_retry(call: Callable[[], T], what: str, budget_s: float = REDIS_RETRY_S) -> T:
+    """`call()`, retried on Redis connection errors and timeouts (back-off 0.2 s doubling to 5 s) for up to
+    `budget_s` seconds; the last error is raised after that. Other errors are raised at once."""
+    deadline = time.monotonic() + budget_s
+    pause = 0.2
+    while True:
+        try:
+            return call()
+        except (redis.ConnectionError, redis.TimeoutError) as e:
+            if time.monotonic() + pause > deadline:
+                log.error("%s failed for %.0f s, giving up: %s", what, budget_s, e)
+                raise
+            log.warning("%s failed (%s); retrying in %.1f s", what, e, pause)
+            time.sleep(pause)
+            pause = min(pause * 2, 5.0)
 
 
 class PendingAcks:
@@ -49,7 +80,10 @@ class PendingAcks:
             self._leases += leases
             self._items += n_items
             # a step can outlast a renewal period: the new leases get a full term now (the thread renews the rest)
-            self._renew(list(leases))
+            try:
+                self._renew(list(leases))
+            except (redis.ConnectionError, redis.TimeoutError) as e:  # the thread retries every renew_every_s
+                log.warning("renewing the new leases failed (retried by the renewal thread): %s", e)
 
     def renew(self) -> int:
         """Extend every held lease to now + lease_s; returns how many were still alive."""
@@ -75,7 +109,7 @@ class PendingAcks:
         with self._lock:
             leases, held = self._leases, self._items
             self._leases, self._items = [], 0
-            acked = sum(self.table.ack(lease) for lease in leases)
+            acked = sum(ack_lease(self.table, lease) for lease in leases)
         return acked, held
 
     def close(self) -> None:
@@ -89,3 +123,31 @@ class PendingAcks:
                 self.renew()
             except Exception as e:  # noqa: BLE001  (Redis down: retried next period; the leases may expire)
                 log.warning("lease renewal failed: %s", e)
+
+
+def ack_lease(table: ReplayTable, lease_id: str, item_ids: list[str] | None = None) -> int:
+    """`table.ack`, retried through Redis errors (`redis_retry`)."""
+    return redis_retry(lambda: table.ack(lease_id, item_ids), f"ack of lease {lease_id}")
+
+
+def renew_held(table: ReplayTable, leases: list[str], lease_s: float | None) -> int:
+    """Renew leases a waiting learner holds (sync mode gathers a batch over several samples): retried through
+    Redis errors; an expired one is logged (its items went back to the buffer). Returns how many were alive."""
+    if not leases:
+        return 0
+    alive = redis_retry(lambda: table.renew(leases, lease_s), "renewal of held leases")
+    if alive < len(leases):
+        log.warning("%d of %d held leases expired while waiting for a batch: raise lease_s above sample_timeout_s",
+                    len(leases) - alive, len(leases))
+    return alive
+
+
+def patient_redis(client: redis.Redis, attempts: int = 10) -> redis.Redis:
+    """Let every call of the learner's Redis client ride out a Redis restart (~1-5 s: supervisor back-off plus
+    the AOF load) instead of failing after the default 3 quick retries (`buffer.client.connect`). The table's
+    scripts are safe to re-run (a retried sample is detected, acks and inserts are idempotent)."""
+    from redis.backoff import ExponentialBackoff  # noqa: PLC0415
+    from redis.retry import Retry  # noqa: PLC0415
+
+    client.set_retry(Retry(ExponentialBackoff(cap=2.0, base=0.1), attempts))
+    return client

@@ -9,7 +9,14 @@ thread pool. It does not wait. So
   `push_retry_s`; the loop never waits on it;
 - an actor that joins late, or restarts (new `started_at`), lags the latest version and is caught up in the next
   `sync` call;
-- an actor gets at most one push in flight; if several versions were exported meanwhile it gets the newest.
+- an actor gets at most one push in flight; if several versions were exported meanwhile it gets the newest;
+- an actor that answers 409 (it holds this version or a newer one) is booked as delivered only when it holds
+  exactly this version (its answer names it; else the registry's record): its own catch-up or a timed-out push
+  that landed, and a number always names the same weights.
+  Otherwise, or when it reports a version above `latest`, it is ahead of this learner (weights of another lineage,
+  e.g. a learner that restarted below the published version): not a delivery; `version_floor` records the newest
+  version seen, the learner numbers its next weights above it (learner/checkpoints.py `next_version`) and the
+  push after that lands.
 
 Verified delivery: the exporter registers the learner's own log-probs of the canary sequence for each version
 (`expect_canary`); an actor answers a push with its log-probs of the same sequence under the weights it applied.
@@ -21,6 +28,7 @@ e.g. a wrong tied head, or trainer/engine numerics that diverge).
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -40,6 +48,9 @@ class _ActorState:
     started_at: float
     delivered: int = -1
     """Newest version this pusher delivered to this incarnation of the actor."""
+    refused: int = -1
+    """Newest version this incarnation refused with 409 while holding another one (not pushed again; a newer
+    version is pushed at once, without the failure back-off: the actor is alive and answering)."""
     in_flight: Future[Any] | None = None
     retry_at: float = 0.0
     failures: int = 0
@@ -87,6 +98,8 @@ class WeightPusher:
         self.canary_max_drift = canary_max_drift
         self._canary: dict[int, list[float]] = {}  # version -> the learner's canary log-probs (newest few)
         self._drift: dict[str, tuple[int, float]] = {}  # actor -> (version, drift) of its last push
+        self.version_floor = 0
+        """The newest version an actor was seen holding above what this learner pushed (409s, registry)."""
 
     def expect_canary(self, version: int, logprobs: list[float]) -> None:
         """The learner's canary log-probs for `version` (actors' answers are compared with them)."""
@@ -135,9 +148,11 @@ class WeightPusher:
                 st = self._actors.get(actor.actor_id)
                 if st is None or st.started_at != actor.started_at:
                     st = self._actors[actor.actor_id] = _ActorState(started_at=actor.started_at)
+                if actor.policy_version > latest.version:
+                    self._ahead(actor, actor.policy_version)
                 if st.in_flight is not None or now < st.retry_at:
                     continue
-                if max(actor.policy_version, st.delivered) >= latest.version:
+                if max(actor.policy_version, st.delivered, st.refused) >= latest.version:
                     continue
                 st.in_flight = self._pool.submit(self._push_one, actor, st, latest)
                 started += 1
@@ -150,13 +165,23 @@ class WeightPusher:
                 actor.url, info.path, info.version, self._token, timeout_s=self._timeout_s, sha256=info.sha256
             )
         except Exception as e:  # noqa: BLE001  (any failure of one actor is logged and retried, never raised)
-            if getattr(e, "status", None) == 409:
-                # the actor already has this version or a newer one (e.g. pushed before a learner restart)
-                with self._lock:
-                    st.delivered = max(st.delivered, info.version)
-                log.info("actor %s already has v%d or newer (409)", actor.actor_id, info.version)
-                return
             with self._lock:
+                if getattr(e, "status", None) == 409:
+                    # the version the actor holds: from its answer, else from its (maybe stale) heartbeat
+                    said = re.search(r"current version (\d+)", str(e))
+                    held = int(said.group(1)) if said else actor.policy_version
+                    if held == info.version:
+                        # it already holds exactly this version (its own catch-up from WeightsStore, or a push
+                        # that timed out but landed): the same number is the same weights (never reissued)
+                        st.delivered = max(st.delivered, info.version)
+                        log.info("actor %s already has v%d (409)", actor.actor_id, info.version)
+                        return
+                    # it holds another version (newer, or one its heartbeat has not reported): not delivered; the
+                    # learner numbers its next weights past it (version_floor) and pushes those at once
+                    self._ahead(actor, max(info.version, held))
+                    st.refused = max(st.refused, info.version)
+                    log.warning("actor %s refused v%d (409, holds v%d)", actor.actor_id, info.version, held)
+                    return
                 st.failures += 1
                 st.retry_at = time.monotonic() + self._retry_s
                 self.stats.pushes_failed += 1
@@ -175,6 +200,13 @@ class WeightPusher:
         finally:
             with self._lock:
                 st.in_flight = None
+
+    def _ahead(self, actor: ActorInfo, version: int) -> None:
+        """Record an actor that holds `version`, newer than what this learner pushed (caller holds the lock)."""
+        if version > self.version_floor:
+            log.warning("actor %s holds v%d, ahead of this learner's weights: the next version will exceed it",
+                        actor.actor_id, version)
+            self.version_floor = version
 
     def wait_idle(self, timeout_s: float) -> bool:
         """Wait until no push is in flight (tests, shutdown); True if idle within the timeout."""

@@ -48,6 +48,8 @@ toy_train_size = 3000
 toy_test_size = 16
 health_timeout_s = 240.0
 stop_timeout_s = 10.0
+[run.restart]
+mode = "no"        # these tests kill and restart by hand; `check()` must see any other death
 [table]
 max_size = 4096
 lease_s = {TABLE_LEASE_S}

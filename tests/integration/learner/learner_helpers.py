@@ -69,7 +69,7 @@ class WeightReceiver:
                 raise HTTPException(401, "bad token")
             version = int(request.headers[VERSION_HEADER])
             if version <= self.version:
-                raise HTTPException(409, f"version {version} not newer than {self.version}")
+                raise HTTPException(409, f"version {version} not newer than the current version {self.version}")
             h = hashlib.sha256()
             body = bytearray()
             async for chunk in request.stream():

@@ -160,7 +160,8 @@ class Actor:
             time.sleep(delay_s)  # blocks the server: a hung actor
             v = int(request.headers["X-TBRM-Policy-Version"])
             if v <= self.have:
-                raise HTTPException(409, "not newer")
+                # the actor's wording: the pusher books a 409 as delivered only for the version the actor holds
+                raise HTTPException(409, f"policy version {v} is not newer than the actor's current version {self.have}")
             self.have = v
             self.versions.append(v)
             return {"policy_version": v, "sha256": "x", "nbytes": len(body), "receive_s": 0.0, "load_s": 0.0}

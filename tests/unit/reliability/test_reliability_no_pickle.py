@@ -9,8 +9,9 @@ and a string that merely mentions pickle are told apart. Rules, for every module
   safe_serialization=False)` nor `from_pretrained(..., use_safetensors=False)`;
 - DeepSpeed's `engine.save_checkpoint` / `engine.load_checkpoint` (torch.save/torch.load of model + optimizer
   state) exactly at the one documented place: the learner's resumable checkpoint on its local disk
-  (`learner/train.py`, functions `save_checkpoint` and `train`). That file never travels: what travels (weight
-  pushes, exported weights for actors and catch-up) is safetensors, checked at run time below.
+  (`learner/checkpoints.py` function `save_checkpoint`, `learner/train.py` function `train`). That file never
+  travels: what travels (weight pushes, exported weights for actors and catch-up) is safetensors, checked at run
+  time below.
 
 Tests may build hostile inputs (a `torch.save` file pushed to an actor must be refused) but must not load pickle.
 """
@@ -32,7 +33,7 @@ PROJECT_ONLY_FORBIDDEN_CALLS = {"torch.save"}  # tests may write a pickle file a
 DEEPSPEED_CHECKPOINT_METHODS = {"save_checkpoint", "load_checkpoint"}
 ALLOWED_DEEPSPEED_CALLS = {
     # (file, enclosing function, method): the learner's own resumable DeepSpeed checkpoint (local disk only)
-    ("learner/train.py", "save_checkpoint", "save_checkpoint"),
+    ("learner/checkpoints.py", "save_checkpoint", "save_checkpoint"),
     ("learner/train.py", "train", "load_checkpoint"),
 }
 
