@@ -35,6 +35,7 @@ ALLOWED_DEEPSPEED_CALLS = {
     # (file, enclosing function, method): the learner's own resumable DeepSpeed checkpoint (local disk only)
     ("learner/checkpoints.py", "save_checkpoint", "save_checkpoint"),
     ("learner/train.py", "train", "load_checkpoint"),
+    ("learner/train.py", "respond", "load_checkpoint"),  # the stability guard's rollback to the learner's own
 }
 
 
