@@ -5,7 +5,7 @@ tests pass a ready engine so that one vLLM start serves many apps. With `setting
 (actor_service.loop) runs in a background thread from startup to shutdown; shutdown (SIGTERM under uvicorn) stops
 it gracefully: no new prompts, the batch in flight is finished or given back, the actor deregisters.
 
-`POST /v1/weights` (DESIGN.md §5, header names in actor_service.schema). Checks, in this order, each refusal
+`POST /v1/weights` (docs/weight-protocol.md, header names in actor_service.schema). Checks, in this order, each refusal
 leaving the running weights untouched:
   401 bearer token missing/wrong (or none configured) -> 400 bad version/sha256 headers -> 409 version not newer
   (checked before the body is read, and again on the engine thread) -> 413 Content-Length or streamed size over

@@ -11,7 +11,7 @@ so up to the scheduler's capacity of sequences are in flight, a prompt group fin
 are done, and callers refill as they please (`submit`). `generate` (eval, /v1/generate) is `submit` + wait.
 
 Weight updates (`apply_weights`): tensors parsed from memory are fed to the worker's
-`reload_weights(weights_iterator=...)` (RECIPES.md: works in-process; `model.load_weights` directly does not on CPU,
+`reload_weights(weights_iterator=...)` (works in-process; `model.load_weights` directly does not on CPU,
 the CPU runner repacks linear weights). `inflight=True`: applied between two engine steps; running sequences
 continue on the new weights (PipelineRL style) and vLLM labels each output token with the weight version that
 sampled it (`set_weight_version`), so a sample records the version of its first and last token. `inflight=False`:

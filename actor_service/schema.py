@@ -1,4 +1,4 @@
-"""Wire format of the actor's weight endpoint (DESIGN.md §5). Light module: pydantic only.
+"""Wire format of the actor's weight endpoint (docs/weight-protocol.md). Light module: pydantic only.
 
 `POST {actor}/v1/weights`
   headers: Authorization: Bearer <token>, X-TBRM-Policy-Version: <int>, X-TBRM-Sha256: <hex of body>,

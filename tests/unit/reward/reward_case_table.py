@@ -2,7 +2,7 @@ r"""Grading cases: (id, response, gold, expected status).
 
 Sources: facts taken from public graders' test suites and issues (math-verify `tests/test_all.py`: thousands
 separators, `.4`, interval bounds, `\frac13`, `\sqrt3`, `\cfrac`, percent vs fraction, polar coordinates, text answers;
-the MATH/Hendrycks normalizer: `\dfrac`, `\left`/`\right`, `^\circ`, `\%`, `\text{ units}`; the RECIPES.md list of
+the MATH/Hendrycks normalizer: `\dfrac`, `\left`/`\right`, `^\circ`, `\%`, `\text{ units}`; the list of
 known math-verify misses: unclosed last box, `\fbox`, repeating decimals, `1.3e-5`, `°`, unicode) rewritten as
 model responses, plus our own hard and adversarial cases. Where a case is debatable we expect `incorrect`:
 a false positive (reward for a wrong answer) is worse than a false negative.
