@@ -159,6 +159,32 @@ class ExportRequest(BaseModel):
     overwrite: bool = False
 
 
+class LeaseView(BaseModel):
+    lease_id: str
+    expires_at: float
+    """Unix seconds (Redis server clock)."""
+    items: int
+    """Items drawn under this lease."""
+    held: int
+    """Items the lease still holds (not acked yet)."""
+
+
+class LeasesResponse(BaseModel):
+    leases: list[LeaseView]
+
+
+class ClaimView(BaseModel):
+    consumer: str
+    prompt_id: str
+    expires_at: float
+    copies: int
+    """Copies of the prompt claimed (one per epoch)."""
+
+
+class ClaimsResponse(BaseModel):
+    claims: list[ClaimView]
+
+
 class AdminResponse(BaseModel):
     ok: bool
     detail: str
@@ -389,16 +415,16 @@ def create_app(settings: BufferSettings | None = None) -> FastAPI:
         traj, meta = got
         return TrajectoryDetail(summary=summary(item_id, traj, meta), trajectory=traj)
 
-    @v1.get("/tables/{name}/leases")
-    def leases(name: TableName, limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> dict[str, Any]:
+    @v1.get("/tables/{name}/leases", response_model=LeasesResponse)
+    def leases(name: TableName, limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> LeasesResponse:
         """Leases out now, expiring first (id, expiry, items drawn, items still held)."""
-        return {"leases": table(name).leases(limit)}
+        return LeasesResponse(leases=[LeaseView(**x) for x in table(name).leases(limit)])
 
-    @v1.get("/prompts/claims")
+    @v1.get("/prompts/claims", response_model=ClaimsResponse)
     def prompt_claims(name: Annotated[str | None, Query(pattern=NAME_PATTERN)] = None,
-                      limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> dict[str, Any]:
+                      limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> ClaimsResponse:
         """Prompt claims held by actors, expiring first."""
-        return {"claims": PromptQueue(r, name or settings.prompt_queue).claims(limit)}
+        return ClaimsResponse(claims=[ClaimView(**x) for x in PromptQueue(r, name or settings.prompt_queue).claims(limit)])
 
     @v1.get("/actors", response_model=ActorsResponse)
     def actors() -> ActorsResponse:
