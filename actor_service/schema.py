@@ -88,8 +88,8 @@ class GenerateRequest(BaseModel):
     """Wrap each prompt as a user turn after the actor's system prompt and apply the chat template."""
     max_tokens: int = Field(default=64, ge=1, le=8192)
     """Most new tokens per response (also clipped to the engine's max_model_len)."""
-    temperature: float = Field(default=0.0, ge=0.0, le=10.0)
-    """0 = greedy."""
+    temperature: float = Field(default=0.0, ge=0.0, le=2.0)
+    """0 = greedy; vLLM accepts at most 2."""
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     n: int = Field(default=1, ge=1, le=16)
     """Samples per prompt."""

@@ -90,7 +90,7 @@ class ActorSettings(RunTomlSettings):
     sequences in flight finish (no new sequence starts meanwhile), so every trajectory has one version."""
     n_samples_per_prompt: int = Field(default=4, ge=1, le=256)
     """Responses per prompt (one GRPO group)."""
-    temperature: float = Field(default=1.0, ge=0.0, le=10.0)
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     """Sampling temperature (TBRM paper: 1.0)."""
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     max_tokens: int = Field(default=256, ge=1)
