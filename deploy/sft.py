@@ -260,7 +260,7 @@ def run_sft(
 
         tok = AutoTokenizer.from_pretrained(str(model_dir))
         pairs = gold_pairs(tok, train[: opts.prompts], opts.system_prompt)
-        check_pairs = gold_pairs(tok, held_out, opts.system_prompt) if held_out else None
+        check_pairs = gold_pairs(tok, test, opts.system_prompt) if test else None
         report.kept = len(pairs)
     if held_out or pairs is None:
         engine = _engine(model_dir, opts)
