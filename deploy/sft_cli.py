@@ -101,13 +101,15 @@ def model_from_run(
     run_dir: str = typer.Argument(..., help="A `tbrm up` run directory."),
     out: str = typer.Argument(..., help="HF folder to write (config and tokenizer from the run's model)."),
 ) -> None:
-    """The run's last exported weights as an HF folder, for `tbrm eval` (weights/policy-v<N>.safetensors)."""
+    """The run's last exported weights as an HF folder, for `tbrm eval` (learner/weights/policy-v<N>.safetensors)."""
     from deploy.run_config import load_toml
 
     rd = Path(run_dir)
-    files = sorted((rd / "weights").glob("policy-v*.safetensors"), key=lambda p: int(p.stem.split("-v")[-1]))
+    # `tbrm up` puts the learner's exports under <run>/learner/weights; a bare learner run dir has weights/
+    found = [*(rd / "learner" / "weights").glob("policy-v*.safetensors"), *(rd / "weights").glob("policy-v*.safetensors")]
+    files = sorted(found, key=lambda p: int(p.stem.split("-v")[-1]))
     if not files:
-        raise typer.BadParameter(f"{rd}/weights holds no policy-v*.safetensors")
+        raise typer.BadParameter(f"{rd}/learner/weights and {rd}/weights hold no policy-v*.safetensors")
     base = Path(load_toml(rd / "config.toml").get("learner", {}).get("model_path", ""))
     if not (base / "config.json").exists():
         raise typer.BadParameter(f"the run's model_path {base} is not an HF folder (run from the same directory)")
