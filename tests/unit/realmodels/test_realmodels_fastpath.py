@@ -107,11 +107,11 @@ def test_model_from_run_builds_an_hf_folder(tmp_path: Path, tiny_model_dir: Path
     with torch.no_grad():
         next(model.parameters()).add_(1.0)
     for v in (2, 10):  # the newest version by number, not by name order
-        export_weights(model, run / "learner" / "weights", v)  
+        export_weights(model, run / "learner" / "weights", v)
     (run / "config.toml").write_text(f'[learner]\nmodel_path = "{tiny_model_dir}"\n')
     res = CliRunner().invoke(app, ["model", "from-run", str(run), str(tmp_path / "out")])
     assert res.exit_code == 0, res.output
-    assert "policy-v10" in res.output
+    assert "policy-v00000010" in res.output
     loaded = load_causal_lm(tmp_path / "out", "float32", trainable=False)
     torch.testing.assert_close(next(loaded.parameters()), next(model.parameters()))
     empty = tmp_path / "empty"
