@@ -44,6 +44,7 @@ bench-reward: setup
 	$(BIN)/python bench/reward_bench.py
 bench-learner: setup
 	$(BIN)/python bench/learner_bench.py
+	$(BIN)/python bench/learner_smollm2.py  # SmolLM2-135M before/after the speed work (skipped without the model)
 bench-actor: setup
 	$(BIN)/python bench/actor_bench.py
 bench-cluster: setup

@@ -279,3 +279,9 @@ def toy_model(
     )
     if not report["in_band"]:
         console.print("[yellow]warning: held-out accuracy is outside the target band[/yellow]")
+
+
+# ---- tbrm sft / tbrm data toy / tbrm model from-run (real model on CPU; implementation in deploy/sft_cli.py) ----
+from deploy.sft_cli import register as _register_real_model  # noqa: E402  (after the sub-apps exist)
+
+_register_real_model(app, data_app, model_app)

@@ -11,6 +11,7 @@ the LM head on the prompt. Position ids count only real tokens, so padding chang
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -144,24 +145,81 @@ def plan_micro_batches(
     return plans
 
 
-def response_logits(model: torch.nn.Module, mb: MicroBatch) -> torch.Tensor:
+def autocast_context(model: torch.nn.Module, autocast: str | None) -> AbstractContextManager[object]:
+    """`torch.autocast` on the model's device for `autocast` = "bfloat16"/"float16"; a no-op for None/"float32".
+
+    Mixed precision keeps fp32 master weights (AdamW's small updates survive) while the matmuls run in bf16: on
+    CPUs with AVX512-BF16/AMX a SmolLM2-135M step is several times faster (bench/learner_bench.py --models smollm2).
+    """
+    if autocast in (None, "none", "float32"):
+        return nullcontext()
+    device = next(model.parameters()).device.type
+    return torch.autocast(device, dtype=getattr(torch, autocast))
+
+
+def response_logits(model: torch.nn.Module, mb: MicroBatch, autocast: str | None = None) -> torch.Tensor:
     """Logits [B, T, V] at the positions that predict the response tokens (column 0 is the state s_1), fp32."""
     T = mb.tokens.shape[1]
-    out = model(
-        input_ids=mb.input_ids,
-        attention_mask=mb.attention_mask,
-        position_ids=mb.position_ids,
-        logits_to_keep=T + 1,
-        use_cache=False,
-    )
+    with autocast_context(model, autocast):
+        out = model(
+            input_ids=mb.input_ids,
+            attention_mask=mb.attention_mask,
+            position_ids=mb.position_ids,
+            logits_to_keep=T + 1,
+            use_cache=False,
+        )
     # kept positions are P-1 .. P+T-1; the last one predicts nothing
     return out.logits[:, :T].float()
 
 
+def _base_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """(transformer body, LM head) of an HF causal LM, also behind a DeepSpeed engine (`.module`)."""
+    inner = getattr(model, "module", model)
+    return inner.get_decoder(), inner.get_output_embeddings()
+
+
+def _chunk_logprobs(head: torch.nn.Module, hidden: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    logits = head(hidden)  # [B, c, V]: alive only inside this chunk (recomputed in the backward)
+    logits = logits if logits.dtype == torch.float64 else logits.float()  # at least fp32 (fp64 kept: exact tests)
+    lse = torch.logsumexp(logits, dim=-1)
+    return logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - lse, lse
+
+
+def response_logprobs(
+    model: torch.nn.Module, mb: MicroBatch, autocast: str | None = None, chunk: int = 8
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """log pi(a_h | s_h) [B, T] and V(s_1) = logsumexp(z_1) [B] (fp32, differentiable) without a [B, T, V] tensor.
+
+    The LM head and the logsumexp over the vocabulary run on `chunk` response positions at a time under activation
+    checkpointing, so only [B, T, H] hidden states are kept for the backward and at most [B, chunk, V] logits exist
+    at once (SmolLM2's 49k vocabulary: 16 x 256 x 49152 fp32 logits would be 805 MB, twice with their gradient).
+    Same values as `learner.loss.token_logprobs(response_logits(...))`; padded positions gather token 0.
+    """
+    from torch.utils.checkpoint import checkpoint  # noqa: PLC0415
+
+    T = mb.tokens.shape[1]
+    P = mb.prompt_len
+    body, head = _base_and_head(model)
+    with autocast_context(model, autocast):
+        hidden = body(
+            input_ids=mb.input_ids, attention_mask=mb.attention_mask, position_ids=mb.position_ids, use_cache=False
+        ).last_hidden_state[:, P - 1 : P - 1 + T]  # [B, T, H]: the states s_1 .. s_T
+        tokens = mb.tokens * mb.mask.long()
+        parts = [
+            checkpoint(_chunk_logprobs, head, hidden[:, i : i + chunk], tokens[:, i : i + chunk], use_reentrant=False)
+            if torch.is_grad_enabled()
+            else _chunk_logprobs(head, hidden[:, i : i + chunk], tokens[:, i : i + chunk])
+            for i in range(0, T, chunk)
+        ]
+    logp = torch.cat([p[0] for p in parts], dim=1)
+    lse0 = parts[0][1][:, 0]
+    return logp, lse0
+
+
 @torch.no_grad()
-def reference_logprobs(ref_model: torch.nn.Module, mb: MicroBatch) -> tuple[torch.Tensor, torch.Tensor]:
+def reference_logprobs(
+    ref_model: torch.nn.Module, mb: MicroBatch, autocast: str | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """log pi_ref(a_h | s_h) [B, T] of the response tokens (0 at padding) and V_ref(s_1) = logsumexp(z_ref_1) [B]."""
-    logits = response_logits(ref_model, mb)  # [B, T, V]
-    lse = torch.logsumexp(logits, dim=-1)  # [B, T]
-    logp = logits.gather(-1, mb.tokens.unsqueeze(-1)).squeeze(-1) - lse
-    return logp * mb.mask, lse[:, 0]
+    logp, v0 = response_logprobs(ref_model, mb, autocast)
+    return logp * mb.mask, v0

@@ -238,7 +238,7 @@ def fill_reference(
     cache: dict[str, tuple[list[float], float]] = {}
     for plan in plan_micro_batches(trajs, settings.micro_batch_size, settings.max_tokens_per_micro_batch):
         mb = collate([trajs[j] for j in plan]).to(device)
-        logp, v0 = reference_logprobs(ref_model, mb)
+        logp, v0 = reference_logprobs(ref_model, mb, settings.autocast)
         for row, j in enumerate(plan):
             t = trajs[j]
             n = len(t.response_token_ids)
@@ -596,7 +596,7 @@ def train(
             for j in range(n_micro):
                 plan = plans[j] if j < len(plans) else plans[0]
                 mb = collate([trajs[i] for i in plan], rows=plan).to(engine.device)
-                logits = response_logits(engine, mb)
+                logits = response_logits(engine, mb, settings.autocast)
                 loss, m = compute_loss(settings.loss, logits, loss_batch(mb, shard, settings))
                 if j >= len(plans):
                     engine.backward(loss * 0.0, scale_wrt_gas=False)

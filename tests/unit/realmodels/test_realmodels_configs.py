@@ -144,11 +144,17 @@ def test_smollm2_cpu_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
     out.write_text(dump_toml(data))
     s = services(out, monkeypatch)
     actor, learner = s["actor"], s["learner"]
-    assert str(actor.model_dir) == str(learner.model_path) == ".cache/smollm2-135m-instruct"
-    assert actor.dtype == learner.dtype == "float32"  # CPU
+    # the warmed-up model (`tbrm sft`, README "Real model on CPU") for both, with the system prompt it was tuned on
+    assert str(actor.model_dir) == str(learner.model_path) == ".cache/smollm2-sft"
+    assert actor.dtype == learner.dtype == "float32"  # CPU: fp32 weights, bf16 matmuls under autocast
+    assert learner.autocast == "bfloat16"
     assert learner.loss.kind == "tbrm" and learner.loss.beta == 0.002
     assert learner.batch_size == actor.prompts_per_batch * actor.n_samples_per_prompt
     assert actor.table == learner.table
     assert actor.kv_cache_bytes is not None and actor.max_tokens < actor.max_model_len
-    assert run.dataset == "toy" and run.minutes and run.eval_max_tokens >= 32
+    assert run.dataset == "toy" and run.minutes == 30 and run.eval_max_tokens >= 32
+    assert (run.toy_digits, run.toy_ops, run.toy_test_size) == (1, "+-*", 100)
+    assert run.actor_threads + run.learner_threads == 2  # the 2-core split
     assert "\\boxed{" in actor.system_prompt  # the grader only reads boxed answers
+    held = learner.checkpoint_interval_steps * learner.batch_size
+    assert held <= learner.table.max_size // 2  # leased until their checkpoint
