@@ -36,22 +36,25 @@ sys.path.insert(0, str(REPO / "bench"))
 from cluster_bench import time_to_target  # noqa: E402  (a sibling script)
 
 
-def _reuse(k: int, sampler: dict[str, Any]) -> dict[str, Any]:
-    # error_buffer in sample units: 160 keeps the actor up to ~160/k trajectories ahead, as reuse 1 does
-    return {"table": {"sampler": sampler, "max_times_sampled": k,
+def _reuse(k: int, sampler: dict[str, Any], max_staleness: int | None = None) -> dict[str, Any]:
+    # error_buffer in sample units: 160 k keeps the actor up to ~160 trajectories ahead, as reuse 1 does.
+    # max_staleness None (no drop) unless given: a replayed item is older by design.
+    return {"table": {"sampler": sampler, "max_times_sampled": k, "max_staleness_versions": max_staleness,
                       "rate_limiter": {"samples_per_insert": float(k), "error_buffer": 160.0 * k}}}
 
 
 FIFO, UNIFORM, PRIO = {"kind": "fifo"}, {"kind": "uniform"}, {"kind": "prioritized", "exponent": 0.6}
 VARIANTS: dict[str, dict[str, Any]] = {
+    "r1_fifo_s8": _reuse(1, FIFO, max_staleness=8),  # the previous default: stale items dropped after 8 versions
     "r1_fifo": _reuse(1, FIFO),
     "r2_fifo": _reuse(2, FIFO),
     "r4_fifo": _reuse(4, FIFO),
     "r2_uniform": _reuse(2, UNIFORM),
     "r2_prio": _reuse(2, PRIO),
-    "r1_prio": _reuse(1, PRIO),
     "grpo_r1": {**_reuse(1, FIFO), "run": {"loss": "grpo"}},
+    "r1_prio": _reuse(1, PRIO),  # not in the default list (pass --variants)
 }
+DEFAULT_VARIANTS = [v for v in VARIANTS if v != "r1_prio"]
 
 
 def trajectories_at(metrics: list[dict[str, Any]], wall_s: float) -> float | None:
@@ -161,7 +164,7 @@ def main() -> int:
     p.add_argument("--minutes", type=float, default=1.25, help="budget of each run (launch to end of training)")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--target-gain", type=float, default=30.0)
-    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS))
     p.add_argument("--eval-interval", type=float, default=10.0)
     p.add_argument("--out", default=str(REPO / "bench" / "results" / "replay.json"))
     p.add_argument("--runs-dir", default=str(REPO / "runs" / "bench-replay"))
