@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, FastAPI, Header, HTTPException, Request, Response
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.requests import ClientDisconnect
 
@@ -39,6 +39,7 @@ from actor_service.receive import BodyRefused, receive_body
 from actor_service.schema import (
     SHA256_HEADER,
     VERSION_HEADER,
+    ActorHealth,
     ActorStatus,
     GeneratedSample,
     GenerateRequest,
@@ -189,17 +190,13 @@ def create_app(settings: ActorSettings | None = None, engine: ActorEngine | None
     app.add_middleware(_BodyLimit, limit=settings.max_request_bytes)
     router = APIRouter(prefix="/v1")
 
-    @app.get("/health")
-    def health() -> dict[str, Any]:
+    @app.get("/health", response_model=ActorHealth)
+    def health() -> ActorHealth:
         eng = state.engine
-        return {
-            "status": "ok" if eng is not None else "starting",
-            "actor_id": settings.actor_id,
-            "policy_version": eng.version if eng is not None else None,
-            "state": metrics.state,
-        }
+        return ActorHealth(status="ok" if eng is not None else "starting", actor_id=settings.actor_id,
+                           policy_version=eng.version if eng is not None else None, state=metrics.state)
 
-    @app.get("/metrics", response_class=Response)
+    @app.get("/metrics", response_class=PlainTextResponse)
     def prometheus_metrics() -> Response:
         metrics.rates()
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
@@ -226,7 +223,7 @@ def create_app(settings: ActorSettings | None = None, engine: ActorEngine | None
             last_error=metrics.last_error,
         )
 
-    @router.get("/config")
+    @router.get("/config", response_model=ActorSettings.config_view())
     def config() -> dict[str, Any]:
         return settings.redacted()
 

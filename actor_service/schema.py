@@ -11,6 +11,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field
 
 VERSION_HEADER = "X-TBRM-Policy-Version"
@@ -48,6 +50,15 @@ class WeightUpdateResponse(BaseModel):
         description="log pi(t_i | t_<i) of the canary sequence (canary_token_ids, tokens 1..) under the weights "
                     "just applied; the learner compares them with its own for the same version",
     )
+
+
+class ActorHealth(BaseModel):
+    """`GET /health`: "starting" until the engine is loaded."""
+
+    status: Literal["ok", "starting"]
+    actor_id: str
+    policy_version: int | None
+    state: str
 
 
 class ActorStatus(BaseModel):
