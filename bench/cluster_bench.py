@@ -44,25 +44,46 @@ def time_to_target(evals: list[dict[str, Any]], gain_points: float) -> tuple[flo
     return None, initial["accuracy"], best
 
 
-def run_one(variant: str, minutes: float, repeat: int, out_root: Path, eval_interval_s: float) -> dict[str, Any]:
+def launch(overrides: dict[str, Any], run_dir: Path) -> tuple[int, Any]:
+    """One full `tbrm up` of configs/toy.toml with `overrides`, its console output in `launcher.out`;
+    returns (exit code, RunDir). Shared with bench/replay_bench.py."""
     from rich.console import Console
 
     from deploy.launcher import run_cluster
     from deploy.run_config import resolve
     from deploy.run_dir import RunDir
 
-    spec = VARIANTS[variant]
-    run, cfg = resolve(
-        None,
-        {"run": {"minutes": minutes, "loss": spec["loss"], "sync": spec["sync"], "eval_interval_s": eval_interval_s}},
-    )
-    rd = RunDir(out_root / f"{variant}-{repeat}")
+    run, cfg = resolve(None, overrides)
+    rd = RunDir(run_dir)
     console = Console(file=open(rd.path / "launcher.out", "w"), width=120)  # noqa: SIM115 (closed below)
-    t = time.monotonic()
     try:
-        code = run_cluster(run, cfg, rd, console=console, dashboard=False)
+        return run_cluster(run, cfg, rd, console=console, dashboard=False), rd
     finally:
         console.file.close()
+
+
+def selected_variants(p: argparse.ArgumentParser, arg: str, known: dict[str, Any]) -> list[str]:
+    """The comma-separated variant names of `arg`, each checked against `known` (argparse error otherwise)."""
+    variants = [v for v in arg.split(",") if v]
+    unknown = [v for v in variants if v not in known]
+    if unknown:
+        p.error(f"unknown variants {unknown}; known: {list(known)}")
+    return variants
+
+
+def new_runs_root(runs_dir: str) -> Path:
+    root = Path(runs_dir) / time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def run_one(variant: str, minutes: float, repeat: int, out_root: Path, eval_interval_s: float) -> dict[str, Any]:
+    spec = VARIANTS[variant]
+    t = time.monotonic()
+    code, rd = launch(
+        {"run": {"minutes": minutes, "loss": spec["loss"], "sync": spec["sync"], "eval_interval_s": eval_interval_s}},
+        out_root / f"{variant}-{repeat}",
+    )
     summary = json.loads(rd.summary_path.read_text())
     return {
         "variant": variant,
@@ -86,12 +107,8 @@ def main() -> int:
     p.add_argument("--out", default=str(REPO / "bench" / "results" / "cluster.json"))
     p.add_argument("--runs-dir", default=str(REPO / "runs" / "bench-cluster"))
     args = p.parse_args()
-    variants = [v for v in args.variants.split(",") if v]
-    unknown = [v for v in variants if v not in VARIANTS]
-    if unknown:
-        p.error(f"unknown variants {unknown}; known: {list(VARIANTS)}")
-    root = Path(args.runs_dir) / time.strftime("%Y%m%d-%H%M%S", time.gmtime())
-    root.mkdir(parents=True, exist_ok=True)
+    variants = selected_variants(p, args.variants, VARIANTS)
+    root = new_runs_root(args.runs_dir)
 
     runs = []
     # Interleave the variants (a, b, c, a, b, c): slow drifts of a shared machine's load hit all of them alike.

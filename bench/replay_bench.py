@@ -33,7 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-from cluster_bench import time_to_target  # noqa: E402  (a sibling script)
+from cluster_bench import launch, new_runs_root, selected_variants, time_to_target  # noqa: E402  (sibling)
 
 
 def _reuse(k: int, sampler: dict[str, Any], max_staleness: int | None = None) -> dict[str, Any]:
@@ -74,24 +74,14 @@ def load_run(run_dir: Path) -> dict[str, Any]:
 
 
 def run_one(variant: str, seed: int, minutes: float, out_root: Path, eval_interval_s: float) -> dict[str, Any]:
-    from rich.console import Console
-
-    from deploy.launcher import run_cluster
-    from deploy.run_config import deep_merge, resolve
-    from deploy.run_dir import RunDir
+    from deploy.run_config import deep_merge
 
     overrides = deep_merge(
         {"run": {"minutes": minutes, "eval_interval_s": eval_interval_s},
          "learner": {"seed": seed}, "actor": {"seed": seed}},
         VARIANTS[variant],
     )
-    run, cfg = resolve(None, overrides)
-    rd = RunDir(out_root / f"{variant}-s{seed}")
-    console = Console(file=open(rd.path / "launcher.out", "w"), width=120)  # noqa: SIM115 (closed below)
-    try:
-        code = run_cluster(run, cfg, rd, console=console, dashboard=False)
-    finally:
-        console.file.close()
+    code, rd = launch(overrides, out_root / f"{variant}-s{seed}")
     summary = json.loads(rd.summary_path.read_text())
     return {"variant": variant, "seed": seed, "exit_code": code, "run_dir": str(rd.path),
             "evals": rd.read_evals(), "metrics": rd.read_metrics(), "summary": summary}
@@ -179,12 +169,8 @@ def main() -> int:
         print_table(table, args.target_gain, args.minutes, seeds)
         write_results(Path(args.out), args, variants, seeds, table, rows, loads=[])
         return 0
-    variants = [v for v in args.variants.split(",") if v]
-    unknown = [v for v in variants if v not in VARIANTS]
-    if unknown:
-        p.error(f"unknown variants {unknown}; known: {list(VARIANTS)}")
-    root = Path(args.runs_dir) / time.strftime("%Y%m%d-%H%M%S", time.gmtime())
-    root.mkdir(parents=True, exist_ok=True)
+    variants = selected_variants(p, args.variants, VARIANTS)
+    root = new_runs_root(args.runs_dir)
     rows, loads = [], []
     for seed in range(args.seeds):
         for v in variants:
