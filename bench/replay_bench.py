@@ -52,9 +52,15 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "r2_uniform": _reuse(2, UNIFORM),
     "r2_prio": _reuse(2, PRIO),
     "grpo_r1": {**_reuse(1, FIFO), "run": {"loss": "grpo"}},
-    "r1_prio": _reuse(1, PRIO),  # not in the default list (pass --variants)
+    "r1_prio": _reuse(1, PRIO),
+    # Reuse k leaves the actor's core idle (k-1)/k of the time; these give the learner 2 threads so that it can take
+    # that core (the same 2 cores; r1_fifo_l2 is the control: reuse 1 with the same thread split).
+    "r1_fifo_l2": {**_reuse(1, FIFO), "run": {"learner_threads": 2}},
+    "r2_fifo_l2": {**_reuse(2, FIFO), "run": {"learner_threads": 2}},
+    "r2_prio_l2": {**_reuse(2, PRIO), "run": {"learner_threads": 2}},
 }
-DEFAULT_VARIANTS = [v for v in VARIANTS if v != "r1_prio"]
+OPT_IN = {"r1_prio", "r1_fifo_l2", "r2_fifo_l2", "r2_prio_l2"}  # not in the default list (pass --variants)
+DEFAULT_VARIANTS = [v for v in VARIANTS if v not in OPT_IN]
 
 
 def trajectories_at(metrics: list[dict[str, Any]], wall_s: float) -> float | None:
