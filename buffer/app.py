@@ -12,7 +12,7 @@ import collections
 import hmac
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from typing import Annotated, Any, Literal
 
 import redis
@@ -40,6 +40,7 @@ from buffer.client import (
 from buffer.codec import TrajectoryDecodeError
 from buffer.export import export_parquet
 from buffer.settings import BufferSettings
+from common.body_limit import BodyLimit
 
 log = logging.getLogger(__name__)
 
@@ -223,47 +224,6 @@ class _RateTracker:
         return Rates(inserts_per_s=(inserts - i0) / dt, samples_per_s=(samples - s0) / dt, window_s=dt)
 
 
-class _BodyLimit:
-    """ASGI middleware: 413 when a body exceeds the limit (Content-Length, or counted while streaming)."""
-
-    def __init__(self, app: Any, limit: int) -> None:
-        self.app, self.limit = app, limit
-
-    async def __call__(self, scope: dict[str, Any], receive: Callable[[], Awaitable[dict[str, Any]]],
-                       send: Callable[[dict[str, Any]], Awaitable[None]]) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        too_big = JSONResponse({"detail": f"request body over {self.limit} bytes"}, status_code=413)
-        for k, v in scope.get("headers", []):
-            if k == b"content-length" and (not v.isdigit() or int(v) > self.limit):
-                await too_big(scope, receive, send)
-                return
-        seen = 0
-
-        async def limited() -> dict[str, Any]:
-            nonlocal seen
-            msg = await receive()
-            if msg["type"] == "http.request":
-                seen += len(msg.get("body", b""))
-                if seen > self.limit:
-                    raise _TooLarge(self.limit)
-            return msg
-
-        try:
-            await self.app(scope, limited, send)
-        except _TooLarge:
-            await too_big(scope, receive, send)
-
-
-class _TooLarge(HTTPException):
-    """Raised from the body stream. An HTTPException because FastAPI turns any other error raised while it reads
-    the body into a 400 ("error parsing the body"); this one it re-raises, and it answers 413."""
-
-    def __init__(self, limit: int) -> None:
-        super().__init__(413, f"request body over {limit} bytes")
-
-
 def create_app(settings: BufferSettings | None = None) -> FastAPI:
     settings = settings or BufferSettings()
     r = connect(settings.redis_url, timeout_s=settings.redis_timeout_s)
@@ -291,7 +251,7 @@ def create_app(settings: BufferSettings | None = None) -> FastAPI:
                                 headers={"WWW-Authenticate": "Bearer"})
 
     app = FastAPI(title="tbrm buffer API", version="1", description=__doc__)
-    app.add_middleware(_BodyLimit, limit=settings.max_body_bytes)
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
 
     @app.exception_handler(redis.RedisError)
     async def _redis_down(request: Request, exc: redis.RedisError) -> JSONResponse:
