@@ -167,16 +167,21 @@ def _gsm8k_answer(text: str) -> str:
     return text.rsplit("####", 1)[1].strip().replace(",", "") if "####" in text else text
 
 
+def _first_column(columns: list[str], candidates: tuple[str, ...], where: str, what: str, verl: str) -> str:
+    """The first of `candidates` present in `columns`; DatasetError naming what was expected otherwise."""
+    found = next((c for c in candidates if c in columns), None)
+    if found is None:
+        raise DatasetError(
+            f"{where}: no {what} column; expected {verl} or one of {candidates} (columns present: {sorted(columns)})"
+        )
+    return found
+
+
 def _row_to_prompt(row: dict[str, Any], where: str, columns: list[str], default_source: str) -> Prompt:
     if "prompt" in columns:
         messages = _messages(row.get("prompt"), where)
     else:
-        qcol = next((c for c in QUESTION_COLUMNS if c in columns), None)
-        if qcol is None:
-            raise DatasetError(
-                f"{where}: no question column; expected a verl 'prompt' column or one of {QUESTION_COLUMNS} "
-                f"(columns present: {sorted(columns)})"
-            )
+        qcol = _first_column(columns, QUESTION_COLUMNS, where, "question", "a verl 'prompt' column")
         question = row.get(qcol)
         if not isinstance(question, str) or not question.strip():
             raise DatasetError(f"{where}: column {qcol!r} must be a non-empty string, got {question!r:.80}")
@@ -188,12 +193,7 @@ def _row_to_prompt(row: dict[str, Any], where: str, columns: list[str], default_
             raise DatasetError(f"{where}: column 'reward_model' must be a struct with a 'ground_truth' field")
         gold = _scalar_answer(reward_model["ground_truth"], where, "reward_model.ground_truth")
     else:
-        acol = next((c for c in ANSWER_COLUMNS if c in columns), None)
-        if acol is None:
-            raise DatasetError(
-                f"{where}: no answer column; expected 'reward_model.ground_truth' or one of {ANSWER_COLUMNS} "
-                f"(columns present: {sorted(columns)})"
-            )
+        acol = _first_column(columns, ANSWER_COLUMNS, where, "answer", "'reward_model.ground_truth'")
         gold = _scalar_answer(row.get(acol), where, acol)
         if acol == "answer" and "question" in columns:
             gold = _gsm8k_answer(gold)
