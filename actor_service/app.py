@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, FastAPI, Header, HTTPException, Request, Response
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.requests import ClientDisconnect
 
@@ -50,6 +50,7 @@ from actor_service.schema import (
 )
 from actor_service.settings import ActorSettings
 from actor_service.weights import WeightsFormatError, WeightsMismatchError, parse_weights
+from common.body_limit import BodyLimit
 
 if TYPE_CHECKING:
     from actor_service.engine import ActorEngine
@@ -107,37 +108,6 @@ def _parse_version(raw: str | None) -> int:
     return version
 
 
-class _BodyLimit:
-    """ASGI middleware: 413 for a body over `limit` bytes, by Content-Length or counted while it streams in, on
-    every route but POST /v1/weights (that one enforces `max_weight_bytes` itself)."""
-
-    def __init__(self, app: Any, limit: int) -> None:
-        self.app, self.limit = app, limit
-
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] != "http" or scope["path"] == "/v1/weights":
-            await self.app(scope, receive, send)
-            return
-        detail = f"request body over max_request_bytes={self.limit}"
-        for k, v in scope.get("headers", []):
-            if k == b"content-length" and (not v.isdigit() or int(v) > self.limit):
-                await JSONResponse({"detail": detail}, status_code=413)(scope, receive, send)
-                return
-        seen = 0
-
-        async def limited() -> dict[str, Any]:
-            nonlocal seen
-            msg = await receive()
-            if msg["type"] == "http.request":
-                seen += len(msg.get("body", b""))
-                if seen > self.limit:
-                    # an HTTPException: FastAPI re-raises it from body parsing (any other error becomes a 400)
-                    raise HTTPException(status_code=413, detail=detail)
-            return msg
-
-        await self.app(scope, limited, send)
-
-
 async def _drain(request: Request, content_length: int | None) -> None:
     if content_length is None or content_length > DRAIN_LIMIT_BYTES:
         return
@@ -187,7 +157,8 @@ def create_app(settings: ActorSettings | None = None, engine: ActorEngine | None
         lifespan=lifespan,
     )
     app.state.actor = state
-    app.add_middleware(_BodyLimit, limit=settings.max_request_bytes)
+    app.add_middleware(BodyLimit, limit=settings.max_request_bytes, exempt_paths={"/v1/weights"},
+                       detail=f"request body over max_request_bytes={settings.max_request_bytes}")
     router = APIRouter(prefix="/v1")
 
     @app.get("/health", response_model=ActorHealth)

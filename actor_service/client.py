@@ -11,7 +11,6 @@ Every call has a timeout.
 
 from __future__ import annotations
 
-import hashlib
 import http.client
 import json
 import socket
@@ -28,6 +27,7 @@ from actor_service.schema import (
     GenerateResponse,
     WeightUpdateResponse,
 )
+from common.files import file_sha256
 
 CHUNK_BYTES = 1 << 20
 """Read/send granularity of the streamed body."""
@@ -40,14 +40,6 @@ class WeightPushError(RuntimeError):
         super().__init__(f"HTTP {status}: {message}" if status is not None else message)
         self.status = status
         self.message = message
-
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK_BYTES):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _detail(resp: httpx.Response) -> str:

@@ -26,8 +26,8 @@ from pydantic import AliasChoices, Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from actor_service.schema import DEFAULT_SYSTEM_PROMPT, TOY_SYSTEM_PROMPT
-from buffer.client import RunTomlSettings
 from buffer.schema import TableConfig
+from common.settings import RunTomlSettings
 
 DEFAULT_PORT = 8100
 """Actor i listens on 8100 + i (docs/operations.md)."""

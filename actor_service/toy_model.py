@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from actor_service.schema import DEFAULT_SYSTEM_PROMPT, TOY_SYSTEM_PROMPT
+from common.files import toy_model_dir as default_toy_model_dir
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerFast
@@ -81,12 +82,6 @@ MODEL_CONFIG: dict[str, Any] = {
 """Architecture of the toy model (about 1M parameters)."""
 
 TOY_MODEL_NAME = "tbrm-toy-qwen2"
-
-
-def default_toy_model_dir() -> Path:
-    """`$TBRM_HOME/models/toy` (TBRM_HOME defaults to `~/.cache/tbrm`)."""
-    home = Path(os.environ.get("TBRM_HOME", Path.home() / ".cache" / "tbrm")).expanduser()
-    return home / "models" / "toy"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -535,7 +530,7 @@ def _is_current(folder: Path) -> bool:
 
 def _toy_data(n_train: int | None = None) -> tuple[list[Any], list[Any]]:
     """The warm-up's train split and the held-out test split (the one the cluster evaluates on)."""
-    from buffer.client import toy_splits  # noqa: PLC0415  (the data helpers' public home)
+    from problems.toy import toy_splits  # noqa: PLC0415
 
     return toy_splits(
         WARMUP["n_train"] if n_train is None else n_train, WARMUP["n_test"],

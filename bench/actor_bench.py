@@ -124,7 +124,8 @@ def bench_tail(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     from actor_service.loop import ActorLoop
     from actor_service.settings import ActorSettings
     from actor_service.toy_model import ensure_toy_model
-    from buffer.client import PromptQueue, ReplayTable, TableConfig, connect, make_toy_task
+    from buffer.client import PromptQueue, ReplayTable, TableConfig, connect
+    from problems.toy import make_toy_task
 
     k, n = args.k, args.n
     engine = ActorEngine(ensure_toy_model(), max_model_len=args.tail_max_tokens + 128, kv_cache_bytes=256 * 2**20,

@@ -16,7 +16,6 @@ import redis
 
 from buffer.codec import TrajectoryDecodeError, TrajectoryView, decode, encode
 from buffer.columns import BatchStream, ColumnBatch
-from buffer.data import DatasetError, load_champ, load_dataset, make_toy_task, toy_splits, write_dataset
 from buffer.prompt_queue import PromptQueue
 from buffer.registry import ActorRegistry, LearnerStatusStore, WeightsStore
 from buffer.schema import (
@@ -31,7 +30,6 @@ from buffer.schema import (
     Trajectory,
     WeightsInfo,
 )
-from buffer.settings import RunTomlSettings, run_toml_section
 from buffer.table import (
     BufferFull,
     InsertResult,
@@ -42,13 +40,11 @@ from buffer.table import (
 )
 
 __all__ = [
-    "RunTomlSettings", "run_toml_section",
     "BatchStream", "BufferFull", "ColumnBatch", "InsertResult", "InsertTimeout", "TrajectoryView",
-    "ActorInfo", "ActorRegistry", "DatasetError", "LearnerStatus", "LearnerStatusStore", "Prompt",
+    "ActorInfo", "ActorRegistry", "LearnerStatus", "LearnerStatusStore", "Prompt",
     "PromptQueue", "RateLimitTimeout", "ReplayTable", "SampleBatch", "SampleInfo", "SampledItem",
     "TableConfig", "TableConfigMismatch", "TableStats", "Trajectory", "TrajectoryDecodeError", "WeightsInfo",
-    "WeightsStore", "connect", "decode", "encode", "load_champ", "load_dataset", "make_toy_task", "toy_splits",
-    "write_dataset",
+    "WeightsStore", "connect", "decode", "encode",
 ]
 
 

@@ -37,34 +37,36 @@ class TrajectoryDecodeError(ValueError):
     """Stored bytes are not a trajectory this code can read (wrong magic, newer schema, corrupt)."""
 
 
-def pack_ints(values: list[int]) -> bytes:
-    a = array("i", values)
+def _packed(code: str, values: list[int] | list[float]) -> bytes:
+    """Little-endian bytes of `values` as array typecode `code`."""
+    a = array(code, values)
     if not _LITTLE:
         a.byteswap()
     return a.tobytes()
+
+
+def _unpacked(code: str, data: bytes) -> list[Any]:
+    a = array(code)
+    a.frombytes(data)
+    if not _LITTLE:
+        a.byteswap()
+    return a.tolist()
+
+
+def pack_ints(values: list[int]) -> bytes:
+    return _packed("i", values)
 
 
 def unpack_ints(data: bytes) -> list[int]:
-    a = array("i")
-    a.frombytes(data)
-    if not _LITTLE:
-        a.byteswap()
-    return a.tolist()
+    return _unpacked("i", data)
 
 
 def pack_floats(values: list[float]) -> bytes:
-    a = array("d", values)
-    if not _LITTLE:
-        a.byteswap()
-    return a.tobytes()
+    return _packed("d", values)
 
 
 def unpack_floats(data: bytes) -> list[float]:
-    a = array("d")
-    a.frombytes(data)
-    if not _LITTLE:
-        a.byteswap()
-    return a.tolist()
+    return _unpacked("d", data)
 
 
 # Codec format 2: MAGIC2 | u32 header length H | u8 span count n | n x (u8 field, u8 code, u32 nbytes) |
@@ -102,10 +104,7 @@ def _pack_tokens(values: list[int]) -> tuple[str, bytes]:
 
 
 def _pack_f32(values: list[float]) -> bytes:
-    a = array("f", values)
-    if not _LITTLE:
-        a.byteswap()
-    return a.tobytes()
+    return _packed("f", values)
 
 
 def encode(traj: Trajectory) -> bytes:

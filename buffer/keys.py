@@ -19,7 +19,24 @@ def _check(name: str, what: str) -> str:
     return name
 
 
-class TableKeys:
+class _KeySet:
+    """Keys `tbrm:v1:<kind>:{<name>}:<field>`, one attribute per field of FIELDS (all in one cluster slot)."""
+
+    FIELDS: tuple[str, ...]
+    KIND: str
+    WHAT: str
+
+    def __init__(self, name: str) -> None:
+        self.name = _check(name, self.WHAT)
+        base = f"{PREFIX}{self.KIND}:{{{name}}}:"
+        for field in self.FIELDS:
+            setattr(self, field, base + field)
+
+    def all(self) -> list[str]:
+        return [getattr(self, f) for f in self.FIELDS]
+
+
+class TableKeys(_KeySet):
     """Keys of one replay table ``tbrm:v1:table:{<name>}:*``. The braces are a Redis Cluster hash tag: every key
     of a table hashes to one slot, so each Lua script and MULTI touches one node. To spread load over a
     cluster, shard by table: several tables (e.g. one per actor group) land on different slots.
@@ -50,22 +67,14 @@ class TableKeys:
         "config", "items", "order", "avail", "byver", "meta", "handed", "acked", "prio", "slot", "slotfree",
         "tree", "refs", "lease_of", "leases", "lease_exp", "counters", "paused", "gone",
     )
-
-    def __init__(self, name: str) -> None:
-        self.name = _check(name, "table")
-        base = f"{PREFIX}table:{{{name}}}:"
-        for field in self.FIELDS:
-            setattr(self, field, base + field)
-
-    def all(self) -> list[str]:
-        return [getattr(self, f) for f in self.FIELDS]
+    KIND, WHAT = "table", "table"
 
     def contents(self) -> list[str]:
         """Every key except the shared config (what `reset` deletes)."""
         return [getattr(self, f) for f in self.FIELDS if f != "config"]
 
 
-class PromptQueueKeys:
+class PromptQueueKeys(_KeySet):
     """Keys of one prompt queue ``tbrm:v1:prompts:{<name>}:*`` (one Redis Cluster slot, like a table).
 
     - ``data``      HASH    dataset index -> Prompt JSON (one copy of the dataset)
@@ -76,15 +85,7 @@ class PromptQueueKeys:
     """
 
     FIELDS = ("data", "queue", "claims", "claim_exp", "meta")
-
-    def __init__(self, name: str) -> None:
-        self.name = _check(name, "prompt queue")
-        base = f"{PREFIX}prompts:{{{name}}}:"
-        for field in self.FIELDS:
-            setattr(self, field, base + field)
-
-    def all(self) -> list[str]:
-        return [getattr(self, f) for f in self.FIELDS]
+    KIND, WHAT = "prompts", "prompt queue"
 
 
 ACTORS = f"{PREFIX}{{actors}}"

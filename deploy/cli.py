@@ -110,8 +110,8 @@ def eval_cmd(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
     from rich.table import Table
 
-    from buffer.data import DatasetError
     from deploy.eval_protocol import benchmark_specs, evaluate, write_report
+    from problems import DatasetError
 
     sources = list(data or []) + (["champ"] if champ and "champ" not in (data or []) else [])
     if not sources:
@@ -205,8 +205,8 @@ def data_prepare(
     """Turn a math dataset into the training parquet (verl format) with a prompt template; see deploy/data_prep.py."""
     from rich.console import Console
 
-    from buffer.data import DatasetError
     from deploy.data_prep import TEMPLATES, PrepareOptions, prepare, summary_rows
+    from problems import DatasetError
 
     console = Console(stderr=True, soft_wrap=True)  # paths and column names stay on one line
     if template not in TEMPLATES:

@@ -5,8 +5,8 @@
     tbrm data prepare champ data/champ.parquet           # the 270 CHAMP problems (champ-dataset package)
 
 Input: parquet, JSONL or a JSON list, either in verl/TBRM format (`prompt` chat list + `reward_model.ground_truth`)
-or with a question and an answer column (auto-detected by `buffer.data.load_dataset`, or named with
-`--question-col`/`--answer-col`). Output: `buffer.data.write_dataset` (parquet, or JSONL for a `.jsonl` path), which
+or with a question and an answer column (auto-detected by `problems.files.load_dataset`, or named with
+`--question-col`/`--answer-col`). Output: `problems.files.write_dataset` (parquet, or JSONL for a `.jsonl` path), which
 `tbrm up` / `deploy.prepare` load as `[run] dataset`.
 
 Templates (what the prompt's chat messages become):
@@ -35,18 +35,18 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from actor_service.schema import DEFAULT_SYSTEM_PROMPT
-from buffer.data import (  # the loader's row helpers: one definition of what a valid row is
+from buffer.schema import Prompt
+from problems import DatasetError
+from problems.champ import load_champ
+from problems.files import (
     ANSWER_COLUMNS,
     QUESTION_COLUMNS,
-    DatasetError,
     _messages,
     _read_rows,
     _scalar_answer,
-    load_champ,
     load_dataset,
     write_dataset,
 )
-from buffer.schema import Prompt
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +129,7 @@ def apply_template(p: Prompt, template: Template) -> Prompt:
 
 def _column_prompts(path: Path, question_col: str | None, answer_col: str | None) -> list[Prompt]:
     """Prompts from explicitly named columns; the one not named falls back to the verl column (`prompt`,
-    `reward_model.ground_truth`) or the first known column name (`buffer.data.QUESTION_COLUMNS`/`ANSWER_COLUMNS`)."""
+    `reward_model.ground_truth`) or the first known column name (`problems.files.QUESTION_COLUMNS`/`ANSWER_COLUMNS`)."""
     columns, rows = _read_rows(path)
     if not rows:
         raise DatasetError(f"{path}: no rows")

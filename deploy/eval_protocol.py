@@ -124,7 +124,9 @@ def benchmark_specs(
 
 
 def load_benchmark(source: str, limit: int | None = None) -> list[Prompt]:
-    from buffer.data import load_champ, load_dataset, toy_splits  # noqa: PLC0415
+    from problems.champ import load_champ  # noqa: PLC0415
+    from problems.files import load_dataset  # noqa: PLC0415
+    from problems.toy import toy_splits  # noqa: PLC0415
 
     if source == "champ":
         prompts = load_champ()

@@ -44,6 +44,7 @@ from typing import Any
 
 from rich.console import Console
 
+from common.files import tbrm_home as _tbrm_home
 from deploy import topology
 from deploy.dashboard import Collector, Dashboard, Snapshot
 from deploy.evaluation import EvalResult, eval_via_actor
@@ -709,13 +710,10 @@ def warmup_system_prompt(model_dir: Path) -> str | None:
     return prompt if isinstance(prompt, str) else None
 
 
-def _tbrm_home() -> Path:
-    return Path(os.environ.get("TBRM_HOME", "~/.cache/tbrm")).expanduser()
-
-
 def load_prompts(run: RunSection) -> tuple[list[Any], list[Any]]:
     """(train, held-out) prompts of the run (`run.dataset` / `run.test_dataset`: "toy" or a file)."""
-    from buffer.data import load_dataset, toy_splits  # noqa: PLC0415
+    from problems.files import load_dataset  # noqa: PLC0415
+    from problems.toy import toy_splits  # noqa: PLC0415
 
     train: list[Any] = []
     test: list[Any] = []

@@ -33,6 +33,8 @@ import zipfile
 from importlib import resources
 from pathlib import Path
 
+from common.files import tbrm_home
+
 log = logging.getLogger(__name__)
 
 SMOLLM2_NAME = "smollm2-135m-instruct"
@@ -46,10 +48,6 @@ MARKER = ".tbrm-model.json"
 
 class ModelError(RuntimeError):
     """A model cannot be found or converted; the message says what to install or fix."""
-
-
-def tbrm_home() -> Path:
-    return Path(os.environ.get("TBRM_HOME", "~/.cache/tbrm")).expanduser()
 
 
 def default_smollm2_dir() -> Path:

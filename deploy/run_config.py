@@ -201,7 +201,9 @@ def overrides_parser(prog: str = "tbrm up") -> tuple[argparse.ArgumentParser, An
     """pydantic-settings' CLI over one model with a field per section: `--<section>.<field>[.<sub>] VALUE`
     (kebab or snake case), nested models also as JSON, booleans as `--x.flag` / `--no-x.flag`; `--help` lists every
     setting of every service with its documentation."""
-    from pydantic_settings import BaseSettings, CliSettingsSource, PydanticBaseSettingsSource  # noqa: PLC0415
+    from pydantic_settings import BaseSettings, PydanticBaseSettingsSource  # noqa: PLC0415
+
+    from common.settings import cli_source
 
     classes = section_classes()
     fields: dict[str, Any] = {name: (cls | None, None) for name, cls in classes.items()}
@@ -224,9 +226,7 @@ def overrides_parser(prog: str = "tbrm up") -> tuple[argparse.ArgumentParser, An
         "learner.schedule='{\"kind\": \"constant\"}'). Sections: run (the launcher), table (the replay table, "
         "copied into buffer, actor and learner), reward, buffer, actor, learner.",
     )  # fmt: skip
-    source = CliSettingsSource(model, root_parser=parser, cli_kebab_case=True, cli_implicit_flags=True,
-                               cli_use_class_docs_for_groups=True)  # fmt: skip
-    return parser, source
+    return parser, cli_source(model, parser)
 
 
 def parse_overrides(tokens: list[str]) -> dict[str, Any]:

@@ -40,8 +40,9 @@ def sft(
     """Warm-up before RL: rejection-sampling fine-tuning on the model's own correct answers (deploy/sft.py)."""
     from rich.console import Console
 
-    from buffer.data import DatasetError, load_dataset
     from deploy.sft import SftOptions, run_sft
+    from problems import DatasetError
+    from problems.files import load_dataset
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     console = Console(soft_wrap=True)
@@ -85,7 +86,9 @@ def data_toy(
 ) -> None:
     """Write the toy arithmetic task's disjoint train/test splits as verl parquet: the same problems `tbrm up` uses
     with `[run] dataset = "toy"` and the same toy_digits/toy_ops/toy_*_size/data_seed."""
-    from buffer.data import DatasetError, toy_splits, write_dataset
+    from problems import DatasetError
+    from problems.files import write_dataset
+    from problems.toy import toy_splits
 
     try:
         train, test = toy_splits(n_train, n_test, digits=digits, ops=ops, seed=seed)

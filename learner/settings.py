@@ -19,30 +19,18 @@ Example run TOML::
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import ClassVar, Literal
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
-from buffer.client import RunTomlSettings
 from buffer.schema import TableConfig
+from common.files import toy_model_dir as default_model_dir
+from common.settings import RunTomlSettings
 from learner.loss_config import LossConfig, TbrmLossConfig
 
 DEFAULT_PORT = 8003
-
-
-def default_model_dir() -> Path:
-    """`$TBRM_HOME/models/toy` (TBRM_HOME defaults to `~/.cache/tbrm`): where the toy model is cached.
-
-    Computed here rather than imported from `actor_service.toy_model`, which the learner may not import.
-    """
-    return Path(os.environ.get("TBRM_HOME", "~/.cache/tbrm")).expanduser() / "models" / "toy"
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("TBRM_HOME", "~/.cache/tbrm")).expanduser()
 
 
 class ConstantSchedule(BaseModel):

@@ -52,6 +52,7 @@ from buffer.client import (
     connect,
 )
 from buffer.schema import LearnerStatus, PrioritizedSampler, SampledItem, WeightsInfo
+from common.files import tbrm_home as default_cache_dir
 from learner.acks import PendingAcks, ack_lease, patient_redis, renew_held
 from learner.checkpoints import (
     TRAINING_LOG,
@@ -82,7 +83,7 @@ from learner.model import (
 )
 from learner.push import PushFn, WeightPusher
 from learner.replay import ResidualLog, age_metrics, residual_metrics, reuse_metrics, write_priorities
-from learner.settings import ConstantSchedule, LearnerSettings, default_cache_dir
+from learner.settings import ConstantSchedule, LearnerSettings
 from learner.tracking import open_metrics_log
 
 log = logging.getLogger(__name__)

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from buffer.schema import WeightsInfo
+from common.files import file_sha256 as sha256_file
 
 if TYPE_CHECKING:
     import torch
@@ -39,14 +40,6 @@ _NOT_COPIED = re.compile(r"(\.safetensors|\.bin|\.pt|\.pth|\.index\.json|\.tmp)$
 
 def weights_path(weights_dir: Path, version: int) -> Path:
     return weights_dir / f"policy-v{version:08d}.safetensors"
-
-
-def sha256_file(path: Path, chunk_bytes: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk_bytes):
-            h.update(block)
-    return h.hexdigest()
 
 
 def hf_state_dict(module: torch.nn.Module, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:

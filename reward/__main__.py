@@ -9,35 +9,21 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
-from pathlib import Path
 from typing import Any
 
 from pydantic_settings import CliSettingsSource
 
 from reward.settings import RewardSettings
 
+PROG, DESCRIPTION = "python -m reward", "tbrm math reward service"
+
 
 def build_parser() -> tuple[argparse.ArgumentParser, CliSettingsSource[Any]]:
-    p = argparse.ArgumentParser(
-        prog="python -m reward", formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="tbrm math reward service\n\nPrecedence: command line > environment (TBRM_REWARD_<FIELD>, nested "
-        "with __) > the [reward] table of the run TOML (--config / TBRM_RUN_CONFIG) > defaults.",
-    )  # fmt: skip
-    p.add_argument("--config", type=Path, default=None, metavar="RUN_TOML",
-                   help="run TOML whose [reward] table holds settings (same as TBRM_RUN_CONFIG)")
-    source = CliSettingsSource(RewardSettings, root_parser=p, cli_kebab_case=True, cli_implicit_flags=True,
-                               cli_use_class_docs_for_groups=True)  # fmt: skip
-    return p, source
+    return RewardSettings.cli_parser(PROG, DESCRIPTION)
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser, source = build_parser()
-    args = parser.parse_args(argv)
-    if args.config is not None:
-        os.environ["TBRM_RUN_CONFIG"] = str(args.config)
-    del args.config
-    settings = RewardSettings(_cli_settings_source=source(parsed_args=args))
+    settings = RewardSettings.from_cli(argv, PROG, DESCRIPTION)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     import uvicorn

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 import logging
 import threading
 import time
@@ -32,6 +31,7 @@ from prometheus_client import (
 )
 from pydantic import BaseModel, ConfigDict
 
+from common.body_limit import BodyLimit
 from reward.grading import Prepared, prepare
 from reward.pool import WorkerPool
 from reward.schema import (
@@ -123,55 +123,6 @@ class Metrics:
         self.cache_size = Gauge("tbrm_reward_cache_entries", "Entries in the verdict cache", registry=r)
         self.batch_items = Histogram("tbrm_reward_batch_items", "Items per grade request", registry=r,
                                      buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024))
-
-
-class BodyLimitMiddleware:
-    """413 for bodies over `limit` bytes: checked on Content-Length and again while the body streams in."""
-
-    def __init__(self, app: Any, limit: int) -> None:
-        self.app = app
-        self.limit = limit
-
-    async def _refuse(self, send: Any) -> None:
-        body = json.dumps({"detail": f"request body over {self.limit} bytes; send smaller batches"}).encode()
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
-        await send({"type": "http.response.body", "body": body})
-
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
-            await self.app(scope, receive, send)
-            return
-        for name, value in scope.get("headers", []):
-            if name == b"content-length":
-                if not value.isdigit() or int(value) > self.limit:
-                    await self._refuse(send)
-                    return
-        chunks: list[bytes] = []
-        total = 0
-        while True:
-            msg = await receive()
-            if msg["type"] == "http.disconnect":
-                return
-            chunk = msg.get("body", b"")
-            total += len(chunk)
-            if total > self.limit:
-                await self._refuse(send)
-                return
-            chunks.append(chunk)
-            if not msg.get("more_body", False):
-                break
-        body = b"".join(chunks)
-        replayed = False
-
-        async def replay() -> dict:
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()
-
-        await self.app(scope, replay, send)
 
 
 class Grader:
@@ -328,5 +279,6 @@ def create_app(settings: RewardSettings | None = None) -> FastAPI:
     async def prom() -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes)
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes,
+                       detail=f"request body over {settings.max_body_bytes} bytes; send smaller batches")
     return app

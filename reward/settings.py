@@ -6,13 +6,12 @@ the ``[reward]`` section of the run TOML named by ``TBRM_RUN_CONFIG`` > defaults
 
 from __future__ import annotations
 
-import os
-import tomllib
-from pathlib import Path
-from typing import Any
+from typing import ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import SettingsConfigDict
+
+from common.settings import RunTomlSettings
 
 
 class ScoreMap(BaseModel):
@@ -34,29 +33,12 @@ class ScoreMap(BaseModel):
         return float(getattr(self, status))
 
 
-class RunTomlSource(PydanticBaseSettingsSource):
-    """The `[reward]` table of the run TOML (`TBRM_RUN_CONFIG`), if any."""
-
-    def __init__(self, settings_cls: type[BaseSettings], section: str = "reward") -> None:
-        super().__init__(settings_cls)
-        self.data: dict[str, Any] = {}
-        path = os.environ.get("TBRM_RUN_CONFIG")
-        if path:
-            with Path(path).open("rb") as f:
-                self.data = dict(tomllib.load(f).get(section, {}))
-
-    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
-        return self.data.get(field_name), field_name, False
-
-    def __call__(self) -> dict[str, Any]:
-        return self.data
-
-
-class RewardSettings(BaseSettings):
+class RewardSettings(RunTomlSettings):
     """Configuration of the reward service (`python -m reward`)."""
 
     model_config = SettingsConfigDict(env_prefix="TBRM_REWARD_", env_nested_delimiter="__", extra="forbid",
                                       use_attribute_docstrings=True)
+    toml_section: ClassVar[str] = "reward"
 
     host: str = "127.0.0.1"
     """Interface to bind."""
@@ -88,15 +70,3 @@ class RewardSettings(BaseSettings):
                 f"hard_timeout_s ({self.hard_timeout_s}) must be greater than soft_timeout_s ({self.soft_timeout_s})"
             )
         return self
-
-    @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        # init kwargs carry the CLI flags: CLI > env > run TOML > defaults.
-        return init_settings, env_settings, RunTomlSource(settings_cls)

@@ -17,7 +17,8 @@ from test_actor_loop import settings, wait_for
 
 from actor_service.engine import Completion
 from actor_service.loop import ActorLoop
-from buffer.client import PromptQueue, ReplayTable, TableConfig, connect, make_toy_task
+from buffer.client import PromptQueue, ReplayTable, TableConfig, connect
+from problems.toy import make_toy_task
 
 LONG = 160  # tokens: long enough that a push lands while the sequences run
 

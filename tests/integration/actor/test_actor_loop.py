@@ -15,15 +15,8 @@ from actor_helpers import free_port, hf_logprobs
 from actor_service.loop import ActorLoop
 from actor_service.schema import DEFAULT_SYSTEM_PROMPT
 from actor_service.settings import ActorSettings
-from buffer.client import (
-    ActorRegistry,
-    PromptQueue,
-    ReplayTable,
-    TableConfig,
-    Trajectory,
-    connect,
-    make_toy_task,
-)
+from buffer.client import ActorRegistry, PromptQueue, ReplayTable, TableConfig, Trajectory, connect
+from problems.toy import make_toy_task
 
 
 def wait_for(cond: Callable[[], bool], timeout_s: float, what: str) -> None:

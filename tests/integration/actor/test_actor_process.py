@@ -15,7 +15,8 @@ import pytest
 from actor_helpers import REPO, free_port
 
 from actor_service.client import get_status, health, push_weights
-from buffer.client import ActorRegistry, PromptQueue, ReplayTable, TableConfig, connect, make_toy_task
+from buffer.client import ActorRegistry, PromptQueue, ReplayTable, TableConfig, connect
+from problems.toy import make_toy_task
 
 TOKEN = "process-token"
 

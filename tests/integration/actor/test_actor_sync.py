@@ -18,8 +18,8 @@ from buffer.client import (
     WeightsInfo,
     WeightsStore,
     connect,
-    make_toy_task,
 )
+from problems.toy import make_toy_task
 
 BATCH = 4  # learner batch_size = prompts_per_batch (2) x n_samples_per_prompt (2)
 STEPS = 3

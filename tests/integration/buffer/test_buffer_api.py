@@ -32,9 +32,9 @@ from buffer.client import (
     WeightsInfo,
     WeightsStore,
     connect,
-    make_toy_task,
 )
 from buffer.settings import BufferSettings
+from problems.toy import make_toy_task
 
 REPO = Path(__file__).resolve().parents[3]
 TOKEN = "s3cret-token"

@@ -17,8 +17,8 @@ from buffer.client import (
     WeightsInfo,
     WeightsStore,
     connect,
-    make_toy_task,
 )
+from problems.toy import make_toy_task
 
 
 def test_epochs_are_shuffled_and_complete(redis_url: str) -> None:

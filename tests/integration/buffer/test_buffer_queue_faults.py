@@ -9,7 +9,8 @@ import time
 import pytest
 
 import buffer.registry
-from buffer.client import ActorInfo, ActorRegistry, PromptQueue, connect, make_toy_task
+from buffer.client import ActorInfo, ActorRegistry, PromptQueue, connect
+from problems.toy import make_toy_task
 
 
 def test_a_loader_that_died_leaves_no_marker(redis_url: str) -> None:

@@ -51,7 +51,7 @@ def _trained_run(tmp_path: Path, model_dir: Path, redis_url: str) -> tuple[Path,
 def _prompt_ids(folder: Path) -> list[list[int]]:
     from transformers import AutoTokenizer
 
-    from buffer.client import make_toy_task
+    from problems.toy import make_toy_task
 
     tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
     system = json.loads((folder / "warmup.json").read_text())["system_prompt"]

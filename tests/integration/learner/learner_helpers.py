@@ -28,7 +28,7 @@ def toy_trajectories(
     from transformers import AutoTokenizer
 
     from actor_service.schema import DEFAULT_SYSTEM_PROMPT
-    from buffer.client import make_toy_task
+    from problems.toy import make_toy_task
 
     tok = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
     rng = random.Random(seed)

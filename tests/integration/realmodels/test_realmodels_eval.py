@@ -10,9 +10,10 @@ import pytest
 from typer.testing import CliRunner
 
 from actor_service.toy_model import TOY_SYSTEM_PROMPT
-from buffer.data import toy_splits, write_dataset
 from deploy.cli import app
 from deploy.eval_protocol import grade
+from problems.files import write_dataset
+from problems.toy import toy_splits
 
 
 @pytest.fixture(autouse=True)

@@ -21,10 +21,11 @@ import pytest
 
 from actor_service.client import generate, get_status
 from actor_service.schema import GenerateRequest
-from buffer.client import PromptQueue, ReplayTable, connect, toy_splits
+from buffer.client import PromptQueue, ReplayTable, connect
 from buffer.schema import TableConfig
 from deploy.models import ensure_smollm2
 from deploy.run_config import dump_toml, resolve
+from problems.toy import toy_splits
 
 pytestmark = pytest.mark.slow
 

@@ -22,7 +22,7 @@ from actor_service.toy_model import (
     read_warmup_report,
     recipe_hash,
 )
-from buffer.client import toy_splits
+from problems.toy import toy_splits
 
 pytestmark = pytest.mark.slow
 

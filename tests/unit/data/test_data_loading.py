@@ -9,8 +9,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from buffer.data import DatasetError, load_champ, load_dataset, make_toy_task, write_dataset
 from buffer.schema import Prompt
+from problems import DatasetError
+from problems.champ import load_champ
+from problems.files import load_dataset, write_dataset
+from problems.toy import make_toy_task
 
 
 def write_parquet(path: Path, rows: list[dict]) -> Path:

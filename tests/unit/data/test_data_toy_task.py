@@ -6,7 +6,8 @@ import re
 
 import pytest
 
-from buffer.data import DatasetError, make_toy_task, toy_space_size, toy_splits
+from problems import DatasetError
+from problems.toy import make_toy_task, toy_space_size, toy_splits
 
 QUESTION = re.compile(r"^What is (\d+)([-+*])(\d+)\?$")
 

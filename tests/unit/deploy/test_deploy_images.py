@@ -20,7 +20,7 @@ DOCKER = REPO / "deploy" / "docker"
 DOCKERFILES = [DOCKER / "Dockerfile", DOCKER / "Dockerfile.gpu"]  # the tbrm service images
 # Images of third-party servers built from Debian packages where no registry serves the official ones.
 DEBIAN_IMAGES = {"Dockerfile.redis": "redis-server", "Dockerfile.prometheus": "prometheus"}
-SOURCE_PACKAGES = {s.module for s in topology.SERVICES if s.module} | {"deploy"}
+SOURCE_PACKAGES = {s.module for s in topology.SERVICES if s.module} | {"deploy", "problems", "common"}
 
 
 def instructions(path: Path) -> list[tuple[str, str]]:

@@ -10,7 +10,6 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from buffer.data import load_dataset
 from buffer.schema import Trajectory
 from learner.loss import tbrm_loss, token_logprobs
 from learner.model import (
@@ -21,6 +20,7 @@ from learner.model import (
     response_logits,
     response_logprobs,
 )
+from problems.files import load_dataset
 
 
 def traj(prompt: list[int], response: list[int], reward: float) -> Trajectory:

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[3]
-PACKAGES = ("actor_service", "buffer", "reward", "learner", "deploy", "bench")
+PACKAGES = ("actor_service", "buffer", "reward", "learner", "deploy", "problems", "common", "bench")
 
 PICKLE_MODULES = {"pickle", "_pickle", "cPickle", "cloudpickle", "dill", "joblib", "shelve", "pickletools",
                   "copyreg"}

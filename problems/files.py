@@ -1,10 +1,4 @@
-"""Datasets: the synthetic arithmetic toy task, the verl/TBRM parquet format, user datasets and CHAMP.
-
-Everything here produces `buffer.schema.Prompt` records (user-turn chat messages + gold answer), the unit the
-prompt queue holds. The actor adds its system prompt and applies the model's chat template; nothing here knows
-about tokenizers.
-
-verl format (what TBRM and verl train on; one row per problem)::
+"""Dataset files: the verl/TBRM format (what TBRM and verl train on; one row per problem), read and written::
 
     data_source: str                             e.g. "toy_arith", "math_dapo"
     prompt: list<struct<role: str, content: str>>  chat messages before the template
@@ -15,23 +9,16 @@ verl format (what TBRM and verl train on; one row per problem)::
 `load_dataset` also reads plain question/answer files (parquet, JSONL or a JSON list): MATH-500
 (`problem`/`answer`), GSM8K (`question`/`answer` with the final answer after `####`), DAPO-Math-17k (verl format),
 and similar column pairs. Bad input raises `DatasetError` with the file, row and the problem.
-
-Light module: standard library + pydantic + pyarrow (no torch, no other project package).
 """
 
 from __future__ import annotations
 
 import json
-import random
-from collections.abc import Iterable, Iterator
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from buffer.schema import Prompt
-
-TOY_OPS = "+-*"
-"""Operators the toy generator knows (integer results only, so no division)."""
+from problems import DatasetError
 
 QUESTION_COLUMNS = ("problem", "question", "query", "input", "instruction")
 """Question columns tried in order when a file has no verl `prompt` column."""
@@ -39,135 +26,6 @@ ANSWER_COLUMNS = ("answer", "final_answer", "ground_truth", "gold", "target", "e
 """Gold answer columns tried in order (a verl `reward_model.ground_truth` wins over all of them)."""
 ID_COLUMNS = ("prompt_id", "unique_id", "id", "idx", "index")
 CHAT_ROLES = ("system", "user", "assistant")
-
-
-class DatasetError(ValueError):
-    """A dataset file or generator argument is unusable; the message names the file/row and the problem."""
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# the toy task
-
-
-def _check_toy_args(digits: int, ops: str) -> None:
-    if not isinstance(digits, int) or isinstance(digits, bool) or not 1 <= digits <= 9:
-        raise DatasetError(f"digits must be an integer in 1..9, got {digits!r}")
-    if not isinstance(ops, str) or not ops or any(op not in TOY_OPS for op in ops) or len(set(ops)) != len(ops):
-        raise DatasetError(f"ops must be a non-empty string of distinct operators from {TOY_OPS!r}, got {ops!r}")
-
-
-def _operand_range(digits: int) -> tuple[int, int]:
-    """Operands have exactly `digits` digits (10..99 for 2), 0..9 for 1 digit. A fixed width keeps every
-    operand digit at a fixed offset from the operator, which small models learn much faster."""
-    return (10 ** (digits - 1) if digits > 1 else 0), 10**digits
-
-
-def _toy_problem(index: int, digits: int, ops: str) -> tuple[str, str]:
-    """Decode a problem index into (expression, value). The index enumerates every (a, op, b) with a, b in
-    `_operand_range(digits)`, so sampling indices without replacement gives distinct problems."""
-    op = ops[index % len(ops)]
-    rest = index // len(ops)
-    lo, hi = _operand_range(digits)
-    a, b = lo + rest % (hi - lo), lo + rest // (hi - lo)
-    value = a + b if op == "+" else a - b if op == "-" else a * b
-    return f"{a}{op}{b}", str(value)
-
-
-def toy_space_size(digits: int = 2, ops: str = "+-") -> int:
-    """Number of distinct toy problems for these settings."""
-    _check_toy_args(digits, ops)
-    lo, hi = _operand_range(digits)
-    return (hi - lo) ** 2 * len(ops)
-
-
-def toy_question(expression: str) -> str:
-    """The user turn of a toy problem (short on purpose: the toy model's context is small)."""
-    return f"What is {expression}?"
-
-
-def _toy_prompt(prompt_id: str, expression: str, value: str, data_source: str) -> Prompt:
-    return Prompt(
-        prompt_id=prompt_id,
-        messages=[{"role": "user", "content": toy_question(expression)}],
-        gold=value,
-        data_source=data_source,
-    )
-
-
-def _draw(rng: random.Random, pool: list[int] | range, n: int) -> Iterator[int]:
-    """n indices from `pool`: without replacement while the pool lasts, then further shuffled passes
-    (so asking for more problems than exist repeats problems instead of failing)."""
-    left = n
-    while left > 0:
-        k = min(left, len(pool))
-        yield from rng.sample(pool, k)
-        left -= k
-
-
-def make_toy_task(
-    n: int, *, digits: int = 2, ops: str = "+-", seed: int = 0, data_source: str = "toy_arith"
-) -> list[Prompt]:
-    """`n` arithmetic problems `a op b` with `digits`-digit operands (0..9 for 1), deterministic in `seed`.
-
-    Problems are distinct while `n` does not exceed the problem space (`toy_space_size`), and prompt ids
-    (`{data_source}-{i}`) are always unique. Gold answers are exact integers (may be negative for `-`).
-    """
-    _check_toy_args(digits, ops)
-    if not isinstance(n, int) or n < 0:
-        raise DatasetError(f"n must be a non-negative integer, got {n!r}")
-    rng = random.Random(f"toy:{seed}:{digits}:{ops}")
-    space = range(toy_space_size(digits, ops))
-    out = []
-    for i, idx in enumerate(_draw(rng, space, n)):
-        expr, value = _toy_problem(idx, digits, ops)
-        out.append(_toy_prompt(f"{data_source}-{i:06d}", expr, value, data_source))
-    return out
-
-
-def toy_splits(
-    n_train: int = 20000, n_test: int = 200, *, digits: int = 2, ops: str = "+-", seed: int = 0,
-    data_source: str = "toy_arith",
-) -> tuple[list[Prompt], list[Prompt]]:
-    """Disjoint train/test splits of the toy task: no test problem appears in the train split.
-
-    The test split is `n_test` distinct problems; the train split draws from the remaining problems (distinct
-    while they last, then repeated). Ids are `{data_source}-train-{i}` and `{data_source}-test-{i}`.
-    The same arguments always give the same splits (the cluster evaluates on this test split).
-    """
-    _check_toy_args(digits, ops)
-    space = toy_space_size(digits, ops)
-    if not isinstance(n_test, int) or not isinstance(n_train, int) or n_test < 0 or n_train < 0:
-        raise DatasetError(f"n_train and n_test must be non-negative integers, got {n_train!r}, {n_test!r}")
-    if n_test >= space:
-        raise DatasetError(f"n_test={n_test} leaves no training problems: only {space} distinct problems exist")
-    rng = random.Random(f"toy-splits:{seed}:{digits}:{ops}")
-    test_idx = rng.sample(range(space), n_test)
-    taken = set(test_idx)
-    # The remaining indices as a list: fine for the small spaces the toy uses; for large spaces sample by
-    # rejection instead of materializing billions of indices.
-    test = [
-        _toy_prompt(f"{data_source}-test-{i:05d}", *_toy_problem(idx, digits, ops), data_source)
-        for i, idx in enumerate(test_idx)
-    ]
-    if space <= 2_000_000:
-        rest = [i for i in range(space) if i not in taken]
-        train_idx: Iterable[int] = _draw(rng, rest, n_train)
-    else:
-        train_idx = _rejection_draw(rng, space, taken, n_train)
-    train = [
-        _toy_prompt(f"{data_source}-train-{i:06d}", *_toy_problem(idx, digits, ops), data_source)
-        for i, idx in enumerate(train_idx)
-    ]
-    return train, test
-
-
-def _rejection_draw(rng: random.Random, space: int, excluded: set[int], n: int) -> Iterator[int]:
-    seen: set[int] = set()
-    while len(seen) < n:
-        idx = rng.randrange(space)
-        if idx not in excluded and idx not in seen:
-            seen.add(idx)
-            yield idx
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -309,16 +167,21 @@ def _gsm8k_answer(text: str) -> str:
     return text.rsplit("####", 1)[1].strip().replace(",", "") if "####" in text else text
 
 
+def _first_column(columns: list[str], candidates: tuple[str, ...], where: str, what: str, verl: str) -> str:
+    """The first of `candidates` present in `columns`; DatasetError naming what was expected otherwise."""
+    found = next((c for c in candidates if c in columns), None)
+    if found is None:
+        raise DatasetError(
+            f"{where}: no {what} column; expected {verl} or one of {candidates} (columns present: {sorted(columns)})"
+        )
+    return found
+
+
 def _row_to_prompt(row: dict[str, Any], where: str, columns: list[str], default_source: str) -> Prompt:
     if "prompt" in columns:
         messages = _messages(row.get("prompt"), where)
     else:
-        qcol = next((c for c in QUESTION_COLUMNS if c in columns), None)
-        if qcol is None:
-            raise DatasetError(
-                f"{where}: no question column; expected a verl 'prompt' column or one of {QUESTION_COLUMNS} "
-                f"(columns present: {sorted(columns)})"
-            )
+        qcol = _first_column(columns, QUESTION_COLUMNS, where, "question", "a verl 'prompt' column")
         question = row.get(qcol)
         if not isinstance(question, str) or not question.strip():
             raise DatasetError(f"{where}: column {qcol!r} must be a non-empty string, got {question!r:.80}")
@@ -330,12 +193,7 @@ def _row_to_prompt(row: dict[str, Any], where: str, columns: list[str], default_
             raise DatasetError(f"{where}: column 'reward_model' must be a struct with a 'ground_truth' field")
         gold = _scalar_answer(reward_model["ground_truth"], where, "reward_model.ground_truth")
     else:
-        acol = next((c for c in ANSWER_COLUMNS if c in columns), None)
-        if acol is None:
-            raise DatasetError(
-                f"{where}: no answer column; expected 'reward_model.ground_truth' or one of {ANSWER_COLUMNS} "
-                f"(columns present: {sorted(columns)})"
-            )
+        acol = _first_column(columns, ANSWER_COLUMNS, where, "answer", "'reward_model.ground_truth'")
         gold = _scalar_answer(row.get(acol), where, acol)
         if acol == "answer" and "question" in columns:
             gold = _gsm8k_answer(gold)
@@ -380,44 +238,3 @@ def load_dataset(path: str | Path, *, limit: int | None = None) -> list[Prompt]:
     if any(i is None or not 0 < len(i) <= 200 for i in ids) or len(set(ids)) != len(ids):
         ids = [f"{path.stem}-{i:06d}" for i in range(len(rows))]
     return [p.model_copy(update={"prompt_id": pid}) for p, pid in zip(prompts, ids, strict=True)]
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# CHAMP
-
-
-def _champ_file() -> Path:
-    try:
-        root = resources.files("champ_dataset")
-    except ModuleNotFoundError as e:
-        raise DatasetError("the champ-dataset package is not installed (pip install champ-dataset)") from e
-    path = Path(str(root)) / "dataset_files" / "v0.json"
-    if not path.exists():
-        raise DatasetError(f"champ-dataset is installed but its data file {path} is missing")
-    return path
-
-
-def load_champ() -> list[Prompt]:
-    """The 270 CHAMP competition problems (Mao et al. 2024) with their final answers, for evaluation.
-
-    Gold answers are free-form in places ("No", "x=2, y=1", "C(n+1, 2m+1)"); the grader decides what matches.
-    """
-    path = _champ_file()
-    try:
-        problems = json.loads(path.read_text(encoding="utf-8"))["problems"]
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise DatasetError(f"{path}: unexpected CHAMP file layout ({e})") from e
-    out = []
-    for key, problem in problems.items():
-        text, answer = problem.get("_text"), problem.get("_answer")
-        if not isinstance(text, str) or not isinstance(answer, str) or not answer.strip():
-            raise DatasetError(f"{path}: CHAMP problem {key!r} lacks a text or a final answer")
-        out.append(
-            Prompt(
-                prompt_id=str(problem.get("identifier", key)),
-                messages=[{"role": "user", "content": text}],
-                gold=answer.strip(),
-                data_source="champ",
-            )
-        )
-    return out
