@@ -244,7 +244,7 @@ class Supervisor:
         log_file = path.open("ab")
         log_file.write(f"# {time.strftime('%H:%M:%S')} start: {' '.join(spec.argv)}\n".encode())
         log_file.flush()
-        popen = subprocess.Popen(  # noqa: S603 (argv from the topology, no shell)
+        popen = subprocess.Popen(  # argv from the topology, no shell
             spec.argv,
             env=spec.env,
             cwd=self.cwd,
@@ -252,7 +252,7 @@ class Supervisor:
             stdout=log_file,
             stderr=subprocess.STDOUT,
             start_new_session=True,
-            preexec_fn=_set_pdeathsig,  # noqa: PLW1509 (only called from the main thread)
+            preexec_fn=_set_pdeathsig,  # only called from the main thread
         )
         m = Managed(spec, popen, path, log_file, time.monotonic())
         self.procs[spec.name] = m

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from actor_service.toy_model import TOY_SYSTEM_PROMPT
 from buffer.data import toy_splits, write_dataset
 from deploy.cli import app
-from deploy.eval_protocol import grade
+from deploy.evaluation import grade
 
 
 @pytest.fixture(autouse=True)

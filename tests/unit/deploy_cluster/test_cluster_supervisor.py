@@ -138,7 +138,8 @@ def test_pick_ports_avoid_taken_ones() -> None:
 def test_launcher_ports_and_thread_budget() -> None:
     import socket
 
-    from deploy.launcher import pick_ports, thread_env
+    from deploy.local_services import thread_env
+    from deploy.ports import pick_ports
     from deploy.run_config import RunSection
 
     with socket.socket() as s:  # occupy the default reward port: the launcher must move it, not fail

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from actor_service.schema import DEFAULT_SYSTEM_PROMPT
 from buffer.data import DatasetError, load_champ, load_dataset, write_dataset
 from deploy.cli import app
-from deploy.data_prep import R1_TEMPLATE, PrepareOptions, prepare, question_of
+from deploy.dataset_convert import R1_TEMPLATE, PrepareOptions, prepare, question_of
 
 runner = CliRunner()
 
