@@ -152,7 +152,7 @@ def chaos_config(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
 
 def reopen_redis(rd: Any, everysec: bool) -> tuple[subprocess.Popen[bytes], str]:
     """A redis-server on the run's AOF directory (the run stopped its own), on a free port."""
-    from deploy.launcher import redis_server_binary  # noqa: PLC0415
+    from deploy.local_services import redis_server_binary  # noqa: PLC0415
     from deploy.supervisor import free_port, redis_ping  # noqa: PLC0415
 
     port = free_port()
@@ -170,11 +170,11 @@ def reopen_redis(rd: Any, everysec: bool) -> tuple[subprocess.Popen[bytes], str]
 def redis_books(url: str, config: dict[str, Any]) -> dict[str, Any]:
     """Table stats, lease and claim expiries, and leased items without a lease, from the run's Redis."""
     from buffer.client import PromptQueue, ReplayTable, connect  # noqa: PLC0415
-    from deploy.launcher import _table_config  # noqa: PLC0415
+    from deploy.run_config import table_config  # noqa: PLC0415
 
     r = connect(url)
     try:
-        table = ReplayTable(r, _table_config(config))
+        table = ReplayTable(r, table_config(config))
         stats = table.stats().model_dump()
         k = table.keys
         leases = {x.decode(): float(t) for x, t in r.zrange(k.lease_exp, 0, -1, withscores=True)}

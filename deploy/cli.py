@@ -1,4 +1,10 @@
+"""The `tbrm` command line: argument parsing only; every command calls one function of the module that implements it
+(deploy/launcher.py, deploy/evaluation.py, deploy/run_dir.py, deploy/dataset_convert.py, deploy/models.py,
+actor_service/toy_model.py, deploy/sft_cli.py). Heavy imports happen inside the commands, so `--help` is instant."""
+
 import typer
+
+from deploy.sft_cli import register as _register_real_model
 
 app = typer.Typer(
     help="tbrm: asynchronous off-policy RL for LLM math reasoning with TBRM (Trajectory Bellman Residual "
@@ -7,9 +13,6 @@ app = typer.Typer(
     "Docs: docs/ in the repository.",
     no_args_is_help=True,
 )
-
-
-# ---- tbrm up / tbrm eval (cluster engineer; implementations in deploy/launcher.py and deploy/evaluation.py) ----
 
 
 @app.command(
@@ -45,26 +48,11 @@ def up(
 
 
 def resolve_up(config: str | None, flags: dict, tokens: list[str]) -> tuple:
-    """`tbrm up`'s config: defaults <- --config <- the named flags <- dotted overrides (typed, validated)."""
-    from deploy.run_config import (
-        DEFAULT_CONFIG,
-        deep_merge,
-        load_toml,
-        parse_overrides,
-        resolve,
-        typed_overrides,
-    )
+    """`tbrm up`'s config (`deploy.run_config.resolve_up`); a bad value is a usage error."""
+    from deploy.run_config import resolve_up as resolve
 
-    over: dict = {"run": {k: v for k, v in flags.items() if v is not None}}
-    if flags.get("steps") is not None and flags.get("minutes") is None:
-        over["run"]["minutes"] = 60.0  # a step budget alone: the time limit only guards against a stuck run
     try:
-        raw = parse_overrides(tokens)
-        if raw:
-            base = load_toml(DEFAULT_CONFIG)
-            base = deep_merge(base, load_toml(config)) if config else base
-            over = deep_merge(over, typed_overrides(raw, deep_merge(base, over)))
-        return resolve(config, over)
+        return resolve(config, flags, tokens)
     except ValueError as e:
         raise typer.BadParameter(str(e)) from e
 
@@ -105,12 +93,13 @@ def eval_cmd(
     output: str = typer.Option(None, "--output", help="Write the results as JSON to this file."),
 ) -> None:
     """Accuracy of MODEL on each benchmark with the paper's protocol (greedy avg@1; avg@k at T=1 for AIME/AMC),
-    graded with the reward service's grader (deploy/eval_protocol.py)."""
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-    from rich.table import Table
+    graded with the reward service's grader (deploy/evaluation.py)."""
+    from pathlib import Path
 
-    from deploy.eval_protocol import benchmark_specs, evaluate, write_report
+    from rich.console import Console
+
+    from deploy.evaluation import benchmark_specs, evaluate_on_console, write_report
+    from deploy.prepare import warmup_system_prompt
     from problems import DatasetError
 
     sources = list(data or []) + (["champ"] if champ and "champ" not in (data or []) else [])
@@ -119,39 +108,18 @@ def eval_cmd(
     if mode is not None and mode not in ("greedy", "sampled"):
         raise typer.BadParameter(f"--mode must be greedy or sampled, got {mode!r}")
     if system_prompt is None:
-        from pathlib import Path
-
-        from deploy.launcher import warmup_system_prompt
-
         system_prompt = warmup_system_prompt(Path(model))  # the toy model and exports of it: its own prompt
     console = Console()
     specs = benchmark_specs(sources, mode=mode, k=k, temperature=temperature)  # type: ignore[arg-type]
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=console, transient=False) as bar:  # fmt: skip
-        tasks: dict[str, int] = {}
-
-        def progress(name: str, done: int, total: int) -> None:
-            if name not in tasks:
-                tasks[name] = bar.add_task(name, total=total)
-            bar.update(tasks[name], completed=done)
-
-        try:
-            report = evaluate(
-                model, specs, max_new_tokens=max_new_tokens, max_model_len=max_model_len, limit=limit,
-                system_prompt=system_prompt, dtype=dtype, kv_cache_bytes=None if gpu else kv_cache_mib * 2**20,
-                gpu_memory_utilization=gpu_memory_utilization, threads=threads, progress=progress,
-            )
-        except (DatasetError, FileNotFoundError) as e:
-            console.print(f"[red]error:[/] {e}", highlight=False, soft_wrap=True)
-            raise typer.Exit(2) from e
-    table = Table(title=f"{model}  (max {max_new_tokens} new tokens, {report.seconds:.0f} s)")
-    for col in ("benchmark", "metric", "accuracy", "problems", "no answer", "truncated", "mean tokens", "seconds"):
-        table.add_column(col, justify="left" if col in ("benchmark", "metric") else "right")
-    for b in report.benchmarks:
-        metric = "avg@1 (greedy)" if b.mode == "greedy" else f"avg@{b.k} (T={b.temperature:g})"
-        table.add_row(b.name, metric, f"{100 * b.accuracy:.1f}", str(b.n), str(b.no_answer),
-                      f"{100 * b.truncated:.0f}%", f"{b.mean_response_tokens:.0f}", f"{b.seconds:.0f}")  # fmt: skip
-    console.print(table)
+    try:
+        report = evaluate_on_console(
+            model, specs, console, max_new_tokens=max_new_tokens, max_model_len=max_model_len, limit=limit,
+            system_prompt=system_prompt, dtype=dtype, kv_cache_bytes=None if gpu else kv_cache_mib * 2**20,
+            gpu_memory_utilization=gpu_memory_utilization, threads=threads,
+        )  # fmt: skip
+    except (DatasetError, FileNotFoundError) as e:
+        console.print(f"[red]error:[/] {e}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from e
     if output:
         write_report(report, output)
         console.print(f"results: {output}", highlight=False)
@@ -181,8 +149,6 @@ def export_cmd(
     print(folder)
 
 
-# ---- tbrm data / tbrm model (real-models engineer; deploy/data_prep.py, deploy/models.py) ----
-
 data_app = typer.Typer(help="Datasets: prepare training files in the verl format.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 model_app = typer.Typer(help="Models: build local HF folders usable by the actors and the learner.", no_args_is_help=True)
@@ -202,10 +168,10 @@ def data_prepare(
     limit: int = typer.Option(None, "--limit", min=1, help="Keep the first N rows after filtering/shuffling."),
     keep_duplicates: bool = typer.Option(False, "--keep-duplicates", help="Do not drop repeated (question, answer)."),
 ) -> None:
-    """Turn a math dataset into the training parquet (verl format) with a prompt template; see deploy/data_prep.py."""
+    """Turn a math dataset into the training parquet (verl format) with a prompt template; see deploy/dataset_convert.py."""
     from rich.console import Console
 
-    from deploy.data_prep import TEMPLATES, PrepareOptions, prepare, summary_rows
+    from deploy.dataset_convert import TEMPLATES, PrepareOptions, prepare, summary_rows
     from problems import DatasetError
 
     console = Console(stderr=True, soft_wrap=True)  # paths and column names stay on one line
@@ -248,9 +214,6 @@ def model_smollm2(
     print(path)
 
 
-# ---- tbrm toy-model (foundation engineer; implementation in actor_service/toy_model.py) ----
-
-
 @app.command("toy-model")
 def toy_model(
     out: str = typer.Option(None, "--out", help="Model folder (default: $TBRM_HOME/models/toy)."),
@@ -280,8 +243,4 @@ def toy_model(
     if not report["in_band"]:
         console.print("[yellow]warning: held-out accuracy is outside the target band[/yellow]")
 
-
-# ---- tbrm sft / tbrm data toy / tbrm model from-run (real model on CPU; implementation in deploy/sft_cli.py) ----
-from deploy.sft_cli import register as _register_real_model  # noqa: E402  (after the sub-apps exist)
-
-_register_real_model(app, data_app, model_app)
+_register_real_model(app, data_app, model_app)  # tbrm sft, tbrm data toy, tbrm model from-run

@@ -148,9 +148,9 @@ def is_converted(out_dir: Path, gguf: Path | None = None) -> bool:
 
 def convert_gguf(gguf: Path, out_dir: Path) -> Path:
     """Dequantize a GGUF checkpoint into an HF folder (float32 safetensors + tokenizer), atomically."""
-    import torch  # noqa: PLC0415 (heavy)
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer  # noqa: PLC0415
-    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint  # noqa: PLC0415
+    import torch  # heavy
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)

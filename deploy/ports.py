@@ -32,7 +32,7 @@ class PortReservations:
         if port in self.files:
             return True
         self.lock_dir.mkdir(parents=True, exist_ok=True)
-        f = open(self.lock_dir / f"{port}.lock", "a")  # noqa: SIM115  (held open: the lock lives with the file)
+        f = open(self.lock_dir / f"{port}.lock", "a")  # held open: the lock lives with the file
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -1,11 +1,12 @@
-"""One-shot preparation of a containerized run (compose `prepare` service, Kubernetes init container and Job).
-
-What `tbrm up` does in-process before starting services, for clusters where no launcher process exists:
+"""What a cluster needs before its services train: the resolved config, the model, the prompt queue. The one home
+of these steps: `tbrm up` calls `ensure_model` / `load_prompts` / `load_queue` in-process (deploy/launcher.py);
+containerized runs (compose `prepare` service, Kubernetes init container and Job) run this module once, since no
+launcher process exists there:
 1. resolve the run TOML exactly as the launcher does (`deploy.run_config.resolve`: `[table]` copied into the
    buffer/actor/learner sections, `[run]` shortcuts applied) and write it where every service reads it
    (`TBRM_RUN_CONFIG`);
-2. build the toy model when the run uses it (no `actor.model_dir`, or no `learner.model_path`), once, before any
-   replica starts (replicas building it concurrently would race on the shared volume);
+2. build the toy model when the run uses it (no `actor.model_dir`, or no `learner.model_path`: `uses_toy_model`),
+   once, before any replica starts (replicas building it concurrently would race on the shared volume);
 3. load the training prompts into the Redis prompt queue, unless the queue already holds some (a restarted
    cluster keeps its queue and position).
 
@@ -19,10 +20,13 @@ happen only in step 2.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
 import tempfile
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,12 +36,17 @@ from deploy.run_config import RunSection, dump_toml, resolve
 log = logging.getLogger("tbrm.prepare")
 
 
+def apply_thread_counts(run: RunSection, data: dict[str, Any]) -> None:
+    """`[run]` thread counts as the learner's and the actors' defaults (a section's own setting wins), as both
+    `tbrm up` and the containers write them into the resolved config."""
+    data["learner"].setdefault("torch_threads", run.learner_threads)
+    data["actor"].setdefault("vllm_threads", run.actor_threads)
+
+
 def resolve_to(source: Path, out: Path) -> tuple[RunSection, dict[str, Any]]:
     """Resolve `source` and write the result to `out` atomically (readers never see a half-written file)."""
     run, data = resolve(config_file=source, base_file=None)
-    # Thread counts from `[run]`, as deploy/launcher.py applies them before writing its resolved config.
-    data["learner"].setdefault("torch_threads", run.learner_threads)
-    data["actor"].setdefault("vllm_threads", run.actor_threads)
+    apply_thread_counts(run, data)
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=".run-", suffix=".toml")
     try:
@@ -56,10 +65,61 @@ def uses_toy_model(config: dict[str, Any]) -> bool:
     return not config.get("actor", {}).get("model_dir") or not config.get("learner", {}).get("model_path")
 
 
-def load_queue(run: RunSection, config: dict[str, Any], redis_url: str) -> int:
-    """Load the run's training prompts into the actors' prompt queue; 0 (and nothing loaded) if it is not empty."""
-    from buffer.client import PromptQueue, connect  # noqa: PLC0415
-    from deploy.launcher import load_prompts  # noqa: PLC0415
+def warmup_system_prompt(model_dir: Path) -> str | None:
+    """The system prompt recorded by the toy model's warm-up (None for other models)."""
+    try:
+        report = json.loads((Path(model_dir) / "warmup.json").read_text())
+    except (OSError, ValueError):
+        return None
+    prompt = report.get("system_prompt")
+    return prompt if isinstance(prompt, str) else None
+
+
+def ensure_model(config: dict[str, Any], say: Callable[[str], None] = log.info) -> None:
+    """Build the toy model if a service falls back to it (`uses_toy_model`; services would otherwise race to build
+    it), and give the actors the system prompt their model was warmed up with (a toy model answers garbage under
+    another one). `say` reports a first (slow) build."""
+    from actor_service.toy_model import TOY_SYSTEM_PROMPT, default_toy_model_dir, ensure_toy_model
+
+    actor = config["actor"]
+    toy_dir: Path | None = None
+    if uses_toy_model(config):
+        if not (default_toy_model_dir() / "config.json").exists():
+            say(f"building the toy model in {default_toy_model_dir()} (once; a few minutes) ...")
+        t = time.monotonic()
+        toy_dir = ensure_toy_model()
+        if time.monotonic() - t > 2:
+            say(f"toy model ready ({time.monotonic() - t:.0f} s)")
+    if actor.get("model_dir"):
+        prompt = warmup_system_prompt(Path(actor["model_dir"]))
+    else:
+        prompt = (warmup_system_prompt(toy_dir) if toy_dir else None) or TOY_SYSTEM_PROMPT
+    if prompt is not None:
+        actor.setdefault("system_prompt", prompt)
+
+
+def load_prompts(run: RunSection) -> tuple[list[Any], list[Any]]:
+    """(train, held-out) prompts of the run (`run.dataset` / `run.test_dataset`: "toy" or a file)."""
+    from problems.files import load_dataset
+    from problems.toy import toy_splits
+
+    train: list[Any] = []
+    test: list[Any] = []
+    if run.dataset == "toy" or run.test_dataset == "toy":
+        train, test = toy_splits(
+            run.toy_train_size, run.toy_test_size, digits=run.toy_digits, ops=run.toy_ops, seed=run.data_seed
+        )
+    if run.dataset != "toy":
+        train = load_dataset(run.dataset)
+    if run.test_dataset != "toy":
+        test = load_dataset(run.test_dataset)
+    return train, test
+
+
+def load_queue(run: RunSection, config: dict[str, Any], redis_url: str, train: list[Any] | None = None) -> int:
+    """Load the run's training prompts (`train`, else read by `load_prompts`) into the actors' prompt queue; 0 (and
+    nothing loaded) if it already holds a dataset."""
+    from buffer.client import PromptQueue, connect
 
     r = connect(redis_url)
     try:
@@ -67,7 +127,7 @@ def load_queue(run: RunSection, config: dict[str, Any], redis_url: str) -> int:
         if queue.loaded():  # even with every prompt handed out or claimed: a resumed run keeps its epochs
             log.info("prompt queue already holds a dataset (%d prompts queued): not reloading", queue.size())
             return 0
-        train, _test = load_prompts(run)
+        train = load_prompts(run)[0] if train is None else train
         n = queue.load(train, epochs=run.epochs, shuffle_seed=run.data_seed, if_empty=True)
         log.info("loaded %d training prompts (%d epochs) into the queue", n, run.epochs)
         return n
@@ -78,7 +138,7 @@ def load_queue(run: RunSection, config: dict[str, Any], redis_url: str) -> int:
 def prepare_cluster(run: RunSection, data: dict[str, Any], redis_url: str, *, model: bool, prompts: bool) -> None:
     """Steps 2 and 3 of the module docstring (toy model if used, prompt queue if empty)."""
     if model and uses_toy_model(data):
-        from actor_service.toy_model import ensure_toy_model  # noqa: PLC0415 (transformers: heavy)
+        from actor_service.toy_model import ensure_toy_model  # transformers: heavy
 
         log.info("toy model ready at %s", ensure_toy_model())
     if prompts:

@@ -45,7 +45,7 @@ def version_lags(metrics: Sequence[dict[str, Any]]) -> list[float]:
 
 def learner_lags(run: RunDir) -> list[float]:
     """Per-step mean version lag from the learner's own `learner/metrics.jsonl` (every step, not every poll)."""
-    from deploy.run_dir import read_jsonl  # noqa: PLC0415
+    from deploy.run_dir import read_jsonl
 
     return [
         float(r["version_lag_mean"])
@@ -60,7 +60,7 @@ def replay_summary(run: RunDir, buffer: dict[str, Any]) -> dict[str, float]:
     the end), the mean age of trained data in versions and seconds, and the stability guard's figures.
 
     `buffer` is the final `TableStats` dump."""
-    from deploy.run_dir import read_jsonl  # noqa: PLC0415
+    from deploy.run_dir import read_jsonl
 
     out: dict[str, float] = {}
     inserts = float(buffer.get("inserts") or 0)
@@ -92,7 +92,7 @@ def _rolling(ys: list[float], n: int) -> list[float]:
 
 def _learner_rewards(run: RunDir, metrics: Sequence[dict[str, Any]]) -> tuple[list[float], list[float]] | None:
     """(step, batch reward) for every learner step from `learner/metrics.jsonl` (the dashboard samples less)."""
-    from deploy.run_dir import read_jsonl  # noqa: PLC0415
+    from deploy.run_dir import read_jsonl
 
     rows = read_jsonl(run.path / "learner" / "metrics.jsonl")
     pts = [(float(r["step"]), float(r["batch_reward_mean"])) for r in rows
@@ -102,10 +102,10 @@ def _learner_rewards(run: RunDir, metrics: Sequence[dict[str, Any]]) -> tuple[li
 
 def make_plots(run: RunDir) -> list[Path]:
     """Draw the run's PNGs; returns the files written (missing data gives fewer plots, never an error)."""
-    import matplotlib  # noqa: PLC0415  (heavy; only when plotting)
+    import matplotlib  # heavy; only when plotting
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
+    import matplotlib.pyplot as plt
 
     metrics, evals = run.read_metrics(), run.read_evals()
     written: list[Path] = []

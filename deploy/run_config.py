@@ -157,27 +157,63 @@ def resolve(
         current = data["learner"].get("loss", {})
         if current.get("kind", "tbrm") != run.loss:
             data["learner"]["loss"] = {"kind": run.loss}
-    if data["learner"].get("loss", {}).get("kind") == "grpo" and data["actor"].get("n_samples_per_prompt", 4) < 2:
-        # GRPO normalizes rewards within a group of samples of one prompt: groups of 1 carry no signal.
-        # Keep the trajectories per step, split as prompts x 4 samples (4 x 4 measured best for the toy).
-        per_batch = data["actor"].get("prompts_per_batch", 16) * data["actor"].get("n_samples_per_prompt", 1)
-        data["actor"]["n_samples_per_prompt"] = 4
-        data["actor"]["prompts_per_batch"] = max(1, per_batch // 4)
+    _shape_batches(run, data)
     if run.steps is not None:
         data["learner"]["max_steps"] = run.steps
-    if run.sync:
-        data["learner"]["sync"] = True
-        data["actor"]["sync"] = True
-        # Sync trains only on the current version: an actor batch larger than one learner batch would be mostly
-        # discarded after the first step. Generate one learner batch per version (fair baseline, no waste by design).
-        n = data["actor"].get("n_samples_per_prompt", 1)
-        batch = data["learner"].get("batch_size", 16)
-        if data["actor"].get("prompts_per_batch", 8) * n > batch:
-            data["actor"]["prompts_per_batch"] = max(1, batch // n)
     if run.minutes is None and run.steps is None:
         raise ValueError("set a budget: run.minutes or run.steps (--minutes / --steps)")
     data["run"] = run.model_dump(mode="json", exclude_none=True)
     return run, data
+
+
+def setting(data: dict[str, Any], section: str, name: str) -> Any:
+    """`[section] name` of the config, else the default of that section's settings class (never a guess)."""
+    if name in data.get(section, {}):
+        return data[section][name]
+    return section_classes()[section].model_fields[name].get_default(call_default_factory=True)
+
+
+def _shape_batches(run: RunSection, data: dict[str, Any]) -> None:
+    """Actor batch shapes that the objective and the mode need (GRPO groups, sync batches)."""
+    actor = data["actor"]
+    grpo = data["learner"].get("loss", {}).get("kind") == "grpo"  # the settings default is TBRM
+    if grpo and setting(data, "actor", "n_samples_per_prompt") < 2:
+        # GRPO normalizes rewards within a group of samples of one prompt: groups of 1 carry no signal.
+        # Keep the trajectories per step, split as prompts x 4 samples (4 x 4 measured best for the toy).
+        per_batch = setting(data, "actor", "prompts_per_batch") * setting(data, "actor", "n_samples_per_prompt")
+        actor["n_samples_per_prompt"] = 4
+        actor["prompts_per_batch"] = max(1, per_batch // 4)
+    if run.sync:
+        data["learner"]["sync"] = True
+        actor["sync"] = True
+        # Sync trains only on the current version: an actor batch larger than one learner batch would be mostly
+        # discarded after the first step. Generate one learner batch per version (fair baseline, no waste by design).
+        n = setting(data, "actor", "n_samples_per_prompt")
+        batch = setting(data, "learner", "batch_size")
+        if setting(data, "actor", "prompts_per_batch") * n > batch:
+            actor["prompts_per_batch"] = max(1, batch // n)
+
+
+def table_config(config: dict[str, Any]) -> Any:
+    """The replay table of a resolved config (`[buffer.table]`, else `[table]`) as a `buffer.schema.TableConfig`."""
+    from buffer.schema import TableConfig
+
+    table = config.get("buffer", {}).get("table") or config.get("table") or {}
+    return TableConfig.model_validate(table)
+
+
+def resolve_up(config: str | None, flags: dict[str, Any], tokens: list[str]) -> tuple[RunSection, dict[str, Any]]:
+    """`tbrm up`'s config: defaults <- `config` <- the named flags (`{"actors": 2, ...}`, None = not given) <- dotted
+    overrides (`tokens`, typed and validated against the settings classes). Raises ValueError."""
+    over: dict[str, Any] = {"run": {k: v for k, v in flags.items() if v is not None}}
+    if flags.get("steps") is not None and flags.get("minutes") is None:
+        over["run"]["minutes"] = 60.0  # a step budget alone: the time limit only guards against a stuck run
+    raw = parse_overrides(tokens)
+    if raw:
+        base = load_toml(DEFAULT_CONFIG)
+        base = deep_merge(base, load_toml(config)) if config else base
+        over = deep_merge(over, typed_overrides(raw, deep_merge(base, over)))
+    return resolve(config, over)
 
 
 # ---- dotted overrides of any setting (`tbrm up learner.lr=3e-5 --actor.temperature 1.0`) ----
@@ -187,11 +223,11 @@ _KEY_VALUE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]*=")
 
 def section_classes() -> dict[str, type[BaseModel]]:
     """The settings class of each run TOML section (all light modules: pydantic only)."""
-    from actor_service.settings import ActorSettings  # noqa: PLC0415
-    from buffer.schema import TableConfig  # noqa: PLC0415
-    from buffer.settings import BufferSettings  # noqa: PLC0415
-    from learner.settings import LearnerSettings  # noqa: PLC0415
-    from reward.settings import RewardSettings  # noqa: PLC0415
+    from actor_service.settings import ActorSettings
+    from buffer.schema import TableConfig
+    from buffer.settings import BufferSettings
+    from learner.settings import LearnerSettings
+    from reward.settings import RewardSettings
 
     return {"run": RunSection, "table": TableConfig, "reward": RewardSettings, "buffer": BufferSettings,
             "actor": ActorSettings, "learner": LearnerSettings}  # fmt: skip
@@ -201,7 +237,7 @@ def overrides_parser(prog: str = "tbrm up") -> tuple[argparse.ArgumentParser, An
     """pydantic-settings' CLI over one model with a field per section: `--<section>.<field>[.<sub>] VALUE`
     (kebab or snake case), nested models also as JSON, booleans as `--x.flag` / `--no-x.flag`; `--help` lists every
     setting of every service with its documentation."""
-    from pydantic_settings import BaseSettings, PydanticBaseSettingsSource  # noqa: PLC0415
+    from pydantic_settings import BaseSettings, PydanticBaseSettingsSource
 
     from common.settings import cli_source
 
@@ -215,7 +251,7 @@ def overrides_parser(prog: str = "tbrm up") -> tuple[argparse.ArgumentParser, An
         ) -> tuple[PydanticBaseSettingsSource, ...]:
             return (init_settings,)  # the command line only: never the environment
 
-    from pydantic import create_model  # noqa: PLC0415
+    from pydantic import create_model
 
     model = create_model("RunOverrides", __base__=Sections, **fields)
     parser = argparse.ArgumentParser(
@@ -258,7 +294,7 @@ def _flag(token: str) -> str:
 def typed_overrides(raw: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
     """`raw` (strings from the command line) with every value converted to its setting's type: each section is
     validated merged over `base` (defaults <- config file), so a bad value is a ValueError naming the field."""
-    from pydantic import ValidationError  # noqa: PLC0415
+    from pydantic import ValidationError
 
     classes = section_classes()
     out: dict[str, Any] = {}

@@ -164,7 +164,7 @@ def weights_dir_of(run_path: Path) -> Path:
 def base_model_of(run_path: Path) -> Path:
     """The learner's initial model (config, tokenizer) of a run: `[learner] model_path` of its config.toml, else
     the learner's default (the toy model)."""
-    from learner.settings import default_model_dir  # noqa: PLC0415  (light: pydantic only)
+    from learner.settings import default_model_dir  # light: pydantic only
 
     try:
         with (run_path / "config.toml").open("rb") as f:
@@ -180,7 +180,7 @@ def export_hf(
     """Write exported `version` (default: the newest) of a run as an HF model folder; returns (folder, version).
 
     Default folder: `<run>/hf/latest` for the newest version, `<run>/hf/v<version:08d>` for an explicit one."""
-    from learner.weights import exported_versions, write_hf_folder  # noqa: PLC0415
+    from learner.weights import exported_versions, write_hf_folder
 
     run_path = Path(run_path).resolve()
     versions = exported_versions(weights_dir_of(run_path))

@@ -101,7 +101,7 @@ class SftReport(BaseModel):
 
 
 def _engine(model_dir: str | Path, opts: SftOptions, max_len: int = 512) -> Any:
-    from actor_service.engine import ActorEngine  # noqa: PLC0415 (vLLM)
+    from actor_service.engine import ActorEngine  # vLLM
 
     return ActorEngine(model_dir, dtype="float32", max_model_len=max_len, kv_cache_bytes=256 * 2**20,
                        seed=opts.seed, threads=opts.threads)  # fmt: skip
@@ -109,7 +109,7 @@ def _engine(model_dir: str | Path, opts: SftOptions, max_len: int = 512) -> Any:
 
 def greedy_accuracy(engine: Any, prompts: Sequence[Prompt], opts: SftOptions) -> tuple[float, int]:
     """(accuracy, no-answer count) of greedy answers on `prompts`, graded like the reward service."""
-    from deploy.eval_protocol import grade  # noqa: PLC0415
+    from deploy.evaluation import grade
 
     ids = [engine.chat_token_ids(p.messages, opts.system_prompt or None) for p in prompts]
     gen = engine.generate(ids, n=1, temperature=0.0, max_tokens=opts.eval_max_tokens, seed=opts.seed)
@@ -119,7 +119,7 @@ def greedy_accuracy(engine: Any, prompts: Sequence[Prompt], opts: SftOptions) ->
 
 def collect(engine: Any, prompts: Sequence[Prompt], opts: SftOptions, report: SftReport) -> list[tuple[list[int], list[int]]]:
     """(prompt ids, response ids ending in eos) of the model's own correct answers (step 1-2 of the docstring)."""
-    from deploy.eval_protocol import grade  # noqa: PLC0415
+    from deploy.evaluation import grade
 
     eos = engine.tokenizer.eos_token_id
     ids = [engine.chat_token_ids(p.messages, opts.system_prompt or None) for p in prompts]
@@ -169,9 +169,9 @@ def gold_pairs(tokenizer: Any, prompts: Sequence[Prompt], system_prompt: str) ->
 def exact_match(model: Any, pairs: list[tuple[list[int], list[int]]], batch_size: int = 32) -> float:
     """Fraction of pairs whose every answer token is the model's argmax (teacher-forced): a lower bound of greedy
     accuracy in the target format, one forward pass per batch instead of a generation."""
-    import torch  # noqa: PLC0415
+    import torch
 
-    from learner.model import collate, response_logits  # noqa: PLC0415
+    from learner.model import collate, response_logits
 
     trajs = _to_trajectories(pairs)
     hits = 0
@@ -184,7 +184,7 @@ def exact_match(model: Any, pairs: list[tuple[list[int], list[int]]], batch_size
 
 
 def _to_trajectories(pairs: list[tuple[list[int], list[int]]]) -> list[Any]:
-    from buffer.schema import Trajectory  # noqa: PLC0415
+    from buffer.schema import Trajectory
 
     return [
         Trajectory(prompt_id=f"sft-{i}", group_id=f"sft-{i}", prompt_token_ids=p, response_token_ids=r,
@@ -199,10 +199,10 @@ def fine_tune(
 ) -> Any:
     """Masked NLL on the kept answers (step 3); returns the trained model. With `check_pairs` and
     `opts.stop_at_accuracy`, stops early once their teacher-forced exact match reaches it."""
-    import torch  # noqa: PLC0415
+    import torch
 
-    from learner.loss import sft_loss  # noqa: PLC0415
-    from learner.model import autocast_context, collate, load_causal_lm, response_logits  # noqa: PLC0415
+    from learner.loss import sft_loss
+    from learner.model import autocast_context, collate, load_causal_lm, response_logits
 
     torch.set_num_threads(opts.threads)
     torch.manual_seed(opts.seed)
@@ -256,7 +256,7 @@ def run_sft(
     held_out = list(test[: opts.eval_size])
     check_pairs = pairs = None
     if opts.targets == "gold":
-        from transformers import AutoTokenizer  # noqa: PLC0415
+        from transformers import AutoTokenizer
 
         tok = AutoTokenizer.from_pretrained(str(model_dir))
         pairs = gold_pairs(tok, train[: opts.prompts], opts.system_prompt)

@@ -17,7 +17,9 @@ service that exited unexpectedly after a back-off (`backoff_s`, doubling per con
 `backoff_max_s`; the count resets once the service has run `window_s`), without blocking the caller, and marks it
 healthy again once its health check passes. More than `max_restarts` restarts within `window_s` is a crash loop:
 then, as for a service without a policy, `check()` raises `ServiceCrashed`. `status()` reports every service's
-state and restart count (the dashboard shows them).
+state and restart count (the dashboard shows them). The same policy covers a service that dies during
+`start_all()`, before it is healthy: it is restarted (its dependants wait for the new incarnation's health) until
+the crash-loop limit.
 """
 
 from __future__ import annotations
@@ -242,7 +244,7 @@ class Supervisor:
         log_file = path.open("ab")
         log_file.write(f"# {time.strftime('%H:%M:%S')} start: {' '.join(spec.argv)}\n".encode())
         log_file.flush()
-        popen = subprocess.Popen(  # noqa: S603 (argv from the topology, no shell)
+        popen = subprocess.Popen(  # argv from the topology, no shell
             spec.argv,
             env=spec.env,
             cwd=self.cwd,
@@ -250,7 +252,7 @@ class Supervisor:
             stdout=log_file,
             stderr=subprocess.STDOUT,
             start_new_session=True,
-            preexec_fn=_set_pdeathsig,  # noqa: PLW1509 (only called from the main thread)
+            preexec_fn=_set_pdeathsig,  # only called from the main thread
         )
         m = Managed(spec, popen, path, log_file, time.monotonic())
         self.procs[spec.name] = m
@@ -284,7 +286,8 @@ class Supervisor:
             if should_stop and should_stop():
                 raise KeyboardInterrupt
             for m in waiting:
-                self._raise_if_exited(m)
+                if self._exited_during_start(m):
+                    continue
                 if m.spec.health():
                     m.healthy_at = time.monotonic()
                     took = m.healthy_at - m.started_at
@@ -296,6 +299,18 @@ class Supervisor:
                         m.spec.name, f"not healthy after {m.spec.health_timeout_s:.0f} s", m.log_path
                     )
             time.sleep(poll_s)
+
+    def _exited_during_start(self, m: Managed) -> bool:
+        """True if `m` is gone before it became healthy: restarted per its policy (back-off, crash-loop limit,
+        as `check()` does after start-up) or, without one, a ServiceCrashed."""
+        rc = m.popen.poll()
+        policy = m.spec.restart
+        if rc is None or (rc == 0 and m.spec.may_exit):
+            return False
+        if policy is None or policy.mode == "no":
+            raise ServiceCrashed(m.spec.name, f"exited with status {rc}", m.log_path, rc)
+        self._on_exit(m, rc, policy, time.monotonic())
+        return True
 
     def _respawn(self, name: str) -> Managed:
         """Start `name` again with its spec, in its old place of the start order (reverse-order shutdown)."""

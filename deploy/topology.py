@@ -83,45 +83,23 @@ class Service(BaseModel):
     """True when the service wants a GPU in the GPU deployment (vLLM actors, the DeepSpeed learner)."""
 
 
+_HEAVY_ENV = (ENV_REDIS_URL, ENV_REWARD_URL, ENV_AUTH_TOKEN, ENV_RUN_CONFIG)
+_AFTER_LIGHT = ("redis", "reward", "buffer")
+"""In containers the actors and the learner start once the light services are healthy (locally: deploy/
+local_services.py `LOCAL_DEPENDS`)."""
+
 SERVICES: tuple[Service, ...] = (
     Service(name="redis", module=None, port=6379, health_path=None, env=(), depends_on=()),
-    Service(
-        name="reward",
-        module="reward",
-        port=8001,
-        health_path="/health",
-        env=(ENV_AUTH_TOKEN, ENV_RUN_CONFIG),
-        depends_on=(),
-    ),
-    Service(
-        name="buffer",
-        module="buffer",
-        port=8002,
-        health_path="/health",
-        env=(ENV_REDIS_URL, ENV_AUTH_TOKEN, ENV_RUN_CONFIG),
-        depends_on=("redis",),
-    ),
-    Service(
-        name="actor",
-        module="actor_service",
-        port=8100,
-        health_path="/health",
-        env=(ENV_REDIS_URL, ENV_REWARD_URL, ENV_AUTH_TOKEN, ENV_RUN_CONFIG),
-        depends_on=("redis", "reward", "buffer"),
-        scalable=True,
-        accelerator=True,
-    ),
-    Service(
-        name="learner",
-        module="learner",
-        port=8003,
-        health_path="/health",
-        env=(ENV_REDIS_URL, ENV_REWARD_URL, ENV_AUTH_TOKEN, ENV_RUN_CONFIG),
-        # Not gated on actors: they may run on other hosts or join later (the learner catches late actors up,
-        # docs/weight-protocol.md), and starting both at once overlaps vLLM and DeepSpeed start-up.
-        depends_on=("redis", "reward", "buffer"),
-        accelerator=True,
-    ),
+    Service(name="reward", module="reward", port=8001, health_path="/health", env=(ENV_AUTH_TOKEN, ENV_RUN_CONFIG),
+            depends_on=()),  # fmt: skip
+    Service(name="buffer", module="buffer", port=8002, health_path="/health",
+            env=(ENV_REDIS_URL, ENV_AUTH_TOKEN, ENV_RUN_CONFIG), depends_on=("redis",)),  # fmt: skip
+    Service(name="actor", module="actor_service", port=8100, health_path="/health", env=_HEAVY_ENV,
+            depends_on=_AFTER_LIGHT, scalable=True, accelerator=True),  # fmt: skip
+    # The learner is not gated on actors: they may run on other hosts or join later (the learner catches late actors
+    # up, docs/weight-protocol.md), and starting both at once overlaps vLLM and DeepSpeed start-up.
+    Service(name="learner", module="learner", port=8003, health_path="/health", env=_HEAVY_ENV,
+            depends_on=_AFTER_LIGHT, accelerator=True),  # fmt: skip
 )
 """All services, dependencies first (validated at import by `_check_order`)."""
 

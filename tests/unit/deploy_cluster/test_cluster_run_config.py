@@ -51,6 +51,19 @@ def test_overrides_sync_loss_steps(tmp_path: Path) -> None:
     assert grpo["actor"]["n_samples_per_prompt"] == 4 and grpo["actor"]["prompts_per_batch"] == 16
 
 
+def test_batch_shapes_use_the_settings_defaults_not_guesses() -> None:
+    """Keys a config leaves out count with the services' own defaults (ActorSettings, LearnerSettings)."""
+    from actor_service.settings import ActorSettings
+
+    per_prompt = ActorSettings.model_fields["n_samples_per_prompt"].default
+    prompts = ActorSettings.model_fields["prompts_per_batch"].default
+    _, cfg = resolve(None, {"run": {"sync": True}, "learner": {"batch_size": 8}}, base_file=None)
+    assert cfg["actor"]["prompts_per_batch"] * per_prompt <= 8  # sync: one learner batch per version
+    _, cfg = resolve(None, {"learner": {"loss": {"kind": "grpo"}}, "actor": {"n_samples_per_prompt": 1}},
+                     base_file=None)  # fmt: skip
+    assert cfg["actor"] == {"n_samples_per_prompt": 4, "prompts_per_batch": max(1, prompts // 4)}
+
+
 def test_deep_merge_replaces_a_tagged_value_of_another_kind() -> None:
     from deploy.run_config import deep_merge
 

@@ -138,7 +138,8 @@ def test_pick_ports_avoid_taken_ones() -> None:
 def test_launcher_ports_and_thread_budget() -> None:
     import socket
 
-    from deploy.launcher import pick_ports, thread_env
+    from deploy.local_services import thread_env
+    from deploy.ports import pick_ports
     from deploy.run_config import RunSection
 
     with socket.socket() as s:  # occupy the default reward port: the launcher must move it, not fail
@@ -156,3 +157,22 @@ def test_launcher_ports_and_thread_budget() -> None:
     assert thread_env("actor", run)["VLLM_CPU_OMP_THREADS_BIND"] == "nobind"
     assert thread_env("learner", run)["OMP_NUM_THREADS"] == "1"
     assert thread_env("reward", run) == {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
+
+
+def test_local_specs_carry_the_restart_policy_and_the_local_start_order(tmp_path: Path) -> None:
+    from deploy import topology
+    from deploy.local_services import LIGHT_HEALTH_TIMEOUT_S, build_specs
+    from deploy.run_config import RunSection
+    from deploy.supervisor import RestartPolicy
+
+    run = RunSection(actors=2, restart=RestartPolicy(max_restarts=2))
+    plan = topology.local_plan(2, redis_dir=str(tmp_path))
+    specs = {s.name: s for s in build_specs(plan, run, {"X": "1"}, tmp_path, Supervisor(tmp_path))}
+    assert set(specs) == {"redis", "reward", "buffer", "actor-0", "actor-1", "learner"}
+    assert all(s.restart == run.restart for s in specs.values())  # start-up and later crashes alike (issue 21)
+    assert specs["actor-0"].depends_on == specs["learner"].depends_on == specs["buffer"].depends_on == ["redis"]
+    assert specs["actor-1"].env["TBRM_ACTOR_WEIGHTS_DIR"] == str(tmp_path / "actor-1")
+    assert specs["actor-1"].env["X"] == "1" and specs["actor-1"].env["OMP_NUM_THREADS"] == str(run.actor_threads)
+    assert specs["reward"].health_timeout_s == LIGHT_HEALTH_TIMEOUT_S
+    assert specs["learner"].health_timeout_s == run.health_timeout_s
+    assert specs["learner"].may_exit and not specs["actor-0"].may_exit

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from actor_service.schema import DEFAULT_SYSTEM_PROMPT
 from deploy.cli import app
-from deploy.data_prep import R1_TEMPLATE, PrepareOptions, prepare, question_of
+from deploy.dataset_convert import R1_TEMPLATE, PrepareOptions, prepare, question_of
 from problems import DatasetError
 from problems.champ import load_champ
 from problems.files import load_dataset, write_dataset

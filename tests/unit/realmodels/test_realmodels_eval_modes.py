@@ -1,4 +1,4 @@
-"""The paper's per-benchmark evaluation modes (`deploy.eval_protocol`): names -> greedy avg@1 or avg@k at T=1."""
+"""The paper's per-benchmark evaluation modes (`deploy.evaluation`): names -> greedy avg@1 or avg@k at T=1."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 from typer.testing import CliRunner
 
 from deploy.cli import app
-from deploy.eval_protocol import DEFAULT_SAMPLED_K, benchmark_specs, default_mode
+from deploy.evaluation import DEFAULT_SAMPLED_K, benchmark_specs, default_mode
 
 
 @pytest.mark.parametrize(

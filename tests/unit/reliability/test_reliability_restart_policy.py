@@ -98,3 +98,35 @@ def test_dashboard_shows_restarts() -> None:
     assert "actor-0 2" in plain_line(snap)
     assert snap.record()["restarts"] == {"redis": 0, "actor-0": 2}
     assert services_line(Snapshot(wall_s=1.0, services={"redis": {"state": "running", "restarts": 0}})) == ""
+
+
+def test_a_service_that_dies_during_start_up_is_restarted(sup: Supervisor, tmp_path: Path) -> None:
+    """Issue 21: a crash before the service is healthy (e.g. an actor that dies loading its model) is restarted
+    like a later one, and what depends on it starts once the new incarnation is healthy."""
+    tried, ready = tmp_path / "tried", tmp_path / "ready"
+    code = (f"import pathlib, sys, time\ntried, ready = pathlib.Path({str(tried)!r}), pathlib.Path({str(ready)!r})\n"
+            "if not tried.exists():\n    tried.touch()\n    sys.exit(4)\nready.touch()\ntime.sleep(600)\n")
+    svc = ProcSpec("svc", [PY, "-c", code], dict(os.environ), ready.exists, restart=FAST)
+    after = _spec("after", "import time; time.sleep(600)", depends_on=["svc"])
+    healthy: list[str] = []
+    sup.start_all([svc, after], on_healthy=lambda name, took: healthy.append(name), poll_s=0.05)
+    assert healthy == ["svc", "after"]
+    st = sup.status()["svc"]
+    assert st == {"state": "running", "restarts": 1, "last_exit": 4}
+    assert sup.order == ["svc", "after"]
+
+
+def test_a_crash_loop_during_start_up_ends_the_start(sup: Supervisor) -> None:
+    spec = ProcSpec("loop", [PY, "-c", "raise SystemExit(5)"], dict(os.environ), lambda: False, restart=FAST)
+    with pytest.raises(ServiceCrashed, match="crash loop") as ei:
+        sup.start_all([spec], poll_s=0.02)
+    assert ei.value.returncode == 5
+    assert sup.status()["loop"]["restarts"] == FAST.max_restarts
+
+
+def test_without_a_policy_a_start_up_crash_still_ends_the_start(sup: Supervisor) -> None:
+    spec = ProcSpec("svc", [PY, "-c", "raise SystemExit(6)"], dict(os.environ), lambda: False,
+                    restart=RestartPolicy(mode="no"))
+    with pytest.raises(ServiceCrashed, match="status 6"):
+        sup.start_all([spec], poll_s=0.02)
+    assert sup.status()["svc"]["restarts"] == 0

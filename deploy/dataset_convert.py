@@ -1,4 +1,5 @@
-"""`tbrm data prepare`: turn a user's math dataset into the training file (verl format) with a prompt template.
+"""`tbrm data prepare`: convert a user's math dataset file into the training file (verl format) with a prompt
+template (offline, on files; the cluster's own preparation, config + model + prompt queue, is deploy/prepare.py).
 
     tbrm data prepare dapo.parquet data/train.parquet --template qwen-math --max-prompt-chars 2000 --shuffle-seed 0
     tbrm data prepare my.jsonl out.parquet --question-col problem --answer-col solution_final
