@@ -33,8 +33,9 @@ def main(argv: list[str] | None = None) -> None:
     logging.getLogger("httpx").setLevel(logging.WARNING)
 
     # Heavy imports only after the settings parsed (a bad flag fails in milliseconds).
+    from learner.engine import configure_environment  # noqa: PLC0415
     from learner.live import LiveStatus  # noqa: PLC0415
-    from learner.train import configure_environment, train  # noqa: PLC0415
+    from learner.train import train  # noqa: PLC0415
 
     configure_environment()
     stop = threading.Event()

@@ -151,3 +151,13 @@ def patient_redis(client: redis.Redis, attempts: int = 10) -> redis.Redis:
 
     client.set_retry(Retry(ExponentialBackoff(cap=2.0, base=0.1), attempts))
     return client
+
+
+def ack_checkpointed(pending: PendingAcks | None) -> None:
+    """After a checkpoint: ack the leases of every step it holds (rank 0; no-op without deferred acks)."""
+    if pending is None:
+        return
+    acked, held = pending.ack_all()
+    if acked < held:
+        # an expired lease (see PendingAcks.renew) or items evicted by max_size while leased
+        log.warning("acked %d of %d checkpointed items; the rest expired or were evicted", acked, held)
