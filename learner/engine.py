@@ -46,7 +46,7 @@ def configure_environment() -> None:
 
 def init_distributed(settings: LearnerSettings) -> tuple[int, int]:
     """Join the process group (gloo on CPU, nccl with a GPU); returns (rank, world size)."""
-    import deepspeed  # noqa: PLC0415  (heavy; after the environment is set)
+    import deepspeed  # heavy; after the environment is set
 
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
@@ -64,7 +64,7 @@ def forget_stale_deepspeed_world_group() -> None:
     DeepSpeed caches that clone at module level. When another library in the same process tears the default process
     group down and builds a new one (vLLM's in-process engine does, e.g. `tbrm eval` or tests that run both), the
     cached group is unregistered and `deepspeed.initialize` fails with "Group ... is not registered"."""
-    from deepspeed.utils import groups  # noqa: PLC0415
+    from deepspeed.utils import groups
 
     cached = getattr(groups, "_WORLD_GROUP", None)
     if cached is not None and cached not in torch.distributed.distributed_c10d._world.pg_group_ranks:
@@ -119,7 +119,7 @@ def deepspeed_config(settings: LearnerSettings, world_size: int) -> dict[str, An
 def build_engine(settings: LearnerSettings, world: int) -> tuple[Any, torch.nn.Module | None]:
     """The DeepSpeed engine of the trainable policy (AdamW, LambdaLR) and the frozen reference model (None when the
     loss needs no reference log-probs), on the engine's device."""
-    import deepspeed  # noqa: PLC0415
+    import deepspeed
 
     for path in (settings.model_path, settings.ref_model_path):
         if path is not None and not (Path(path) / "config.json").exists():
