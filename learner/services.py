@@ -1,6 +1,6 @@
 """What only rank 0 does, behind one object: the training log, deferred acks, priorities, export and push, the
 metrics line, the status stores and the final publish. Rank 0 gets `RankZeroServices`; every other rank gets
-`OtherRankServices`, whose methods do nothing, so the loop (learner/train.py) has no `if rank == 0` branches.
+the base `RankServices`, whose methods do nothing, so the loop (learner/train.py) has no `if rank == 0` branches.
 
 The other ranks still train, checkpoint and roll back with rank 0; they never talk to actors or write metrics."""
 
@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from buffer.client import ActorRegistry, LearnerStatusStore, WeightsStore
+from buffer.client import ActorRegistry, LearnerStatusStore, ReplayTable, WeightsStore
 from buffer.schema import LearnerStatus, SampledItem, WeightsInfo
 from learner.acks import PendingAcks, ack_checkpointed, ack_lease
 from learner.batch import Batch, batch_metrics, sample_batch
@@ -62,14 +62,17 @@ class StepReport:
     export_blocking_s: float = 0.0
 
 
-class OtherRankServices:
-    """Rank > 0: every service is rank 0's; these do nothing."""
+class RankServices:
+    """The services as the loop calls them. This base serves ranks > 0: every service is rank 0's, so its methods
+    do nothing; `RankZeroServices` overrides them."""
 
     def __init__(self) -> None:
         self.history: list[dict[str, Any]] = []
         """The metrics lines written (rank 0 only)."""
         self.pending: PendingAcks | None = None
         """Leases of trained batches held until a checkpoint (rank 0, with deferred acks)."""
+        self.table: ReplayTable | None = None
+        """The replay table, for acks and priorities (rank 0)."""
 
     def version_floor(self) -> int:
         """The lowest next policy version the actors allow (an actor may hold a newer lineage; learner/push.py)."""
@@ -90,7 +93,7 @@ class OtherRankServices:
     def finish(self, state: LearnerState) -> None: ...
 
 
-class RankZeroServices(OtherRankServices):
+class RankZeroServices(RankServices):
     """Rank 0: owns the training log, the pending acks, the exporter and pusher, the metrics log and the status."""
 
     def __init__(self, state: LearnerState, live: LiveStatus, push_fn: PushFn | None) -> None:

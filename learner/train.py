@@ -52,7 +52,7 @@ from learner.live import LiveStatus
 from learner.loss_config import GrpoLossConfig, SftLossConfig
 from learner.push import PushFn
 from learner.replay import age_metrics, residual_metrics
-from learner.services import OtherRankServices, RankZeroServices, StepReport
+from learner.services import RankServices, RankZeroServices, StepReport
 from learner.settings import LearnerSettings
 
 log = logging.getLogger(__name__)
@@ -82,11 +82,15 @@ class LearnerState:
     table: ReplayTable
     run_dir: Path
     ckpt_dir: Path
+    """`<run_dir>/checkpoints`."""
     rank: int
     world: int
+    """Data-parallel ranks (batch_size is divisible by it)."""
     guard: StabilityGuard
     step: int = 0
+    """Optimizer steps taken (resumed from the checkpoint)."""
     version: int = 0
+    """The policy version of the current weights (repaired at start: never reused)."""
     last_ckpt_step: int = 0
     resumed_from: str | None = None
     """The checkpoint tag this start resumed from."""
@@ -136,7 +140,7 @@ def train(
     stop = stop or threading.Event()
     live = live or LiveStatus()
     state = setup(settings)
-    services = RankZeroServices(state, live, push_fn) if state.rank == 0 else OtherRankServices()
+    services = RankZeroServices(state, live, push_fn) if state.rank == 0 else RankServices()
     services.start(state)
     log.info("learner rank %d/%d ready at step %d (loss %s)", state.rank, state.world, state.step, settings.loss.kind)
     try:
@@ -154,7 +158,7 @@ def train(
                        model=state.engine.module)
 
 
-def train_step(state: LearnerState, services: OtherRankServices, stop: threading.Event) -> bool:
+def train_step(state: LearnerState, services: RankServices, stop: threading.Event) -> bool:
     """One step (sample, reference, gradients, optimizer step, ack, publish, log, checkpoint); False once stopped
     while waiting for a batch."""
     settings = state.settings
@@ -186,10 +190,10 @@ def train_step(state: LearnerState, services: OtherRankServices, stop: threading
     return True
 
 
-def skip_non_finite(state: LearnerState, services: OtherRankServices, leases: list[str], acc: Accumulated) -> None:
+def skip_non_finite(state: LearnerState, services: RankServices, leases: list[str], acc: Accumulated) -> None:
     """A non-finite loss or gradient: no update, nothing published (learner/guard.py); the guard may respond."""
     response = skip_step(
-        state.engine, state.guard, state.table if state.rank == 0 else None, leases,
+        state.engine, state.guard, services.table, leases,
         acc.residuals.gathered(state.world), state.step + 1,
     )
     if response is not None and response != "warn":
@@ -217,7 +221,7 @@ def step_report(
     )
 
 
-def advance(state: LearnerState, services: OtherRankServices, items: list[Any], leases: list[str]) -> None:
+def advance(state: LearnerState, services: RankServices, items: list[Any], leases: list[str]) -> None:
     """The step counts: step and version advance; the batch is acked (consumed) once a checkpoint holds it."""
     state.step += 1
     state.version = next_version(state.version, services.version_floor())
@@ -225,7 +229,7 @@ def advance(state: LearnerState, services: OtherRankServices, items: list[Any], 
     services.ack(leases, len(items))
 
 
-def publish_step(state: LearnerState, services: OtherRankServices, report: StepReport) -> None:
+def publish_step(state: LearnerState, services: RankServices, report: StepReport) -> None:
     """Every K steps: check the weights (on every rank, so that all roll back together) and export them; then
     catch up the actors that lag the newest export."""
     if state.step % state.push_every == 0:
@@ -238,7 +242,7 @@ def publish_step(state: LearnerState, services: OtherRankServices, report: StepR
     services.catch_up()
 
 
-def carry_out(state: LearnerState, services: OtherRankServices, response: str) -> None:
+def carry_out(state: LearnerState, services: RankServices, response: str) -> None:
     """The guard's response (lr back-off or rollback, learner/guard.py `respond`) on every rank."""
     state.version = respond(
         response, state.engine, state.ckpt_dir, services.pending,
@@ -246,7 +250,7 @@ def carry_out(state: LearnerState, services: OtherRankServices, response: str) -
     )
 
 
-def checkpoint(state: LearnerState, services: OtherRankServices) -> None:
+def checkpoint(state: LearnerState, services: RankServices) -> None:
     """A resumable checkpoint of this step (every rank), then rank 0 acks the leases it holds."""
     settings = state.settings
     save_checkpoint(state.engine, state.ckpt_dir, state.step, state.version, state.rank, settings.keep_checkpoints)
@@ -254,7 +258,7 @@ def checkpoint(state: LearnerState, services: OtherRankServices) -> None:
     services.checkpointed(state.step, state.version)
 
 
-def shutdown(state: LearnerState, services: OtherRankServices) -> None:
+def shutdown(state: LearnerState, services: RankServices) -> None:
     """Exit: a checkpoint of the last step (unless it has one), then the final weights published and delivered."""
     if state.step > state.last_ckpt_step:
         checkpoint(state, services)
