@@ -149,7 +149,7 @@ def train(
                 break
     except BaseException as e:
         live.update(state="failed", error=repr(e))
-        services.fail(state, e)
+        services.fail(state)
         raise
     finally:
         services.close_metrics()
