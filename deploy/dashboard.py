@@ -24,20 +24,16 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
+from learner.metrics import (
+    BATCH_REWARD_MEAN,
+    NEVER_TRAINED_FRAC,
+    REUSE_RATIO,
+    VERSION_LAG_MAX,
+    VERSION_LAG_MEAN,
+    replay_usage,
+)
+
 log = logging.getLogger(__name__)
-
-# Names the learner may use for the batch's mean reward / version lag in its status metrics (first found wins).
-_REWARD_KEYS = ("reward_mean", "train_reward", "reward", "batch_reward_mean")
-_LAG_KEYS = ("age_versions_mean", "version_lag_mean", "staleness_mean", "age_mean")
-_LAG_MAX_KEYS = ("age_versions_max", "version_lag_max", "staleness_max", "age_max")
-
-
-def _first(d: dict[str, Any], keys: Sequence[str]) -> float | None:
-    for k in keys:
-        if d.get(k) is not None:
-            return float(d[k])
-    return None
-
 
 @dataclass
 class ActorView:
@@ -74,24 +70,18 @@ class Snapshot:
         return {n: int(s.get("restarts") or 0) for n, s in self.services.items()}
 
     @property
-    def train_reward(self) -> float | None:
-        return _first(self.learner_metrics, _REWARD_KEYS)
+    def batch_reward_mean(self) -> float | None:
+        """The learner's last batch reward (learner/metrics.py names every key read here)."""
+        return self.learner_metrics.get(BATCH_REWARD_MEAN)
 
     @property
-    def lag_mean(self) -> float | None:
-        return _first(self.learner_metrics, _LAG_KEYS)
+    def version_lag_mean(self) -> float | None:
+        return self.learner_metrics.get(VERSION_LAG_MEAN)
 
     @property
-    def reuse_ratio(self) -> float | None:
-        """Items handed to the learner per item inserted (1.0 = each trained once)."""
-        inserts = self.buffer.get("inserts")
-        return self.buffer.get("samples", 0) / inserts if inserts else None
-
-    @property
-    def never_trained_frac(self) -> float | None:
-        """Inserted trajectories never handed to the learner yet (left unsampled or still waiting), over inserts."""
-        inserts, sampled = self.buffer.get("inserts"), self.buffer.get("sampled_distinct")
-        return 1.0 - sampled / inserts if inserts and sampled is not None else None
+    def replay_usage(self) -> dict[str, float]:
+        """reuse_ratio, never_trained_frac, dropped_stale_frac of the buffer so far ({} before any insert)."""
+        return replay_usage(self.buffer)
 
     @property
     def tokens_per_s(self) -> float:
@@ -99,17 +89,18 @@ class Snapshot:
 
     def record(self) -> dict[str, Any]:
         """The flat JSON record written to metrics.jsonl."""
+        usage = self.replay_usage
         rec: dict[str, Any] = {
             "t": time.time(),
             "wall_s": round(self.wall_s, 3),
             "learner_step": self.learner_step,
             "policy_version": self.learner_version,
-            "train_reward": self.train_reward,
-            "age_versions_mean": self.lag_mean,
-            "age_versions_max": _first(self.learner_metrics, _LAG_MAX_KEYS),
+            BATCH_REWARD_MEAN: self.batch_reward_mean,
+            VERSION_LAG_MEAN: self.version_lag_mean,
+            VERSION_LAG_MAX: self.learner_metrics.get(VERSION_LAG_MAX),
             "tokens_per_s": round(self.tokens_per_s, 1),
-            "reuse_ratio": self.reuse_ratio,
-            "never_trained_frac": self.never_trained_frac,
+            REUSE_RATIO: usage.get(REUSE_RATIO),
+            NEVER_TRAINED_FRAC: usage.get(NEVER_TRAINED_FRAC),
             "actor_versions": {a.actor_id: a.policy_version for a in self.actors},
             "actor_trajectories": {a.actor_id: a.trajectories for a in self.actors},
             "prompts_queued": self.prompts_queued,
@@ -244,8 +235,8 @@ def render(snap: Snapshot, title: str = "tbrm", budget: str = "") -> Panel:
     )
     head.add_row(
         f"held-out acc [bold green]{acc}[/]",
-        f"train reward [bold]{_fmt(snap.train_reward)}[/]",
-        f"version lag {_fmt(snap.lag_mean, '.2f')}",
+        f"batch reward [bold]{_fmt(snap.batch_reward_mean)}[/]",
+        f"version lag {_fmt(snap.version_lag_mean, '.2f')}",
         f"tokens/s [bold]{snap.tokens_per_s:,.0f}[/]",
     )
     b = snap.buffer
@@ -255,10 +246,10 @@ def render(snap: Snapshot, title: str = "tbrm", budget: str = "") -> Panel:
         f"acks {b.get('acks', '-')}  leased {b.get('leased', '-')}",
         f"stale-dropped {b.get('dropped_stale', '-')}  queued prompts {snap.prompts_queued if snap.prompts_queued is not None else '-'}",
     )
-    m = snap.learner_metrics
+    m, usage = snap.learner_metrics, snap.replay_usage
     head.add_row(
-        f"reuse {_fmt(snap.reuse_ratio, '.2f')}",
-        f"never trained {_fmt(snap.never_trained_frac, '.1%')}",
+        f"reuse {_fmt(usage.get(REUSE_RATIO), '.2f')}",
+        f"never trained {_fmt(usage.get(NEVER_TRAINED_FRAC), '.1%')}",
         f"data age {_fmt(m.get('age_s_mean'), '.1f')} s",
         f"guard skipped {_fmt(m.get('guard_skipped_steps'), '.0f')} responses {_fmt(m.get('guard_responses'), '.0f')}",
     )
@@ -276,7 +267,7 @@ def render(snap: Snapshot, title: str = "tbrm", budget: str = "") -> Panel:
             f"{a.tokens_per_s:,.0f}", str(a.trajectories), a.state,
         )  # fmt: skip
     parts: list[Any] = [head, Text(""), actors]
-    shown = {k: m[k] for k in ("loss", "residual_mean", "v0_mean", "grad_norm", "step_s") if k in m}
+    shown = {k: m[k] for k in ("loss", "residual_mean", "v0_mean", "grad_norm", "step_time_s") if k in m}
     if shown:
         parts.append(Text("  ".join(f"{k} {v:.4g}" for k, v in shown.items()), style="dim"))
     line = services_line(snap)
@@ -309,8 +300,8 @@ def plain_line(snap: Snapshot) -> str:
     return (
         f"[{snap.wall_s:6.0f}s] step={snap.learner_step if snap.learner_step is not None else '-'} "
         f"version={snap.learner_version if snap.learner_version is not None else '-'} actors[{versions}] "
-        f"reward={_fmt(snap.train_reward)} acc={acc} buffer={snap.buffer.get('size', '-')} "
-        f"lag={_fmt(snap.lag_mean, '.2f')} tok/s={snap.tokens_per_s:.0f}"
+        f"reward={_fmt(snap.batch_reward_mean)} acc={acc} buffer={snap.buffer.get('size', '-')} "
+        f"lag={_fmt(snap.version_lag_mean, '.2f')} tok/s={snap.tokens_per_s:.0f}"
     ) + (f" {services_line(snap)}" if services_line(snap) else "")
 
 

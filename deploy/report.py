@@ -2,8 +2,9 @@
 
     python -m deploy.report RUN_DIR      # (re)draw plots/ and print summary.json
 
-Inputs are the run directory's `metrics.jsonl` (dashboard polls: learner step, train reward, version lag) and
-`eval.jsonl` (held-out evaluations); see `deploy/run_dir.py`.
+Inputs are the run directory's `metrics.jsonl` (dashboard polls: learner step, batch reward, version lag), the
+learner's own `learner/metrics.jsonl` (every step) and `eval.jsonl` (held-out evaluations); see
+`deploy/run_dir.py`. Metric keys are the learner's (learner/metrics.py).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from deploy.run_dir import RunDir
+from learner.metrics import AGE_S_MEAN, BATCH_REWARD_MEAN, GRAD_CLIPPED, VERSION_LAG_MEAN, replay_usage
 
 log = logging.getLogger(__name__)
 
@@ -32,11 +34,11 @@ def _series(records: Sequence[dict[str, Any]], x: str, y: str) -> tuple[list[flo
 def version_lags(metrics: Sequence[dict[str, Any]]) -> list[float]:
     """Version lag (learner version - behaviour policy version) of trained batches, one value per learner step.
 
-    The learner reports the mean age of each sampled batch in its status (`age_versions_mean`); the dashboard
-    records it per poll, so keep one value per distinct learner step."""
+    The learner reports the mean version lag of each sampled batch in its status (`version_lag_mean`); the
+    dashboard records it per poll, so keep one value per distinct learner step."""
     seen: dict[int, float] = {}
     for r in metrics:
-        step, lag = r.get("learner_step"), r.get("age_versions_mean")
+        step, lag = r.get("learner_step"), r.get(VERSION_LAG_MEAN)
         if step is None or lag is None or step in seen:
             continue
         seen[int(step)] = float(lag)
@@ -48,9 +50,9 @@ def learner_lags(run: RunDir) -> list[float]:
     from deploy.run_dir import read_jsonl
 
     return [
-        float(r["version_lag_mean"])
+        float(r[VERSION_LAG_MEAN])
         for r in read_jsonl(run.path / "learner" / "metrics.jsonl")
-        if r.get("version_lag_mean") is not None
+        if r.get(VERSION_LAG_MEAN) is not None
     ]
 
 
@@ -62,15 +64,9 @@ def replay_summary(run: RunDir, buffer: dict[str, Any]) -> dict[str, float]:
     `buffer` is the final `TableStats` dump."""
     from deploy.run_dir import read_jsonl
 
-    out: dict[str, float] = {}
-    inserts = float(buffer.get("inserts") or 0)
-    if inserts > 0:
-        out["reuse_ratio"] = round(float(buffer.get("samples") or 0) / inserts, 4)
-        out["never_trained_frac"] = round(1.0 - float(buffer.get("sampled_distinct") or 0) / inserts, 4)
-        out["dropped_stale_frac"] = round(float(buffer.get("dropped_stale") or 0) / inserts, 4)
+    out = {k: round(v, 4) for k, v in replay_usage(buffer).items()}
     rows = read_jsonl(run.path / "learner" / "metrics.jsonl")
-    for key, name in (("version_lag_mean", "age_versions_mean"), ("age_s_mean", "age_s_mean"),
-                      ("grad_clipped", "grad_clip_frac")):
+    for key, name in ((VERSION_LAG_MEAN, VERSION_LAG_MEAN), (AGE_S_MEAN, AGE_S_MEAN), (GRAD_CLIPPED, "grad_clip_frac")):
         vals = [float(r[key]) for r in rows if r.get(key) is not None]
         if vals:
             out[name] = round(sum(vals) / len(vals), 4)
@@ -95,8 +91,8 @@ def _learner_rewards(run: RunDir, metrics: Sequence[dict[str, Any]]) -> tuple[li
     from deploy.run_dir import read_jsonl
 
     rows = read_jsonl(run.path / "learner" / "metrics.jsonl")
-    pts = [(float(r["step"]), float(r["batch_reward_mean"])) for r in rows
-           if r.get("step") is not None and r.get("batch_reward_mean") is not None]
+    pts = [(float(r["step"]), float(r[BATCH_REWARD_MEAN])) for r in rows
+           if r.get("step") is not None and r.get(BATCH_REWARD_MEAN) is not None]
     return ([p[0] for p in pts], [p[1] for p in pts]) if pts else None
 
 
@@ -127,7 +123,7 @@ def make_plots(run: RunDir) -> list[Path]:
         ax[0].set_xlabel(xlabel)
         ax[0].set_ylabel("accuracy")
         ax[0].set_title(f"held-out accuracy vs {xlabel}")
-        mx, my = _series(metrics, x, "train_reward")
+        mx, my = _series(metrics, x, BATCH_REWARD_MEAN)
         per_step = _learner_rewards(run, metrics) if x == "learner_step" else None
         if per_step:
             mx, my = per_step

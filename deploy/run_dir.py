@@ -58,7 +58,7 @@ class Summary(BaseModel):
     """Replay table counters at the end (size, inserts, samples, acks, leased, dropped_stale, ...)."""
     replay: dict[str, float] = Field(default_factory=dict)
     """How the buffer was used (deploy.report.replay_summary): reuse_ratio, never_trained_frac,
-    dropped_stale_frac, age_versions_mean, age_s_mean, grad_clip_frac, guard_skipped_steps, guard_responses."""
+    dropped_stale_frac, version_lag_mean, age_s_mean, grad_clip_frac, guard_skipped_steps, guard_responses."""
     eval_points: int = 0
     exit_reason: str = ""
     """steps | minutes | interrupted | crashed:<service> | learner_done."""

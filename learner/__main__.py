@@ -33,8 +33,9 @@ def main(argv: list[str] | None = None) -> None:
     logging.getLogger("httpx").setLevel(logging.WARNING)
 
     # Heavy imports only after the settings parsed (a bad flag fails in milliseconds).
-    from learner.live import LiveStatus  # noqa: PLC0415
-    from learner.train import configure_environment, train  # noqa: PLC0415
+    from learner.engine import configure_environment
+    from learner.live import LiveStatus
+    from learner.train import train
 
     configure_environment()
     stop = threading.Event()
@@ -49,9 +50,9 @@ def main(argv: list[str] | None = None) -> None:
 
     server = None
     if rank == 0 and settings.port:
-        import uvicorn  # noqa: PLC0415
+        import uvicorn
 
-        from learner.app import create_app  # noqa: PLC0415
+        from learner.app import create_app
 
         config = uvicorn.Config(
             create_app(settings, live), host=settings.host, port=settings.port, log_level="warning",

@@ -146,8 +146,18 @@ def patient_redis(client: redis.Redis, attempts: int = 10) -> redis.Redis:
     """Let every call of the learner's Redis client ride out a Redis restart (~1-5 s: supervisor back-off plus
     the AOF load) instead of failing after the default 3 quick retries (`buffer.client.connect`). The table's
     scripts are safe to re-run (a retried sample is detected, acks and inserts are idempotent)."""
-    from redis.backoff import ExponentialBackoff  # noqa: PLC0415
-    from redis.retry import Retry  # noqa: PLC0415
+    from redis.backoff import ExponentialBackoff
+    from redis.retry import Retry
 
     client.set_retry(Retry(ExponentialBackoff(cap=2.0, base=0.1), attempts))
     return client
+
+
+def ack_checkpointed(pending: PendingAcks | None) -> None:
+    """After a checkpoint: ack the leases of every step it holds (rank 0; no-op without deferred acks)."""
+    if pending is None:
+        return
+    acked, held = pending.ack_all()
+    if acked < held:
+        # an expired lease (see PendingAcks.renew) or items evicted by max_size while leased
+        log.warning("acked %d of %d checkpointed items; the rest expired or were evicted", acked, held)

@@ -16,45 +16,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from buffer.schema import WeightsInfo
 from learner.live import LiveStatus
+from learner.metrics import GAUGES, prometheus_name
 from learner.settings import LearnerSettings
-
-# metric key in the loop's metrics line -> (Prometheus name, help)
-GAUGES: dict[str, tuple[str, str]] = {
-    "step": ("tbrm_learner_step", "Optimizer steps taken"),
-    "policy_version": ("tbrm_learner_policy_version", "Current policy version (one per step)"),
-    "loss": ("tbrm_learner_loss", "Loss of the last step"),
-    "residual_mean": ("tbrm_learner_residual_mean", "Mean TBRM residual delta(tau) of the last batch"),
-    "residual_std": ("tbrm_learner_residual_std", "Std of the TBRM residuals of the last batch"),
-    "residual_abs_max": ("tbrm_learner_residual_abs_max", "Max |residual| of the last batch"),
-    "v0_mean": ("tbrm_learner_v0_mean", "Mean V(s_1) = logsumexp of the policy logits at the last prompt token"),
-    "log_ratio_sum_mean": ("tbrm_learner_log_ratio_sum_mean", "Mean summed log(pi/pi_ref) over the response"),
-    "batch_reward_mean": ("tbrm_learner_reward_mean", "Mean reward of the last batch"),
-    "frac_correct": ("tbrm_learner_frac_correct", "Fraction of the last batch graded correct"),
-    "version_lag_mean": ("tbrm_learner_version_lag_mean", "Mean learner_version - policy_version of the batch"),
-    "version_lag_max": ("tbrm_learner_version_lag_max", "Max learner_version - policy_version of the batch"),
-    "grad_norm": ("tbrm_learner_grad_norm", "Global gradient norm before clipping"),
-    "lr": ("tbrm_learner_lr", "Learning rate of the last step"),
-    "step_time_s": ("tbrm_learner_step_seconds", "Wall time of the last step (sample to push)"),
-    "sample_time_s": ("tbrm_learner_sample_seconds", "Time waiting for the batch"),
-    "ref_time_s": ("tbrm_learner_ref_seconds", "Time of the reference forward (0 when cached)"),
-    "train_time_s": ("tbrm_learner_train_seconds", "Forward/backward/step time"),
-    "tokens_per_s": ("tbrm_learner_tokens_per_second", "Tokens processed per second of training compute"),
-    "push_latency_s": ("tbrm_learner_push_latency_seconds", "Latency of the last successful weight push"),
-    "pushes_ok": ("tbrm_learner_pushes_ok", "Successful weight pushes since start"),
-    "pushes_failed": ("tbrm_learner_pushes_failed", "Failed weight pushes since start"),
-    "buffer_size": ("tbrm_learner_buffer_size", "Replay table size seen by the last sample"),
-    "age_s_mean": ("tbrm_learner_age_seconds_mean", "Mean seconds since the trained trajectories were generated"),
-    "reuse_ratio": ("tbrm_learner_reuse_ratio", "Items sampled per item inserted in the replay table"),
-    "never_trained_frac": ("tbrm_learner_never_trained_frac", "Inserted trajectories never sampled, over inserts"),
-    "residual_mean_correct": ("tbrm_learner_residual_mean_correct", "Mean residual of rewarded trajectories"),
-    "residual_mean_incorrect": ("tbrm_learner_residual_mean_incorrect", "Mean residual of unrewarded trajectories"),
-    "log_ratio_sum_mean_incorrect": ("tbrm_learner_log_ratio_sum_mean_incorrect",
-                                     "Mean summed log(pi/pi_ref) of unrewarded trajectories"),
-    "kl_snis": ("tbrm_learner_kl_snis", "Self-normalized IS estimate of KL(pi || pi_ref) on the batch"),
-    "grad_clipped": ("tbrm_learner_grad_clipped", "1 if the last step's gradient norm was clipped"),
-    "guard_skipped_steps": ("tbrm_learner_guard_skipped_steps", "Steps skipped for a non-finite loss or gradient"),
-    "guard_responses": ("tbrm_learner_guard_responses", "Stability-guard responses (rollback / lr back-off)"),
-}
 
 
 class Health(BaseModel):
@@ -87,7 +50,7 @@ class StatusResponse(BaseModel):
 def create_app(settings: LearnerSettings, live: LiveStatus) -> FastAPI:
     app = FastAPI(title="tbrm learner", version="1", description="Status of the DeepSpeed learner (read-only).")
     registry = CollectorRegistry()
-    gauges = {key: Gauge(name, doc, registry=registry) for key, (name, doc) in GAUGES.items()}
+    gauges = {key: Gauge(prometheus_name(key), doc, registry=registry) for key, doc in GAUGES.items()}
     up = Gauge("tbrm_learner_running", "1 while the training loop runs", registry=registry)
 
     @app.get("/health", response_model=Health)

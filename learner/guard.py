@@ -19,10 +19,15 @@ from before the first strike's weights, i.e. of step <= first_strike_step - 2 (k
 from __future__ import annotations
 
 import logging
+import math
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from buffer.client import ReplayTable
+from learner.acks import PendingAcks, ack_checkpointed
 from learner.settings import GuardSettings
 
 log = logging.getLogger(__name__)
@@ -90,8 +95,12 @@ def grad_norm(module: torch.nn.Module) -> float | None:
 
 
 def params_finite(module: torch.nn.Module) -> bool:
-    """Whether every parameter is finite (checked before weights are exported to the actors)."""
-    return all(bool(torch.isfinite(p.detach()).all()) for p in module.parameters())
+    """Whether every parameter is finite (checked before weights are exported to the actors).
+
+    One host synchronisation for the whole model (a per-tensor `bool(...)` would wait on the device once per
+    parameter)."""
+    flags = [torch.isfinite(p.detach()).all() for p in module.parameters()]
+    return bool(torch.stack(flags).all()) if flags else True
 
 
 def all_ranks_agree(ok: bool, world_size: int) -> bool:
@@ -112,3 +121,58 @@ def scale_lr(engine: Any, factor: float) -> float:
     for group in engine.optimizer.param_groups:
         group["lr"] *= factor
     return float(engine.optimizer.param_groups[0]["lr"])
+
+
+def skip_step(
+    engine: Any, guard: StabilityGuard, table: ReplayTable | None, leases: list[str],
+    values: dict[str, tuple[float, float, float]], step: int,
+) -> str | None:
+    """Discard a non-finite step's gradients; returns the guard's response if this was one strike too many.
+
+    Items whose own residual is not finite are poison (e.g. an absurd reward) and are acked away (by rank 0, the
+    one given the `table`) so they cannot stall the learner; the others' leases expire and they come back."""
+    engine.zero_grad()
+    guard.skipped_steps += 1
+    poison = [item_id for item_id, (delta, _, _) in values.items() if not math.isfinite(delta)]
+    if table is not None and poison:
+        for lease in leases:
+            table.ack(lease, poison)
+    return guard.strike(step, f"non-finite loss or gradient, step skipped ({len(poison)} poison items acked)")
+
+
+def checkpoint_at_or_before(ckpt_dir: Path, step: int) -> str | None:
+    """Tag of the newest complete checkpoint of a step <= `step` (tags are `step-<8 digits>`)."""
+    tags = sorted(
+        (int(p.name.removeprefix("step-")), p.name) for p in ckpt_dir.glob("step-*")
+        if p.is_dir() and p.name.removeprefix("step-").isdigit()
+    )
+    ok = [tag for s, tag in tags if s <= step]
+    return ok[-1] if ok else None
+
+
+def respond(
+    response: str, engine: Any, ckpt_dir: Path, pending: PendingAcks | None, lr_backoff_factor: float,
+    version: int, publish: Callable[[int], Any], safe_step: int,
+) -> int:
+    """Carry out the guard's response; returns the policy version to continue from.
+
+    rollback: restore the newest checkpoint of a step <= `safe_step` (model, optimizer, scheduler) on every rank,
+    then back off the lr. The batches held since the last checkpoint are acked (their updates are discarded with
+    the diverged weights rather than retrained), and the restored weights are published as a NEW version (versions
+    never repeat or go back; `publish` exports on rank 0 and does nothing on the others). Without such a
+    checkpoint, a rollback is an lr back-off only."""
+    tag = checkpoint_at_or_before(ckpt_dir, safe_step) if response == "rollback" else None
+    if tag is None and not params_finite(engine.module):
+        raise RuntimeError("the weights are not finite and there is no checkpoint to roll back to")
+    if tag is not None:
+        base = list(engine.lr_scheduler.base_lrs)
+        engine.load_checkpoint(str(ckpt_dir), tag=tag)
+        engine.lr_scheduler.base_lrs = base  # keep earlier back-offs; the checkpoint's base predates them
+        ack_checkpointed(pending)
+    lr = scale_lr(engine, lr_backoff_factor)
+    log.warning("stability guard: %s (checkpoint %s), lr now %.3g", response, tag or "none", lr)
+    if tag is None:
+        return version
+    version += 1
+    publish(version)
+    return version

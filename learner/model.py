@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 
 def load_causal_lm(path: str | Path, dtype: str = "float32", trainable: bool = True) -> PreTrainedModel:
     """Load an HF causal LM from a local folder (offline). A frozen model is put in eval mode without grads."""
-    from transformers import AutoModelForCausalLM  # noqa: PLC0415
+    from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=getattr(torch, dtype), local_files_only=True)
     # No dropout in the objective: the residual must be a deterministic function of the parameters.
@@ -195,7 +195,7 @@ def response_logprobs(
     at once (SmolLM2's 49k vocabulary: 16 x 256 x 49152 fp32 logits would be 805 MB, twice with their gradient).
     Same values as `learner.loss.token_logprobs(response_logits(...))`; padded positions gather token 0.
     """
-    from torch.utils.checkpoint import checkpoint  # noqa: PLC0415
+    from torch.utils.checkpoint import checkpoint
 
     T = mb.tokens.shape[1]
     P = mb.prompt_len

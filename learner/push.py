@@ -83,7 +83,7 @@ class WeightPusher:
         canary_max_drift: float = 0.05,
     ) -> None:
         if push_fn is None:
-            from actor_service.client import push_weights  # noqa: PLC0415
+            from actor_service.client import push_weights
 
             push_fn = push_weights
         self._push_fn = push_fn

@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 
 from buffer.client import ReplayTable
-from buffer.schema import SampledItem, TableStats
+from buffer.schema import SampledItem
 from learner.loss import TRAJ_PREFIX
 
 
@@ -105,13 +105,3 @@ def age_metrics(items: list[SampledItem], now: float | None = None) -> dict[str,
     now = time.time() if now is None else now
     ages = [max(0.0, now - it.trajectory.created_at) for it in items]
     return {"age_s_mean": sum(ages) / len(ages), "age_s_max": max(ages)}
-
-
-def reuse_metrics(stats: TableStats) -> dict[str, float]:
-    """Buffer-wide replay figures: reuse ratio (items handed out per item inserted) and the fraction of inserted
-    trajectories never handed to the learner so far (left the table unsampled, or still waiting in it)."""
-    inserts = max(stats.inserts, 1)
-    return {
-        "reuse_ratio": stats.samples / inserts,
-        "never_trained_frac": 1.0 - stats.sampled_distinct / inserts,
-    }

@@ -58,7 +58,7 @@ class _Backend(Protocol):
 
 
 def _import(name: str, module: str) -> Any:
-    import importlib  # noqa: PLC0415
+    import importlib
 
     try:
         return importlib.import_module(module)
@@ -221,7 +221,7 @@ class MetricsLog:
     trackers as `train/<key>` at that step."""
 
     def __init__(self, path: Path, tracker: Tracker | None = None) -> None:
-        self.file = open(path, "a", buffering=1)  # noqa: SIM115  (closed by close())
+        self.file = open(path, "a", buffering=1)  # closed by close()
         self.tracker = tracker
 
     def write(self, record: dict[str, Any]) -> None:

@@ -70,7 +70,7 @@ def snapshot_state_dict(module: torch.nn.Module, dtype: torch.dtype | None = Non
 
 def write_weights(tensors: dict[str, torch.Tensor], weights_dir: Path, version: int, keep: int = 3) -> WeightsInfo:
     """Serialize in memory, hash those bytes, write `policy-v<version>.safetensors` atomically; its WeightsInfo."""
-    from safetensors.torch import save  # noqa: PLC0415
+    from safetensors.torch import save
 
     weights_dir.mkdir(parents=True, exist_ok=True)
     final = weights_path(weights_dir, version)
@@ -90,7 +90,7 @@ def export_weights(
     module: torch.nn.Module, weights_dir: Path, version: int, keep: int = 3, dtype: str | None = None
 ) -> WeightsInfo:
     """Write `policy-v<version>.safetensors` under `weights_dir` and return its WeightsInfo (sha256, size, path)."""
-    import torch  # noqa: PLC0415
+    import torch
 
     return write_weights(hf_state_dict(module, getattr(torch, dtype) if dtype else None), weights_dir, version, keep)
 

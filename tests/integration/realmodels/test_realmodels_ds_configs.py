@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from learner.model import load_causal_lm
 from learner.settings import LearnerSettings
-from learner.train import configure_environment, deepspeed_config
+from learner.engine import configure_environment, deepspeed_config
 
 repo, config, model_dir = Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3])
 torch.set_num_threads(1)

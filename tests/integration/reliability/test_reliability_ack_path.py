@@ -47,8 +47,8 @@ def test_acks_ride_out_a_redis_restart(aof_redis: RedisProcess) -> None:
 
 
 def test_sync_mode_renews_the_leases_it_holds_while_waiting(redis_url: str, tmp_path: Path) -> None:
+    from learner.batch import sample_batch
     from learner.settings import LearnerSettings
-    from learner.train import sample_batch
 
     t = _table(redis_url)
     t.insert([_traj(0, version=0), _traj(9, version=1)])  # one for this version, one from another

@@ -21,11 +21,11 @@ from learner.checkpoints import latest_checkpoint, save_checkpoint
 def engine() -> Any:
     import deepspeed
 
-    from learner.train import _forget_stale_deepspeed_world_group, configure_environment
+    from learner.engine import configure_environment, forget_stale_deepspeed_world_group
 
     configure_environment()
     deepspeed.init_distributed(dist_backend="gloo")
-    _forget_stale_deepspeed_world_group()  # an earlier vLLM test in this process may have rebuilt the group
+    forget_stale_deepspeed_world_group()  # an earlier vLLM test in this process may have rebuilt the group
     model = torch.nn.Linear(4, 4)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     eng, *_ = deepspeed.initialize(model=model, optimizer=opt, config={

@@ -93,10 +93,10 @@ def test_bad_configs_are_refused(tmp_path: Path) -> None:
 def test_run_dir_records_and_plots(tmp_path: Path) -> None:
     rd = RunDir(tmp_path / "run")
     for step in range(1, 11):
-        rd.append_metrics({"wall_s": step * 2.0, "learner_step": step, "train_reward": step / 10,
-                           "age_versions_mean": step % 3})
-        rd.append_metrics({"wall_s": step * 2.0 + 1, "learner_step": step, "train_reward": step / 10,
-                           "age_versions_mean": step % 3})
+        rd.append_metrics({"wall_s": step * 2.0, "learner_step": step, "batch_reward_mean": step / 10,
+                           "version_lag_mean": step % 3})
+        rd.append_metrics({"wall_s": step * 2.0 + 1, "learner_step": step, "batch_reward_mean": step / 10,
+                           "version_lag_mean": step % 3})
     for step, acc in ((0, 0.3), (5, 0.6), (10, 0.9)):
         rd.append_eval({"learner_step": step, "wall_s": step * 2.0, "accuracy": acc})
     with rd.metrics_path.open("a") as f:
@@ -132,7 +132,7 @@ def test_dashboard_renders_live_and_plain() -> None:
     line = plain_line(snap)
     assert "step=7" in line and "actor-0=v6" in line and "acc=0.700" in line
     rec = snap.record()
-    assert rec["train_reward"] == 0.625 and rec["age_versions_mean"] == 1.5 and rec["buffer_acks"] == 112
+    assert rec["batch_reward_mean"] == 0.625 and rec["version_lag_mean"] == 1.5 and rec["buffer_acks"] == 112
     # not a terminal: plain lines, at most one per interval
     import io
 

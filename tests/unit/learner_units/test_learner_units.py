@@ -16,10 +16,12 @@ from fastapi import FastAPI, HTTPException, Request
 
 from actor_service.client import push_weights
 from buffer.schema import ActorInfo, Trajectory, WeightsInfo
+from learner.accumulate import reduce_metrics
+from learner.batch import shard_items
+from learner.engine import lr_lambda
 from learner.model import collate, load_causal_lm, plan_micro_batches, reference_logprobs
 from learner.push import WeightPusher
 from learner.settings import LearnerSettings
-from learner.train import lr_lambda, reduce_metrics, shard_items
 from learner.weights import export_weights, hf_state_dict, sha256_file
 
 
@@ -221,7 +223,7 @@ def test_pusher_never_blocks_and_catches_up(tmp_path):
 def test_deepspeed_config_keeps_user_keys_and_owns_batch_keys(tmp_path):
     import json
 
-    from learner.train import deepspeed_config
+    from learner.engine import deepspeed_config
 
     user = tmp_path / "ds.json"
     user.write_text(json.dumps({"bf16": {"enabled": True}, "zero_optimization": {"stage": 1}, "train_batch_size": 999}))

@@ -91,7 +91,7 @@ def test_the_learner_builds_its_deepspeed_config_from_the_gpu_configs(
     """The learner's own config builder on each JSON, then DeepSpeed's config parser (no GPU needed)."""
     from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
 
-    from learner.train import deepspeed_config
+    from learner.engine import deepspeed_config
 
     for name in GPU_CONFIGS:
         out = tmp_path / name

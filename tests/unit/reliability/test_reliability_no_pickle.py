@@ -9,7 +9,7 @@ and a string that merely mentions pickle are told apart. Rules, for every module
   safe_serialization=False)` nor `from_pretrained(..., use_safetensors=False)`;
 - DeepSpeed's `engine.save_checkpoint` / `engine.load_checkpoint` (torch.save/torch.load of model + optimizer
   state) exactly at the one documented place: the learner's resumable checkpoint on its local disk
-  (`learner/checkpoints.py` function `save_checkpoint`, `learner/train.py` function `train`). That file never
+  (`learner/checkpoints.py` function `save_checkpoint`, `learner/engine.py` function `resume`). That file never
   travels: what travels (weight pushes, exported weights for actors and catch-up) is safetensors, checked at run
   time below.
 
@@ -34,8 +34,8 @@ DEEPSPEED_CHECKPOINT_METHODS = {"save_checkpoint", "load_checkpoint"}
 ALLOWED_DEEPSPEED_CALLS = {
     # (file, enclosing function, method): the learner's own resumable DeepSpeed checkpoint (local disk only)
     ("learner/checkpoints.py", "save_checkpoint", "save_checkpoint"),
-    ("learner/train.py", "train", "load_checkpoint"),
-    ("learner/train.py", "respond", "load_checkpoint"),  # the stability guard's rollback to the learner's own
+    ("learner/engine.py", "resume", "load_checkpoint"),
+    ("learner/guard.py", "respond", "load_checkpoint"),  # the stability guard's rollback to the learner's own
 }
 
 
