@@ -11,6 +11,8 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -20,7 +22,14 @@ SHA256_HEADER = "X-TBRM-Sha256"
 
 DEFAULT_SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."
 TOY_SYSTEM_PROMPT = "Answer in \\boxed{}."
-"""The short system turn the toy model was warmed up with (actor_service.toy_model)."""
+"""The short system turn the toy model was warmed up with (deploy.toy_warmup)."""
+
+
+def default_toy_model_dir() -> Path:
+    """`$TBRM_HOME/models/toy` (TBRM_HOME defaults to `~/.cache/tbrm`): the toy model's folder, used when no model
+    is configured. Built by deploy.toy_model (`tbrm toy-model`, `tbrm prepare`, `tbrm up`), read by the services."""
+    home = Path(os.environ.get("TBRM_HOME", Path.home() / ".cache" / "tbrm")).expanduser()
+    return home / "models" / "toy"
 
 
 CANARY_LENGTH = 48

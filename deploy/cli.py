@@ -248,7 +248,7 @@ def model_smollm2(
     print(path)
 
 
-# ---- tbrm toy-model (foundation engineer; implementation in actor_service/toy_model.py) ----
+# ---- tbrm toy-model (implementation in deploy/toy_model.py and deploy/toy_warmup.py) ----
 
 
 @app.command("toy-model")
@@ -262,7 +262,7 @@ def toy_model(
 
     from rich.console import Console
 
-    from actor_service.toy_model import WARMUP, ensure_toy_model, read_warmup_report
+    from deploy.toy_model import WARMUP, ensure_toy_model, read_warmup_report
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     t0 = time.monotonic()

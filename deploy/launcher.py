@@ -230,7 +230,7 @@ class Cluster:
         """Build the toy model before any service needs it (actors and learner would otherwise race to build it),
         and give the actors the system prompt the model was warmed up with (a toy model answers garbage under
         another one)."""
-        from actor_service.toy_model import TOY_SYSTEM_PROMPT, default_toy_model_dir, ensure_toy_model  # noqa: PLC0415
+        from deploy.toy_model import TOY_SYSTEM_PROMPT, default_toy_model_dir, ensure_toy_model  # noqa: PLC0415
 
         actor, learner = self.config["actor"], self.config["learner"]
         if not actor.get("model_dir") and not learner.get("model_path"):

@@ -78,7 +78,7 @@ def load_queue(run: RunSection, config: dict[str, Any], redis_url: str) -> int:
 def prepare_cluster(run: RunSection, data: dict[str, Any], redis_url: str, *, model: bool, prompts: bool) -> None:
     """Steps 2 and 3 of the module docstring (toy model if used, prompt queue if empty)."""
     if model and uses_toy_model(data):
-        from actor_service.toy_model import ensure_toy_model  # noqa: PLC0415 (transformers: heavy)
+        from deploy.toy_model import ensure_toy_model  # noqa: PLC0415 (transformers: heavy)
 
         log.info("toy model ready at %s", ensure_toy_model())
     if prompts:

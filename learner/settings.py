@@ -36,7 +36,8 @@ DEFAULT_PORT = 8003
 def default_model_dir() -> Path:
     """`$TBRM_HOME/models/toy` (TBRM_HOME defaults to `~/.cache/tbrm`): where the toy model is cached.
 
-    Computed here rather than imported from `actor_service.toy_model`, which the learner may not import.
+    Computed here rather than imported from `deploy.toy_model`, which the learner may not import (the same path as
+    `actor_service.schema.default_toy_model_dir`).
     """
     return Path(os.environ.get("TBRM_HOME", "~/.cache/tbrm")).expanduser() / "models" / "toy"
 

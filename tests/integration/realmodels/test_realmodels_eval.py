@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from actor_service.toy_model import TOY_SYSTEM_PROMPT
+from actor_service.schema import TOY_SYSTEM_PROMPT
 from buffer.data import toy_splits, write_dataset
 from deploy.cli import app
 from deploy.eval_protocol import grade
