@@ -72,18 +72,32 @@ class ActorRuntime:
     # ---- views ----
     def health(self) -> ActorHealth:
         eng = self.engine
-        return ActorHealth(status="ok" if eng is not None else "starting", actor_id=self.settings.actor_id,
-                           policy_version=eng.version if eng is not None else None, state=self.metrics.state)
+        return ActorHealth(
+            status="ok" if eng is not None else "starting",
+            actor_id=self.settings.actor_id,
+            policy_version=eng.version if eng is not None else None,
+            state=self.metrics.state,
+        )
 
     def status(self) -> ActorStatus:
         eng, m = self.require_engine(), self.metrics
         tok_s, traj_s = m.rates()
         return ActorStatus(
-            actor_id=self.settings.actor_id, policy_version=eng.version, model=str(eng.model_dir), state=m.state,
-            trajectories=m.total_trajectories, tokens_generated=m.total_tokens, tokens_per_s=tok_s,
-            trajectories_per_s=traj_s, last_batch_s=m.last_batch_s, last_update_s=m.last_update_s,
-            weight_updates=m.total_updates, pushes_refused=m.total_refused, prompts_in_flight=m.prompts_in_flight,
-            loop_enabled=self.settings.run_loop, last_error=m.last_error,
+            actor_id=self.settings.actor_id,
+            policy_version=eng.version,
+            model=str(eng.model_dir),
+            state=m.state,
+            trajectories=m.total_trajectories,
+            tokens_generated=m.total_tokens,
+            tokens_per_s=tok_s,
+            trajectories_per_s=traj_s,
+            last_batch_s=m.last_batch_s,
+            last_update_s=m.last_update_s,
+            weight_updates=m.total_updates,
+            pushes_refused=m.total_refused,
+            prompts_in_flight=m.prompts_in_flight,
+            loop_enabled=self.settings.run_loop,
+            last_error=m.last_error,
         )
 
     # ---- read-only generation ----
@@ -91,34 +105,57 @@ class ActorRuntime:
         """422 for a request over this actor's generate limits (before any work)."""
         s = self.settings
         if req.max_tokens > s.generate_max_tokens:
-            raise HTTPException(status_code=422, detail=f"max_tokens={req.max_tokens} exceeds this actor's "
-                                                        f"generate_max_tokens={s.generate_max_tokens}")
+            raise HTTPException(
+                status_code=422,
+                detail=f"max_tokens={req.max_tokens} exceeds this actor's "
+                f"generate_max_tokens={s.generate_max_tokens}",
+            )
         if len(req.prompts) * req.n > s.generate_max_samples:
-            raise HTTPException(status_code=422, detail=f"{len(req.prompts)} prompts x n={req.n} exceeds this "
-                                                        f"actor's generate_max_samples={s.generate_max_samples}")
+            raise HTTPException(
+                status_code=422,
+                detail=f"{len(req.prompts)} prompts x n={req.n} exceeds this "
+                f"actor's generate_max_samples={s.generate_max_samples}",
+            )
 
     def generate(self, req: GenerateRequest) -> GenerateResponse:
         """`/v1/generate` (blocking: the route runs it in a worker thread)."""
         eng = self.require_engine()
         if req.chat:
-            ids = [eng.chat_token_ids([{"role": "user", "content": p}], self.settings.system_prompt)
-                   for p in req.prompts]
+            ids = [
+                eng.chat_token_ids([{"role": "user", "content": p}], self.settings.system_prompt)
+                for p in req.prompts
+            ]
         else:
             ids = [eng.text_token_ids(p) for p in req.prompts]
         for i, p in enumerate(ids):
             if not p:
                 raise HTTPException(status_code=422, detail=f"prompt {i} is empty after tokenization")
             if not eng.fits(p):
-                raise HTTPException(status_code=422,
-                                    detail=f"prompt {i} has {len(p)} tokens; max_model_len is {eng.max_model_len}")
-        gen = eng.generate(ids, n=req.n, temperature=req.temperature, top_p=req.top_p, max_tokens=req.max_tokens,
-                           seed=req.seed)
+                raise HTTPException(
+                    status_code=422,
+                    detail=f"prompt {i} has {len(p)} tokens; max_model_len is {eng.max_model_len}",
+                )
+        gen = eng.generate(
+            ids,
+            n=req.n,
+            temperature=req.temperature,
+            top_p=req.top_p,
+            max_tokens=req.max_tokens,
+            seed=req.seed,
+        )
         results = [
-            GenerateResult(prompt_token_ids=p, samples=[
-                GeneratedSample(text=s.text, token_ids=s.token_ids, finish_reason=s.finish_reason,
-                                logprobs=s.logprobs if req.logprobs else None)
-                for s in group
-            ])
+            GenerateResult(
+                prompt_token_ids=p,
+                samples=[
+                    GeneratedSample(
+                        text=s.text,
+                        token_ids=s.token_ids,
+                        finish_reason=s.finish_reason,
+                        logprobs=s.logprobs if req.logprobs else None,
+                    )
+                    for s in group
+                ],
+            )
             for p, group in zip(ids, gen.samples, strict=True)
         ]
         return GenerateResponse(policy_version=gen.version_start, results=results, latency_s=gen.latency_s)

@@ -26,7 +26,7 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import suppress
 from typing import TYPE_CHECKING, Any, Protocol
@@ -63,20 +63,26 @@ class PushRefused(HTTPException):
 
 
 class _Stream(Protocol):
-    def stream(self): ...  # noqa: ANN201, D102  (starlette's Request.stream: an async iterator of bytes)
+    def stream(self) -> AsyncIterator[bytes]: ...  # starlette's Request.stream
 
 
 class WeightReceiver:
     """Receives, verifies and applies pushed weights, one push at a time (the push lock)."""
 
-    def __init__(self, settings: ActorSettings, metrics: ActorMetrics, engine: Callable[[], ActorEngine]) -> None:
+    def __init__(
+        self, settings: ActorSettings, metrics: ActorMetrics, engine: Callable[[], ActorEngine]
+    ) -> None:
         self.settings = settings
         self.metrics = metrics
         self._engine = engine  # the engine once started; raises a 503 HTTPException before
         self._lock = asyncio.Lock()
 
     async def receive(
-        self, request: Any, authorization: str | None, raw_version: str | None, sha256: str | None,
+        self,
+        request: Any,
+        authorization: str | None,
+        raw_version: str | None,
+        sha256: str | None,
         content_length: str | None,
     ) -> WeightUpdateResponse:
         """The whole push (see the module docstring); refusals raise PushRefused and are counted by reason."""
@@ -89,7 +95,11 @@ class WeightReceiver:
             raise
 
     async def _receive(
-        self, request: Any, authorization: str | None, raw_version: str | None, sha256: str | None,
+        self,
+        request: Any,
+        authorization: str | None,
+        raw_version: str | None,
+        sha256: str | None,
         declared: int | None,
     ) -> WeightUpdateResponse:
         eng = self._engine()
@@ -105,8 +115,9 @@ class WeightReceiver:
                 t0 = time.perf_counter()
                 body, digest = await receive_body(request, declared, self.settings.max_weight_bytes)
                 if not hmac.compare_digest(digest, sha256):
-                    raise PushRefused(400, "checksum", f"sha256 mismatch: body hashes to {digest}, header says "
-                                                       f"{sha256}")
+                    raise PushRefused(
+                        400, "checksum", f"sha256 mismatch: body hashes to {digest}, header says {sha256}"
+                    )
                 tensors = await run_in_threadpool(self._parse, eng, body)
                 receive_s = time.perf_counter() - t0
                 load_s = await run_in_threadpool(self._apply, eng, tensors, version)
@@ -118,8 +129,13 @@ class WeightReceiver:
             raise stale
         self.metrics.record_update(version, load_s, receive_s, len(body))
         return WeightUpdateResponse(
-            policy_version=version, sha256=digest, nbytes=len(body), receive_s=receive_s, load_s=load_s,
-            canary_s=canary_s, canary_logprobs=canary,
+            policy_version=version,
+            sha256=digest,
+            nbytes=len(body),
+            receive_s=receive_s,
+            load_s=load_s,
+            canary_s=canary_s,
+            canary_logprobs=canary,
         )
 
     # ---- checks before the body ----
@@ -128,7 +144,9 @@ class WeightReceiver:
         if not token:
             raise PushRefused(401, "auth", "weight pushes are disabled on this actor: set TBRM_AUTH_TOKEN")
         if not authorization or not authorization.startswith("Bearer "):
-            raise PushRefused(401, "auth", "missing bearer token: send 'Authorization: Bearer <TBRM_AUTH_TOKEN>'")
+            raise PushRefused(
+                401, "auth", "missing bearer token: send 'Authorization: Bearer <TBRM_AUTH_TOKEN>'"
+            )
         if not hmac.compare_digest(authorization[7:].strip().encode(), token.encode()):
             raise PushRefused(401, "auth", "wrong bearer token")
 
@@ -151,8 +169,11 @@ class WeightReceiver:
     def _stale(version: int, eng: ActorEngine) -> PushRefused | None:
         if version > eng.version:
             return None
-        return PushRefused(409, "version", f"policy version {version} is not newer than the actor's current "
-                                           f"version {eng.version}")
+        return PushRefused(
+            409,
+            "version",
+            f"policy version {version} is not newer than the actor's current version {eng.version}",
+        )
 
     # ---- after the body ----
     def _parse(self, eng: ActorEngine, body: bytes | bytearray) -> dict[str, Any]:
@@ -196,7 +217,9 @@ class WeightReceiver:
 
 def _parse_version(raw: str | None) -> int:
     if raw is None:
-        raise PushRefused(400, "headers", f"missing {VERSION_HEADER} header (the new policy version, an integer)")
+        raise PushRefused(
+            400, "headers", f"missing {VERSION_HEADER} header (the new policy version, an integer)"
+        )
     try:
         version = int(raw)
     except ValueError:

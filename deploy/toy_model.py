@@ -21,11 +21,14 @@ Run: `tbrm toy-model [--out DIR] [--force]` (prints the held-out accuracy).
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
 import os
 import random
+import shutil
+import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -35,8 +38,14 @@ from deploy.toy_warmup import WARMUP, toy_data, toy_response, warm_up
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerFast
 
-__all__ = ["TOY_SYSTEM_PROMPT", "WARMUP", "build_tiny_random_model", "default_toy_model_dir", "ensure_toy_model",
-           "read_warmup_report"]
+__all__ = [
+    "TOY_SYSTEM_PROMPT",
+    "WARMUP",
+    "build_tiny_random_model",
+    "default_toy_model_dir",
+    "ensure_toy_model",
+    "read_warmup_report",
+]
 
 log = logging.getLogger(__name__)
 
@@ -109,10 +118,11 @@ def _bpe_corpus(seed: int = 1234, n: int = 3000) -> list[str]:
     ] * 20
     return lines
 
+
 def build_tokenizer() -> PreTrainedTokenizerFast:
     """Train the byte-level BPE (deterministic) and wrap it with the chat template and special tokens."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # noqa: PLC0415
-    from transformers import PreTrainedTokenizerFast  # noqa: PLC0415
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence(
@@ -142,8 +152,9 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     fast.chat_template = CHAT_TEMPLATE
     return fast
 
+
 def _qwen2_config(tokenizer: PreTrainedTokenizerFast) -> Any:
-    from transformers import Qwen2Config  # noqa: PLC0415
+    from transformers import Qwen2Config
 
     cfg = dict(MODEL_CONFIG)
     rope_theta = cfg.pop("rope_theta")
@@ -158,8 +169,9 @@ def _qwen2_config(tokenizer: PreTrainedTokenizerFast) -> Any:
         **cfg,
     )
 
+
 def _save(model: Any, tokenizer: PreTrainedTokenizerFast, out_dir: Path) -> None:
-    from transformers import GenerationConfig  # noqa: PLC0415
+    from transformers import GenerationConfig
 
     out_dir.mkdir(parents=True, exist_ok=True)
     model.generation_config = GenerationConfig(
@@ -172,13 +184,15 @@ def _save(model: Any, tokenizer: PreTrainedTokenizerFast, out_dir: Path) -> None
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
 
+
 def _new_model(tokenizer: PreTrainedTokenizerFast, seed: int) -> Any:
-    import torch  # noqa: PLC0415
-    from transformers import Qwen2ForCausalLM  # noqa: PLC0415
+    import torch
+    from transformers import Qwen2ForCausalLM
 
     torch.manual_seed(seed)
     model = Qwen2ForCausalLM(_qwen2_config(tokenizer))
     return model.to(torch.float32).eval()
+
 
 def build_tiny_random_model(out_dir: str | Path, seed: int = 0) -> Path:
     """Save an untrained toy model (same tokenizer and architecture as the warmed-up one) to `out_dir`."""
@@ -188,6 +202,7 @@ def build_tiny_random_model(out_dir: str | Path, seed: int = 0) -> Path:
     _save(model, tokenizer, out)
     log.info("built tiny random model in %s", out)
     return out
+
 
 def recipe_hash() -> str:
     """Hash of everything that determines the toy model: cached folders with another hash are rebuilt."""
@@ -216,12 +231,14 @@ MARKER_FILE = "tbrm_toy_model.json"
 WARMUP_FILE = "warmup.json"
 """The warm-up report: held-out greedy accuracy, steps, seconds, accuracy history."""
 
+
 def _is_current(folder: Path) -> bool:
     try:
         marker = json.loads((folder / MARKER_FILE).read_text())
     except (OSError, json.JSONDecodeError):
         return False
     return marker.get("recipe_hash") == recipe_hash() and (folder / "model.safetensors").exists()
+
 
 def build_toy_model(out_dir: str | Path) -> dict[str, Any]:
     """Build the tokenizer and model, run the warm-up and save everything into `out_dir` (not cached)."""
@@ -237,16 +254,13 @@ def build_toy_model(out_dir: str | Path) -> dict[str, Any]:
     (out / MARKER_FILE).write_text(json.dumps({"recipe_hash": report["recipe_hash"], "name": TOY_MODEL_NAME}))
     return report
 
+
 def ensure_toy_model(out_dir: str | Path | None = None, force: bool = False) -> Path:
     """The warmed-up toy model folder: reused when its marker matches the current recipe, else (re)built.
 
     Safe to call from several processes at once: a file lock serializes builders, and the folder is built
     under a temporary name and renamed into place, so readers never see a half-written model.
     """
-    import fcntl  # noqa: PLC0415
-    import shutil  # noqa: PLC0415
-    import tempfile  # noqa: PLC0415
-
     out = Path(out_dir) if out_dir is not None else default_toy_model_dir()
     if not force and _is_current(out):
         return out
@@ -272,9 +286,13 @@ def ensure_toy_model(out_dir: str | Path | None = None, force: bool = False) -> 
             shutil.rmtree(tmp, ignore_errors=True)
         log.info(
             "toy model ready in %s: held-out greedy accuracy %.3f after %d steps (%.0f s)",
-            out, report["held_out_accuracy"], report["steps"], report["warmup_s"],
+            out,
+            report["held_out_accuracy"],
+            report["steps"],
+            report["warmup_s"],
         )
     return out
+
 
 def read_warmup_report(folder: str | Path) -> dict[str, Any]:
     """The warm-up report saved next to a toy model."""

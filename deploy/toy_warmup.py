@@ -63,6 +63,7 @@ WARMUP: dict[str, Any] = {
 
 _BOXED = r"\\boxed\{([^{}]*)\}"
 
+
 def toy_response(question: str, gold: str) -> str:
     """Target response of the warm-up: a short column-arithmetic scratchpad, then the boxed answer.
 
@@ -88,16 +89,21 @@ def toy_response(question: str, gold: str) -> str:
     tens = x // 10 - y // 10 - borrow
     return f"{x}-{y}:{top}-{y % 10}={units},{x // 10}-{y // 10}-{borrow}={tens}. \\boxed{{{gold}}}"
 
+
 def boxed_answer(text: str) -> str | None:
     """Content of the last `\\boxed{...}` in `text` (flat braces only: toy answers are integers)."""
     found = re.findall(_BOXED, text)
     return found[-1].strip() if found else None
 
-def chat_messages(question_messages: list[dict[str, str]], system_prompt: str = TOY_SYSTEM_PROMPT) -> list[dict]:
+
+def chat_messages(
+    question_messages: list[dict[str, str]], system_prompt: str = TOY_SYSTEM_PROMPT
+) -> list[dict]:
     """The messages the actor renders: its system prompt, then the problem's own turns."""
     if question_messages and question_messages[0]["role"] == "system":
         return list(question_messages)
     return [{"role": "system", "content": system_prompt}, *question_messages]
+
 
 def _encode_prompts(tokenizer: PreTrainedTokenizerFast, prompts: list[Any]) -> list[list[int]]:
     """Token ids exactly as `apply_chat_template(chat_messages(p.messages), add_generation_prompt=True)` gives.
@@ -124,32 +130,37 @@ def _encode_prompts(tokenizer: PreTrainedTokenizerFast, prompts: list[Any]) -> l
         )
     return tokenizer(texts, add_special_tokens=False)["input_ids"]
 
+
 def greedy_accuracy(
-    model: Any, tokenizer: PreTrainedTokenizerFast, prompts: list[Any], max_new_tokens: int = 48,
-    batch_size: int = 256,
+    model: Any, tokenizer: PreTrainedTokenizerFast, prompts: list[Any], max_new_tokens: int = 48, batch_size: int = 256
 ) -> float:
     """Share of `prompts` whose greedy response's last boxed answer equals the gold answer exactly."""
-    import torch  # noqa: PLC0415
+    import torch
 
     model.eval()
     correct = 0
     ids = _encode_prompts(tokenizer, prompts)
     pad = tokenizer.pad_token_id
     for start in range(0, len(prompts), batch_size):
-        chunk = ids[start:start + batch_size]
+        chunk = ids[start : start + batch_size]
         width = max(len(x) for x in chunk)
         # Left padding, so every row's next token is predicted at the last position.
         input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in chunk])
         attention = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in chunk])
         with torch.no_grad():
             out = model.generate(
-                input_ids=input_ids, attention_mask=attention, max_new_tokens=max_new_tokens, do_sample=False,
-                eos_token_id=tokenizer.eos_token_id, pad_token_id=pad,
+                input_ids=input_ids,
+                attention_mask=attention,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=pad,
             )
         texts = tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
-        for text, p in zip(texts, prompts[start:start + batch_size], strict=True):
+        for text, p in zip(texts, prompts[start : start + batch_size], strict=True):
             correct += boxed_answer(text) == p.gold
     return correct / max(1, len(prompts))
+
 
 def _common_prefix(seqs: list[list[int]]) -> list[int]:
     """Longest common prefix of all sequences, minus one token (every suffix keeps at least one prompt token,
@@ -159,12 +170,15 @@ def _common_prefix(seqs: list[list[int]]) -> list[int]:
     for x in seqs:
         while n > 0 and x[:n] != first[:n]:
             n -= 1
-    return first[:max(n, 0)]
+    return first[: max(n, 0)]
 
-def _forward(model: Any, prefix: list[int], batch: list[tuple[list[int], list[int]]], pad: int) -> tuple[Any, Any]:
+
+def _forward(
+    model: Any, prefix: list[int], batch: list[tuple[list[int], list[int]]], pad: int
+) -> tuple[Any, Any]:
     """Logits for (prompt suffix after the shared `prefix`, response + eos) pairs, right-padded, and the labels
     (-100 on prompt and padding: only response tokens count)."""
-    import torch  # noqa: PLC0415
+    import torch
 
     width = max(len(p) + len(a) for p, a in batch)
     ids = torch.full((len(batch), width), pad)
@@ -174,8 +188,8 @@ def _forward(model: Any, prefix: list[int], batch: list[tuple[list[int], list[in
     for row, (p, a) in enumerate(batch):
         seq = p + a
         ids[row, : len(seq)] = torch.tensor(seq)
-        attention[row, len(prefix): len(prefix) + len(seq)] = 1
-        labels[row, len(p): len(seq)] = torch.tensor(a)
+        attention[row, len(prefix) : len(prefix) + len(seq)] = 1
+        labels[row, len(p) : len(seq)] = torch.tensor(a)
     cache = None
     if prefix:
         cache = model(input_ids=torch.tensor([prefix]), use_cache=True).past_key_values
@@ -183,14 +197,16 @@ def _forward(model: Any, prefix: list[int], batch: list[tuple[list[int], list[in
     out = model(input_ids=ids, attention_mask=attention, past_key_values=cache, use_cache=cache is not None)
     return out.logits[:, :-1].float(), labels[:, 1:]
 
+
 def _sft_loss(model: Any, prefix: list[int], batch: list[tuple[list[int], list[int]]], pad: int) -> Any:
     """Mean next-token cross-entropy over the response tokens (prompt tokens carry no loss)."""
-    import torch  # noqa: PLC0415
+    import torch
 
     logits, labels = _forward(model, prefix, batch, pad)
     return torch.nn.functional.cross_entropy(
         logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100
     )
+
 
 def _teacher_forced_accuracy(
     model: Any, prefix: list[int], batch: list[tuple[list[int], list[int]]], pad: int
@@ -198,7 +214,7 @@ def _teacher_forced_accuracy(
     """Share of examples whose target response (with eos) is the argmax at every position. Greedy decoding then
     reproduces the target exactly, so this is a lower bound of greedy accuracy (equal in practice once the model
     has learned the format) at the cost of one forward pass instead of a decoding loop."""
-    import torch  # noqa: PLC0415
+    import torch
 
     model.eval()
     with torch.no_grad():
@@ -209,29 +225,36 @@ def _teacher_forced_accuracy(
 
 def toy_data(n_train: int | None = None) -> tuple[list[Any], list[Any]]:
     """The warm-up's train split and the held-out test split (the one the cluster evaluates on)."""
-    from buffer.client import toy_splits  # noqa: PLC0415  (the data helpers' public home)
+    from buffer.client import toy_splits  # the data helpers' public home
 
     return toy_splits(
-        WARMUP["n_train"] if n_train is None else n_train, WARMUP["n_test"],
-        digits=WARMUP["digits"], ops=WARMUP["ops"], seed=WARMUP["seed"],
+        WARMUP["n_train"] if n_train is None else n_train,
+        WARMUP["n_test"],
+        digits=WARMUP["digits"],
+        ops=WARMUP["ops"],
+        seed=WARMUP["seed"],
     )
 
 
-def _examples(tokenizer: PreTrainedTokenizerFast, prompts: list[Any], prefix: list[int] | None = None,
-              ) -> tuple[list[int], list[Example]]:
+def _examples(
+    tokenizer: PreTrainedTokenizerFast,
+    prompts: list[Any],
+    prefix: list[int] | None = None,
+) -> tuple[list[int], list[Example]]:
     """(shared prefix, examples) of `prompts`. Every toy prompt starts with the same tokens (template, system
     prompt, "What is"): that prefix runs once per step and its keys/values are reused for the whole batch (same
     math as the full forward, gradients flow into the prefix through the repeated cache; about a third fewer
     tokens per step). Pass the training prefix for the held-out prompts."""
     ids = _encode_prompts(tokenizer, prompts)
-    responses = tokenizer([toy_response(p.messages[-1]["content"], p.gold) for p in prompts],
-                          add_special_tokens=False)["input_ids"]
+    responses = tokenizer(
+        [toy_response(p.messages[-1]["content"], p.gold) for p in prompts], add_special_tokens=False
+    )["input_ids"]
     if prefix is None:
         prefix = _common_prefix(ids)
     elif any(p[: len(prefix)] != prefix for p in ids):
         raise ValueError("held-out prompts do not share the training prompts' template prefix")
     eos = tokenizer.eos_token_id
-    return prefix, [(p[len(prefix):], [*resp, eos]) for p, resp in zip(ids, responses, strict=True)]
+    return prefix, [(p[len(prefix) :], [*resp, eos]) for p, resp in zip(ids, responses, strict=True)]
 
 
 @dataclass
@@ -258,7 +281,7 @@ class _Run:
     history: list[dict[str, float]] = field(default_factory=list)
 
     def train_step(self) -> None:
-        import torch  # noqa: PLC0415
+        import torch
 
         self.model.train()
         size = self.r["batch_size"]
@@ -278,18 +301,27 @@ class _Run:
     def check(self) -> bool:
         """Held-out check (teacher-forced, then greedy once it reaches the target); True = stop here."""
         r = self.r
-        tf_acc = _teacher_forced_accuracy(self.model, self.prefix, self.test_examples, self.tokenizer.pad_token_id)
+        tf_acc = _teacher_forced_accuracy(
+            self.model, self.prefix, self.test_examples, self.tokenizer.pad_token_id
+        )
         if tf_acc >= r["fine_eval_from"]:
             self.eval_every = r["fine_eval_every"]
         entry = {"step": self.step, "teacher_forced_accuracy": tf_acc, "loss": self.loss}
         if tf_acc >= r["target_accuracy"]:
             # Confirm with real greedy decoding (what the cluster measures) before stopping.
-            self.accuracy, self.greedy_step = greedy_accuracy(self.model, self.tokenizer, self.test), self.step
+            self.accuracy, self.greedy_step = (
+                greedy_accuracy(self.model, self.tokenizer, self.test),
+                self.step,
+            )
             entry["greedy_accuracy"] = self.accuracy
         entry["elapsed_s"] = time.monotonic() - self.t0
         self.history.append(entry)
-        log.info("warm-up step %d loss %.3f held-out %s", self.step, self.loss,
-                 {k: round(v, 3) for k, v in entry.items() if k.endswith("accuracy")})
+        log.info(
+            "warm-up step %d loss %.3f held-out %s",
+            self.step,
+            self.loss,
+            {k: round(v, 3) for k, v in entry.items() if k.endswith("accuracy")},
+        )
         return self.greedy_step == self.step and self.accuracy >= r["band"][0]
 
     def report(self) -> dict[str, Any]:
@@ -307,7 +339,10 @@ class _Run:
 
 
 def warm_up(
-    model: Any, tokenizer: PreTrainedTokenizerFast, train: list[Any], test: list[Any],
+    model: Any,
+    tokenizer: PreTrainedTokenizerFast,
+    train: list[Any],
+    test: list[Any],
     recipe: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Supervised fine-tuning on (chat-templated prompt, target response + eos), loss on response tokens only.
@@ -315,7 +350,7 @@ def warm_up(
     Stops at the first evaluation with held-out greedy accuracy >= target (or at max_steps / the time budget)
     and returns a report: steps, accuracy history, seconds.
     """
-    import torch  # noqa: PLC0415
+    import torch
 
     r = {**WARMUP, **(recipe or {})}
     t0 = time.monotonic()
@@ -325,10 +360,24 @@ def warm_up(
         torch.manual_seed(r["seed"])
         rng = random.Random(r["seed"])
         prefix, examples = _examples(tokenizer, train)
-        opt = torch.optim.AdamW(model.parameters(), lr=r["lr"], weight_decay=r["weight_decay"], betas=(0.9, 0.98))
+        opt = torch.optim.AdamW(
+            model.parameters(), lr=r["lr"], weight_decay=r["weight_decay"], betas=(0.9, 0.98)
+        )
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / r["warmup_steps"]))
-        run = _Run(r, model, tokenizer, test, prefix, examples, _examples(tokenizer, test, prefix)[1], opt, sched,
-                   rng, t0=t0, eval_every=r["eval_every"])
+        run = _Run(
+            r,
+            model,
+            tokenizer,
+            test,
+            prefix,
+            examples,
+            _examples(tokenizer, test, prefix)[1],
+            opt,
+            sched,
+            rng,
+            t0=t0,
+            eval_every=r["eval_every"],
+        )
         while run.step < r["max_steps"]:
             if time.monotonic() - t0 > r["time_budget_s"]:
                 log.warning("warm-up time budget of %.0f s spent at step %d", r["time_budget_s"], run.step)
@@ -338,7 +387,9 @@ def warm_up(
                 break
         if run.greedy_step != run.step:
             run.accuracy = greedy_accuracy(model, tokenizer, test)
-            run.history.append({"step": run.step, "greedy_accuracy": run.accuracy, "elapsed_s": time.monotonic() - t0})
+            run.history.append(
+                {"step": run.step, "greedy_accuracy": run.accuracy, "elapsed_s": time.monotonic() - t0}
+            )
         model.eval()
         return run.report()
     finally:

@@ -19,7 +19,9 @@ from actor_service.loop import ActorLoop
 from buffer.client import PromptQueue, ReplayTable, TableConfig, connect, make_toy_task
 
 
-def _paused_run(redis_url: str, reward_url: str, engine, name: str, **kw) -> tuple[ActorLoop, PromptQueue, ReplayTable]:  # noqa: ANN001, ANN003
+def _paused_run(
+    redis_url: str, reward_url: str, engine, name: str, **kw
+) -> tuple[ActorLoop, PromptQueue, ReplayTable]:  # noqa: ANN001, ANN003
     """A loop whose first finished groups wait on a table with inserts paused (the buffer holds the actors back)."""
     r = connect(redis_url)
     queue = PromptQueue(r, name)
@@ -27,8 +29,10 @@ def _paused_run(redis_url: str, reward_url: str, engine, name: str, **kw) -> tup
     table_cfg = TableConfig(name=name, max_size=1000)
     table = ReplayTable(r, table_cfg)
     table.pause("inserts")
-    loop = ActorLoop(settings(redis_url, reward_url, actor_id=f"{name}-actor", prompt_queue=name, table=table_cfg,
-                              **kw), engine)
+    loop = ActorLoop(
+        settings(redis_url, reward_url, actor_id=f"{name}-actor", prompt_queue=name, table=table_cfg, **kw),
+        engine,
+    )
     loop.start()
     # the post thread has taken a finished group (record_generation comes first in _finish), graded it and waits
     wait_for(lambda: loop.metrics.total_tokens > 0, 60, "a finished group")
@@ -36,8 +40,12 @@ def _paused_run(redis_url: str, reward_url: str, engine, name: str, **kw) -> tup
     return loop, queue, table
 
 
-def test_stop_gives_claims_back_promptly_while_an_insert_waits(redis_url, reward_service, actor_engine) -> None:  # noqa: ANN001
-    loop, queue, table = _paused_run(redis_url, reward_service, actor_engine, "claims_stop", insert_timeout_s=30.0)
+def test_stop_gives_claims_back_promptly_while_an_insert_waits(
+    redis_url, reward_service, actor_engine
+) -> None:  # noqa: ANN001
+    loop, queue, table = _paused_run(
+        redis_url, reward_service, actor_engine, "claims_stop", insert_timeout_s=30.0
+    )
     try:
         assert queue.claimed() > 0 and table.stats().inserts == 0
         stopper = threading.Thread(target=loop.stop, name="stopper")
@@ -54,8 +62,9 @@ def test_stop_gives_claims_back_promptly_while_an_insert_waits(redis_url, reward
 
 
 def test_claims_are_renewed_during_backpressure(redis_url, reward_service, actor_engine) -> None:  # noqa: ANN001
-    loop, queue, table = _paused_run(redis_url, reward_service, actor_engine, "claims_renew", prompt_lease_s=2.0,
-                                     insert_timeout_s=0.5)
+    loop, queue, table = _paused_run(
+        redis_url, reward_service, actor_engine, "claims_renew", prompt_lease_s=2.0, insert_timeout_s=0.5
+    )
     try:
         held = {c["prompt_id"] for c in queue.claims(100)}
         assert held
