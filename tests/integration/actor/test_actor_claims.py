@@ -34,9 +34,13 @@ def _paused_run(
         engine,
     )
     loop.start()
-    # the post thread has taken a finished group (record_generation comes first in _finish), graded it and waits
-    wait_for(lambda: loop.metrics.total_tokens > 0, 60, "a finished group")
-    time.sleep(1.0)
+    try:
+        # the post thread has taken a finished group (record_generation comes first in _finish), graded it, waits
+        wait_for(lambda: loop.metrics.total_tokens > 0, 300, "a finished group")
+        time.sleep(1.0)
+    except BaseException:
+        loop.stop()
+        raise
     return loop, queue, table
 
 
