@@ -8,8 +8,9 @@ Continuous generation (vLLM's add_request/step loop, actor_service.engine), two 
 The engine never idles on the longest sequence of a batch. Backpressure: at most 2K sequences in flight plus
 waiting for insertion, so the engine stops after about K more once the buffer refuses inserts.
 
-Failures: reward down or the buffer holding inserts back -> wait and retry the same groups, renewing their prompt
-claims (every third of `prompt_lease_s`) so that no other actor is served them meanwhile; Redis down -> every call
+Failures: reward down or the buffer holding inserts back -> wait and retry the same groups; the prompt claims held
+are renewed (every third of `prompt_lease_s`, with the heartbeat and in those waits) so that no other actor is
+served them meanwhile; Redis down -> every call
 waits and retries; stop() (SIGTERM) -> no new prompts, this actor's requests are aborted and every claim not being
 inserted right now is given back at once (an orchestrator's grace period is shorter than a batch), an insert that
 waits on back-pressure gives up within `STOP_POLL_S`, groups already graded are inserted if that succeeds
@@ -165,6 +166,7 @@ class ActorLoop:
     def _heartbeat_loop(self) -> None:
         while not self._stop.wait(self.settings.heartbeat_interval_s):
             assert self._registry is not None
+            self._renew_claims()  # also covers a slow reward call, not only the waits that renew themselves
             try:
                 tok_s, _ = self.metrics.rates()
                 self._registry.heartbeat(
@@ -475,8 +477,9 @@ class ActorLoop:
         self._give_back_groups(None, keep_finishing=keep_finishing)
 
     def _renew_claims(self) -> None:
-        """Extend the claims of every prompt held to `prompt_lease_s` from now, at most every third of it (called
-        while waiting on the buffer or the reward service, so no other actor is served these prompts)."""
+        """Extend the claims of every prompt held to `prompt_lease_s` from now, at most every third of it (from the
+        heartbeat and while waiting on the buffer or the reward service), so no other actor is served prompts this
+        live actor still holds; a dead actor stops renewing and its claims expire."""
         lease = self.settings.prompt_lease_s
         if self._queue is None or time.monotonic() - self._renewed_at < lease / 3:
             return
