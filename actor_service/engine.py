@@ -34,7 +34,7 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypedDict, TypeVar, Unpack
 
 from actor_service.generation import (
     Call,
@@ -67,6 +67,19 @@ class WeightsApplyError(RuntimeError):
 
 
 Tensors = dict[str, Any]
+
+
+class Sampling(TypedDict, total=False):
+    """How `submit`/`generate` sample (vLLM SamplingParams of the same names)."""
+
+    n: int
+    temperature: float
+    top_p: float
+    max_tokens: int
+    seed: int | None
+
+
+SAMPLING_DEFAULTS: Sampling = {"n": 1, "temperature": 1.0, "top_p": 1.0, "max_tokens": 256, "seed": None}
 
 
 class ActorEngine:
@@ -294,16 +307,12 @@ class ActorEngine:
         self,
         prompt_token_ids: list[int],
         on_done: Callable[[Completion | None, BaseException | None], None],
-        *,
-        n: int = 1,
-        temperature: float = 1.0,
-        top_p: float = 1.0,
-        max_tokens: int = 256,
-        seed: int | None = None,
+        **sampling: Unpack[Sampling],
     ) -> str:
         """Start sampling n responses to one prompt; returns its request id. `on_done(completion, error)` runs on
-        the driver thread when all n are done (keep it short). max_tokens is clipped to fit max_model_len; a prompt that leaves no room
-        raises ValueError (callers filter with `fits`)."""
+        the driver thread when all n are done (keep it short). `sampling`: see `Sampling` (SAMPLING_DEFAULTS for
+        what is left out); max_tokens is clipped to fit max_model_len; a prompt that leaves no room raises
+        ValueError (callers filter with `fits`)."""
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
@@ -313,31 +322,20 @@ class ActorEngine:
                              f"max_model_len={self.max_model_len}")
         if self._closed.is_set():
             raise EngineClosed("the engine is closed")
-        params = SamplingParams(
-            n=n, temperature=temperature, top_p=top_p, max_tokens=min(max_tokens, room), logprobs=0, seed=seed,
-            skip_special_tokens=True, output_kind=RequestOutputKind.FINAL_ONLY,
-        )
+        args = {**SAMPLING_DEFAULTS, **sampling}
+        args["max_tokens"] = min(args["max_tokens"], room)
+        params = SamplingParams(**args, logprobs=0, skip_special_tokens=True, output_kind=RequestOutputKind.FINAL_ONLY)
         rid = f"r{next(self._ids)}"
         self._work.put(Request(rid, list(prompt_token_ids), params, on_done))
         return rid
 
-    def generate(
-        self,
-        prompt_token_ids: list[list[int]],
-        *,
-        n: int = 1,
-        temperature: float = 1.0,
-        top_p: float = 1.0,
-        max_tokens: int = 256,
-        seed: int | None = None,
-    ) -> Generation:
+    def generate(self, prompt_token_ids: list[list[int]], **sampling: Unpack[Sampling]) -> Generation:
         """Sample n responses per prompt (all in flight together) and wait for all of them."""
         futures: list[Future[Completion]] = []
         for ids in prompt_token_ids:
             fut: Future[Completion] = Future()
             futures.append(fut)
-            self.submit(ids, resolve(fut), n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens,
-                        seed=seed)
+            self.submit(ids, resolve(fut), **sampling)
         t0 = time.perf_counter()
         done = [f.result() for f in futures]
         latency = time.perf_counter() - t0
@@ -464,23 +462,15 @@ class ActorEngine:
             del self.llm
 
 
-def engine_from_settings(settings: Any) -> ActorEngine:
-    """Build the engine from ActorSettings (toy model when no model_dir is configured)."""
-    model_dir = settings.model_dir
-    if model_dir is None:
-        from actor_service.toy_model import ensure_toy_model
+ENGINE_SETTINGS = {
+    "dtype": "dtype", "max_model_len": "max_model_len", "kv_cache_bytes": "kv_cache_bytes",
+    "gpu_memory_utilization": "gpu_memory_utilization", "enforce_eager": "enforce_eager", "seed": "seed",
+    "threads": "vllm_threads", "initial_version": "initial_policy_version", "logprobs_mode": "logprobs_mode",
+}
+"""ActorEngine argument -> the ActorSettings field it comes from."""
 
-        model_dir = ensure_toy_model()
-    return ActorEngine(
-        model_dir,
-        dtype=settings.dtype,
-        max_model_len=settings.max_model_len,
-        kv_cache_bytes=settings.kv_cache_bytes,
-        gpu_memory_utilization=settings.gpu_memory_utilization,
-        enforce_eager=settings.enforce_eager,
-        seed=settings.seed,
-        threads=settings.vllm_threads,
-        initial_version=settings.initial_policy_version,
-        logprobs_mode=settings.logprobs_mode,
-        inflight_updates=settings.weight_updates == "inflight",
-    )
+
+def engine_from_settings(settings: Any) -> ActorEngine:
+    """Build the engine from ActorSettings (the toy model's folder when no model_dir is configured)."""
+    kwargs = {arg: getattr(settings, field) for arg, field in ENGINE_SETTINGS.items()}
+    return ActorEngine(settings.resolved_model_dir(), **kwargs, inflight_updates=settings.weight_updates == "inflight")

@@ -1,9 +1,10 @@
 """Prompt groups of the sampling loop: what is claimed and generated, how its samples are graded and turned into
-Trajectories, and reading an announced weights file for catch-up (actor_service.loop)."""
+Trajectories, and catching up to an announced weights file (actor_service.loop)."""
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import threading
 import uuid
 from collections.abc import Callable
@@ -11,10 +12,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from actor_service.engine import Completion
-from actor_service.weights import WeightsFormatError, parse_weights, read_into_memory
+from actor_service.engine import Completion, VersionConflict, WeightsApplyError
+from actor_service.weights import WeightsFormatError, WeightsMismatchError, parse_weights, read_into_memory
 from buffer.client import Prompt, Trajectory
 from reward.schema import MAX_GOLD_CHARS, MAX_RESPONSE_CHARS, GradeItem, GradeResult
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -80,3 +83,22 @@ def read_announced(path: Path, sha256: str, engine: Any, max_header_bytes: int) 
     if digest != sha256:
         raise WeightsFormatError(f"sha256 of {path} is {digest}, WeightsStore says {sha256}")
     return parse_weights(data, engine.spec, engine.optional, max_header_bytes)
+
+
+def catch_up(engine: Any, info: Any, failed: set[int], max_header_bytes: int) -> float | None:
+    """Apply the announced weights `info` (WeightsInfo) from their file when newer than the engine's and readable
+    here; returns the load seconds, or None (not newer, a push landed meanwhile, or unreadable: then the version
+    joins `failed` and is not tried again)."""
+    if info.version <= engine.version or info.version in failed or not info.path:
+        return None
+    path = Path(info.path)
+    try:
+        load_s = engine.apply_weights(read_announced(path, info.sha256, engine, max_header_bytes), info.version)
+    except VersionConflict:
+        return None  # a push landed meanwhile
+    except (OSError, WeightsFormatError, WeightsMismatchError, WeightsApplyError) as e:
+        failed.add(info.version)
+        log.warning("cannot catch up to weights version %d from %s (%s); waiting for a push", info.version, path, e)
+        return None
+    log.info("caught up to weights version %d from %s", info.version, path)
+    return load_s

@@ -8,9 +8,13 @@ Continuous generation (vLLM's add_request/step loop, actor_service.engine), two 
 The engine never idles on the longest sequence of a batch. Backpressure: at most 2K sequences in flight plus
 waiting for insertion, so the engine stops after about K more once the buffer refuses inserts.
 
-Failures: reward down -> backoff and retry the same groups (prompts stay claimed); Redis down -> every call waits
-and retries; stop() (SIGTERM) -> no new prompts, this actor's requests are aborted and their prompts given back,
-finished groups inserted if that succeeds promptly (else given back), deregister.
+Failures: reward down or the buffer holding inserts back -> wait and retry the same groups; the prompt claims held
+are renewed (every third of `prompt_lease_s`, with the heartbeat and in those waits) so that no other actor is
+served them meanwhile; Redis down -> every call
+waits and retries; stop() (SIGTERM) -> no new prompts, this actor's requests are aborted and every claim not being
+inserted right now is given back at once (an orchestrator's grace period is shorter than a batch), an insert that
+waits on back-pressure gives up within `STOP_POLL_S`, groups already graded are inserted if that succeeds
+promptly (else given back), deregister.
 Weights: pushes arrive over HTTP (actor_service.app); the engine applies them between two steps (`weight_updates =
 "inflight"`, samples record the versions of their first and last token) or once the requests in flight are done
 (`"between_batches"`). Before each refill a newer version announced in the WeightsStore is loaded from its file
@@ -27,16 +31,14 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
-from typing import TypeVar
 
 import redis as redis_lib
 
-from actor_service.engine import ActorEngine, Completion, VersionConflict, WeightsApplyError
-from actor_service.groups import Group, grade_items, read_announced, to_trajectories
+from actor_service.engine import ActorEngine, Completion
+from actor_service.groups import Group, catch_up, grade_items, to_trajectories
 from actor_service.metrics import ActorMetrics
+from actor_service.redis_calls import REDIS_ERRORS, RedisCalls, Stopping
 from actor_service.settings import ActorSettings
-from actor_service.weights import WeightsFormatError, WeightsMismatchError
 from buffer.client import (
     ActorInfo,
     ActorRegistry,
@@ -53,13 +55,9 @@ from reward.schema import GradeResult
 
 log = logging.getLogger(__name__)
 
-T = TypeVar("T")
-_REDIS_ERRORS = (redis_lib.ConnectionError, redis_lib.TimeoutError, OSError)
 MAX_GROUPS_PER_GRADE = 256  # most finished prompt groups graded in one reward call (all that are ready, up to this)
-
-
-class _Stopping(Exception):  # raised inside the loop when stop() was requested while waiting on a dependency
-    pass
+STOP_POLL_S = 1.0
+"""Longest single wait on the buffer's rate limiter: a waiting insert notices stop() (and renews claims) this often."""
 
 
 class ActorLoop:
@@ -81,11 +79,14 @@ class ActorLoop:
                                                     retries=2)
         self.capacity = settings.max_inflight_sequences or settings.prompts_per_batch * settings.n_samples_per_prompt
         self._stop = threading.Event()
+        self._redis_call = RedisCalls(self._stop, self.metrics)
         self._thread = threading.Thread(target=self._run, name=f"actor-feed-{self.actor_id}", daemon=True)
         self._hb_thread = threading.Thread(target=self._heartbeat_loop, name="actor-heartbeat", daemon=True)
         self._post_thread = threading.Thread(target=self._post_loop, name="actor-post", daemon=True)
         self._lock = threading.Lock()
         self._groups: dict[int, Group] = {}  # id(group) -> claimed, not yet done or given back
+        self._finishing: set[int] = set()  # ids of groups the post thread grades/inserts (stop() leaves them)
+        self._renewed_at = time.monotonic()
         self._in_engine = 0  # sequences submitted and not finished
         self._waiting = 0  # sequences finished and not yet inserted
         self._finished: queue.Queue[Group] = queue.Queue()
@@ -117,6 +118,10 @@ class ActorLoop:
         self._room.set()
         self.metrics.state = "stopping"
         deadline = time.monotonic() + timeout_s
+        # Claims first: SIGKILL follows SIGTERM after the grace period, and a claim left behind is stranded for
+        # prompt_lease_s. Only groups the post thread is inserting right now wait for it.
+        self._abort_own()
+        self._give_back_all(keep_finishing=True)
         for thread in (self._thread, self._post_thread):
             if thread.is_alive():
                 thread.join(max(0.0, deadline - time.monotonic()))
@@ -126,7 +131,7 @@ class ActorLoop:
         if self._hb_thread.is_alive():
             self._hb_thread.join(self.settings.heartbeat_interval_s + 5.0)
         if self._registered and self._registry is not None:
-            self._bounded(lambda: self._registry.deregister(self.actor_id), "deregister")
+            self._redis_call.bounded(lambda: self._registry.deregister(self.actor_id), "deregister")
             self._registered = False
         self.reward.close()
         if self._redis is not None:
@@ -134,47 +139,14 @@ class ActorLoop:
         self.metrics.state = "stopped"
         log.info("actor %s stopped after %d batches", self.actor_id, self.batches)
 
-    # ---- redis plumbing ----
-    def _retry_redis(self, fn: Callable[[], T], what: str) -> T:
-        """Call fn until Redis answers; waits with backoff while it is down. Always tries at least once (so a
-        group finishing during shutdown still gets inserted), then raises _Stopping if stop() was requested."""
-        delay = 0.2
-        while True:
-            try:
-                result = fn()
-                if self.metrics.state == "redis_unavailable":
-                    log.info("redis is back (%s)", what)
-                    self.metrics.state = "running"
-                return result
-            except _REDIS_ERRORS as e:
-                self.metrics.redis_errors.inc()
-                self.metrics.state = "redis_unavailable"
-                self.metrics.last_error = f"redis unavailable during {what}: {type(e).__name__}: {e}"
-                if self._stop.is_set():
-                    raise _Stopping from e
-                log.warning("%s; retrying in %.1fs", self.metrics.last_error, delay)
-                self._stop.wait(delay)
-                delay = min(delay * 2, 5.0)
-
-    def _bounded(self, fn: Callable[[], object], what: str, attempts: int = 5) -> bool:
-        """A few attempts regardless of stop (for give-back/deregister during shutdown)."""
-        for i in range(attempts):
-            try:
-                fn()
-                return True
-            except _REDIS_ERRORS as e:
-                log.warning("%s failed (attempt %d/%d): %s", what, i + 1, attempts, e)
-                time.sleep(min(0.2 * 2**i, 2.0))
-        log.error("%s failed after %d attempts", what, attempts)
-        return False
-
+    # ---- redis ----
     def _connect(self) -> None:
         self._redis = connect(self.settings.redis_url)
         r = self._redis
         self._queue = PromptQueue(r, self.settings.prompt_queue)
         self._registry = ActorRegistry(r)
         self._weights = WeightsStore(r)
-        self._table = self._retry_redis(lambda: ReplayTable(r, self.settings.table), "open the replay table")
+        self._table = self._redis_call.retry(lambda: ReplayTable(r, self.settings.table), "open the replay table")
 
     def _info(self) -> ActorInfo:
         tok_s, _ = self.metrics.rates()
@@ -186,7 +158,7 @@ class ActorLoop:
 
     def _register(self) -> None:
         assert self._registry is not None
-        self._retry_redis(lambda: self._registry.register(self._info(), ttl_s=self.settings.registry_ttl_s),
+        self._redis_call.retry(lambda: self._registry.register(self._info(), ttl_s=self.settings.registry_ttl_s),
                           "register")
         self._registered = True
         log.info("registered actor %s at %s", self.actor_id, self.settings.resolved_public_url())
@@ -194,6 +166,7 @@ class ActorLoop:
     def _heartbeat_loop(self) -> None:
         while not self._stop.wait(self.settings.heartbeat_interval_s):
             assert self._registry is not None
+            self._renew_claims()  # also covers a slow reward call, not only the waits that renew themselves
             try:
                 tok_s, _ = self.metrics.rates()
                 self._registry.heartbeat(
@@ -203,9 +176,9 @@ class ActorLoop:
             except KeyError:  # expired while Redis was away (or flushed): register again
                 try:
                     self._registry.register(self._info(), ttl_s=self.settings.registry_ttl_s)
-                except _REDIS_ERRORS as e:
+                except REDIS_ERRORS as e:
                     log.warning("re-register failed: %s", e)
-            except _REDIS_ERRORS as e:
+            except REDIS_ERRORS as e:
                 log.warning("heartbeat failed: %s", e)
 
     # ---- feed thread ----
@@ -216,7 +189,7 @@ class ActorLoop:
             self._hb_thread.start()
             self._post_thread.start()
             self._catch_up()
-        except _Stopping:
+        except Stopping:
             return
         self.metrics.state = "running"
         while not self._stop.is_set():
@@ -227,7 +200,7 @@ class ActorLoop:
                     self._room.wait(self.settings.idle_sleep_s)
                     continue
                 assert self._queue is not None
-                prompts = self._retry_redis(
+                prompts = self._redis_call.retry(
                     lambda want=want: self._queue.pop(want, self.actor_id, lease_s=self.settings.prompt_lease_s),
                     "pop prompts",
                 )
@@ -237,7 +210,7 @@ class ActorLoop:
                     self._stop.wait(self.settings.idle_sleep_s)
                     continue
                 self._submit(prompts)
-            except _Stopping:
+            except Stopping:
                 break
             except Exception as e:  # noqa: BLE001  (keep sampling: a bad prompt must not kill the actor)
                 log.exception("submitting prompts failed")
@@ -309,7 +282,7 @@ class ActorLoop:
                         skipped[:5])
             self.metrics.prompts_skipped.inc(len(skipped))
             assert self._queue is not None
-            self._retry_redis(lambda: self._queue.done(self.actor_id, skipped), "mark skipped prompts done")
+            self._redis_call.retry(lambda: self._queue.done(self.actor_id, skipped), "mark skipped prompts done")
 
     def _on_done(self, group: Group) -> Callable[[Completion | None, BaseException | None], None]:
         """Engine callback (driver thread): hand the group to the post thread and let the feed thread refill."""
@@ -322,7 +295,8 @@ class ActorLoop:
             n = self.settings.n_samples_per_prompt
             with self._lock:
                 self._in_engine -= n
-                self._waiting += n
+                if id(group) in self._groups:  # not given back by stop() meanwhile
+                    self._waiting += n
             self._finished.put(group)
             self._room.set()
 
@@ -343,7 +317,7 @@ class ActorLoop:
     def _post_loop(self) -> None:
         """Grade and insert finished groups; after stop(), finish what is done (or give it back) and exit."""
         while True:
-            groups = self._take_finished()
+            groups = self._take_over(self._take_finished())
             if not groups:
                 if self._stop.is_set() and not self._thread.is_alive():
                     with self._lock:
@@ -361,12 +335,19 @@ class ActorLoop:
                 continue
             try:
                 self._finish(ok)
-            except _Stopping:
+            except Stopping:
                 self._give_back_groups(ok)
             except Exception as e:  # noqa: BLE001  (keep going: the prompts return to the queue)
                 log.exception("grading/inserting failed; giving the prompts back")
                 self.metrics.last_error = f"{type(e).__name__}: {e}"
                 self._give_back_groups(ok)
+
+    def _take_over(self, groups: list[Group]) -> list[Group]:
+        """The groups still held (stop() may have given some back), marked as being finished by the post thread."""
+        with self._lock:
+            held = [g for g in groups if id(g) in self._groups]
+            self._finishing.update(id(g) for g in held)
+        return held
 
     def _take_finished(self) -> list[Group]:
         try:
@@ -391,8 +372,8 @@ class ActorLoop:
         self.metrics.insert_latency.observe(time.perf_counter() - t0)
         assert self._queue is not None
         done_ids = [g.prompt.prompt_id for g in groups]
-        self._retry_redis(lambda: self._queue.done(self.actor_id, done_ids), "mark prompts done")
-        self._untrack(groups)
+        self._redis_call.retry(lambda: self._queue.done(self.actor_id, done_ids), "mark prompts done")
+        self._release(groups)
         self.metrics.record_inserted(len(trajectories), len(groups))
         if self.metrics.state not in ("stopping", "waiting_for_weights"):
             self.metrics.state = "running"
@@ -400,7 +381,7 @@ class ActorLoop:
         self.batches += 1
 
     def _grade(self, groups: list[Group]) -> list[GradeResult]:
-        """Grade every sample; waits (backoff) while the reward service is unavailable; raises _Stopping."""
+        """Grade every sample; waits (backoff) while the reward service is unavailable; raises Stopping."""
         items, slots, results = grade_items(groups)
         if not items:
             return results
@@ -418,8 +399,9 @@ class ActorLoop:
                 self.metrics.state = "reward_unavailable"
                 self.metrics.last_error = f"reward service unavailable: {e}"
                 if self._stop.is_set():
-                    raise _Stopping from e
+                    raise Stopping from e
                 log.warning("reward service unavailable (%s); retrying the batch in %.1fs", e, delay)
+                self._renew_claims()
                 self._stop.wait(delay)
                 delay = min(delay * 2, self.settings.reward_max_backoff_s)
         for slot, res in zip(slots, graded, strict=True):
@@ -427,71 +409,87 @@ class ActorLoop:
         return results
 
     def _insert(self, trajectories: list[Trajectory]) -> None:
-        """Insert; blocks while the rate limiter says the actors are ahead (backpressure); raises _Stopping."""
+        """Insert; blocks while the rate limiter says the actors are ahead (backpressure), renewing the prompt
+        claims and watching stop() every STOP_POLL_S; raises Stopping. Inserts are idempotent per trajectory id,
+        so the retries may resend the whole list."""
         assert self._table is not None
+        table, wait_s, waited = self._table, min(self.settings.insert_timeout_s, STOP_POLL_S), 0.0
         while True:
             try:
-                self._retry_redis(
-                    lambda: self._table.insert(trajectories, timeout_s=self.settings.insert_timeout_s), "insert"
-                )
+                self._redis_call.retry(lambda: table.insert(trajectories, timeout_s=wait_s), "insert")
                 return
             except RateLimitTimeout as e:
-                self.metrics.backpressure_waits.inc()
                 if self._stop.is_set():
-                    raise _Stopping from e
-                self.metrics.state = "backpressure"
-                log.info("buffer rate limiter blocks inserts (learner behind); waiting")
+                    raise Stopping from e
+                self._renew_claims()
+                waited += wait_s
+                if waited >= self.settings.insert_timeout_s:  # one wait of insert_timeout_s: count it
+                    waited = 0.0
+                    self.metrics.backpressure_waits.inc()
+                    self.metrics.state = "backpressure"
+                    log.info("buffer rate limiter blocks inserts (learner behind); waiting")
 
     # ---- catch-up from the announced file ----
     def _catch_up(self) -> int | None:
         """Load the announced latest weights from their path if newer and readable; returns the latest version."""
         assert self._weights is not None
-        info = self._retry_redis(self._weights.latest, "read latest weights")
-        if info is None or info.version <= self.engine.version:
-            return None if info is None else info.version
-        if info.version in self._failed_catch_up or not info.path:
-            return info.version
-        path = Path(info.path)
-        try:
-            load_s = self.engine.apply_weights(read_announced(path, info.sha256, self.engine, self.settings.max_header_bytes),
-                                               info.version)
-        except VersionConflict:
-            return info.version  # a push landed meanwhile
-        except (OSError, WeightsFormatError, WeightsMismatchError, WeightsApplyError) as e:
-            self._failed_catch_up.add(info.version)
-            log.warning("cannot catch up to weights version %d from %s (%s); waiting for a push",
-                        info.version, path, e)
-            return info.version
-        self.metrics.record_update(info.version, load_s)
-        log.info("caught up to weights version %d from %s", info.version, path)
+        info = self._redis_call.retry(self._weights.latest, "read latest weights")
+        if info is None:
+            return None
+        load_s = catch_up(self.engine, info, self._failed_catch_up, self.settings.max_header_bytes)
+        if load_s is not None:
+            self.metrics.record_update(info.version, load_s)
         return info.version
 
     # ---- prompts in flight ----
-    def _untrack(self, groups: list[Group]) -> None:
+    def _release(self, groups: list[Group] | None = None, *, keep_finishing: bool = False) -> list[Group]:
+        """Stop holding `groups` (None: every group held, but with `keep_finishing` not those the post thread is
+        inserting); returns those that were still held, so that each group is finished or given back once."""
         n = self.settings.n_samples_per_prompt
         with self._lock:
-            for g in groups:
-                if self._groups.pop(id(g), None) is not None and g.done.is_set():
+            if groups is None:
+                groups = [g for k, g in self._groups.items() if not (keep_finishing and k in self._finishing)]
+            released = [g for g in groups if self._groups.pop(id(g), None) is not None]
+            for g in released:
+                self._finishing.discard(id(g))
+                if g.done.is_set():
                     self._waiting -= n
             self.metrics.prompts_in_flight = len(self._groups)
+        return released
 
-    def _give_back_groups(self, groups: list[Group]) -> None:
-        """Return the prompts to the queue; in sync mode their trajectories are generated again."""
+    def _give_back_groups(self, groups: list[Group] | None, *, keep_finishing: bool = False) -> None:
+        """Return the prompts to the queue (None: all held, see `_release`); in sync mode their trajectories are
+        generated again."""
+        released = self._release(groups, keep_finishing=keep_finishing)
         if self.settings.sync:
             with self._lock:
-                for g in groups:
+                for g in released:
                     if g.version in self._sync_counts:
                         self._sync_counts[g.version] -= self.settings.n_samples_per_prompt
-        self._untrack(groups)
-        prompts = [g.prompt for g in groups]
+        prompts = [g.prompt for g in released]
         if prompts and self._queue is not None:
             queue_ = self._queue
-            if self._bounded(lambda: queue_.give_back(self.actor_id, prompts), "give back prompts"):
+            if self._redis_call.bounded(lambda: queue_.give_back(self.actor_id, prompts), "give back prompts"):
                 self.metrics.prompts_given_back.inc(len(prompts))
                 log.info("gave %d unfinished prompts back to the queue", len(prompts))
 
-    def _give_back_all(self) -> None:
+    def _give_back_all(self, *, keep_finishing: bool = False) -> None:
+        self._give_back_groups(None, keep_finishing=keep_finishing)
+
+    def _renew_claims(self) -> None:
+        """Extend the claims of every prompt held to `prompt_lease_s` from now, at most every third of it (from the
+        heartbeat and while waiting on the buffer or the reward service), so no other actor is served prompts this
+        live actor still holds; a dead actor stops renewing and its claims expire."""
+        lease = self.settings.prompt_lease_s
+        if self._queue is None or time.monotonic() - self._renewed_at < lease / 3:
+            return
         with self._lock:
-            groups = list(self._groups.values())
-        if groups:
-            self._give_back_groups(groups)
+            ids = [g.prompt.prompt_id for g in self._groups.values()]
+        try:
+            renewed = self._queue.renew(self.actor_id, ids, lease)
+        except REDIS_ERRORS as e:
+            log.warning("renewing %d prompt claims failed: %s", len(ids), e)
+            return
+        self._renewed_at = time.monotonic()
+        if renewed < len(ids):
+            log.warning("%d of %d prompt claims had expired before renewal", len(ids) - renewed, len(ids))

@@ -20,7 +20,8 @@ SHA256_HEADER = "X-TBRM-Sha256"
 
 DEFAULT_SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."
 TOY_SYSTEM_PROMPT = "Answer in \\boxed{}."
-"""The short system turn the toy model was warmed up with (actor_service.toy_model)."""
+"""The short system turn the toy model was warmed up with (deploy.toy_warmup)."""
+
 
 
 CANARY_LENGTH = 48

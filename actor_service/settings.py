@@ -27,6 +27,7 @@ from pydantic_settings import SettingsConfigDict
 
 from actor_service.schema import DEFAULT_SYSTEM_PROMPT, TOY_SYSTEM_PROMPT
 from buffer.schema import TableConfig
+from common.files import toy_model_dir
 from common.settings import RunTomlSettings
 
 DEFAULT_PORT = 8100
@@ -61,7 +62,8 @@ class ActorSettings(RunTomlSettings):
 
     # ---- model and engine ----
     model_dir: Path | None = None
-    """HF folder of the policy; None = the toy model (built under `$TBRM_HOME/models/toy` if missing)."""
+    """HF folder of the policy; None = the toy model in `$TBRM_HOME/models/toy` (built by `tbrm toy-model`,
+    `tbrm prepare` or `tbrm up`; the actor does not train it)."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
     """Engine dtype (float32 on CPU; bfloat16 on GPUs). Pushed tensors must have the checkpoint's dtypes."""
     max_model_len: int = Field(default=1024, ge=16)
@@ -169,6 +171,17 @@ class ActorSettings(RunTomlSettings):
         if self.model_dir is None and "system_prompt" not in self.model_fields_set:
             self.system_prompt = TOY_SYSTEM_PROMPT
         return self
+
+    def resolved_model_dir(self) -> Path:
+        """`model_dir`, or the toy model's folder; FileNotFoundError naming the command that builds a missing toy
+        model."""
+        if self.model_dir is not None:
+            return self.model_dir
+        toy = toy_model_dir()
+        if not (toy / "config.json").exists():
+            raise FileNotFoundError(f"no model_dir configured and no toy model in {toy}: build it with `tbrm "
+                                    "toy-model` (or `tbrm prepare`), or set --model-dir")
+        return toy
 
     def resolved_public_url(self) -> str:
         if self.public_url:

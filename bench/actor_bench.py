@@ -123,8 +123,8 @@ def bench_tail(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     from actor_service.engine import ActorEngine
     from actor_service.loop import ActorLoop
     from actor_service.settings import ActorSettings
-    from actor_service.toy_model import ensure_toy_model
     from buffer.client import PromptQueue, ReplayTable, TableConfig, connect
+    from deploy.toy_model import ensure_toy_model
     from problems.toy import make_toy_task
 
     k, n = args.k, args.n
@@ -327,7 +327,7 @@ def bench_push(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     import httpx
 
     from actor_service.client import file_sha256, push_weights
-    from actor_service.toy_model import build_tiny_random_model
+    from deploy.toy_model import build_tiny_random_model
 
     tok_src = build_tiny_random_model(tmp / "tok-src")
     model, n_params = build_push_model(tmp / "push-model", args.push_hidden, args.push_layers, tok_src)

@@ -140,6 +140,16 @@ class PromptQueue:
         if args:
             self._ops(keys=self.keys.all(), args=["give_back", consumer_id, *args])
 
+    def renew(self, consumer_id: str, prompt_ids: list[str], lease_s: float) -> int:
+        """Extend the consumer's claims on these prompts to `lease_s` from now (a consumer that still works on them,
+        e.g. waiting on back-pressure); claims already expired and re-served are not taken back. Returns how many
+        were renewed."""
+        if not lease_s > 0:
+            raise ValueError(f"lease_s={lease_s} must be > 0")
+        if not prompt_ids:
+            return 0
+        return int(self._ops(keys=self.keys.all(), args=["renew", consumer_id, repr(float(lease_s)), *prompt_ids]))
+
     def size(self) -> int:
         """Prompts not yet handed out: the rest of this epoch plus every later epoch (claims not counted)."""
         meta = self._meta()

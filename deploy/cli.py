@@ -1,6 +1,6 @@
 """The `tbrm` command line: argument parsing only; every command calls one function of the module that implements it
 (deploy/launcher.py, deploy/evaluation.py, deploy/run_dir.py, deploy/dataset_convert.py, deploy/models.py,
-actor_service/toy_model.py, deploy/sft_cli.py). Heavy imports happen inside the commands, so `--help` is instant."""
+deploy/toy_model.py, deploy/sft_cli.py). Heavy imports happen inside the commands, so `--help` is instant."""
 
 import typer
 
@@ -225,7 +225,7 @@ def toy_model(
 
     from rich.console import Console
 
-    from actor_service.toy_model import WARMUP, ensure_toy_model, read_warmup_report
+    from deploy.toy_model import WARMUP, ensure_toy_model, read_warmup_report
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     t0 = time.monotonic()

@@ -79,7 +79,7 @@ def ensure_model(config: dict[str, Any], say: Callable[[str], None] = log.info) 
     """Build the toy model if a service falls back to it (`uses_toy_model`; services would otherwise race to build
     it), and give the actors the system prompt their model was warmed up with (a toy model answers garbage under
     another one). `say` reports a first (slow) build."""
-    from actor_service.toy_model import TOY_SYSTEM_PROMPT, default_toy_model_dir, ensure_toy_model
+    from deploy.toy_model import TOY_SYSTEM_PROMPT, default_toy_model_dir, ensure_toy_model
 
     actor = config["actor"]
     toy_dir: Path | None = None
@@ -138,7 +138,7 @@ def load_queue(run: RunSection, config: dict[str, Any], redis_url: str, train: l
 def prepare_cluster(run: RunSection, data: dict[str, Any], redis_url: str, *, model: bool, prompts: bool) -> None:
     """Steps 2 and 3 of the module docstring (toy model if used, prompt queue if empty)."""
     if model and uses_toy_model(data):
-        from actor_service.toy_model import ensure_toy_model  # transformers: heavy
+        from deploy.toy_model import ensure_toy_model  # transformers: heavy
 
         log.info("toy model ready at %s", ensure_toy_model())
     if prompts:

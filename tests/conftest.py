@@ -59,7 +59,7 @@ def aof_redis(tmp_path: Path) -> Iterator[RedisProcess]:
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """HF folder of the toy architecture with random weights (built once per session, ~4 s)."""
-    from actor_service.toy_model import build_tiny_random_model
+    from deploy.toy_model import build_tiny_random_model
 
     return build_tiny_random_model(tmp_path_factory.mktemp("tiny_model"))
 
@@ -67,6 +67,6 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def toy_model_dir() -> Path:
     """The warmed-up toy model (partial held-out accuracy), from the cache under $TBRM_HOME; built if missing."""
-    from actor_service.toy_model import ensure_toy_model
+    from deploy.toy_model import ensure_toy_model
 
     return ensure_toy_model()

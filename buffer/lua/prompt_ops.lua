@@ -4,6 +4,8 @@ if redis.replicate_commands then redis.replicate_commands() end
 -- ARGV[1] operation:
 --   'done'      [2] consumer, [3..] prompt ids: drop the oldest claim of each (finished); returns how many
 --   'give_back' [2] consumer, [3..] prompt_id, epoch pairs: return those claimed tokens to the queue head
+--   'renew'     [2] consumer, [3] lease seconds, [4..] prompt ids: move the expiry of those claims (still held)
+--               to now + lease; returns how many were renewed
 --   'refill_claim' [2] expected current epoch, [3] lock seconds -> 1 if the caller should push the next epoch
 --   'refill'    [2] expected current epoch, [3..] tokens of the next epoch: pushed only if the queue's epoch
 --               still equals [2] (several actors may race to refill; exactly one wins); returns 1/0
@@ -39,6 +41,18 @@ elseif op == 'give_back' then
     local tok = drop_token(ARGV[2] .. '\31' .. ARGV[i],
       function(x) return string.sub(x, 1, #prefix) == prefix end)
     if tok then redis.call('LPUSH', KEYS[2], tok); n = n + 1 end
+  end
+  return n
+elseif op == 'renew' then
+  local t = redis.call('TIME')
+  local exp = string.format('%.17g', tonumber(t[1]) + tonumber(t[2]) / 1e6 + tonumber(ARGV[3]))
+  local n = 0
+  for i = 4, #ARGV do
+    local field = ARGV[2] .. '\31' .. ARGV[i]
+    if redis.call('HEXISTS', KEYS[3], field) == 1 then
+      redis.call('ZADD', KEYS[4], exp, field)
+      n = n + 1
+    end
   end
   return n
 elseif op == 'refill_claim' then

@@ -1,16 +1,21 @@
 """Pushes without disk, over real HTTP into the real engine: nothing is opened for writing while a push is
 received, verified and applied; an unauthenticated push is answered without reading its body; a failed apply
-rolls back to the weights held in memory."""
+rolls back to the weights held in memory; a push resent while the first copy still holds the push lock (the pusher
+timed out behind a long apply, issue 21) has its version checked again once it gets the lock: 409 before one byte
+of its body is used."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import socket
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 from actor_helpers import ServerThread, hf_greedy
 
@@ -124,3 +129,37 @@ def test_stale_temp_dirs_are_cleaned(tmp_path: Path) -> None:
     os.utime(other, (time.time() - 7200, time.time() - 7200))
     assert clean_stale_temp_dirs(str(tmp_path)) == [old]
     assert not old.exists() and fresh.exists() and other.exists()
+
+
+def _slowly(data: bytes, seconds: float, parts: int = 20) -> Iterator[bytes]:
+    step = len(data) // parts + 1
+    for i in range(0, len(data), step):
+        yield data[i:i + step]
+        time.sleep(seconds / parts)
+
+
+def test_resent_push_is_rechecked_after_the_lock(server, actor_engine, make_variant) -> None:  # noqa: ANN001
+    data = (make_variant(71) / "model.safetensors").read_bytes()
+    version = actor_engine.version + 1
+    headers = {"Authorization": f"Bearer {TOKEN}", VERSION_HEADER: str(version),
+               SHA256_HEADER: hashlib.sha256(data).hexdigest(), "Content-Length": str(len(data))}
+    first: dict[str, httpx.Response] = {}
+
+    def send_first() -> None:  # streamed over ~3 s: holds the push lock meanwhile
+        first["r"] = httpx.post(f"{server.url}/v1/weights", content=_slowly(data, 3.0), headers=headers, timeout=60)
+
+    t = threading.Thread(target=send_first)
+    t.start()
+    time.sleep(0.8)
+    assert actor_engine.version == version - 1  # the first copy is still arriving: the resend passes the pre-check
+    # The resend's body is cut short: were it read, the answer would be a 400 (checksum); its version decides first.
+    resend = httpx.post(f"{server.url}/v1/weights", content=data[:1000],
+                        headers={**headers, "Content-Length": "1000"}, timeout=60)
+    t.join(60)
+    assert first["r"].status_code == 200, first["r"].text
+    assert resend.status_code == 409, resend.text
+    assert f"current version {version}" in resend.json()["detail"]
+    assert actor_engine.version == version
+    # a whole, valid duplicate after the fact: 409 too, nothing applied again
+    again = httpx.post(f"{server.url}/v1/weights", content=data, headers=headers, timeout=60)
+    assert again.status_code == 409 and actor_engine.version == version

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from actor_service.toy_model import TOY_SYSTEM_PROMPT
+from actor_service.schema import TOY_SYSTEM_PROMPT
 from deploy.cli import app
 from deploy.evaluation import grade
 from problems.files import write_dataset

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from actor_service.toy_model import EOS_TOKEN, IM_START, MODEL_CONFIG, TOY_SYSTEM_PROMPT, build_tokenizer
+from deploy.toy_model import EOS_TOKEN, IM_START, MODEL_CONFIG, TOY_SYSTEM_PROMPT, build_tokenizer
 
 MESSAGES = [
     {"role": "system", "content": TOY_SYSTEM_PROMPT},

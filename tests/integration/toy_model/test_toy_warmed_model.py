@@ -13,15 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from actor_service.toy_model import (
-    MARKER_FILE,
-    WARMUP,
-    boxed_answer,
-    chat_messages,
-    ensure_toy_model,
-    read_warmup_report,
-    recipe_hash,
-)
+from deploy.toy_model import MARKER_FILE, WARMUP, ensure_toy_model, read_warmup_report, recipe_hash
+from deploy.toy_warmup import boxed_answer, chat_messages
 from problems.toy import toy_splits
 
 pytestmark = pytest.mark.slow
@@ -83,7 +76,7 @@ def test_stale_marker_triggers_a_rebuild_check(toy_model_dir: Path, tmp_path: Pa
     """A folder whose marker records another recipe is not reused (checked without rebuilding: copy + edit)."""
     import shutil
 
-    from actor_service.toy_model import _is_current
+    from deploy.toy_model import _is_current
 
     copy = tmp_path / "toy"
     shutil.copytree(toy_model_dir, copy)

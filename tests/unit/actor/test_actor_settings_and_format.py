@@ -136,3 +136,18 @@ def test_toy_model_gets_its_own_system_prompt_unless_one_is_set(monkeypatch) -> 
     assert ActorSettings(system_prompt="").system_prompt == ""  # an explicit choice wins
     monkeypatch.setenv("TBRM_ACTOR_SYSTEM_PROMPT", "custom")
     assert ActorSettings().system_prompt == "custom"
+
+
+def test_without_a_model_the_actor_reads_the_toy_folder_and_never_builds_it(monkeypatch, tmp_path) -> None:  # noqa: ANN001
+    from actor_service.settings import ActorSettings
+    from common.files import toy_model_dir as default_toy_model_dir
+
+    monkeypatch.delenv("TBRM_RUN_CONFIG", raising=False)
+    monkeypatch.setenv("TBRM_HOME", str(tmp_path))
+    assert default_toy_model_dir() == tmp_path / "models" / "toy"
+    with pytest.raises(FileNotFoundError, match="tbrm toy-model"):
+        ActorSettings().resolved_model_dir()
+    (tmp_path / "models" / "toy").mkdir(parents=True)
+    (tmp_path / "models" / "toy" / "config.json").write_text("{}")
+    assert ActorSettings().resolved_model_dir() == tmp_path / "models" / "toy"
+    assert ActorSettings(model_dir=tmp_path / "m").resolved_model_dir() == tmp_path / "m"
