@@ -228,7 +228,7 @@ class ActorEngine:
     def _step(self) -> None:
         try:
             outputs = self.llm.llm_engine.step()
-        except Exception as e:  # noqa: BLE001  (fail what was in flight; the engine keeps serving new work)
+        except Exception as e:  # fail what was in flight; the engine keeps serving new work
             log.exception("engine step failed; failing %d requests", len(self._requests))
             self.llm.llm_engine.abort_request(list(self._requests))
             self._fail_all(e)
@@ -399,7 +399,7 @@ class ActorEngine:
             t0 = time.perf_counter()
             try:
                 self._reload(tensors)
-            except Exception as e:  # noqa: BLE001  (any loader failure: restore, then report)
+            except Exception as e:  # any loader failure: restore, then report
                 log.exception("reload_weights failed for version %d; restoring the previous weights", version)
                 self.llm.collective_rpc(abandon_partial_reload)
                 self._reload(self._current)

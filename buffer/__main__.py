@@ -10,7 +10,7 @@ import logging
 
 
 def main(argv: list[str] | None = None) -> None:
-    from buffer.settings import BufferSettings  # noqa: PLC0415
+    from buffer.settings import BufferSettings
 
     settings = BufferSettings.from_cli(
         argv, "python -m buffer",
@@ -19,9 +19,9 @@ def main(argv: list[str] | None = None) -> None:
     )  # fmt: skip
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
-    import uvicorn  # noqa: PLC0415
+    import uvicorn
 
-    from buffer.app import create_app  # noqa: PLC0415
+    from buffer.app import create_app
 
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level.lower())
 

@@ -55,8 +55,8 @@ def connect(url: str, *, timeout_s: float = 10.0) -> redis.Redis:
     """
     if not isinstance(url, str) or not url.startswith(("redis://", "rediss://", "unix://")):
         raise ValueError(f"redis url {url!r} must start with redis://, rediss:// or unix://")
-    from redis.backoff import ExponentialBackoff  # noqa: PLC0415
-    from redis.retry import Retry  # noqa: PLC0415
+    from redis.backoff import ExponentialBackoff
+    from redis.retry import Retry
 
     return redis.Redis.from_url(
         url,

@@ -295,7 +295,7 @@ def decode_ref(data: bytes) -> tuple[list[float], float | None]:
 
 def ref_array(data: bytes) -> Any:
     """numpy view of cached reference log-probs (float32, or float64 from format 1)."""
-    import numpy as np  # noqa: PLC0415
+    import numpy as np
 
     got = msgpack.unpackb(data, raw=False)
     return np.frombuffer(got[1], dtype="<f4" if len(got) == 3 else "<f8")

@@ -11,8 +11,8 @@ from buffer.table import ReplayTable
 
 def export_parquet(t: ReplayTable, path: Path) -> int:
     """Write every stored item (trajectory fields + bookkeeping) to a parquet file; returns the row count."""
-    import pyarrow as pa  # noqa: PLC0415  (only the export needs it)
-    import pyarrow.parquet as pq  # noqa: PLC0415
+    import pyarrow as pa  # only the export needs it
+    import pyarrow.parquet as pq
 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".parquet.tmp")

@@ -124,7 +124,7 @@ class ReplayTable(TableViews):
 
     @classmethod
     def from_url(cls, url: str, config: TableConfig | None = None) -> ReplayTable:
-        from buffer.client import connect  # noqa: PLC0415  (client imports this module)
+        from buffer.client import connect  # client imports this module
 
         return cls(connect(url), config)
 

@@ -97,7 +97,7 @@ class Smoke:
         req = urllib.request.Request(f"http://127.0.0.1:{self.ports[service]}{path}", method=method)
         if token:
             req.add_header("Authorization", f"Bearer {token}")
-        with urllib.request.urlopen(req, timeout=HTTP_TIMEOUT_S) as resp:  # noqa: S310 (our own localhost port)
+        with urllib.request.urlopen(req, timeout=HTTP_TIMEOUT_S) as resp:  # our own localhost port
             return json.loads(resp.read())
 
     def try_get(self, service: str, path: str) -> Any:

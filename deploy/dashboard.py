@@ -141,7 +141,7 @@ class Collector:
 
     def _conn(self) -> Any:
         if self._redis is None:
-            from buffer.client import connect  # noqa: PLC0415
+            from buffer.client import connect
 
             self._redis = connect(self.redis_url)
         return self._redis
@@ -165,7 +165,7 @@ class Collector:
                 snap.errors.append(f"learner: {type(e).__name__}")
         if status is None:
             try:
-                from buffer.client import LearnerStatusStore  # noqa: PLC0415
+                from buffer.client import LearnerStatusStore
 
                 st = LearnerStatusStore(self._conn()).get()
                 status = st.model_dump() if st else None
@@ -180,7 +180,7 @@ class Collector:
 
     def _buffer(self, snap: Snapshot) -> None:
         try:
-            from buffer.client import PromptQueue, ReplayTable  # noqa: PLC0415
+            from buffer.client import PromptQueue, ReplayTable
 
             r = self._conn()
             snap.buffer = ReplayTable(r, self.table_config or _default_table_config()).stats().model_dump()
@@ -210,7 +210,7 @@ class Collector:
 
 
 def _default_table_config() -> Any:
-    from buffer.schema import TableConfig  # noqa: PLC0415
+    from buffer.schema import TableConfig
 
     return TableConfig()
 
@@ -340,7 +340,7 @@ class Dashboard:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    import argparse  # noqa: PLC0415
+    import argparse
 
     p = argparse.ArgumentParser(description="Watch a running tbrm cluster.")
     p.add_argument("--redis", default="redis://127.0.0.1:6379/0")

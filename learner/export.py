@@ -114,7 +114,7 @@ class WeightExporter:
                 self._busy = True
             try:
                 self._export(version, tensors)
-            except Exception:  # noqa: BLE001  (a failed export is logged; the next version is tried again)
+            except Exception:  # a failed export is logged; the next version is tried again
                 self.errors += 1
                 log.exception("exporting weights version %d failed", version)
             finally:

@@ -61,8 +61,8 @@ def write_dataset(prompts: list[Prompt], path: str | Path) -> None:
             for row in rows:
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
     else:
-        import pyarrow as pa  # noqa: PLC0415
-        import pyarrow.parquet as pq  # noqa: PLC0415
+        import pyarrow as pa
+        import pyarrow.parquet as pq
 
         schema = pa.schema(
             [
@@ -91,8 +91,8 @@ def _read_rows(path: Path) -> tuple[list[str], list[dict[str, Any]]]:
         raise DatasetError(f"{path}: file is empty")
     suffix = path.suffix.lower()
     if suffix in (".parquet", ".pq"):
-        import pyarrow as pa  # noqa: PLC0415
-        import pyarrow.parquet as pq  # noqa: PLC0415
+        import pyarrow as pa
+        import pyarrow.parquet as pq
 
         try:
             table = pq.read_table(path)

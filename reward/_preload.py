@@ -35,7 +35,7 @@ def warm_up() -> None:
     for pred, gold in WARMUP_PAIRS:
         try:
             verify_pair(pred, gold)
-        except Exception:  # noqa: BLE001 - warm-up is best effort; a failure here must not stop the pool
+        except Exception:  # - warm-up is best effort; a failure here must not stop the pool
             logging.getLogger(__name__).debug("warm-up pair failed", exc_info=True)
 
 

@@ -275,13 +275,13 @@ def _enable_two_stage_latex_parsing() -> None:
     create_parser, parse = cls.create_parser, cls.parse
     mode = {"sll": True}
 
-    def create_parser_with_mode(self, latex_str):  # noqa: ANN001, ANN202
+    def create_parser_with_mode(self, latex_str):
         parser = create_parser(self, latex_str)
         if mode["sll"]:
             parser._interp.predictionMode = PredictionMode.SLL
         return parser
 
-    def two_stage_parse(self, latex_str):  # noqa: ANN001, ANN202
+    def two_stage_parse(self, latex_str):
         mode["sll"] = True
         try:
             return parse(self, latex_str)

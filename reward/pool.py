@@ -88,7 +88,7 @@ def worker_main(conn: Connection, soft_timeout_s: float, memory_limit_mb: int) -
         except (MemoryError, RecursionError):
             # Too big for sympy within our limits: unverifiable counts as incorrect (never a false positive).
             status = "incorrect"
-        except Exception:  # noqa: BLE001 - any library failure is an `error` verdict, the worker lives on
+        except Exception:  # - any library failure is an `error` verdict, the worker lives on
             log.exception("math-verify failed")
             status = "error"
         try:

@@ -20,7 +20,7 @@ def free_port() -> int:
 class ServerThread:
     """uvicorn serving an ASGI app in a daemon thread on a free loopback port; `stop()` shuts it down."""
 
-    def __init__(self, app, port: int | None = None) -> None:  # noqa: ANN001
+    def __init__(self, app, port: int | None = None) -> None:
         import uvicorn
 
         self.port = port or free_port()

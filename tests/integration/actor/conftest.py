@@ -18,7 +18,7 @@ from actor_helpers import REPO, free_port
 
 
 @pytest.fixture(scope="session")
-def actor_engine(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
+def actor_engine(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     """One in-process vLLM engine on the tiny random model, shared by every actor test module."""
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     from actor_service.engine import ActorEngine
@@ -30,7 +30,7 @@ def actor_engine(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory)
 
 
 @pytest.fixture(scope="session")
-def make_variant(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
+def make_variant(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     """variant(seed, emb_std=1.0, lin_gain=3.0) -> HF folder with the tiny model's architecture and new random
     weights (same names/shapes/dtypes).
 
@@ -74,7 +74,7 @@ def make_variant(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory)
 def reward_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A real reward service (`python -m reward`) on a free port; stopped by PID."""
     port = free_port()
-    log = open(tmp_path_factory.mktemp("reward") / "reward.log", "wb")  # noqa: SIM115
+    log = open(tmp_path_factory.mktemp("reward") / "reward.log", "wb")
     proc = subprocess.Popen(
         [sys.executable, "-m", "reward", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
         cwd=REPO, stdout=log, stderr=subprocess.STDOUT,

@@ -10,7 +10,7 @@ from hypothesis import settings as hsettings
 from actor_service.settings import ActorSettings
 
 
-def test_actor_api_never_errors(actor_engine) -> None:  # noqa: ANN001
+def test_actor_api_never_errors(actor_engine) -> None:
     from actor_service.app import create_app
 
     settings = ActorSettings(run_loop=False, auth_token="schema-token", max_model_len=256, max_tokens=16,
@@ -25,7 +25,7 @@ def test_actor_api_never_errors(actor_engine) -> None:  # noqa: ANN001
 
             @given(case=op.as_strategy())
             @hsettings(max_examples=12, deadline=None, suppress_health_check=list(HealthCheck))
-            def check(case) -> None:  # noqa: ANN001
+            def check(case) -> None:
                 response = case.call(base_url=srv.url, timeout=60)
                 assert response.status_code < 500, (case.method, case.path, response.status_code,
                                                     response.text[:500])

@@ -22,7 +22,7 @@ TOKEN = "canary-token"
 
 
 @pytest.fixture(scope="module")
-def server(actor_engine, tiny_model_dir: Path):  # noqa: ANN001, ANN201
+def server(actor_engine, tiny_model_dir: Path):
     from actor_service.app import create_app
 
     settings = ActorSettings(run_loop=False, auth_token=TOKEN, max_model_len=256, actor_id="canary-test")
@@ -52,7 +52,7 @@ def pushed_through(pusher: WeightPusher, url: str, model_dir: Path, version: int
 
 
 def test_canary_matches_transformers_and_catches_a_stale_tied_head(server, actor_engine, make_variant,
-                                                                   caplog) -> None:  # noqa: ANN001
+                                                                   caplog) -> None:
     a, b = make_variant(41, emb_std=0.4, lin_gain=1.0), make_variant(42, emb_std=0.4, lin_gain=1.0)
     ids = canary_token_ids(actor_engine.spec["model.embed_tokens.weight"].shape[0])
     resp = push_weights(server.url, a / "model.safetensors", actor_engine.version + 1, TOKEN, timeout_s=60)

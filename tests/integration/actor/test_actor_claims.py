@@ -22,7 +22,7 @@ from problems.toy import make_toy_task
 
 def _paused_run(
     redis_url: str, reward_url: str, engine, name: str, **kw
-) -> tuple[ActorLoop, PromptQueue, ReplayTable]:  # noqa: ANN001, ANN003
+) -> tuple[ActorLoop, PromptQueue, ReplayTable]:
     """A loop whose first finished groups wait on a table with inserts paused (the buffer holds the actors back)."""
     r = connect(redis_url)
     queue = PromptQueue(r, name)
@@ -47,7 +47,7 @@ def _paused_run(
 
 def test_stop_gives_claims_back_promptly_while_an_insert_waits(
     redis_url, reward_service, actor_engine
-) -> None:  # noqa: ANN001
+) -> None:
     loop, queue, table = _paused_run(
         redis_url, reward_service, actor_engine, "claims_stop", insert_timeout_s=30.0
     )
@@ -66,7 +66,7 @@ def test_stop_gives_claims_back_promptly_while_an_insert_waits(
     assert queue.size() == 12 and table.stats().inserts == 0
 
 
-def test_claims_are_renewed_during_backpressure(redis_url, reward_service, actor_engine) -> None:  # noqa: ANN001
+def test_claims_are_renewed_during_backpressure(redis_url, reward_service, actor_engine) -> None:
     loop, queue, table = _paused_run(
         redis_url, reward_service, actor_engine, "claims_renew", prompt_lease_s=2.0, insert_timeout_s=0.5
     )

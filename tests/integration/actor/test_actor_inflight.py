@@ -23,12 +23,12 @@ from problems.toy import make_toy_task
 LONG = 160  # tokens: long enough that a push lands while the sequences run
 
 
-def submit_long(engine, n_prompts: int) -> list[Future[Completion]]:  # noqa: ANN001
+def submit_long(engine, n_prompts: int) -> list[Future[Completion]]:
     futs = []
     for i in range(n_prompts):
         fut: Future[Completion] = Future()
 
-        def done(c, e, fut=fut) -> None:  # noqa: ANN001
+        def done(c, e, fut=fut) -> None:
             fut.set_exception(e) if e is not None else fut.set_result(c)
 
         engine.submit(engine.text_token_ids(f"{i} + {i} ="), done, n=2, temperature=1.0, max_tokens=LONG)
@@ -36,7 +36,7 @@ def submit_long(engine, n_prompts: int) -> list[Future[Completion]]:  # noqa: AN
     return futs
 
 
-def test_push_mid_generation_switches_running_sequences(actor_engine, make_variant) -> None:  # noqa: ANN001
+def test_push_mid_generation_switches_running_sequences(actor_engine, make_variant) -> None:
     old_variant, new_variant = make_variant(31, emb_std=0.4, lin_gain=1.0), make_variant(32)
     actor_engine.update_weights(old_variant / "model.safetensors", actor_engine.version + 1)
     v_old = actor_engine.version
@@ -55,7 +55,7 @@ def test_push_mid_generation_switches_running_sequences(actor_engine, make_varia
     assert [g[0].token_ids for g in gen.samples] == hf_greedy(new_variant, prompts, 12)
 
 
-def test_between_batches_mode_waits_for_sequences_in_flight(actor_engine, make_variant) -> None:  # noqa: ANN001
+def test_between_batches_mode_waits_for_sequences_in_flight(actor_engine, make_variant) -> None:
     variant = make_variant(33, emb_std=0.4, lin_gain=1.0)
     v0 = actor_engine.version
     actor_engine.inflight_updates = False
@@ -76,7 +76,7 @@ def test_between_batches_mode_waits_for_sequences_in_flight(actor_engine, make_v
 
 @pytest.mark.parametrize("k", [3])
 def test_loop_keeps_sequences_in_flight_and_records_both_versions(redis_url, reward_service, actor_engine,
-                                                                  make_variant, k) -> None:  # noqa: ANN001
+                                                                  make_variant, k) -> None:
     r = connect(redis_url)
     PromptQueue(r, "train").load(make_toy_task(12, seed=12), epochs=1)
     table = ReplayTable(r, TableConfig(name="actor_test", max_size=1000))

@@ -27,7 +27,7 @@ def wait_for(cond: Callable[[], bool], timeout_s: float, what: str) -> None:
         time.sleep(0.1)
 
 
-def settings(redis_url: str, reward_url: str, actor_id: str = "actor-a", **kw) -> ActorSettings:  # noqa: ANN003
+def settings(redis_url: str, reward_url: str, actor_id: str = "actor-a", **kw) -> ActorSettings:
     base = dict(
         actor_id=actor_id, redis_url=redis_url, reward_url=reward_url, prompts_per_batch=2,
         n_samples_per_prompt=2, max_tokens=12, max_model_len=256, temperature=1.0, heartbeat_interval_s=0.3,
@@ -45,7 +45,7 @@ def all_trajectories(table: ReplayTable, n: int, learner_version: int) -> list[T
 
 
 def test_trajectories_carry_versions_and_matching_logprobs(redis_url, reward_service, actor_engine,
-                                                           make_variant) -> None:  # noqa: ANN001
+                                                           make_variant) -> None:
     r = connect(redis_url)
     queue = PromptQueue(r, "train")
     prompts = make_toy_task(8, seed=3)
@@ -101,7 +101,7 @@ def test_trajectories_carry_versions_and_matching_logprobs(redis_url, reward_ser
                                                      abs=2e-3)
 
 
-def test_two_actors_never_duplicate_prompts(redis_url, reward_service, actor_engine) -> None:  # noqa: ANN001
+def test_two_actors_never_duplicate_prompts(redis_url, reward_service, actor_engine) -> None:
     r = connect(redis_url)
     prompts = make_toy_task(24, seed=4)
     PromptQueue(r, "train").load(prompts, epochs=1)
@@ -124,7 +124,7 @@ def test_two_actors_never_duplicate_prompts(redis_url, reward_service, actor_eng
     assert {t.actor_id for t in trajs} == {"actor-0", "actor-1"}
 
 
-def test_reward_down_keeps_prompts_then_recovers(redis_url, reward_service, actor_engine, tmp_path) -> None:  # noqa: ANN001
+def test_reward_down_keeps_prompts_then_recovers(redis_url, reward_service, actor_engine, tmp_path) -> None:
     import os
     import signal
     import subprocess
@@ -170,7 +170,7 @@ def test_reward_down_keeps_prompts_then_recovers(redis_url, reward_service, acto
     assert httpx  # imported for symmetry with the other tests' helpers
 
 
-def test_redis_restart_loses_nothing(aof_redis, reward_service, actor_engine) -> None:  # noqa: ANN001
+def test_redis_restart_loses_nothing(aof_redis, reward_service, actor_engine) -> None:
     r = connect(aof_redis.url)
     queue = PromptQueue(r, "train")
     queue.load(make_toy_task(10, seed=6), epochs=1)

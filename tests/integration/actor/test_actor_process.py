@@ -21,7 +21,7 @@ from problems.toy import make_toy_task
 TOKEN = "process-token"
 
 
-def wait_for(cond, timeout_s: float, what: str) -> None:  # noqa: ANN001
+def wait_for(cond, timeout_s: float, what: str) -> None:
     deadline = time.monotonic() + timeout_s
     while not cond():
         if time.monotonic() > deadline:
@@ -31,7 +31,7 @@ def wait_for(cond, timeout_s: float, what: str) -> None:  # noqa: ANN001
 
 @pytest.mark.slow  # a second vLLM start in a subprocess: 30-90 s on a loaded 2-core machine
 def test_actor_process_end_to_end_and_sigterm(redis_url, reward_service, tiny_model_dir: Path, make_variant,
-                                              tmp_path: Path) -> None:  # noqa: ANN001
+                                              tmp_path: Path) -> None:
     r = connect(redis_url)
     queue = PromptQueue(r, "train")
     total = queue.load(make_toy_task(400, seed=7), epochs=1)

@@ -42,7 +42,7 @@ sys.addaudithook(_audit)
 
 
 @pytest.fixture(scope="module")
-def server(actor_engine):  # noqa: ANN001, ANN201
+def server(actor_engine):
     from actor_service.app import create_app
 
     settings = ActorSettings(run_loop=False, auth_token=TOKEN, max_model_len=256, actor_id="memory-test")
@@ -51,7 +51,7 @@ def server(actor_engine):  # noqa: ANN001, ANN201
     srv.stop()
 
 
-def test_push_writes_no_file(server, actor_engine, make_variant) -> None:  # noqa: ANN001
+def test_push_writes_no_file(server, actor_engine, make_variant) -> None:
     # a first push may set up caches of torch/vLLM (e.g. compiled kernels) once per process; the claim is per push
     push_weights(server.url, make_variant(55) / "model.safetensors", actor_engine.version + 1, TOKEN, timeout_s=60)
     variant = make_variant(51)
@@ -69,7 +69,7 @@ def test_push_writes_no_file(server, actor_engine, make_variant) -> None:  # noq
     assert [g[0].token_ids for g in gen.samples] == hf_greedy(variant, prompts, 10)
 
 
-def test_unauthenticated_push_is_answered_without_reading_the_body(server, actor_engine) -> None:  # noqa: ANN001
+def test_unauthenticated_push_is_answered_without_reading_the_body(server, actor_engine) -> None:
     host, port = "127.0.0.1", int(server.url.rsplit(":", 1)[1])
     head = (f"POST /v1/weights HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer wrong\r\n"
             f"{VERSION_HEADER}: {actor_engine.version + 1}\r\n{SHA256_HEADER}: {'0' * 64}\r\n"
@@ -82,7 +82,7 @@ def test_unauthenticated_push_is_answered_without_reading_the_body(server, actor
     assert time.monotonic() - t0 < 5
 
 
-def test_failed_apply_rolls_back_to_the_weights_in_memory(server, actor_engine, make_variant) -> None:  # noqa: ANN001
+def test_failed_apply_rolls_back_to_the_weights_in_memory(server, actor_engine, make_variant) -> None:
     import torch
     from safetensors.torch import load_file
 
@@ -114,7 +114,7 @@ def test_failed_apply_rolls_back_to_the_weights_in_memory(server, actor_engine, 
     assert actor_engine.version == before and served() == expected
 
 
-def test_wrong_token_is_refused_by_the_client_too(server, actor_engine, make_variant) -> None:  # noqa: ANN001
+def test_wrong_token_is_refused_by_the_client_too(server, actor_engine, make_variant) -> None:
     with pytest.raises(WeightPushError) as info:
         push_weights(server.url, make_variant(53) / "model.safetensors", actor_engine.version + 1, "nope",
                      timeout_s=30)
@@ -138,7 +138,7 @@ def _slowly(data: bytes, seconds: float, parts: int = 20) -> Iterator[bytes]:
         time.sleep(seconds / parts)
 
 
-def test_resent_push_is_rechecked_after_the_lock(server, actor_engine, make_variant) -> None:  # noqa: ANN001
+def test_resent_push_is_rechecked_after_the_lock(server, actor_engine, make_variant) -> None:
     data = (make_variant(71) / "model.safetensors").read_bytes()
     version = actor_engine.version + 1
     headers = {"Authorization": f"Bearer {TOKEN}", VERSION_HEADER: str(version),

@@ -42,7 +42,7 @@ def take_batch(table: ReplayTable, version: int) -> int:
 
 
 def test_sync_actor_generates_one_learner_batch_per_version(redis_url, reward_service, actor_engine,
-                                                            tiny_model_dir) -> None:  # noqa: ANN001
+                                                            tiny_model_dir) -> None:
     r = connect(redis_url)
     PromptQueue(r, "train").load(make_toy_task(60, seed=9), epochs=1)
     table = ReplayTable(r, TableConfig(name="actor_test", max_size=1000))

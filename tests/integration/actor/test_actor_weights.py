@@ -22,7 +22,7 @@ MAX_NEW = 12
 
 
 @pytest.fixture(scope="module")
-def server(actor_engine, tiny_model_dir: Path):  # noqa: ANN001, ANN201
+def server(actor_engine, tiny_model_dir: Path):
     from actor_service.app import create_app
 
     size = (tiny_model_dir / "model.safetensors").stat().st_size
@@ -33,7 +33,7 @@ def server(actor_engine, tiny_model_dir: Path):  # noqa: ANN001, ANN201
     srv.stop()
 
 
-def prompts(engine) -> list[list[int]]:  # noqa: ANN001
+def prompts(engine) -> list[list[int]]:
     return [
         engine.chat_token_ids([{"role": "user", "content": "What is 12+34?"}], "Please reason step by step."),
         engine.text_token_ids("17-5="),
@@ -41,7 +41,7 @@ def prompts(engine) -> list[list[int]]:  # noqa: ANN001
     ]
 
 
-def greedy(url: str, engine) -> tuple[int, list[list[int]]]:  # noqa: ANN001
+def greedy(url: str, engine) -> tuple[int, list[list[int]]]:
     """Greedy outputs over HTTP (/v1/generate, raw token prompts decoded back to text would re-tokenize; so the
     engine is asked directly for the token ids and the HTTP path is checked to agree)."""
     ids = prompts(engine)
@@ -53,7 +53,7 @@ def push(url: str, path: Path, version: int, token: str = TOKEN) -> int:
     return push_weights(url, path, version=version, token=token, timeout_s=60).policy_version
 
 
-def test_push_makes_outputs_equal_transformers_greedy(server, actor_engine, make_variant) -> None:  # noqa: ANN001
+def test_push_makes_outputs_equal_transformers_greedy(server, actor_engine, make_variant) -> None:
     seen = []
     for seed in (1, 2):
         variant = make_variant(seed)
@@ -88,7 +88,7 @@ def _raw_post(url: str, body: bytes, headers: dict[str, str]) -> httpx.Response:
     return httpx.post(f"{url}/v1/weights", content=body, headers=headers, timeout=60)
 
 
-def test_bad_pushes_are_refused_and_engine_keeps_serving(server, actor_engine, make_variant, tmp_path) -> None:  # noqa: ANN001
+def test_bad_pushes_are_refused_and_engine_keeps_serving(server, actor_engine, make_variant, tmp_path) -> None:
     import torch
     from safetensors.torch import load_file, save_file
 
@@ -99,7 +99,7 @@ def test_bad_pushes_are_refused_and_engine_keeps_serving(server, actor_engine, m
     other = make_variant(4) / "model.safetensors"
     sd = load_file(str(other))
 
-    def expect(status: int, fragment: str, call) -> None:  # noqa: ANN001
+    def expect(status: int, fragment: str, call) -> None:
         with pytest.raises(WeightPushError) as info:
             call()
         assert info.value.status == status, info.value
@@ -174,7 +174,7 @@ def test_bad_pushes_are_refused_and_engine_keeps_serving(server, actor_engine, m
     assert push(server.url, other, nxt) == nxt
 
 
-def test_health_status_config(server, actor_engine) -> None:  # noqa: ANN001
+def test_health_status_config(server, actor_engine) -> None:
     h = httpx.get(f"{server.url}/health", timeout=10).json()
     assert h["status"] == "ok" and h["actor_id"] == "weights-test"
     cfg = httpx.get(f"{server.url}/v1/config", timeout=10).json()

@@ -10,7 +10,7 @@ from buffer.client import PromptQueue, connect
 from problems.toy import make_toy_task
 
 
-def test_renewed_claims_outlive_their_first_lease_and_expired_ones_stay_reserved(redis_url) -> None:  # noqa: ANN001
+def test_renewed_claims_outlive_their_first_lease_and_expired_ones_stay_reserved(redis_url) -> None:
     queue = PromptQueue(connect(redis_url), "renew")
     queue.load(make_toy_task(6, seed=3), epochs=1)
     held = queue.pop(2, "actor-a", lease_s=1.0)

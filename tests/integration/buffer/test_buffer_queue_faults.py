@@ -60,7 +60,7 @@ def test_a_heartbeat_racing_a_deregister_does_not_resurrect(redis_url: str, monk
     reg.register(ActorInfo(actor_id="a1", url="http://x:1"), ttl_s=30)
     real = buffer.registry._server_time
 
-    def deregister_meanwhile(client):  # noqa: ANN001, ANN202
+    def deregister_meanwhile(client):
         reg.deregister("a1")  # e.g. an operator, between the heartbeat's read and its write
         return real(client)
 

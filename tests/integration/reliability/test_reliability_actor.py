@@ -41,7 +41,7 @@ REQUEST_LIMIT = 16 * 1024
 
 
 @pytest.fixture(scope="module")
-def engine(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
+def engine(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     """One in-process vLLM engine on the tiny random model (built as tests/integration/actor builds it)."""
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     from actor_service.engine import ActorEngine
@@ -59,7 +59,7 @@ def _settings(tiny_model_dir: Path, token: str | None) -> ActorSettings:
 
 
 @pytest.fixture(scope="module")
-def actor(engine, tiny_model_dir: Path) -> Iterator[ServerThread]:  # noqa: ANN001
+def actor(engine, tiny_model_dir: Path) -> Iterator[ServerThread]:
     from actor_service.app import create_app
 
     app = create_app(_settings(tiny_model_dir, TOKEN), engine=engine)
@@ -69,7 +69,7 @@ def actor(engine, tiny_model_dir: Path) -> Iterator[ServerThread]:  # noqa: ANN0
     srv.stop()
 
 
-def greedy(engine) -> tuple[int, list[list[int]]]:  # noqa: ANN001
+def greedy(engine) -> tuple[int, list[list[int]]]:
     ids = [engine.text_token_ids("17-5="), engine.chat_token_ids([{"role": "user", "content": "What is 2+3?"}],
                                                                   "Please reason step by step.")]
     gen = engine.generate(ids, n=1, temperature=0.0, max_tokens=8)
@@ -87,17 +87,17 @@ def chunks(body: bytes, size: int = 4096) -> Iterator[bytes]:
 
 
 @pytest.fixture(scope="module")
-def baseline(engine) -> tuple[int, list[list[int]]]:  # noqa: ANN001
+def baseline(engine) -> tuple[int, list[list[int]]]:
     return greedy(engine)
 
 
-def test_routes_are_the_documented_ones(actor) -> None:  # noqa: ANN001
+def test_routes_are_the_documented_ones(actor) -> None:
     assert mutating_routes(actor.app) == {("POST", "/v1/weights"), ("POST", "/v1/generate")}
     assert READ_ONLY_COMPUTE["actor"] == {("POST", "/v1/generate")}
     assert mutating_routes(actor.app) <= openapi_routes(actor.app)
 
 
-def test_push_without_the_token_gets_401(actor, engine, tiny_model_dir: Path, baseline) -> None:  # noqa: ANN001
+def test_push_without_the_token_gets_401(actor, engine, tiny_model_dir: Path, baseline) -> None:
     body = (tiny_model_dir / "model.safetensors").read_bytes()  # a valid file: only the token is wrong
     headers = push_headers(engine.version + 1, body)
     for method, path in sorted(mutating_routes(actor.app) - READ_ONLY_COMPUTE["actor"]):
@@ -105,7 +105,7 @@ def test_push_without_the_token_gets_401(actor, engine, tiny_model_dir: Path, ba
     assert greedy(engine) == baseline
 
 
-def test_generated_pushes_without_the_token_get_401(actor, engine, baseline) -> None:  # noqa: ANN001
+def test_generated_pushes_without_the_token_get_401(actor, engine, baseline) -> None:
     """Property-based: whatever headers and body schemathesis makes up, no token means 401 and nothing applied."""
     api = schemathesis.openapi.from_url(f"{actor.url}/openapi.json")
     (op,) = [r.ok() for r in api.get_all_operations() if r.ok().path == "/v1/weights"]
@@ -126,7 +126,7 @@ def test_generated_pushes_without_the_token_get_401(actor, engine, baseline) -> 
     assert greedy(engine) == baseline
 
 
-def test_no_configured_token_refuses_pushes(engine, tiny_model_dir: Path, baseline) -> None:  # noqa: ANN001
+def test_no_configured_token_refuses_pushes(engine, tiny_model_dir: Path, baseline) -> None:
     from actor_service.app import create_app
 
     srv = ServerThread(create_app(_settings(tiny_model_dir, None), engine=engine))
@@ -141,7 +141,7 @@ def test_no_configured_token_refuses_pushes(engine, tiny_model_dir: Path, baseli
     assert greedy(engine) == baseline
 
 
-def test_oversized_bodies_get_413(actor, engine, tiny_model_dir: Path, baseline) -> None:  # noqa: ANN001
+def test_oversized_bodies_get_413(actor, engine, tiny_model_dir: Path, baseline) -> None:
     limit = _settings(tiny_model_dir, TOKEN).max_weight_bytes
     big = b"\0" * (limit + 1)
     # weights: declared and streamed (the headers are valid, so the size is what gets refused)
@@ -163,8 +163,8 @@ def _forged(header: object, data: bytes, n: int | None = None) -> bytes:
     return struct.pack("<Q", len(raw) if n is None else n) + raw + data
 
 
-def test_malformed_safetensors_streamed_get_400_and_engine_serves(actor, engine, tiny_model_dir: Path,  # noqa: ANN001
-                                                                  baseline) -> None:  # noqa: ANN001
+def test_malformed_safetensors_streamed_get_400_and_engine_serves(actor, engine, tiny_model_dir: Path,
+                                                                  baseline) -> None:
     good = (tiny_model_dir / "model.safetensors").read_bytes()
     bad = {
         "truncated": good[: len(good) // 2],

@@ -63,7 +63,7 @@ def trajectories(n: int) -> list[Trajectory]:
     return out
 
 
-def settings(run_dir: Path, model: Path, redis_url: str, **kw: Any):  # noqa: ANN201
+def settings(run_dir: Path, model: Path, redis_url: str, **kw: Any):
     from learner.settings import LearnerSettings
 
     base: dict[str, Any] = dict(
@@ -78,7 +78,7 @@ def settings(run_dir: Path, model: Path, redis_url: str, **kw: Any):  # noqa: AN
 
 
 @pytest.fixture(scope="module")
-def crashed_then_resumed(tiny_model_dir: Path, redis_server, tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN001, ANN201
+def crashed_then_resumed(tiny_model_dir: Path, redis_server, tmp_path_factory: pytest.TempPathFactory):
     from learner.train import train
 
     torch.set_num_threads(1)
@@ -104,7 +104,7 @@ def crashed_then_resumed(tiny_model_dir: Path, redis_server, tmp_path_factory: p
     r.flushall()
 
 
-def test_only_checkpointed_updates_are_acked(crashed_then_resumed) -> None:  # noqa: ANN001
+def test_only_checkpointed_updates_are_acked(crashed_then_resumed) -> None:
     at_crash = crashed_then_resumed["at_crash"]
     # steps 1-2 are in the step-2 checkpoint and acked; step 3's batch is still leased (its renewal stopped)
     assert at_crash.acks == CHECKPOINT_EVERY * BATCH
@@ -112,7 +112,7 @@ def test_only_checkpointed_updates_are_acked(crashed_then_resumed) -> None:  # n
     assert at_crash.inserts == at_crash.size + at_crash.acks + at_crash.removed + at_crash.dropped_stale
 
 
-def test_resume_retrains_the_rolled_back_batch_and_loses_nothing(crashed_then_resumed) -> None:  # noqa: ANN001
+def test_resume_retrains_the_rolled_back_batch_and_loses_nothing(crashed_then_resumed) -> None:
     s = crashed_then_resumed
     resumed = s["resumed"]
     # resumed from the step-2 checkpoint: steps 3 and 4
@@ -126,7 +126,7 @@ def test_resume_retrains_the_rolled_back_batch_and_loses_nothing(crashed_then_re
     assert all(x["batch_size"] == BATCH for x in resumed.history)
 
 
-def test_versions_are_never_reissued(crashed_then_resumed) -> None:  # noqa: ANN001
+def test_versions_are_never_reissued(crashed_then_resumed) -> None:
     s = crashed_then_resumed
     # the resumed weights are numbered after the crashed run's newest export (v3):
     # v4 = the step-2 checkpoint re-published, v5 and v6 after the resumed steps 3 and 4
@@ -135,7 +135,7 @@ def test_versions_are_never_reissued(crashed_then_resumed) -> None:  # noqa: ANN
     assert WeightsStore(connect(s["url"])).latest().version == CRASH_STEP + 3
 
 
-def test_the_rolled_back_batch_is_not_dropped_as_stale(crashed_then_resumed) -> None:  # noqa: ANN001
+def test_the_rolled_back_batch_is_not_dropped_as_stale(crashed_then_resumed) -> None:
     after = crashed_then_resumed["table"].stats()
     assert after.dropped_stale == 0
     # the resumed run trained on the never-sampled batch and the rolled-back one, both at most MAX_STALENESS old
@@ -143,7 +143,7 @@ def test_the_rolled_back_batch_is_not_dropped_as_stale(crashed_then_resumed) -> 
 
 
 def test_a_fresh_learner_continues_after_the_published_version(
-    tiny_model_dir: Path, redis_server, tmp_path: Path  # noqa: ANN001
+    tiny_model_dir: Path, redis_server, tmp_path: Path
 ) -> None:
     """No checkpoint (a crash before the first one, a wiped run dir) or resume = "never", while Redis still holds
     published weights: the learner numbers after them instead of restarting at v0 (its exports would be refused)."""

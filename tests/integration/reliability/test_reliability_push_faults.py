@@ -148,13 +148,13 @@ def _timed_push(url: str, path: Path, version: int = 1) -> tuple[float, WeightPu
     return time.monotonic() - t0, err.value
 
 
-def test_push_to_a_dead_actor_fails_fast(weights_file) -> None:  # noqa: ANN001
+def test_push_to_a_dead_actor_fails_fast(weights_file) -> None:
     elapsed, err = _timed_push(f"http://127.0.0.1:{free_port()}", weights_file[0])
     assert err.status is None and "failed" in err.message
     assert elapsed < TIMEOUT_S + MARGIN_S
 
 
-def test_push_to_a_hung_actor_times_out(weights_file) -> None:  # noqa: ANN001
+def test_push_to_a_hung_actor_times_out(weights_file) -> None:
     hung = StallingServer(accept=True)
     try:
         elapsed, err = _timed_push(hung.url, weights_file[0])
@@ -179,7 +179,7 @@ def test_push_to_a_frozen_actor_times_out(tmp_path: Path) -> None:
         frozen.stop()
 
 
-def test_pusher_goes_on_and_catches_failed_actors_up(weights_file) -> None:  # noqa: ANN001
+def test_pusher_goes_on_and_catches_failed_actors_up(weights_file) -> None:
     from learner.push import WeightPusher
 
     path, digest = weights_file

@@ -51,7 +51,7 @@ def reward() -> Iterator[ServerThread]:
     srv.stop()
 
 
-def _buffer_app(redis_url: str, export_dir: Path, token: str | None):  # noqa: ANN202
+def _buffer_app(redis_url: str, export_dir: Path, token: str | None):
     from buffer.app import create_app
     from buffer.schema import TableConfig
     from buffer.settings import BufferSettings
@@ -61,7 +61,7 @@ def _buffer_app(redis_url: str, export_dir: Path, token: str | None):  # noqa: A
 
 
 @pytest.fixture(scope="module")
-def buffer(redis_server, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:  # noqa: ANN001
+def buffer(redis_server, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
     export_dir = tmp_path_factory.mktemp("exports")
     app = _buffer_app(redis_server.url, export_dir, TOKEN)
     srv = ServerThread(app)
@@ -87,7 +87,7 @@ def learner() -> Iterator[ServerThread]:
 # ---------------------------------------------------------------- 401
 
 
-def test_every_mutating_route_is_known_and_documented(reward, buffer, learner) -> None:  # noqa: ANN001
+def test_every_mutating_route_is_known_and_documented(reward, buffer, learner) -> None:
     """No hidden routes; the only unauthenticated mutating routes are the documented read-only compute ones."""
     for name, srv in (("reward", reward), ("buffer", buffer), ("learner", learner)):
         assert app_routes(srv.app) <= openapi_routes(srv.app) | {("HEAD", p) for _, p in app_routes(srv.app)}, name
@@ -97,7 +97,7 @@ def test_every_mutating_route_is_known_and_documented(reward, buffer, learner) -
     assert mutating_routes(buffer.app) == {("POST", f"/v1/admin/{a}") for a in ("pause", "resume", "reset", "export")}
 
 
-def test_buffer_mutating_routes_answer_401(buffer, redis_url: str) -> None:  # noqa: ANN001
+def test_buffer_mutating_routes_answer_401(buffer, redis_url: str) -> None:
     routes = sorted(mutating_routes(buffer.app) - READ_ONLY_COMPUTE["buffer"])
     assert routes
     for method, path in routes:
@@ -117,7 +117,7 @@ def test_unconfigured_token_refuses_and_says_so(redis_url: str, tmp_path: Path) 
         srv.stop()
 
 
-def test_unauthenticated_valid_requests_change_nothing(buffer, redis_url: str) -> None:  # noqa: ANN001
+def test_unauthenticated_valid_requests_change_nothing(buffer, redis_url: str) -> None:
     """Property-based: schema-valid admin requests (schemathesis' generator) without the right token all get 401,
     and the table, its pause flags and the export dir are exactly as before."""
     from buffer.client import ReplayTable, Trajectory, connect
@@ -156,7 +156,7 @@ def test_unauthenticated_valid_requests_change_nothing(buffer, redis_url: str) -
 # ---------------------------------------------------------------- 413
 
 
-def test_every_post_route_answers_413(reward, buffer, learner) -> None:  # noqa: ANN001
+def test_every_post_route_answers_413(reward, buffer, learner) -> None:
     checked = []
     for name, srv in (("reward", reward), ("buffer", buffer), ("learner", learner)):
         for method, path in sorted(mutating_routes(srv.app)):
@@ -172,7 +172,7 @@ def test_every_post_route_answers_413(reward, buffer, learner) -> None:  # noqa:
     assert httpx.get(f"{learner.url}/health", timeout=10).json()["status"] == "ok"
 
 
-def test_bodies_just_under_the_limit_are_not_refused(reward, buffer) -> None:  # noqa: ANN001
+def test_bodies_just_under_the_limit_are_not_refused(reward, buffer) -> None:
     """The limit is the limit, not less: a valid body of close to BODY_LIMIT bytes is served."""
     pad = "x" * (BODY_LIMIT - 200)
     r = httpx.post(f"{reward.url}/v1/grade", json={"items": [{"response": pad + r" \boxed{4}", "gold": "4"}]},

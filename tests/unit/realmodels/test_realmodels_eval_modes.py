@@ -38,7 +38,7 @@ def test_specs_overrides_and_unique_names() -> None:
     assert (specs[0].mode, specs[0].k, specs[0].temperature) == ("sampled", 8, 1.0)
 
 
-def test_eval_cli_rejects_bad_arguments_before_loading_a_model(tmp_path) -> None:  # noqa: ANN001
+def test_eval_cli_rejects_bad_arguments_before_loading_a_model(tmp_path) -> None:
     runner = CliRunner()
     res = runner.invoke(app, ["eval", str(tmp_path)])
     assert res.exit_code != 0 and "at least one benchmark" in " ".join(res.output.split())

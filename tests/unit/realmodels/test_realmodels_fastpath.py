@@ -93,7 +93,7 @@ def test_data_toy_writes_disjoint_verl_splits(tmp_path: Path) -> None:
     train, test = load_dataset(tmp_path / "train.parquet"), load_dataset(tmp_path / "test.parquet")
     assert len(test) == 60
     assert not {p.messages[-1]["content"] for p in train} & {p.messages[-1]["content"] for p in test}
-    assert all(str(eval(p.messages[-1]["content"][8:-1])) == p.gold for p in test[:20])  # noqa: S307 (digits only)
+    assert all(str(eval(p.messages[-1]["content"][8:-1])) == p.gold for p in test[:20])  # digits only
     bad = CliRunner().invoke(app, ["data", "toy", str(tmp_path), "--digits", "1", "--n-test", "500"])
     assert bad.exit_code != 0 and "no training problems" in bad.output
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
 
-from bench import chaos_audit as audit  # noqa: E402
+from bench import chaos_audit as audit
 
 
 def _step(step: int, version: int, items: list[str], t: float) -> dict:

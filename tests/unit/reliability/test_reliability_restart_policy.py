@@ -34,7 +34,7 @@ def _check_until(sup: Supervisor, cond: object, timeout_s: float = 15.0) -> None
 
 
 @pytest.fixture
-def sup(tmp_path: Path):  # noqa: ANN201
+def sup(tmp_path: Path):
     s = Supervisor(tmp_path)
     yield s
     s.stop_all(timeout_s=2)

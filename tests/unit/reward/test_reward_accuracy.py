@@ -32,7 +32,7 @@ def _alarm(signum: int, frame: object) -> None:
     raise _Timeout()
 
 
-def _bounded(fn, *args: object) -> str:  # noqa: ANN001
+def _bounded(fn, *args: object) -> str:
     old = signal.signal(signal.SIGALRM, _alarm)
     signal.setitimer(signal.ITIMER_REAL, 20.0)
     try:

@@ -15,7 +15,7 @@ from reward.pool import WorkerPool
 SLOW = (r"\sin(x)^{999}+\cos(x)^{999}", "1")
 
 
-def run(coro):  # noqa: ANN001, ANN201
+def run(coro):
     return asyncio.run(coro)
 
 
