@@ -89,7 +89,9 @@ def exported_metric_names() -> set[str]:
             names |= set(re.findall(r"[\"'](tbrm_[a-z0-9_]+)[\"']", text))
             if 'f"tbrm_buffer_{' in text:
                 names |= {f"tbrm_buffer_{m}" for m in re.findall(r"\(\"([a-z_]+)\", s\.", text)}
-    return names
+    from learner.metrics import GAUGES, prometheus_name  # the learner's gauges are named from its metric keys
+
+    return names | {prometheus_name(k) for k in GAUGES}
 
 
 def test_every_dashboard_metric_is_exported_by_a_service() -> None:
