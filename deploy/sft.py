@@ -69,8 +69,8 @@ class SftOptions(BaseModel):
     epochs: float = Field(default=2.0, gt=0)
     batch_size: int = Field(default=16, ge=1)
     lr: float = Field(default=1e-5, gt=0)
-    autocast: str = "bfloat16"
-    """Mixed precision of the fine-tuning ("bfloat16" or "none")."""
+    autocast: str = "auto"
+    """Mixed precision of the fine-tuning: "auto" (bfloat16 where native, see `learner.model.native_bf16`), "bfloat16" or "none"."""
     threads: int = Field(default=2, ge=1)
     eval_size: int = Field(default=100, ge=0)
     """Held-out prompts evaluated greedily before and after (0 = no evaluation)."""

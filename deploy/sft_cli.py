@@ -32,7 +32,7 @@ def sft(
     epochs: float = typer.Option(2.0, "--epochs", min=0.01, help="Passes over the kept answers."),
     batch_size: int = typer.Option(16, "--batch-size", min=1),
     lr: float = typer.Option(1e-5, "--lr", min=0.0),
-    autocast: str = typer.Option("bfloat16", "--autocast", help="bfloat16 (mixed precision) or none."),
+    autocast: str = typer.Option("auto", "--autocast", help="auto (bfloat16 where the CPU/GPU runs it natively), bfloat16 or none."),
     threads: int = typer.Option(2, "--threads", min=1, help="torch/OpenMP threads."),
     eval_size: int = typer.Option(100, "--eval-size", min=0, help="Held-out prompts evaluated before and after."),
     seed: int = typer.Option(0, "--seed"),
@@ -48,8 +48,8 @@ def sft(
     console = Console(soft_wrap=True)
     if targets not in ("self", "gold"):
         raise typer.BadParameter(f"--targets must be self or gold, got {targets!r}")
-    if autocast not in ("bfloat16", "none"):
-        raise typer.BadParameter(f"--autocast must be bfloat16 or none, got {autocast!r}")
+    if autocast not in ("auto", "bfloat16", "none"):
+        raise typer.BadParameter(f"--autocast must be auto, bfloat16 or none, got {autocast!r}")
     try:
         train = load_dataset(data)
         held_out = load_dataset(test) if test else []

@@ -145,15 +145,29 @@ def plan_micro_batches(
     return plans
 
 
+def native_bf16(device: str) -> bool:
+    """True where bf16 matmuls run natively: a CUDA device, or a CPU with AVX512-BF16 or AMX. On other CPUs
+    (e.g. AVX2 only) torch emulates bf16, which is many times slower than fp32."""
+    if device == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device == "cpu" and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
+
 def autocast_context(model: torch.nn.Module, autocast: str | None) -> AbstractContextManager[object]:
-    """`torch.autocast` on the model's device for `autocast` = "bfloat16"/"float16"; a no-op for None/"float32".
+    """`torch.autocast` on the model's device for `autocast` = "bfloat16"/"float16"; a no-op for None/"float32";
+    "auto" = bfloat16 where the device runs it natively (`native_bf16`), else fp32.
 
     Mixed precision keeps fp32 master weights (AdamW's small updates survive) while the matmuls run in bf16: on
-    CPUs with AVX512-BF16/AMX a SmolLM2-135M step is several times faster (bench/learner_bench.py --models smollm2).
+    CPUs with AVX512-BF16/AMX a SmolLM2-135M step is 1.4x faster (bench/learner_smollm2.py); on an AVX2-only CPU
+    bf16 is emulated and many times slower than fp32 (README, real model on CPU), hence "auto".
     """
     if autocast in (None, "none", "float32"):
         return nullcontext()
     device = next(model.parameters()).device.type
+    if autocast == "auto":
+        if not native_bf16(device):
+            return nullcontext()
+        autocast = "bfloat16"
     return torch.autocast(device, dtype=getattr(torch, autocast))
 
 

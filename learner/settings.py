@@ -152,9 +152,10 @@ class LearnerSettings(RunTomlSettings):
     """A DeepSpeed JSON config (bf16, offload, ...). Batch-size and clipping keys are filled in from these settings."""
     dtype: Literal["float32", "bfloat16"] = "float32"
     """Parameter dtype of the policy and reference models (float32 on CPU)."""
-    autocast: Literal["none", "bfloat16"] = "none"
+    autocast: Literal["none", "bfloat16", "auto"] = "none"
     """Mixed precision of the forward/backward (fp32 master weights and optimizer): "bfloat16" runs the matmuls in
-    bf16 under `torch.autocast`; several times faster on CPUs with AVX512-BF16/AMX (bench-learner, smollm2)."""
+    bf16 under `torch.autocast` (1.4x faster on CPUs with AVX512-BF16/AMX: bench-learner, smollm2); "auto" does so
+    only where bf16 is native (CUDA, AVX512-BF16, AMX): an AVX2-only CPU emulates bf16, many times slower."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward (less memory, about a third more compute; for large models)."""
     export_dtype: Literal["float32", "bfloat16", "float16"] | None = None
