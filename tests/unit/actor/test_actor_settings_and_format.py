@@ -140,11 +140,11 @@ def test_toy_model_gets_its_own_system_prompt_unless_one_is_set(monkeypatch) -> 
 
 def test_without_a_model_the_actor_reads_the_toy_folder_and_never_builds_it(monkeypatch, tmp_path) -> None:
     from actor_service.settings import ActorSettings
-    from common.files import toy_model_dir as default_toy_model_dir
+    from common.files import toy_model_dir
 
     monkeypatch.delenv("TBRM_RUN_CONFIG", raising=False)
     monkeypatch.setenv("TBRM_HOME", str(tmp_path))
-    assert default_toy_model_dir() == tmp_path / "models" / "toy"
+    assert toy_model_dir() == tmp_path / "models" / "toy"
     with pytest.raises(FileNotFoundError, match="tbrm toy-model"):
         ActorSettings().resolved_model_dir()
     (tmp_path / "models" / "toy").mkdir(parents=True)
