@@ -12,10 +12,13 @@ from typing import TypeVar
 import redis as redis_lib
 
 from actor_service.metrics import ActorMetrics
+from buffer.client import RateLimitTimeout
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 REDIS_ERRORS = (redis_lib.ConnectionError, redis_lib.TimeoutError, OSError)
+"""Connection trouble. `RateLimitTimeout` is a TimeoutError, hence an OSError, but it is the buffer's answer, not
+an outage: `retry` lets it through to the caller (back-pressure), never into the outage back-off."""
 
 
 class Stopping(Exception):
@@ -40,6 +43,8 @@ class RedisCalls:
                     log.info("redis is back (%s)", what)
                     self.metrics.state = "running"
                 return result
+            except RateLimitTimeout:
+                raise  # back-pressure: the caller's to handle (actor_service.loop `_insert`)
             except REDIS_ERRORS as e:
                 self.metrics.redis_errors.inc()
                 self.metrics.state = "redis_unavailable"

@@ -79,6 +79,15 @@ def test_claims_are_renewed_during_backpressure(redis_url, reward_service, actor
         assert queue.info()["reclaimed"] == 0
         assert held.isdisjoint(other)
         assert {c["prompt_id"] for c in queue.claims(100) if c["consumer"] == "claims_renew-actor"} >= held
+        # the wait is back-pressure, not an outage: no Redis error, no outage back-off (a RateLimitTimeout is an
+        # OSError; it used to be retried as "redis unavailable" with a back-off growing to 5 s)
+        assert loop.metrics.state == "backpressure"
+        assert loop.metrics.backpressure_waits._value.get() >= 2
+        assert loop.metrics.redis_errors._value.get() == 0
+        table.resume("inserts")
+        t0 = time.monotonic()
+        wait_for(lambda: table.stats().inserts > 0, 10.0, "inserts once the buffer admits them")
+        assert time.monotonic() - t0 < 1.5  # re-checked every insert_timeout_s (0.5 s), not after a 5 s back-off
     finally:
         table.resume("inserts")
         loop.stop()
