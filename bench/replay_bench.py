@@ -43,7 +43,8 @@ def _reuse(k: int, sampler: dict[str, Any], max_staleness: int | None = None) ->
                       "rate_limiter": {"samples_per_insert": float(k), "error_buffer": 160.0 * k}}}
 
 
-FIFO, UNIFORM, PRIO = {"kind": "fifo"}, {"kind": "uniform"}, {"kind": "prioritized", "exponent": 0.6}
+FIFO, LIFO, UNIFORM = {"kind": "fifo"}, {"kind": "lifo"}, {"kind": "uniform"}
+PRIO = {"kind": "prioritized", "exponent": 0.6}
 VARIANTS: dict[str, dict[str, Any]] = {
     "r1_fifo_s8": _reuse(1, FIFO, max_staleness=8),  # the previous default: stale items dropped after 8 versions
     "r1_fifo": _reuse(1, FIFO),
@@ -58,6 +59,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "r1_fifo_l2": {**_reuse(1, FIFO), "run": {"learner_threads": 2}},
     "r2_fifo_l2": {**_reuse(2, FIFO), "run": {"learner_threads": 2}},
     "r2_prio_l2": {**_reuse(2, PRIO), "run": {"learner_threads": 2}},
+    # lifo: a trajectory's second use comes a step or two after its first (fifo replays it after the backlog)
+    "r2_lifo": _reuse(2, LIFO),
+    "r2_lifo_l2": {**_reuse(2, LIFO), "run": {"learner_threads": 2}},
 }
 OPT_IN = {"r1_prio", "r1_fifo_l2", "r2_fifo_l2", "r2_prio_l2"}  # not in the default list (pass --variants)
 DEFAULT_VARIANTS = [v for v in VARIANTS if v not in OPT_IN]

@@ -118,6 +118,14 @@ class FifoSampler(BaseModel):
     kind: Literal["fifo"] = "fifo"
 
 
+class LifoSampler(BaseModel):
+    """Newest available first: with reuse (`max_times_sampled` > 1) a trajectory is replayed while it is still
+    fresh, a step or two after its first use, instead of after everything older (fifo)."""
+
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["lifo"] = "lifo"
+
+
 class UniformSampler(BaseModel):
     model_config = ConfigDict(extra="forbid")
     kind: Literal["uniform"] = "uniform"
@@ -130,7 +138,9 @@ class PrioritizedSampler(BaseModel):
     """P(i) = p_i^exponent / sum_j p_j^exponent."""
 
 
-Sampler = Annotated[FifoSampler | UniformSampler | PrioritizedSampler, Field(discriminator="kind")]
+Sampler = Annotated[
+    FifoSampler | LifoSampler | UniformSampler | PrioritizedSampler, Field(discriminator="kind")
+]
 
 
 class RateLimiterConfig(BaseModel):

@@ -5,7 +5,8 @@ Vocabulary (Reverb's). Let N = items stored, I = items ever inserted, S = items 
 - ``max_size``: before an insert of m new items the fifo remover evicts the N + m - max_size items with the
   lowest insertion sequence (leased or not; counter ``removed``), so N <= max_size always.
 - samplers (B = batch size, A = available items, i.e. stored and not leased; draws without replacement):
-  ``fifo`` takes the B available items with the lowest insertion sequence (probability reported 1);
+  ``fifo`` takes the B available items with the lowest insertion sequence (probability reported 1), ``lifo``
+  those with the highest (an acked item that may be sampled again is replayed before anything older);
   ``uniform`` takes a uniformly random B-subset of the A available items (reported P = B / A, the inclusion
   probability); ``prioritized`` draws one at a time with P(i) = p_i^alpha / sum_{j available} p_j^alpha
   (sum tree; p_i is given at insert or by `update_priorities`; an item inserted without one enters at the

@@ -1,5 +1,5 @@
 -- tbrm replay table: sample a batch under a lease (body; the prelude table_common.lua comes first).
--- KEYS: the table keys.  ARGV[9] sampler ('fifo'|'uniform'|'prioritized'), [10] batch size B,
+-- KEYS: the table keys.  ARGV[9] sampler ('fifo'|'lifo'|'uniform'|'prioritized'), [10] batch size B,
 --   [11] learner_version, [12] max_staleness_versions (-1 = off), [13] lease id (the client's request id),
 --   [14] lease seconds, [15] seed, [16] most stale items dropped per call (bounds the work of one call),
 --   [17..] leases to ack in full first (the previous step's: ack and next sample in one round trip).
@@ -13,7 +13,7 @@
 -- or {'paused'|'min_size'|'empty'|'rate', size, available, acked} (acked: items acked via [17..]).
 -- A lease id that is still live replays that lease (its items still held, nothing changes): a client retry
 -- after a lost reply gets the same batch instead of stranding a second lease.
--- probability: fifo 1; uniform B / available (inclusion probability of a draw without replacement);
+-- probability: fifo and lifo 1; uniform B / available (inclusion probability of a draw without replacement);
 -- prioritized p_i^alpha / sum_j p_j^alpha over the items available at that draw.
 local now = now_s()
 reclaim(now)
@@ -81,8 +81,8 @@ if SPI then
 end
 
 local picked, probs = {}, {}
-if sampler == 'fifo' then
-  local popped = redis.call('ZPOPMIN', K.avail, B)
+if sampler == 'fifo' or sampler == 'lifo' then
+  local popped = redis.call(sampler == 'fifo' and 'ZPOPMIN' or 'ZPOPMAX', K.avail, B)
   for i = 1, #popped, 2 do picked[#picked + 1] = popped[i]; probs[#probs + 1] = 1 end
 elseif sampler == 'uniform' or (sampler == 'prioritized' and tree_get(1) <= 0) then
   picked = redis.call('ZRANDMEMBER', K.avail, B)  -- B > 0: distinct members

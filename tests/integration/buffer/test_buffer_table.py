@@ -11,7 +11,14 @@ import pytest
 import redis
 
 from buffer.client import RateLimitTimeout, ReplayTable, TableConfigMismatch, Trajectory, connect
-from buffer.schema import FifoSampler, PrioritizedSampler, RateLimiterConfig, TableConfig, UniformSampler
+from buffer.schema import (
+    FifoSampler,
+    LifoSampler,
+    PrioritizedSampler,
+    RateLimiterConfig,
+    TableConfig,
+    UniformSampler,
+)
 
 
 def traj(i: int, version: int = 0, reward: float = 0.0, actor: str = "a0", n: int = 4) -> Trajectory:
@@ -140,6 +147,24 @@ def test_staleness_drops_old_versions(r: redis.Redis) -> None:
     assert max(it.info.age_versions for it in b.items) <= 2
     s = t.stats()
     assert (s.dropped_stale, s.size) == (3, 3)
+
+
+def test_lifo_sampler_replays_the_newest_first(r: redis.Redis) -> None:
+    """lifo hands out the newest available items; with reuse an acked item is replayed before anything older."""
+    t = make(r, sampler=LifoSampler(), max_times_sampled=2)
+    t.insert([traj(i) for i in range(6)])
+    b = t.sample(2, 0)
+    assert [it.info.item_id for it in b.items] == ["t00005", "t00004"]
+    assert all(it.info.probability == 1 for it in b.items)
+    t.ack(b.lease_id)
+    t.insert([traj(6)])
+    b = t.sample(3, 0)  # the new item, then the two just replayed (still newer than t00000-t00003)
+    assert [it.info.item_id for it in b.items] == ["t00006", "t00005", "t00004"]
+    assert [it.info.times_sampled for it in b.items] == [1, 2, 2]
+    t.ack(b.lease_id)
+    s = t.stats()
+    assert (s.size, s.consumed) == (5, 2)  # t00004/t00005 used twice: gone; the old four never sampled yet
+    assert [it.info.item_id for it in t.sample(5, 0).items] == ["t00006", "t00003", "t00002", "t00001", "t00000"]
 
 
 def test_uniform_sampler_is_uniform(r: redis.Redis) -> None:
