@@ -48,7 +48,13 @@ from actor_service.schema import (
     canary_token_ids,
 )
 from actor_service.settings import ActorSettings
-from actor_service.weights import WeightsFormatError, WeightsMismatchError, parse_weights
+from actor_service.weights import (
+    Buffer,
+    WeightsFormatError,
+    WeightsMismatchError,
+    alloc_buffer,
+    parse_weights,
+)
 
 if TYPE_CHECKING:
     from actor_service.engine import ActorEngine
@@ -206,7 +212,7 @@ class WeightReceiver:
         )
 
     # ---- after the body ----
-    def _parse(self, eng: ActorEngine, body: bytes | bytearray) -> dict[str, Any]:
+    def _parse(self, eng: ActorEngine, body: Buffer) -> dict[str, Any]:
         try:
             return parse_weights(body, eng.spec, eng.optional, self.settings.max_header_bytes)
         except WeightsFormatError as e:
@@ -280,14 +286,15 @@ async def drain(request: Any, declared: int | None) -> None:
 
 # ---- receiving the body ----
 async def receive_body(request: _Stream, declared: int | None, limit: int, progress: BodyProgress | None = None
-                       ) -> tuple[bytearray, str]:
+                       ) -> tuple[Buffer, str]:
     """The whole body and its sha256 hex digest. Raises PushRefused (413 over `limit`, 400 incomplete/empty).
 
     With a Content-Length (what `actor_service.client.push_weights` sends) the body lands in one buffer allocated
     up front; every SHA256_BLOCK_BYTES received are hashed by a worker thread (hashlib releases the GIL),
     overlapping with the event loop receiving the next block, so the digest is ready about when the last byte
     arrives. A chunked body (no Content-Length) is collected block by block and joined once at the end. The
-    result is a writable bytearray (the parsed tensors are zero-copy views of it). `progress` (a relayed push,
+    result is a writable buffer (actor_service.weights.alloc_buffer; the parsed tensors are zero-copy views of
+    it). `progress` (a relayed push,
     which always has a Content-Length) is told how much of the buffer has arrived after every chunk."""
     h = hashlib.sha256()
     loop = asyncio.get_running_loop()
@@ -310,8 +317,8 @@ async def receive_body(request: _Stream, declared: int | None, limit: int, progr
 async def _into_buffer(
     request: _Stream, declared: int, limit: int, hash_async: Callable[[Any], Awaitable[None]],
     progress: BodyProgress | None = None,
-) -> tuple[bytearray, int]:
-    buf = bytearray(declared)
+) -> tuple[Buffer, int]:
+    buf = alloc_buffer(declared)
     view = memoryview(buf)
     if progress is not None:
         progress.attach(view)

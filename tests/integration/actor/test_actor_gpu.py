@@ -5,8 +5,6 @@ serve to exactly what transformers computes with the pushed weights."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 from actor_helpers import ServerThread, hf_greedy
 
@@ -21,12 +19,10 @@ def model_device(worker) -> str:
     return str(next(worker.get_model().parameters()).device)
 
 
-def test_gpu_actor_applies_a_relayed_push(actor_engine, tiny_model_dir: Path, make_variant) -> None:
+def test_gpu_actor_applies_a_relayed_push(actor_engine, more_engines, make_variant) -> None:
     from actor_service.app import create_app
-    from actor_service.engine import ActorEngine
 
-    second = ActorEngine(tiny_model_dir, max_model_len=256, kv_cache_bytes=32 * 2**20, seed=0,
-                         inflight_updates=True)
+    (second,) = more_engines(1)
     servers = []
     try:
         for i, eng in enumerate((actor_engine, second)):
@@ -47,4 +43,3 @@ def test_gpu_actor_applies_a_relayed_push(actor_engine, tiny_model_dir: Path, ma
     finally:
         for srv in servers:
             srv.stop()
-        second.close()

@@ -39,15 +39,9 @@ sys.addaudithook(_audit)
 
 
 @pytest.fixture(scope="module")
-def engines(actor_engine, tiny_model_dir: Path):
+def engines(actor_engine, more_engines):
     """The session engine and three more (one vLLM per actor: each holds its own version)."""
-    from actor_service.engine import ActorEngine
-
-    extra = [ActorEngine(tiny_model_dir, max_model_len=256, kv_cache_bytes=32 * 2**20, seed=0,
-                         inflight_updates=True) for _ in range(3)]
-    yield [actor_engine, *extra]
-    for eng in extra:
-        eng.close()
+    return [actor_engine, *more_engines(3)]
 
 
 @pytest.fixture(scope="module")
