@@ -164,3 +164,22 @@ def test_relay_header_needs_the_token_first(actors, engines, make_variant) -> No
         push_weights(actors[0].url, variant / "model.safetensors", _next_version(engines), "nope", timeout_s=30,
                      relay=[actors[2].url])
     assert info.value.status == 401
+
+
+def test_auto_fanout_relays_only_beyond_two_actors(actors, engines, make_variant) -> None:
+    """push_fanout = "auto" (the default): two due actors get one direct push each, three get one relayed push."""
+    nbytes = (make_variant(65) / "model.safetensors").stat().st_size
+    for seed, members in ((65, (0, 2)), (66, (0, 2, 3))):
+        version = _next_version(engines)
+        infos = [ActorInfo(actor_id=f"a{i}", url=actors[i].url, policy_version=engines[i].version, started_at=1.0)
+                 for i in members]
+        pusher = WeightPusher(lambda infos=infos: infos, TOKEN, timeout_s=60, retry_s=60)
+        try:
+            pusher.sync(_info(make_variant(seed) / "model.safetensors", version))
+            assert pusher.wait_idle(120)
+        finally:
+            pusher.close()
+        assert set(pusher.delivered().values()) == {version}
+        relayed = len(members) > 2
+        assert pusher.stats.relay_pushes == int(relayed)
+        assert pusher.stats.bytes_sent == nbytes * (1 if relayed else len(members))
