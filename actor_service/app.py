@@ -21,6 +21,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from actor_service.runtime import ActorRuntime
 from actor_service.schema import (
+    RELAY_HEADER,
     SHA256_HEADER,
     VERSION_HEADER,
     ActorHealth,
@@ -39,6 +40,7 @@ WEIGHTS_RESPONSES: dict[int | str, dict[str, Any]] = {
     400: {"description": "bad headers, checksum, format, or tensors that do not fit the model"},
     401: {"description": "missing or wrong bearer token"},
     409: {"description": "version not newer than the actor's"},
+    411: {"description": "a relayed push (X-TBRM-Relay) without Content-Length"},
     413: {"description": "body larger than max_weight_bytes"},
 }
 WEIGHTS_BODY = {
@@ -105,8 +107,10 @@ def create_app(settings: ActorSettings | None = None, engine: ActorEngine | None
         policy_version: str | None = Header(default=None, alias=VERSION_HEADER),
         sha256: str | None = Header(default=None, alias=SHA256_HEADER),
         content_length: str | None = Header(default=None),
+        relay: str | None = Header(default=None, alias=RELAY_HEADER),
     ) -> WeightUpdateResponse:
-        return await runtime.receiver.receive(request, authorization, policy_version, sha256, content_length)
+        return await runtime.receiver.receive(request, authorization, policy_version, sha256, content_length,
+                                              relay)
 
     app.include_router(router)
     return app

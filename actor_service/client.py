@@ -14,12 +14,14 @@ from __future__ import annotations
 import http.client
 import json
 import socket
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import httpx
 
 from actor_service.schema import (
+    RELAY_HEADER,
     SHA256_HEADER,
     VERSION_HEADER,
     ActorStatus,
@@ -59,6 +61,7 @@ def push_weights(
     token: str,
     timeout_s: float = 60.0,
     sha256: str | None = None,
+    relay: Sequence[str] = (),
 ) -> WeightUpdateResponse:
     """Push a safetensors file to one actor's `POST /v1/weights`.
 
@@ -70,6 +73,8 @@ def push_weights(
         timeout_s: bound on connecting and on each socket read/write (the answer comes after the actor applied
             the weights, which waits for its current generation batch: keep it above the batch latency).
         sha256: hex digest of the file if already known (saves one pass over it when pushing to many actors).
+        relay: base URLs of further actors: the actor streams the body on to them while receiving it (a chain,
+            docs/weight-protocol.md#fan-out) and lists their answers in `relayed`.
 
     The body goes out with `socket.sendfile` on a plain http.client connection: measured on loopback, httpx's
     chunked writes capped a push at about a third of what the socket carries.
@@ -80,30 +85,47 @@ def push_weights(
     except OSError as e:
         raise WeightPushError(None, f"cannot read weights file {path}: {e}") from e
     digest = sha256 or file_sha256(path)
+
+    def send_file(conn: http.client.HTTPConnection) -> None:
+        with open(path, "rb") as f:
+            if isinstance(conn.sock, socket.socket) and not isinstance(conn, http.client.HTTPSConnection):
+                conn.sock.sendfile(f)
+            else:
+                while chunk := f.read(CHUNK_BYTES):
+                    conn.send(chunk)
+
+    return post_weights(url, send_file, size, version, digest, token, timeout_s, relay)
+
+
+def post_weights(
+    url: str,
+    send_body: Callable[[http.client.HTTPConnection], None],
+    size: int,
+    version: int,
+    sha256: str,
+    token: str,
+    timeout_s: float,
+    relay: Sequence[str] = (),
+) -> WeightUpdateResponse:
+    """`POST /v1/weights` with a body of `size` bytes written by `send_body(conn)` (a file, or a relaying actor's
+    buffer as it fills); raises WeightPushError like push_weights."""
     parts = urlsplit(url.rstrip("/") + "/v1/weights")
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise WeightPushError(None, f"bad actor url {url!r}: expected http(s)://host:port")
     conn_cls = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
     conn = conn_cls(parts.hostname, parts.port, timeout=timeout_s)
+    headers = {"Authorization": f"Bearer {token}", VERSION_HEADER: str(version), SHA256_HEADER: sha256,
+               "Content-Type": "application/octet-stream", "Content-Length": str(size)}
+    if relay:
+        headers[RELAY_HEADER] = ",".join(relay)
     sent_all = False
     try:
         try:
             conn.putrequest("POST", parts.path)
-            for name, value in {
-                "Authorization": f"Bearer {token}",
-                VERSION_HEADER: str(version),
-                SHA256_HEADER: digest,
-                "Content-Type": "application/octet-stream",
-                "Content-Length": str(size),
-            }.items():
+            for name, value in headers.items():
                 conn.putheader(name, value)
             conn.endheaders()
-            with open(path, "rb") as f:
-                if isinstance(conn.sock, socket.socket) and parts.scheme == "http":
-                    conn.sock.sendfile(f)
-                else:
-                    while chunk := f.read(CHUNK_BYTES):
-                        conn.send(chunk)
+            send_body(conn)
             sent_all = True
         except (BrokenPipeError, ConnectionResetError):
             pass  # the actor refused early (401/409/413) and closed: its answer may still be readable

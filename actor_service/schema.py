@@ -5,7 +5,8 @@
            Content-Type: application/octet-stream
   body:    a safetensors file with HF parameter names (never pickle)
   200 -> WeightUpdateResponse; 400 malformed/mismatched tensors or checksum; 401 token; 409 version not newer;
-  413 body too large. The response carries the log-probs of a fixed canary sequence under the applied weights
+  413 body too large. With an `X-TBRM-Relay` header the actor also streams the body on to the actors it names
+  and lists their answers in `relayed`. The response carries the log-probs of a fixed canary sequence under the applied weights
   (verified delivery: the learner compares them with its own).
 """
 
@@ -17,6 +18,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 VERSION_HEADER = "X-TBRM-Policy-Version"
 SHA256_HEADER = "X-TBRM-Sha256"
+RELAY_HEADER = "X-TBRM-Relay"
+"""Comma-separated base URLs of further actors the receiving actor streams the body on to (a chain: it sends to
+the first, naming the rest in the same header), docs/weight-protocol.md#fan-out."""
 
 DEFAULT_SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."
 TOY_SYSTEM_PROMPT = "Answer in \\boxed{}."
@@ -39,6 +43,18 @@ def canary_token_ids(vocab_rows: int, length: int = CANARY_LENGTH) -> list[int]:
     return out
 
 
+class RelayHop(BaseModel):
+    """One actor's answer to a relayed push, as the actor that forwarded it to that one saw it."""
+
+    url: str
+    status: int | None = Field(description="HTTP status of its answer (None: unreachable, timed out, cut off)")
+    detail: str = Field(default="", description="the refusal or transport error when status is not 200")
+    policy_version: int | None = None
+    receive_s: float = 0.0
+    load_s: float = 0.0
+    canary_logprobs: list[float] | None = None
+
+
 class WeightUpdateResponse(BaseModel):
     policy_version: int
     sha256: str
@@ -50,6 +66,12 @@ class WeightUpdateResponse(BaseModel):
         default=None,
         description="log pi(t_i | t_<i) of the canary sequence (canary_token_ids, tokens 1..) under the weights "
                     "just applied; the learner compares them with its own for the same version",
+    )
+    relayed: list[RelayHop] = Field(
+        default_factory=list,
+        description="answers of the actors this push was relayed to (X-TBRM-Relay), in the order they were "
+                    "tried: the next actor's own answer, then the ones it relayed to; an actor not listed was "
+                    "not reached",
     )
 
 

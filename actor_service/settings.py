@@ -161,6 +161,10 @@ class ActorSettings(RunTomlSettings):
     """Largest accepted weights body (413 above it)."""
     max_header_bytes: int = Field(default=100 * 2**20, ge=1024)
     """Largest accepted safetensors JSON header."""
+    relay_timeout_s: float = Field(default=30.0, gt=0)
+    """Relayed pushes (X-TBRM-Relay): bound on connecting to the next actor, on each read/write to it, and on
+    waiting for more body bytes; keep the learner's `push_timeout_s` above it (the first actor answers after the
+    chain did)."""
     canary: bool = True
     """After applying a push, score the fixed canary sequence (actor_service.schema.canary_token_ids) and return
     its log-probs in the push response, for the learner to compare with its own (verified delivery)."""

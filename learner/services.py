@@ -110,7 +110,7 @@ class RankZeroServices(RankServices):
         self.pusher = WeightPusher(
             ActorRegistry(redis).live, settings.auth_token, timeout_s=settings.push_timeout_s,
             retry_s=settings.push_retry_s, workers=settings.push_workers, push_fn=push_fn,
-            canary_max_drift=settings.canary_max_drift,
+            canary_max_drift=settings.canary_max_drift, fanout=settings.push_fanout,
         )
         # snapshot on this thread, export + push on the exporter's while the next step runs (learner/export.py)
         self.exporter = WeightExporter(

@@ -25,6 +25,20 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 from harness import RedisProcess, free_port  # noqa: E402
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """`gpu`-marked tests (deselected by default, `-m gpu` selects them) skip themselves without a CUDA device."""
+    gpu_items = [item for item in items if item.get_closest_marker("gpu")]
+    if not gpu_items:
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (torch.cuda.is_available() is False)")
+    for item in gpu_items:
+        item.add_marker(skip)
+
+
 @pytest.fixture
 def port() -> int:
     return free_port()

