@@ -23,6 +23,7 @@ not run are kept from the previous file.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import multiprocessing as mp
@@ -43,7 +44,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from buffer_scale import measure_scale  # noqa: E402  (bench/ is the script's folder)
+from buffer_scale import RolloutModel, measure_scale  # noqa: E402  (bench/ is the script's folder)
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
@@ -55,14 +56,11 @@ log = logging.getLogger("buffer_bench")
 MAX_SIZE = 20_000
 
 
+@functools.lru_cache(maxsize=4)
 def make_traj(tokens: int, seed: int = 0) -> Trajectory:
-    rng = random.Random(seed)
-    return Trajectory(
-        prompt_id="p", group_id="g", prompt_token_ids=[rng.randrange(150_000) for _ in range(128)],
-        response_token_ids=[rng.randrange(150_000) for _ in range(tokens)],
-        behaviour_logprobs=[-rng.random() * 4 for _ in range(tokens)], prompt_text="What is 17 + 25?",
-        response_text="x" * (tokens * 3), reward=1.0, grade_status="correct", policy_version=1, actor_id="bench",
-    )
+    """One realistic rollout (bench/buffer_scale.py: Zipf token ids up to 151k, detokenized text, float32 log-probs);
+    cached, and built in the parent before the workers fork."""
+    return RolloutModel(seed).rollout(seed, tokens)
 
 
 def free_port() -> int:
@@ -98,14 +96,19 @@ def start_redis(tmp: str) -> tuple[subprocess.Popen[bytes], str]:
 def _worker(kind: str, url: str, batch: int, tokens: int, seconds: float, wid: int, start: Any, out: Any) -> None:
     r = connect(url)
     traj = make_traj(tokens)
-    payload = codec.encode(traj)
+    storage = ReplayTable(r).config.storage  # prepare() stored the table config: raw rows get the same bytes
+    payload = codec.encode(traj, storage)
     n = 0
     if kind == "table_insert":
         table = ReplayTable(r)
+        # Distinct ids built before the clock starts (the actor has its Trajectory objects already): the table's
+        # time is encoding + sending, as the raw rows' is sending.
+        ready = [traj.model_copy(update={"traj_id": f"w{wid}-{j}"}) for j in range(MAX_SIZE // 2)]
         start.wait()
         t_end = time.monotonic() + seconds
         while time.monotonic() < t_end:
-            items = [traj.model_copy(update={"traj_id": f"w{wid}-{n + j}"}) for j in range(batch)]
+            items = ready[n:n + batch] if n + batch <= len(ready) else [
+                traj.model_copy(update={"traj_id": f"w{wid}-{n + j}"}) for j in range(batch)]
             table.insert(items, timeout_s=30)
             n += batch
     elif kind == "raw_insert":  # SET of the pre-encoded bytes (keys rotate, so memory stays bounded)
@@ -146,7 +149,7 @@ def _worker(kind: str, url: str, batch: int, tokens: int, seconds: float, wid: i
         while time.monotonic() < t_end:
             p = r.pipeline(transaction=False)
             for j in range(batch):
-                data = codec.encode(traj.model_copy(update={"traj_id": f"w{wid}-{n + j}"}))
+                data = codec.encode(traj.model_copy(update={"traj_id": f"w{wid}-{n + j}"}), storage)
                 p.set(f"rawbench:s{wid}:{(n + j) % 2000}", data)
             p.execute()
             n += batch
@@ -194,14 +197,15 @@ def run_cell(kind: str, url: str, procs: int, batch: int, tokens: int, seconds: 
     return total / elapsed
 
 
-def prepare(url: str, tokens: int) -> None:
+def prepare(url: str, tokens: int, storage: StorageConfig) -> None:
     r = connect(url)
     r.flushall()
-    table = ReplayTable(r, TableConfig(max_size=MAX_SIZE, max_times_sampled=0, sampler=UniformSampler()))
+    table = ReplayTable(r, TableConfig(max_size=MAX_SIZE, max_times_sampled=0, sampler=UniformSampler(),
+                                       storage=storage))
     traj = make_traj(tokens)
     for start in range(0, 2000, 100):
         table.insert([traj.model_copy(update={"traj_id": f"pre{start + j}"}) for j in range(100)])
-    payload = codec.encode(traj)
+    payload = codec.encode(traj, storage)
     p = r.pipeline(transaction=False)
     for k in range(1000):
         p.set(f"rawbench:k{k}", payload)
@@ -210,7 +214,7 @@ def prepare(url: str, tokens: int) -> None:
 
 def measure_codec(tokens: int) -> dict[str, Any]:
     traj = make_traj(tokens)
-    packed = codec.encode(traj)
+    packed = codec.encode(traj)  # the default StorageConfig
     as_json = traj.model_dump_json().encode()
     reps = 300
 
@@ -235,7 +239,7 @@ def measure_codec(tokens: int) -> dict[str, Any]:
     }
 
 
-def run_rates(url: str, args: argparse.Namespace) -> list[dict[str, Any]]:
+def run_rates(url: str, args: argparse.Namespace, storage: StorageConfig) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     for op in ("insert", "sample"):
         for procs in args.procs:
@@ -247,7 +251,7 @@ def run_rates(url: str, args: argparse.Namespace) -> list[dict[str, Any]]:
                     runs["tabledecode"] = []
                 for _ in range(args.repeats):
                     for impl in runs:
-                        prepare(url, args.tokens)
+                        prepare(url, args.tokens, storage)
                         runs[impl].append(run_cell(f"{impl}_{op}", url, procs, batch, args.tokens, args.seconds))
                 rates = {impl: statistics.median(v) for impl, v in runs.items()}
                 row = {"op": op, "procs": procs, "batch": batch, "table_per_s": rates["table"],
@@ -295,6 +299,11 @@ def print_scale(console: Console, s: dict[str, Any]) -> None:
                   f"{s['big_p50_ms']:.2f} ms p99 {s['big_p99_ms']:.2f} ms | p99 ratio {s['sample_p99_big_vs_small']:.2f}")
 
 
+def storage_of(args: argparse.Namespace) -> StorageConfig:
+    return StorageConfig(logprob_dtype=args.logprob_dtype, store_texts=not args.no_texts,
+                         compress_token_ids=not args.no_compress_ids)
+
+
 def write_results(args: argparse.Namespace, rows: list[dict[str, Any]], scale: dict[str, Any] | None,
                   codec_stats: dict[str, Any], load_before: tuple[float, ...]) -> None:
     """Update bench/results/buffer.json with the parts run now (the other parts' keys stay)."""
@@ -303,8 +312,8 @@ def write_results(args: argparse.Namespace, rows: list[dict[str, Any]], scale: d
     run = {"created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "host": platform.node(),
            "cpus": os.cpu_count(), "loadavg_before": load_before, "loadavg_after": os.getloadavg()}
     if rows:
-        new.update(headline(rows, args.batch), rows=rows, rates_run={**run, "seconds_per_cell": args.seconds,
-                                                                       "repeats": args.repeats})
+        new.update(headline(rows, args.batch), rows=rows, rates_run={
+            **run, "seconds_per_cell": args.seconds, "repeats": args.repeats, "storage": storage_of(args).model_dump()})
     if scale:
         last = scale["memory"][-1]
         new["scale"] = {**scale, "run": run}
@@ -337,9 +346,8 @@ def main() -> None:
     tmp = tempfile.mkdtemp(prefix="tbrm-bench-")
     proc, url = start_redis(tmp)
     try:
-        rows = [] if args.skip_rates else run_rates(url, args)
-        storage = StorageConfig(logprob_dtype=args.logprob_dtype, store_texts=not args.no_texts,
-                                compress_token_ids=not args.no_compress_ids)
+        storage = storage_of(args)
+        rows = [] if args.skip_rates else run_rates(url, args, storage)
         scale = measure_scale(url, args.scale, args.tokens, args.batch, storage, small=args.small) if args.scale else None
     finally:
         os.kill(proc.pid, signal.SIGTERM)
@@ -352,7 +360,7 @@ def main() -> None:
     c = codec_stats
     console.print(
         f"encoding of one trajectory ({c['tokens']} tokens): JSON {c['json_bytes']:,} B, "
-        f"msgpack with plain lists {c['msgpack_plain_lists_bytes']:,} B | codec format 2 "
+        f"msgpack with plain lists {c['msgpack_plain_lists_bytes']:,} B | codec format 3 "
         f"{c['msgpack_packed_bytes']:,} B, encode {c['msgpack_encode_us']:.0f} us, decode to Trajectory "
         f"{c['msgpack_decode_us']:.0f} us, zero-copy view {c['view_us']:.1f} us"
     )
