@@ -152,7 +152,7 @@ class StorageConfig(BaseModel):
     per 1K ids when a batch is read (arrays are then no longer zero-copy views)."""
     logprob_dtype: Literal["float32", "float16"] = "float32"
     """float32 is exact for what vLLM and torch compute; float16 halves the log-probs (lossy: relative error up to
-    2^-11, about 3 significant digits; |log-prob| below 6e-8 becomes 0)."""
+    2^-11, about 3 significant digits; |log-prob| below 6e-8 becomes 0, below -65504 -inf)."""
     store_texts: bool = True
     """False: prompt_text / response_text are not stored (read back as ""); the token ids carry the same content
     (the tokenizer decodes them) and the learner never reads the texts, only the REST views and exports do."""
