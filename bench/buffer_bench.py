@@ -1,7 +1,8 @@
 """Replay-buffer benchmark: ReplayTable insert/sample rates vs raw redis-py on the same bytes, same run.
 
     python bench/buffer_bench.py [--seconds 2] [--repeats 3] [--tokens 1024] [--batch 32]   (make bench-buffer)
-    python bench/buffer_bench.py --items 100000 [--items 1000000]     (memory and sample latency at scale)
+    python bench/buffer_bench.py --skip-rates --scale 1000000 [--logprob-dtype float16] [--no-texts]
+                                      (memory at 100k and 1M, sample p99 at 1M vs 100k: bench/buffer_scale.py)
 
 Starts its own redis-server on a free port (AOF off), then for 1 and 4 client processes measures
 - table insert: `ReplayTable.insert` of 1K-token trajectories (encoding included), one item per call ("single")
@@ -11,16 +12,18 @@ Starts its own redis-server on a free port (AOF off), then for 1 and 4 client pr
   call; columnar: zero-copy token views, each item's token array touched), batch 1 and `--batch`;
 - table sample+decode: `sample` + `ack` building `Trajectory` objects (the pre-columnar API), for reference;
 - raw sample: GET of keys holding the same bytes, one per round trip / a pipeline of `--batch`.
-Also measures the Trajectory encoding (JSON vs msgpack vs codec format 2). `--items N` fills a fresh table
-with N realistic trajectories (ids up to 151k, float32 log-probs, ~3.5 KB of text) and reports Redis memory
-per item and the p50/p99 latency of a 32-item sample+ack at that size. Prints rich tables and writes
-bench/results/buffer.json (with `sample_ack_batched_vs_raw_get` and `insert_batched_vs_raw_set`: 32 per call,
-1 client).
+Also measures the Trajectory encoding (JSON vs msgpack vs codec format 3). `--scale N` fills the redis-server with N
+realistic trajectories (see bench/buffer_scale.py) stored as `--logprob-dtype` / `--no-texts` / `--no-compress-ids`
+say, and reports Redis memory at 100k and N items and the sample+ack p99 at N vs 100k. Prints rich tables and
+updates bench/results/buffer.json (with `sample_ack_batched_vs_raw_get` and `insert_batched_vs_raw_set`: 32 per
+call, 1 client; `memory_1m_bytes` and `sample_p99_1m_vs_100k` from a `--scale 1000000` run); the keys of the parts
+not run are kept from the previous file.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import multiprocessing as mp
@@ -35,32 +38,32 @@ import subprocess
 import sys
 import tempfile
 import time
-from array import array
 from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from buffer_scale import RolloutModel, measure_scale  # noqa: E402  (bench/ is the script's folder)
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from buffer import codec  # noqa: E402
 from buffer.client import BatchStream, ReplayTable, TableConfig, Trajectory, connect  # noqa: E402
-from buffer.schema import UniformSampler  # noqa: E402
+from buffer.schema import StorageConfig, UniformSampler  # noqa: E402
 
 log = logging.getLogger("buffer_bench")
-MAX_SIZE = 20_000
+MAX_SIZE = 2_000
+"""The rate cells run a full table: prepare() fills it, so every insert evicts the oldest items (Redis reuses their
+memory) as the raw rows overwrite 2,000 rotating keys. A growing table would pay for fresh memory (Redis ~10 us per
+new 9 KB value vs ~1 us for a reused one, measured) that the raw SET never pays."""
 
 
+@functools.lru_cache(maxsize=4)
 def make_traj(tokens: int, seed: int = 0) -> Trajectory:
-    rng = random.Random(seed)
-    return Trajectory(
-        prompt_id="p", group_id="g", prompt_token_ids=[rng.randrange(150_000) for _ in range(128)],
-        response_token_ids=[rng.randrange(150_000) for _ in range(tokens)],
-        behaviour_logprobs=[-rng.random() * 4 for _ in range(tokens)], prompt_text="What is 17 + 25?",
-        response_text="x" * (tokens * 3), reward=1.0, grade_status="correct", policy_version=1, actor_id="bench",
-    )
+    """One realistic rollout (bench/buffer_scale.py: Zipf token ids up to 151k, detokenized text, float32 log-probs);
+    cached, and built in the parent before the workers fork."""
+    return RolloutModel(seed).rollout(seed, tokens)
 
 
 def free_port() -> int:
@@ -96,14 +99,19 @@ def start_redis(tmp: str) -> tuple[subprocess.Popen[bytes], str]:
 def _worker(kind: str, url: str, batch: int, tokens: int, seconds: float, wid: int, start: Any, out: Any) -> None:
     r = connect(url)
     traj = make_traj(tokens)
-    payload = codec.encode(traj)
+    storage = ReplayTable(r).config.storage  # prepare() stored the table config: raw rows get the same bytes
+    payload = codec.encode(traj, storage)
     n = 0
     if kind == "table_insert":
         table = ReplayTable(r)
+        # Distinct ids built before the clock starts (the actor has its Trajectory objects already): the table's
+        # time is encoding + sending, as the raw rows' is sending.
+        ready = [traj.model_copy(update={"traj_id": f"w{wid}-{j}"}) for j in range(20_000)]
         start.wait()
         t_end = time.monotonic() + seconds
         while time.monotonic() < t_end:
-            items = [traj.model_copy(update={"traj_id": f"w{wid}-{n + j}"}) for j in range(batch)]
+            items = ready[n:n + batch] if n + batch <= len(ready) else [
+                traj.model_copy(update={"traj_id": f"w{wid}-{n + j}"}) for j in range(batch)]
             table.insert(items, timeout_s=30)
             n += batch
     elif kind == "raw_insert":  # SET of the pre-encoded bytes (keys rotate, so memory stays bounded)
@@ -144,7 +152,7 @@ def _worker(kind: str, url: str, batch: int, tokens: int, seconds: float, wid: i
         while time.monotonic() < t_end:
             p = r.pipeline(transaction=False)
             for j in range(batch):
-                data = codec.encode(traj.model_copy(update={"traj_id": f"w{wid}-{n + j}"}))
+                data = codec.encode(traj.model_copy(update={"traj_id": f"w{wid}-{n + j}"}), storage)
                 p.set(f"rawbench:s{wid}:{(n + j) % 2000}", data)
             p.execute()
             n += batch
@@ -192,14 +200,15 @@ def run_cell(kind: str, url: str, procs: int, batch: int, tokens: int, seconds: 
     return total / elapsed
 
 
-def prepare(url: str, tokens: int) -> None:
+def prepare(url: str, tokens: int, storage: StorageConfig) -> None:
     r = connect(url)
     r.flushall()
-    table = ReplayTable(r, TableConfig(max_size=MAX_SIZE, max_times_sampled=0, sampler=UniformSampler()))
+    table = ReplayTable(r, TableConfig(max_size=MAX_SIZE, max_times_sampled=0, sampler=UniformSampler(),
+                                       storage=storage))
     traj = make_traj(tokens)
-    for start in range(0, 2000, 100):
+    for start in range(0, MAX_SIZE, 100):
         table.insert([traj.model_copy(update={"traj_id": f"pre{start + j}"}) for j in range(100)])
-    payload = codec.encode(traj)
+    payload = codec.encode(traj, storage)
     p = r.pipeline(transaction=False)
     for k in range(1000):
         p.set(f"rawbench:k{k}", payload)
@@ -208,7 +217,7 @@ def prepare(url: str, tokens: int) -> None:
 
 def measure_codec(tokens: int) -> dict[str, Any]:
     traj = make_traj(tokens)
-    packed = codec.encode(traj)
+    packed = codec.encode(traj)  # the default StorageConfig
     as_json = traj.model_dump_json().encode()
     reps = 300
 
@@ -233,52 +242,7 @@ def measure_codec(tokens: int) -> dict[str, Any]:
     }
 
 
-def realistic_traj(rng: random.Random, tokens: int, k: int) -> Trajectory:
-    """A trajectory shaped like a Qwen2.5 rollout: ids up to 151k, float32 log-probs, ~3.5 bytes of text per
-    token drawn from a 5k-word vocabulary (compresses like prose, not like a repeated character)."""
-    words = [f"w{rng.randrange(5000)}" for _ in range(tokens * 3 // 5)]
-    return Trajectory(
-        traj_id=f"m{k:08d}", prompt_id=f"p{k // 8}", group_id=f"g{k // 8}",
-        prompt_token_ids=[rng.randrange(151_000) for _ in range(128)],
-        response_token_ids=[rng.randrange(151_000) for _ in range(tokens)],
-        behaviour_logprobs=array("f", [-rng.random() * 4 for _ in range(tokens)]).tolist(),
-        prompt_text="Solve: " + " ".join(words[:60]), response_text=" ".join(words), reward=float(k % 2),
-        grade_status="correct" if k % 2 else "incorrect", policy_version=k // 1000, actor_id="bench",
-    )
-
-
-def measure_scale(url: str, items: int, tokens: int, batch: int) -> dict[str, Any]:
-    """Fill a fresh table with `items` trajectories; Redis memory per item and 32-item sample+ack latency."""
-    r = connect(url, timeout_s=120)
-    r.flushall()
-    base = int(r.info("memory")["used_memory"])
-    table = ReplayTable(r, TableConfig(name="scale", max_size=items, max_times_sampled=0,
-                                       sampler=UniformSampler()))
-    rng = random.Random(1)
-    pool = [realistic_traj(rng, tokens, k) for k in range(256)]  # reused shapes, fresh ids: generation is slow
-    payload_bytes = statistics.mean(len(codec.encode(t)) for t in pool)
-    t0 = time.monotonic()
-    for start in range(0, items, 500):
-        table.insert([pool[(start + j) % 256].model_copy(update={"traj_id": f"m{start + j:08d}"})
-                      for j in range(min(500, items - start))], timeout_s=None)
-    fill_s = time.monotonic() - t0
-    used = int(r.info("memory")["used_memory"])
-    lat = []
-    for _ in range(300):
-        t1 = time.perf_counter()
-        b = table.sample_columns(batch, learner_version=1)
-        table.ack(b.lease_id)
-        lat.append(time.perf_counter() - t1)
-    lat.sort()
-    out = {"items": items, "tokens": tokens, "payload_bytes_mean": payload_bytes,
-           "redis_bytes_per_item": (used - base) / items, "redis_used_bytes": used, "fill_s": fill_s,
-           "sample_ack_p50_ms": 1e3 * lat[len(lat) // 2], "sample_ack_p99_ms": 1e3 * lat[int(len(lat) * 0.99)]}
-    log.info("%s", out)
-    r.flushall()
-    return out
-
-
-def run_rates(url: str, args: argparse.Namespace) -> list[dict[str, Any]]:
+def run_rates(url: str, args: argparse.Namespace, storage: StorageConfig) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     for op in ("insert", "sample"):
         for procs in args.procs:
@@ -290,7 +254,7 @@ def run_rates(url: str, args: argparse.Namespace) -> list[dict[str, Any]]:
                     runs["tabledecode"] = []
                 for _ in range(args.repeats):
                     for impl in runs:
-                        prepare(url, args.tokens)
+                        prepare(url, args.tokens, storage)
                         runs[impl].append(run_cell(f"{impl}_{op}", url, procs, batch, args.tokens, args.seconds))
                 rates = {impl: statistics.median(v) for impl, v in runs.items()}
                 row = {"op": op, "procs": procs, "batch": batch, "table_per_s": rates["table"],
@@ -328,6 +292,41 @@ def headline(rows: list[dict[str, Any]], batch: int) -> dict[str, float | None]:
     return {"sample_ack_batched_vs_raw_get": ratio("sample"), "insert_batched_vs_raw_set": ratio("insert")}
 
 
+def print_scale(console: Console, s: dict[str, Any]) -> None:
+    for m in s["memory"]:
+        console.print(f"{m['items']:,} items: used_memory {m['used_memory'] / 1e9:.2f} GB "
+                      f"({m['bytes_per_item']:,.0f} B per item; payload {s['payload_bytes_mean']:,.0f} B), RSS "
+                      f"{m['used_memory_rss'] / 1e9:.2f} GB, filled in {m['fill_s']:.0f} s")
+    console.print(f"sample+ack of {s['batch']} ({s['calls_each']} calls each, alternating): {s['small_items']:,} items "
+                  f"p50 {s['small_p50_ms']:.2f} ms p99 {s['small_p99_ms']:.2f} ms | {s['items']:,} items p50 "
+                  f"{s['big_p50_ms']:.2f} ms p99 {s['big_p99_ms']:.2f} ms | p99 ratio {s['sample_p99_big_vs_small']:.2f}")
+
+
+def storage_of(args: argparse.Namespace) -> StorageConfig:
+    return StorageConfig(logprob_dtype=args.logprob_dtype, store_texts=not args.no_texts,
+                         compress_token_ids=not args.no_compress_ids)
+
+
+def write_results(args: argparse.Namespace, rows: list[dict[str, Any]], scale: dict[str, Any] | None,
+                  codec_stats: dict[str, Any], load_before: tuple[float, ...]) -> None:
+    """Update bench/results/buffer.json with the parts run now (the other parts' keys stay)."""
+    old = json.loads(args.out.read_text()) if args.out.exists() else {}
+    new: dict[str, Any] = {"codec": codec_stats, "tokens": args.tokens}
+    run = {"created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "host": platform.node(),
+           "cpus": os.cpu_count(), "loadavg_before": load_before, "loadavg_after": os.getloadavg()}
+    if rows:
+        new.update(headline(rows, args.batch), rows=rows, rates_run={
+            **run, "seconds_per_cell": args.seconds, "repeats": args.repeats, "storage": storage_of(args).model_dump()})
+    if scale:
+        last = scale["memory"][-1]
+        new["scale"] = {**scale, "run": run}
+        if scale["items"] == 1_000_000 and scale["small_items"] == 100_000:
+            new.update(memory_1m_bytes=last["used_memory"], memory_1m_rss_bytes=last["used_memory_rss"],
+                       sample_p99_1m_vs_100k=scale["sample_p99_big_vs_small"], memory_1m_storage=scale["storage"])
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({**old, **new}, indent=2))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seconds", type=float, default=2.0, help="duration of each measurement")
@@ -335,8 +334,12 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=32, help="items per call in the batched rows")
     ap.add_argument("--repeats", type=int, default=3, help="alternating repeats per cell (median reported)")
     ap.add_argument("--procs", type=int, nargs="+", default=[1, 4], help="client process counts")
-    ap.add_argument("--items", type=int, nargs="*", default=[], help="table sizes for the memory/latency rows")
-    ap.add_argument("--skip-rates", action="store_true", help="only the --items rows")
+    ap.add_argument("--scale", type=int, default=0, help="fill N realistic items: memory and p99 at 100k vs N")
+    ap.add_argument("--small", type=int, default=100_000, help="the smaller table size of --scale")
+    ap.add_argument("--logprob-dtype", choices=["float32", "float16"], default="float32")
+    ap.add_argument("--no-texts", action="store_true", help="StorageConfig.store_texts = False")
+    ap.add_argument("--no-compress-ids", action="store_true", help="StorageConfig.compress_token_ids = False")
+    ap.add_argument("--skip-rates", action="store_true", help="only the --scale part")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "buffer.json")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -346,32 +349,25 @@ def main() -> None:
     tmp = tempfile.mkdtemp(prefix="tbrm-bench-")
     proc, url = start_redis(tmp)
     try:
-        rows = [] if args.skip_rates else run_rates(url, args)
-        scale = [measure_scale(url, n, args.tokens, args.batch) for n in args.items]
+        storage = storage_of(args)
+        rows = [] if args.skip_rates else run_rates(url, args, storage)
+        scale = measure_scale(url, args.scale, args.tokens, args.batch, storage, small=args.small) if args.scale else None
     finally:
         os.kill(proc.pid, signal.SIGTERM)
         proc.wait(10)
         shutil.rmtree(tmp, ignore_errors=True)
     if rows:
         print_rates(console, rows, args)
-    for s in scale:
-        console.print(f"{s['items']:,} items: {s['redis_bytes_per_item']:,.0f} B of Redis memory per item "
-                      f"(payload {s['payload_bytes_mean']:,.0f} B), sample+ack of {args.batch}: p50 "
-                      f"{s['sample_ack_p50_ms']:.2f} ms, p99 {s['sample_ack_p99_ms']:.2f} ms")
+    if scale:
+        print_scale(console, scale)
     c = codec_stats
     console.print(
         f"encoding of one trajectory ({c['tokens']} tokens): JSON {c['json_bytes']:,} B, "
-        f"msgpack with plain lists {c['msgpack_plain_lists_bytes']:,} B | codec format 2 "
+        f"msgpack with plain lists {c['msgpack_plain_lists_bytes']:,} B | codec format 3 "
         f"{c['msgpack_packed_bytes']:,} B, encode {c['msgpack_encode_us']:.0f} us, decode to Trajectory "
         f"{c['msgpack_decode_us']:.0f} us, zero-copy view {c['view_us']:.1f} us"
     )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({
-        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "host": platform.node(),
-        "cpus": os.cpu_count(), "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
-        "seconds_per_cell": args.seconds, "repeats": args.repeats, "tokens": args.tokens,
-        **headline(rows, args.batch), "rows": rows, "scale": scale, "codec": codec_stats,
-    }, indent=2))
+    write_results(args, rows, scale, codec_stats, load_before)
     console.print(f"load average before/after: {load_before[0]:.1f} / {os.getloadavg()[0]:.1f} on "
                   f"{os.cpu_count()} cores (other processes share them)")
     console.print(f"wrote {args.out}")

@@ -1,12 +1,15 @@
 """Compact storage encoding of `Trajectory` (what the replay table keeps in Redis).
 
-Codec format 2 (written now): the magic ``b"TB\x02"``, a little-endian u32 header length, a fixed-width span
+Codec format 3 (written now): the magic ``b"TB\x03"``, a little-endian u32 header length, a fixed-width span
 table, a msgpack map of the scalar fields, then a blob: token ids packed as uint16 when they fit, else 3 bytes
-(ids below 2^24: every tokenizer in use) or uint32; log-probs as float32 (exact for values that came from vLLM
-or torch, which compute in float32; a float64 input is rounded); texts above 512 bytes zlib-compressed
-(level 1). `TrajectoryView` reads it without copying: arrays are numpy views of the stored bytes (3-byte ids
-are widened), texts and `Trajectory` objects are built only on demand (the learner's hot path needs neither).
-Format 1 (``b"TB\x01"``: one msgpack map, int32 / float64 arrays) is still read.
+(ids below 2^24: every tokenizer in use) or uint32, and by default zlib-compressed byte plane by byte plane
+(exact; `StorageConfig.compress_token_ids`); behaviour log-probs as float32 (exact for values that came from vLLM
+or torch, which compute in float32; a float64 input is rounded) or float16 (`StorageConfig.logprob_dtype`, lossy);
+texts above 512 bytes zlib-compressed (level 1), or not stored (`StorageConfig.store_texts`). `TrajectoryView`
+reads it without parsing more than it needs: raw arrays are numpy views of the stored bytes (3-byte ids are
+widened, compressed ids decompressed on access), texts and `Trajectory` objects are built only on demand (the
+learner's hot path needs neither). Format 2 (``b"TB\x02"``: the same without compression codes) and format 1
+(``b"TB\x01"``: one msgpack map, int32 / float64 arrays) are still read.
 Sizes and times are in `bench/buffer_bench.py` (`make bench-buffer`), and the memory plan in
 docs/buffer-internals.md. The header carries ``schema_version``; decoding an item written by a newer, unknown
 schema raises `TrajectoryDecodeError` naming both versions instead of guessing.
@@ -23,7 +26,7 @@ from typing import Any
 import msgpack
 import numpy as np
 
-from buffer.schema import SCHEMA_VERSION, Trajectory
+from buffer.schema import SCHEMA_VERSION, StorageConfig, Trajectory
 
 MAGIC = b"TB\x01"
 _INT_FIELDS = ("prompt_token_ids", "response_token_ids")
@@ -69,22 +72,33 @@ def unpack_floats(data: bytes) -> list[float]:
     return _unpacked("d", data)
 
 
-# Codec format 2: MAGIC2 | u32 header length H | u8 span count n | n x (u8 field, u8 code, u32 nbytes) |
-# msgpack header of the scalar fields (H bytes) | blob (the spans, in order). The span table is fixed-width, so
-# a reader finds an array without parsing the msgpack header; arrays are read as numpy views of the stored
-# bytes (no copy, no per-element Python objects) and the header is parsed only when a scalar is asked for.
+# Codec format 3 (written now): MAGIC3 | u32 header length H | u8 span count n | n x (u8 field, c dtype, u8 packing,
+# u32 nbytes) | msgpack header of the scalar fields (H bytes) | blob (the spans, in order). dtype: H uint16, T 3-byte
+# unsigned, I uint32, i int32 (token ids), f float32, e float16 (log-probs), s UTF-8 text. packing: 0 raw, 1 zlib,
+# 2 raw deflate (Z_RLE) of the byte planes (all first bytes, then all second bytes, ...: the high bytes of token ids
+# are nearly constant and the middle ones skewed, so they compress well). The span table is fixed-width, so a reader finds an array without
+# parsing the msgpack header; raw arrays are numpy views of the stored bytes, the header is parsed only when a
+# scalar is asked for. Format 2 (MAGIC2, spans of (u8 field, c code, u32 nbytes), code "z" = zlib text) is read.
 MAGIC2 = b"TB\x02"
+MAGIC3 = b"TB\x03"
 _HEAD = struct.Struct("<IB")
-_SPAN = struct.Struct("<BcI")
+_SPAN2 = struct.Struct("<BcI")
+_SPAN3 = struct.Struct("<BcBI")
+RAW, ZLIB, PLANES = 0, 1, 2
 _BLOB_FIELDS = ("prompt_token_ids", "response_token_ids", "behaviour_logprobs", "ref_logprobs", "prompt_text",
                 "response_text")
 _TEXT_FIELDS = ("prompt_text", "response_text")
 _ZLIB_MIN = 512
-"""Texts longer than this many bytes are stored zlib-compressed (level 1: ~10 us per 3 KB, ~3x smaller)."""
-_DTYPES = {"H": "<u2", "I": "<u4", "i": "<i4", "f": "<f4", "d": "<f8"}
+"""Texts longer than this many bytes are stored zlib-compressed (level 1: ~10 us per 3 KB, ~2-3x smaller)."""
+_PLANES_MIN = 64
+"""Token arrays of at least this many ids are compressed (when `StorageConfig.compress_token_ids`)."""
+_DTYPES = {"H": "<u2", "I": "<u4", "i": "<i4", "f": "<f4", "e": "<f2"}
+_WIDTH = {"H": 2, "T": 3, "I": 4, "i": 4, "f": 4, "e": 2}
+_DEFAULT_STORAGE = StorageConfig()
 
 
-def _pack_tokens(values: list[int]) -> tuple[str, bytes]:
+def _token_rows(values: list[int]) -> tuple[str, Any]:
+    """(dtype code, (n, width) uint8 array of the little-endian ids: a view where possible)."""
     # uint16 first: array() checks the range in C and stops at the first id that does not fit, which in a
     # large vocabulary comes within a few tokens, so the failed attempt is cheap. Ids below 2^24 (every
     # tokenizer in use: Qwen2.5 has 151,646) then take 3 bytes instead of 4.
@@ -95,71 +109,127 @@ def _pack_tokens(values: list[int]) -> tuple[str, bytes]:
             continue
         if not _LITTLE:
             a.byteswap()
-        if code == "I" and a:
-            u = np.frombuffer(a, dtype="<u4")
-            if int(u.max()) < 1 << 24:
-                return "T", u.view(np.uint8).reshape(-1, 4)[:, :3].tobytes()
-        return code, a.tobytes()
+        rows = np.frombuffer(a, dtype=np.uint8).reshape(-1, a.itemsize)
+        if code == "I" and a and int(np.frombuffer(a, dtype="<u4").max()) < 1 << 24:
+            return "T", rows[:, :3]
+        return code, rows
     raise ValueError("token ids must fit a signed or unsigned 32-bit integer")
+
+
+def _pack_tokens(values: list[int]) -> tuple[str, bytes]:
+    code, rows = _token_rows(values)
+    return code, rows.tobytes()
+
+
+def _deflate_planes(planes: bytes) -> bytes:
+    # Z_RLE: matches are runs only. The byte planes of ids are runs (top bytes) and skewed bytes (Huffman), with
+    # few longer repeats, so this is ~6% smaller and ~1.5x faster than level-1 deflate; raw deflate (no header).
+    c = zlib.compressobj(1, zlib.DEFLATED, -15, 9, zlib.Z_RLE)
+    return c.compress(planes) + c.flush()
+
+
+def _compressed_tokens(values: list[int], compress: bool) -> tuple[str, int, bytes]:
+    code, rows = _token_rows(values)
+    if compress and len(values) >= _PLANES_MIN:
+        packed = _deflate_planes(rows.T.tobytes())
+        if len(packed) < rows.size:
+            return code, PLANES, packed
+    return code, RAW, rows.tobytes()
 
 
 def _pack_f32(values: list[float]) -> bytes:
     return _packed("f", values)
 
 
-def encode(traj: Trajectory) -> bytes:
-    """Trajectory -> bytes (codec format 2: msgpack header of scalars + a blob of packed arrays and texts).
+def _pack_logprobs(values: list[float], dtype: str) -> tuple[str, bytes]:
+    raw = _pack_f32(values)
+    if dtype == "float16":
+        return "e", np.frombuffer(raw, "<f4").astype("<f2").tobytes()
+    return "f", raw
 
-    Token ids are stored as uint16 when every id of the array fits, else uint32 (int32 for negative ids); log-probs as float32, which is exact for what vLLM and torch produce (a float64 input
-    is rounded to the nearest float32); long texts zlib-compressed."""
+
+def encode(traj: Trajectory, storage: StorageConfig | None = None) -> bytes:
+    """Trajectory -> bytes (codec format 3: msgpack header of scalars + a blob of packed arrays and texts).
+
+    Token ids are packed into the narrowest of uint16 / 3 bytes / uint32 (int32 for negative ids) and, by default,
+    zlib-compressed byte plane by byte plane (exact); behaviour log-probs as float32 (exact for what vLLM and torch
+    produce; a float64 input is rounded) or float16 (`storage.logprob_dtype`, lossy); long texts zlib-compressed,
+    or not stored (`storage.store_texts`)."""
+    st = storage or _DEFAULT_STORAGE
     d: dict[str, Any] = dict(traj.__dict__)  # shallow: model_dump() would deep-copy the 1K-element lists
     parts: list[bytes] = []
     spans: list[bytes] = []
-    for f in _INT_FIELDS:
-        code, raw = _pack_tokens(d.pop(f))
-        spans.append(_SPAN.pack(_BLOB_FIELDS.index(f), code.encode(), len(raw)))
+
+    def add(field: str, code: str, packing: int, raw: bytes) -> None:
+        spans.append(_SPAN3.pack(_BLOB_FIELDS.index(field), code.encode(), packing, len(raw)))
         parts.append(raw)
-    for f in _FLOAT_FIELDS:
-        values = d.pop(f)
-        if values is not None:
-            raw = _pack_f32(values)
-            spans.append(_SPAN.pack(_BLOB_FIELDS.index(f), b"f", len(raw)))
-            parts.append(raw)
+
+    for f in _INT_FIELDS:
+        add(f, *_compressed_tokens(d.pop(f), st.compress_token_ids))
+    code, raw = _pack_logprobs(d.pop("behaviour_logprobs"), st.logprob_dtype)
+    add("behaviour_logprobs", code, RAW, raw)
+    ref = d.pop("ref_logprobs")
+    if ref is not None:
+        add("ref_logprobs", "f", RAW, _pack_f32(ref))
     for f in _TEXT_FIELDS:
         raw = d.pop(f).encode()
-        code = b"s"
-        if len(raw) > _ZLIB_MIN:
-            raw, code = zlib.compress(raw, 1), b"z"
-        spans.append(_SPAN.pack(_BLOB_FIELDS.index(f), code, len(raw)))
-        parts.append(raw)
+        if raw and st.store_texts:
+            add(f, "s", *((ZLIB, zlib.compress(raw, 1)) if len(raw) > _ZLIB_MIN else (RAW, raw)))
     head = msgpack.packb(d, use_bin_type=True)
-    return b"".join([MAGIC2, _HEAD.pack(len(head), len(spans)), *spans, head, *parts])
+    return b"".join([MAGIC3, _HEAD.pack(len(head), len(spans)), *spans, head, *parts])
+
+
+_TABLES3 = [struct.Struct("<" + "BcBI" * n) for n in range(len(_BLOB_FIELDS) + 1)]
+_CODES = {c.encode(): c for c in (*_WIDTH, "s")}
+
+
+def _spans(data: bytes, fmt: struct.Struct, pos: int, n: int, off: int) -> tuple[dict[str, Any], int]:
+    spans: dict[str, tuple[str, int, int, int]] = {}
+    if fmt is _SPAN3 and n < len(_TABLES3):  # the whole span table in one unpack (the sample path reads it)
+        flat = _TABLES3[n].unpack_from(data, pos)
+        rows = [flat[k:k + 4] for k in range(0, 4 * n, 4)]
+    elif fmt is _SPAN3:
+        rows = [fmt.unpack_from(data, pos + k * fmt.size) for k in range(n)]
+    else:  # format 2: the code says it all ("z": zlib text)
+        rows = [(f, b"s", ZLIB, m) if c == b"z" else (f, c, RAW, m)
+                for f, c, m in (fmt.unpack_from(data, pos + k * fmt.size) for k in range(n))]
+    for field, c, packing, nbytes in rows:
+        code = _CODES.get(c)
+        if code is None or packing not in (RAW, ZLIB, PLANES):
+            raise TrajectoryDecodeError(f"corrupt trajectory payload: span code {c!r}/{packing}")
+        spans[_BLOB_FIELDS[field]] = (code, packing, off, nbytes)
+        off += nbytes
+    return spans, off
+
+
+def _widen3(rows: Any) -> Any:
+    """(n, 3) uint8 little-endian rows -> uint32 array (one vectorized copy)."""
+    wide = np.zeros((rows.shape[0], 4), dtype=np.uint8)
+    wide[:, :3] = rows
+    return wide.view("<u4").reshape(-1)
 
 
 class TrajectoryView:
     """A stored trajectory read without copying: scalar fields in `header`, arrays as numpy views of the stored
-    bytes (`array`), texts decoded on demand (`text`), a full `Trajectory` only when asked (`trajectory`)."""
+    bytes (`array`; compressed arrays are decompressed on access), texts decoded on demand (`text`), a full
+    `Trajectory` only when asked (`trajectory`)."""
 
     __slots__ = ("_head", "_buf", "_spans", "_hstart", "_hlen")
 
     def __init__(self, data: bytes) -> None:
-        if not data.startswith(MAGIC2):
-            raise TrajectoryDecodeError(f"not a codec-2 trajectory (magic {bytes(data[:3])!r})")
+        fmt = _SPAN3 if data.startswith(MAGIC3) else _SPAN2 if data.startswith(MAGIC2) else None
+        if fmt is None:
+            raise TrajectoryDecodeError(f"not a codec-2/3 trajectory (magic {bytes(data[:3])!r})")
         try:
-            hlen, n = _HEAD.unpack_from(data, len(MAGIC2))
-            pos = len(MAGIC2) + _HEAD.size
-            off = pos + n * _SPAN.size + hlen
-            spans: dict[str, tuple[str, int, int]] = {}
-            for k in range(n):
-                field, code, nbytes = _SPAN.unpack_from(data, pos + k * _SPAN.size)
-                spans[_BLOB_FIELDS[field]] = (code.decode(), off, nbytes)
-                off += nbytes
+            hlen, n = _HEAD.unpack_from(data, len(MAGIC3))
+            pos = len(MAGIC3) + _HEAD.size
+            spans, off = _spans(data, fmt, pos, n, pos + n * fmt.size + hlen)
         except (IndexError, UnicodeDecodeError, struct.error) as e:
             raise TrajectoryDecodeError(f"corrupt trajectory payload: {e}") from e
         if off != len(data):
             raise TrajectoryDecodeError(f"corrupt trajectory payload: {len(data)} bytes, layout says {off}")
         self._buf, self._spans, self._head = data, spans, None
-        self._hstart, self._hlen = pos + n * _SPAN.size, hlen
+        self._hstart, self._hlen = pos + n * fmt.size, hlen
 
     @property
     def header(self) -> dict[str, Any]:
@@ -176,45 +246,49 @@ class TrajectoryView:
         return self._head
 
     def array(self, name: str) -> Any:
-        """numpy view (read-only) of a packed array field (3-byte ids: a widened copy); None when absent."""
+        """numpy array (read-only) of a packed array field; None when absent. Raw spans are zero-copy views of the
+        stored bytes; 3-byte ids are widened to uint32, compressed spans decompressed (~5-10 us per 1K ids)."""
         if name not in self._spans:
             return None
-        code, off, nbytes = self._spans[name]
-        if code == "T":  # 3-byte ids: widened to uint32 (one vectorized copy, ~2 us per 1K tokens)
-            wide = np.zeros((nbytes // 3, 4), dtype=np.uint8)
-            wide[:, :3] = np.frombuffer(self._buf, dtype=np.uint8, count=nbytes, offset=off).reshape(-1, 3)
-            out = wide.view("<u4").reshape(-1)
-            out.flags.writeable = False
-            return out
-        dt = np.dtype(_DTYPES[code])
-        return np.frombuffer(self._buf, dtype=dt, count=nbytes // dt.itemsize, offset=off)
+        code, packing, off, nbytes = self._spans[name]
+        width = _WIDTH[code]
+        if packing == RAW and code != "T":
+            dt = np.dtype(_DTYPES[code])
+            return np.frombuffer(self._buf, dtype=dt, count=nbytes // dt.itemsize, offset=off)
+        if packing == RAW:
+            rows = np.frombuffer(self._buf, dtype=np.uint8, count=nbytes, offset=off).reshape(-1, 3)
+        else:
+            try:
+                raw = zlib.decompress(memoryview(self._buf)[off:off + nbytes], -15 if packing == PLANES else 15)
+            except zlib.error as e:
+                raise TrajectoryDecodeError(f"corrupt trajectory payload: {name}: {e}") from e
+            flat = np.frombuffer(raw, dtype=np.uint8)
+            rows = flat.reshape(width, -1).T if packing == PLANES else flat.reshape(-1, width)
+        out = _widen3(rows) if code == "T" else np.ascontiguousarray(rows).view(_DTYPES[code]).reshape(-1)
+        out.flags.writeable = False
+        return out
 
     def text(self, name: str) -> str:
-        code, off, nbytes = self._spans[name]
+        if name not in self._spans:
+            return ""  # not stored (StorageConfig.store_texts = False, or empty)
+        code, packing, off, nbytes = self._spans[name]
         raw = self._buf[off:off + nbytes]
-        return (zlib.decompress(raw) if code == "z" else raw).decode()
+        return (zlib.decompress(raw) if packing == ZLIB else raw).decode()
 
     def to_dict(self) -> dict[str, Any]:
         d = dict(self.header)
-        for name, (code, off, nbytes) in self._spans.items():
-            if code in ("s", "z"):
-                d[name] = self.text(name)
-            elif code == "T":
-                d[name] = self.array(name).tolist()
-            else:
-                a = array(code)
-                a.frombytes(self._buf[off:off + nbytes])
-                if not _LITTLE:
-                    a.byteswap()
-                d[name] = a.tolist()
+        for name, span in self._spans.items():
+            d[name] = self.text(name) if span[0] == "s" else self.array(name).tolist()
         for f in _FLOAT_FIELDS:
             d.setdefault(f, None)
+        for f in _TEXT_FIELDS:
+            d.setdefault(f, "")
         return d
 
 
 def view(data: bytes) -> TrajectoryView:
     """A TrajectoryView of stored bytes of any readable format (format 1 is converted, at a cost)."""
-    if data.startswith(MAGIC2):
+    if data.startswith(MAGIC3) or data.startswith(MAGIC2):
         return TrajectoryView(data)
     return TrajectoryView(encode(decode(data)))
 
@@ -230,12 +304,12 @@ def _check_version(d: dict[str, Any]) -> None:
 
 def decode_dict(data: bytes) -> dict[str, Any]:
     """bytes -> plain dict of Trajectory fields (lists unpacked), checking magic and schema version.
-    Reads codec format 2 and the older format 1 (msgpack map with packed int32/float64 arrays)."""
-    if data.startswith(MAGIC2):
+    Reads codec formats 3 and 2 and the older format 1 (msgpack map with packed int32/float64 arrays)."""
+    if data.startswith(MAGIC3) or data.startswith(MAGIC2):
         return TrajectoryView(data).to_dict()
     if not data.startswith(MAGIC):
         raise TrajectoryDecodeError(
-            f"not a tbrm trajectory (magic {bytes(data[:3])!r}, expected {MAGIC2!r}); written by another codec?"
+            f"not a tbrm trajectory (magic {bytes(data[:3])!r}, expected {MAGIC3!r}); written by another codec?"
         )
     try:
         d = msgpack.unpackb(data[len(MAGIC):], raw=False)

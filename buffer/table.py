@@ -235,10 +235,11 @@ class ReplayTable(TableViews):
             if not p >= 0 or p == float("inf"):
                 raise ValueError(f"priority {p} must be a finite number >= 0")
         rows: list[_Row] = []
+        storage = self.config.storage
         for i, t in enumerate(trajectories):
             if not isinstance(t, Trajectory):
                 raise ValueError(f"insert expects Trajectory objects, got {type(t).__name__}")
-            rows.append((t.traj_id, codec.encode(t), [t.traj_id, t.policy_version, repr(float(t.reward)),
+            rows.append((t.traj_id, codec.encode(t, storage), [t.traj_id, t.policy_version, repr(float(t.reward)),
                                                       t.actor_id, repr(float(priorities[i])) if priorities else ""]))
         return rows
 

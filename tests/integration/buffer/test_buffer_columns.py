@@ -8,7 +8,7 @@ import pytest
 import redis
 
 from buffer.client import BatchStream, ReplayTable, Trajectory, connect
-from buffer.schema import TableConfig
+from buffer.schema import StorageConfig, TableConfig
 
 
 def traj(k: int) -> Trajectory:
@@ -88,3 +88,25 @@ def test_references_cached_in_one_call_and_skipped_when_never_read_again(r: redi
     assert b.items[0].trajectory.ref_logprobs == [-1.0, -1.0] and b.items[1].trajectory.ref_logprobs == [-2.0, -2.0]
     assert t.cache_references({"i002": ([-3.0, -3.0], None)}) == 0
     assert r.hexists(t.keys.refs, "i002") == 0
+
+
+def test_storage_settings_shape_what_is_stored(r: redis.Redis) -> None:
+    rng = np.random.default_rng(0)
+    long = [traj(k).model_copy(update={
+        "response_token_ids": rng.integers(0, 151_000, 300).tolist(),
+        "behaviour_logprobs": (-rng.exponential(1.0, 300)).astype(np.float32).tolist()}) for k in range(2)]
+    full = ReplayTable(r, TableConfig(name="full", max_times_sampled=0))
+    lean = ReplayTable(r, TableConfig(name="lean", max_times_sampled=0, storage=StorageConfig(
+        logprob_dtype="float16", store_texts=False)))
+    for t in (full, lean):
+        t.insert(long)
+    f, s = full.sample_columns(2, 0), lean.sample_columns(2, 0)
+    by_id = {x.traj_id: x for x in long}
+    for b in (f, s):  # token ids are exact in every setting (compressed by default)
+        assert [b.response_tokens(i).tolist() for i in range(2)] == [by_id[i].response_token_ids for i in b.ids]
+    assert f.trajectory(0).response_text == "r" * 600 and s.trajectory(0).response_text == ""
+    want = np.array(by_id[s.ids[0]].behaviour_logprobs)
+    assert s.behaviour_logprobs(0).dtype == np.float16 and np.allclose(s.behaviour_logprobs(0), want, rtol=2**-11)
+    assert f.behaviour_logprobs(0).dtype == np.float32
+    # float16: 2 bytes less per log-prob; no text spans
+    assert r.hstrlen(lean.keys.items, s.ids[0]) < r.hstrlen(full.keys.items, s.ids[0]) - 300 * 2 - 10

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import random
 import re
+import zlib
 from pathlib import Path
 
 import msgpack
@@ -13,7 +14,7 @@ import pytest
 
 from buffer import codec
 from buffer.keys import PREFIX, PromptQueueKeys, TableKeys
-from buffer.schema import SCHEMA_VERSION, Trajectory
+from buffer.schema import SCHEMA_VERSION, StorageConfig, Trajectory
 
 REPO = Path(__file__).resolve().parents[3]
 
@@ -45,13 +46,16 @@ def test_round_trip_is_exact_including_reference() -> None:
 
 def test_views_are_zero_copy_and_compact() -> None:
     small = traj(1024).model_copy(update={"prompt_token_ids": [5] * 64, "response_token_ids": [7] * 1024})
-    data = codec.encode(small)
+    data = codec.encode(small, StorageConfig(compress_token_ids=False))
     v = codec.TrajectoryView(data)
     toks = v.array("response_token_ids")
     assert toks.dtype == np.uint16 and toks.tolist() == [7] * 1024 and not toks.flags.owndata
+    assert toks.base is not None and np.shares_memory(toks, np.frombuffer(data, np.uint8))
     assert v.array("behaviour_logprobs").dtype == np.float32 and v.array("ref_logprobs") is None
+    assert np.shares_memory(v.array("behaviour_logprobs"), np.frombuffer(data, np.uint8))
     assert v.header["policy_version"] == 3 and v.text("response_text") == "It is \\boxed{4}"
-    big = codec.encode(traj(1024))  # ids up to 150k: 3 bytes each, read back widened to uint32
+    plain = StorageConfig(compress_token_ids=False)
+    big = codec.encode(traj(1024), plain)  # ids up to 150k: 3 bytes each, read back widened to uint32
     back = codec.TrajectoryView(big).array("response_token_ids")
     assert back.dtype == np.uint32 and back.tolist() == traj(1024).response_token_ids
     assert len(data) < 64 * 2 + 1024 * (2 + 4) + 700 and len(big) < 1088 * 3 + 1024 * 4 + 700  # + header
@@ -59,6 +63,56 @@ def test_views_are_zero_copy_and_compact() -> None:
     assert codec.decode(codec.encode(huge)) == huge  # uint32 beyond 2^24
     neg = traj(8).model_copy(update={"response_token_ids": [-1, 5] * 4})
     assert codec.decode(codec.encode(neg)) == neg  # int32
+
+
+def zipf_ids(n: int, vocab: int, seed: int = 0) -> list[int]:
+    """Token ids with a natural-text-like skew (Zipf over ranks; frequent tokens mostly have low ids)."""
+    rng = np.random.default_rng(seed)
+    ranks = np.minimum(rng.zipf(1.1, n) - 1, vocab - 1)
+    return ((ranks * rng.uniform(0.5, 2.0, n)).astype(np.int64) % vocab).tolist()
+
+
+@pytest.mark.parametrize("vocab", [50_000, 151_646, 2**24 + 10, 2**31])
+def test_compressed_token_ids_are_exact_and_smaller(vocab: int) -> None:
+    t = traj(1024).model_copy(update={"prompt_token_ids": zipf_ids(128, vocab, 1),
+                                      "response_token_ids": zipf_ids(1024, vocab, 2)})
+    packed, plain = codec.encode(t), codec.encode(t, StorageConfig(compress_token_ids=False))
+    assert codec.decode(packed) == t
+    v = codec.TrajectoryView(packed)
+    assert v.array("response_token_ids").tolist() == t.response_token_ids
+    assert v.array("prompt_token_ids").tolist() == t.prompt_token_ids
+    assert len(packed) < len(plain) - 200, (len(packed), len(plain))  # skewed ids compress
+    uniform = traj(1024)  # uniform random ids (only the top byte plane compresses): never larger than raw
+    assert len(codec.encode(uniform)) <= len(codec.encode(uniform, StorageConfig(compress_token_ids=False)))
+    assert codec.decode(codec.encode(uniform)) == uniform
+
+
+def test_float16_log_probs_and_no_texts_are_a_setting() -> None:
+    t = traj(1024).model_copy(update={"response_text": "step " * 300})
+    lean = StorageConfig(logprob_dtype="float16", store_texts=False)
+    data = codec.encode(t, lean)
+    back = codec.decode(data)
+    assert back.prompt_text == "" and back.response_text == ""
+    assert back.prompt_token_ids == t.prompt_token_ids and back.response_token_ids == t.response_token_ids
+    got, want = np.array(back.behaviour_logprobs), np.array(t.behaviour_logprobs)
+    assert not np.array_equal(got, want)  # lossy
+    assert np.allclose(got, want, rtol=2**-11, atol=6e-8)
+    assert codec.TrajectoryView(data).array("behaviour_logprobs").dtype == np.float16
+    assert len(data) < len(codec.encode(t)) - 1024 * 2 - 20  # half the log-probs, no text spans
+
+
+def test_format_2_items_are_still_read() -> None:
+    t = traj(600).model_copy(update={"response_text": "step by step " * 100})
+    ids = [codec._pack_tokens(t.prompt_token_ids), codec._pack_tokens(t.response_token_ids)]
+    spans = [(0, *ids[0]), (1, *ids[1]), (2, "f", codec._pack_f32(t.behaviour_logprobs)),
+             (4, "s", t.prompt_text.encode()), (5, "z", zlib.compress(t.response_text.encode(), 1))]
+    d = {k: v for k, v in t.__dict__.items() if k not in codec._BLOB_FIELDS}
+    head = msgpack.packb(d, use_bin_type=True)
+    data = b"".join([codec.MAGIC2, len(head).to_bytes(4, "little"), bytes([len(spans)]),
+                     *(codec._SPAN2.pack(f, c.encode(), len(raw)) for f, c, raw in spans), head,
+                     *(raw for *_, raw in spans)])
+    assert codec.decode(data) == t
+    assert codec.view(data).array("response_token_ids").tolist() == t.response_token_ids
 
 
 def test_float64_log_probs_round_to_float32() -> None:
@@ -89,13 +143,13 @@ def test_unknown_schema_version_raises_clearly() -> None:
     data = codec.MAGIC + msgpack.packb(d, use_bin_type=True)
     with pytest.raises(codec.TrajectoryDecodeError, match=f"schema_version {SCHEMA_VERSION + 1} is unknown"):
         codec.decode(data)
-    v2 = codec.encode(traj(4))
-    hlen, n = int.from_bytes(v2[3:7], "little"), v2[7]
-    start = 8 + 6 * n
-    head = msgpack.unpackb(v2[start:start + hlen], raw=False)
+    v3 = codec.encode(traj(4))
+    hlen, n = int.from_bytes(v3[3:7], "little"), v3[7]
+    start = 8 + codec._SPAN3.size * n
+    head = msgpack.unpackb(v3[start:start + hlen], raw=False)
     head["schema_version"] = SCHEMA_VERSION + 1
     new = msgpack.packb(head, use_bin_type=True)
-    data = codec.MAGIC2 + len(new).to_bytes(4, "little") + v2[7:start] + new + v2[start + hlen:]
+    data = codec.MAGIC3 + len(new).to_bytes(4, "little") + v3[7:start] + new + v3[start + hlen:]
     with pytest.raises(codec.TrajectoryDecodeError, match=f"schema_version {SCHEMA_VERSION + 1} is unknown"):
         codec.decode(data)
 
@@ -103,7 +157,9 @@ def test_unknown_schema_version_raises_clearly() -> None:
 @pytest.mark.parametrize("data", [b"", b"{}", json.dumps({"a": 1}).encode(), codec.MAGIC + b"\xc1\xc1",
                                   codec.MAGIC + msgpack.packb([1, 2]), codec.MAGIC2 + b"\x05\x00\x00\x00\x00ab",
                                   codec.MAGIC2 + b"\x01\x00\x00\x00\x00\x90",
-                                  codec.MAGIC2 + b"\x00\x00\x00\x00\x01\x09s\x00\x00\x00\x00"])
+                                  codec.MAGIC2 + b"\x00\x00\x00\x00\x01\x09s\x00\x00\x00\x00",
+                                  codec.MAGIC3 + b"\x00\x00\x00\x00\x01\x01H\x07\x00\x00\x00\x00",
+                                  codec.MAGIC3 + b"\x00\x00\x00\x00\x01\x01H\x02\x02\x00\x00\x00ab"])
 def test_garbage_raises_decode_error(data: bytes) -> None:
     with pytest.raises(codec.TrajectoryDecodeError):
         codec.decode(data)
