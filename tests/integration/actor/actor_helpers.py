@@ -3,9 +3,12 @@ references for greedy decoding and log-probs."""
 
 from __future__ import annotations
 
+import contextlib
 import socket
+import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[3]
@@ -75,3 +78,30 @@ def hf_logprobs(model_dir: Path, prompt: list[int], response: list[int]) -> list
         logits = model(torch.tensor([prompt + response])).logits[0].float()
     lp = torch.log_softmax(logits[len(prompt) - 1 : -1], dim=-1)
     return lp.gather(1, torch.tensor(response)[:, None])[:, 0].tolist()
+
+
+class FileWrites:
+    """Audit-hook watch of file writes (open for writing, rename, mkdir, remove, copy, link) while `watching()`:
+    shows that a push writes nothing to disk. One per test module (an audit hook cannot be removed)."""
+
+    def __init__(self) -> None:
+        self.seen: list[str] = []
+        self._on = threading.Event()
+        sys.addaudithook(self._audit)
+
+    def _audit(self, event: str, args: tuple) -> None:
+        if not self._on.is_set():
+            return
+        if event == "open" and isinstance(args[1], str) and any(c in args[1] for c in "wax+"):
+            self.seen.append(f"open {args[0]} {args[1]}")
+        elif event in ("os.rename", "os.mkdir", "os.remove", "shutil.copyfile", "os.link"):
+            self.seen.append(f"{event} {args[0]}")
+
+    @contextlib.contextmanager
+    def watching(self) -> Iterator[list[str]]:
+        self.seen.clear()
+        self._on.set()
+        try:
+            yield self.seen
+        finally:
+            self._on.clear()

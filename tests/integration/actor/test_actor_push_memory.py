@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import os
 import socket
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -17,7 +16,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from actor_helpers import ServerThread, hf_greedy
+from actor_helpers import FileWrites, ServerThread, hf_greedy
 
 from actor_service.client import WeightPushError, push_weights
 from actor_service.engine import clean_stale_temp_dirs
@@ -25,20 +24,7 @@ from actor_service.schema import SHA256_HEADER, VERSION_HEADER
 from actor_service.settings import ActorSettings
 
 TOKEN = "memory-token"
-_WRITES: list[str] = []
-_WATCH = threading.Event()
-
-
-def _audit(event: str, args: tuple) -> None:
-    if not _WATCH.is_set():
-        return
-    if event == "open" and isinstance(args[1], str) and any(c in args[1] for c in "wax+"):
-        _WRITES.append(f"open {args[0]} {args[1]}")
-    elif event in ("os.rename", "os.mkdir", "os.remove", "shutil.copyfile", "os.link"):
-        _WRITES.append(f"{event} {args[0]}")
-
-
-sys.addaudithook(_audit)
+WRITES = FileWrites()
 
 
 @pytest.fixture(scope="module")
@@ -56,14 +42,10 @@ def test_push_writes_no_file(server, actor_engine, make_variant) -> None:
     push_weights(server.url, make_variant(55) / "model.safetensors", actor_engine.version + 1, TOKEN, timeout_s=60)
     variant = make_variant(51)
     version = actor_engine.version + 1
-    _WRITES.clear()
-    _WATCH.set()
-    try:
+    with WRITES.watching() as writes:
         resp = push_weights(server.url, variant / "model.safetensors", version, TOKEN, timeout_s=60)
-    finally:
-        _WATCH.clear()
     assert resp.policy_version == version
-    assert _WRITES == []
+    assert writes == []
     prompts = [actor_engine.text_token_ids("17-5=")]
     gen = actor_engine.generate(prompts, temperature=0.0, max_tokens=10)
     assert [g[0].token_ids for g in gen.samples] == hf_greedy(variant, prompts, 10)

@@ -7,13 +7,11 @@ learner; a malformed relay header is refused with a 400 naming the problem."""
 from __future__ import annotations
 
 import hashlib
-import sys
-import threading
 from pathlib import Path
 
 import httpx
 import pytest
-from actor_helpers import ServerThread, free_port, hf_greedy
+from actor_helpers import FileWrites, ServerThread, free_port, hf_greedy
 
 from actor_service.client import WeightPushError, push_weights
 from actor_service.schema import RELAY_HEADER, SHA256_HEADER, VERSION_HEADER
@@ -22,20 +20,7 @@ from buffer.schema import ActorInfo, WeightsInfo
 from learner.push import WeightPusher
 
 TOKEN = "relay-token"
-_WRITES: list[str] = []
-_WATCH = threading.Event()
-
-
-def _audit(event: str, args: tuple) -> None:
-    if not _WATCH.is_set():
-        return
-    if event == "open" and isinstance(args[1], str) and any(c in args[1] for c in "wax+"):
-        _WRITES.append(f"open {args[0]} {args[1]}")
-    elif event in ("os.rename", "os.mkdir", "os.remove", "shutil.copyfile", "os.link"):
-        _WRITES.append(f"{event} {args[0]}")
-
-
-sys.addaudithook(_audit)
+WRITES = FileWrites()
 
 
 @pytest.fixture(scope="module")
@@ -80,13 +65,11 @@ def test_relay_reaches_every_actor_with_one_send(actors, engines, make_variant) 
     infos = [ActorInfo(actor_id=f"a{i}", url=actors[i].url, policy_version=engines[i].version, started_at=1.0)
              for i in good]
     pusher = _pusher(infos)
-    _WRITES.clear()
-    _WATCH.set()
     try:
-        assert pusher.sync(_info(variant / "model.safetensors", version)) == 3
-        assert pusher.wait_idle(120)
+        with WRITES.watching() as writes:
+            assert pusher.sync(_info(variant / "model.safetensors", version)) == 3
+            assert pusher.wait_idle(120)
     finally:
-        _WATCH.clear()
         pusher.close()
     assert [engines[i].version for i in good] == [version] * 3 and engines[1].version < version
     assert pusher.delivered() == {"a0": version, "a2": version, "a3": version}
@@ -94,7 +77,7 @@ def test_relay_reaches_every_actor_with_one_send(actors, engines, make_variant) 
     assert pusher.stats.bytes_sent == nbytes  # the learner sent the file once, not three times
     assert pusher.stats.relay_pushes == 1 and pusher.stats.relay_fallbacks == 0
     assert pusher.stats.pushes_ok == 3 and pusher.stats.pushes_failed == 0
-    assert [w for w in _WRITES if "model.safetensors" not in w] == []
+    assert [w for w in writes if "model.safetensors" not in w] == []
     # the last actor of the chain serves exactly the pushed weights
     prompts = [engines[3].text_token_ids("17-5=")]
     gen = engines[3].generate(prompts, temperature=0.0, max_tokens=10)
