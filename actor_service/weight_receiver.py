@@ -82,6 +82,29 @@ class _Stream(Protocol):
     def stream(self) -> AsyncIterator[bytes]: ...  # starlette's Request.stream
 
 
+class ReceiveBuffers:
+    """Receive buffers reused across pushes (used under the push lock only). The engine keeps serving views of
+    the buffer of the weights it applied last (and reloads them on a failed apply), so that one is never reused;
+    the one before it, or one whose push was refused, is no longer referenced and takes the next body of its
+    size: a fresh 136 MB buffer costs page faults (and, with transparent huge pages, compaction) on first touch."""
+
+    def __init__(self) -> None:
+        self._spare: Buffer | None = None
+        self._serving: Buffer | None = None
+
+    def take(self, nbytes: int) -> Buffer:
+        buf, self._spare = self._spare, None
+        return buf if buf is not None and len(buf) == nbytes else alloc_buffer(nbytes)
+
+    def applied(self, buf: Buffer) -> None:
+        """`buf` now backs the served weights; the previously served buffer becomes the spare."""
+        self._spare, self._serving = self._serving, buf
+
+    def unused(self, buf: Buffer) -> None:
+        """`buf`'s push was refused or failed to apply: nothing refers to it."""
+        self._spare = buf
+
+
 class WeightReceiver:
     """Receives, verifies and applies pushed weights, one push at a time (the push lock)."""
 
@@ -92,6 +115,7 @@ class WeightReceiver:
         self.metrics = metrics
         self._engine = engine  # the engine once started; raises a 503 HTTPException before
         self._lock = asyncio.Lock()
+        self._buffers = ReceiveBuffers()
 
     async def receive(
         self,
@@ -159,16 +183,22 @@ class WeightReceiver:
         """Receive, verify, apply one push and score the canary (the caller holds the push lock)."""
         t0 = time.perf_counter()
         try:
-            body, digest = await receive_body(request, declared, self.settings.max_weight_bytes, progress)
+            body, digest = await receive_body(request, declared, self.settings.max_weight_bytes, progress,
+                                              alloc=self._buffers.take)
         except BaseException:
             if progress is not None:
                 progress.abort()
             raise
-        if not hmac.compare_digest(digest, sha256):
-            raise PushRefused(400, "checksum", f"sha256 mismatch: body hashes to {digest}, header says {sha256}")
-        tensors = await run_in_threadpool(self._parse, eng, body)
-        receive_s = time.perf_counter() - t0
-        load_s = await run_in_threadpool(self._apply, eng, tensors, version)
+        try:
+            if not hmac.compare_digest(digest, sha256):
+                raise PushRefused(400, "checksum", f"sha256 mismatch: body hashes to {digest}, header says {sha256}")
+            tensors = await run_in_threadpool(self._parse, eng, body)
+            receive_s = time.perf_counter() - t0
+            load_s = await run_in_threadpool(self._apply, eng, tensors, version)
+        except Exception:  # refused or not applied (a cancelled push is not reused: its apply may still land)
+            self._buffers.unused(body)
+            raise
+        self._buffers.applied(body)
         t1 = time.perf_counter()
         canary = await run_in_threadpool(self.canary, eng)
         return WeightUpdateResponse(policy_version=version, sha256=digest, nbytes=len(body), receive_s=receive_s,
@@ -285,16 +315,16 @@ async def drain(request: Any, declared: int | None) -> None:
 
 
 # ---- receiving the body ----
-async def receive_body(request: _Stream, declared: int | None, limit: int, progress: BodyProgress | None = None
-                       ) -> tuple[Buffer, str]:
+async def receive_body(request: _Stream, declared: int | None, limit: int, progress: BodyProgress | None = None,
+                       alloc: Callable[[int], Buffer] = alloc_buffer) -> tuple[Buffer, str]:
     """The whole body and its sha256 hex digest. Raises PushRefused (413 over `limit`, 400 incomplete/empty).
 
     With a Content-Length (what `actor_service.client.push_weights` sends) the body lands in one buffer allocated
     up front; every SHA256_BLOCK_BYTES received are hashed by a worker thread (hashlib releases the GIL),
     overlapping with the event loop receiving the next block, so the digest is ready about when the last byte
     arrives. A chunked body (no Content-Length) is collected block by block and joined once at the end. The
-    result is a writable buffer (actor_service.weights.alloc_buffer; the parsed tensors are zero-copy views of
-    it). `progress` (a relayed push,
+    result is a writable buffer (`alloc`, by default actor_service.weights.alloc_buffer; the parsed tensors are
+    zero-copy views of it). `progress` (a relayed push,
     which always has a Content-Length) is told how much of the buffer has arrived after every chunk."""
     h = hashlib.sha256()
     loop = asyncio.get_running_loop()
@@ -304,7 +334,7 @@ async def receive_body(request: _Stream, declared: int | None, limit: int, progr
             return loop.run_in_executor(pool, h.update, block)
 
         if declared is not None:
-            body, n = await _into_buffer(request, declared, limit, hash_async, progress)
+            body, n = await _into_buffer(request, declared, limit, hash_async, progress, alloc)
         else:
             body, n = await _into_blocks(request, limit, hash_async)
     if declared is not None and n != declared:
@@ -316,9 +346,9 @@ async def receive_body(request: _Stream, declared: int | None, limit: int, progr
 
 async def _into_buffer(
     request: _Stream, declared: int, limit: int, hash_async: Callable[[Any], Awaitable[None]],
-    progress: BodyProgress | None = None,
+    progress: BodyProgress | None = None, alloc: Callable[[int], Buffer] = alloc_buffer,
 ) -> tuple[Buffer, int]:
-    buf = alloc_buffer(declared)
+    buf = alloc(declared)
     view = memoryview(buf)
     if progress is not None:
         progress.attach(view)

@@ -67,3 +67,24 @@ def test_canary_ids_are_fixed_and_in_range() -> None:
     assert ids == canary_token_ids(151936) and len(ids) == 48
     assert all(0 <= t < 4096 for t in ids) and len(set(ids)) > 40
     assert all(0 <= t < 100 for t in canary_token_ids(100))
+
+
+def test_receive_buffers_never_reuse_the_served_one() -> None:
+    """The buffer behind the served weights (the engine's rollback source) is never handed out again; the one
+    served before it, or a refused push's, takes the next body of its size."""
+    from actor_service.weight_receiver import ReceiveBuffers
+
+    pool = ReceiveBuffers()
+    a = pool.take(64)
+    pool.applied(a)
+    b = pool.take(64)
+    assert b is not a  # a is served
+    pool.applied(b)
+    c = pool.take(64)
+    assert c is a  # a was served before b: nothing refers to it any more
+    pool.unused(c)  # c's push refused: b is still served
+    assert pool.take(64) is c
+    assert pool.take(64) is not b
+    pool.unused(c)
+    d = pool.take(32)  # another size: a fresh buffer
+    assert len(d) == 32 and d is not c
