@@ -6,8 +6,8 @@
   body:    a safetensors file with HF parameter names (never pickle)
   200 -> WeightUpdateResponse; 400 malformed/mismatched tensors or checksum; 401 token; 409 version not newer;
   413 body too large. With an `X-TBRM-Relay` header the actor also streams the body on to the actors it names
-  and lists their answers in `relayed`. The response carries the log-probs of a fixed canary sequence under the applied weights
-  (verified delivery: the learner compares them with its own).
+  and lists their answers in `relayed`. The response carries the log-probs of a fixed canary sequence under the
+  applied weights (verified delivery: the learner compares them with its own).
 """
 
 from __future__ import annotations

@@ -324,8 +324,8 @@ async def receive_body(request: _Stream, declared: int | None, limit: int, progr
     overlapping with the event loop receiving the next block, so the digest is ready about when the last byte
     arrives. A chunked body (no Content-Length) is collected block by block and joined once at the end. The
     result is a writable buffer (`alloc`, by default actor_service.weights.alloc_buffer; the parsed tensors are
-    zero-copy views of it). `progress` (a relayed push,
-    which always has a Content-Length) is told how much of the buffer has arrived after every chunk."""
+    zero-copy views of it). `progress` (a relayed push, which always has a Content-Length) is told how much of
+    the buffer has arrived after every chunk."""
     h = hashlib.sha256()
     loop = asyncio.get_running_loop()
     with ThreadPoolExecutor(1, thread_name_prefix="weights-sha256") as pool:
@@ -346,7 +346,7 @@ async def receive_body(request: _Stream, declared: int | None, limit: int, progr
 
 async def _into_buffer(
     request: _Stream, declared: int, limit: int, hash_async: Callable[[Any], Awaitable[None]],
-    progress: BodyProgress | None = None, alloc: Callable[[int], Buffer] = alloc_buffer,
+    progress: BodyProgress | None, alloc: Callable[[int], Buffer],
 ) -> tuple[Buffer, int]:
     buf = alloc(declared)
     view = memoryview(buf)

@@ -49,6 +49,10 @@ class TensorSpec:
     shape: tuple[int, ...]
 
 
+Buffer = bytearray | mmap.mmap
+"""A writable buffer holding a whole safetensors file (parse_weights returns views of it)."""
+
+
 def read_header(path: str | Path, max_header_bytes: int = 100 * 2**20) -> dict[str, TensorSpec]:
     """Parse and validate the header of a safetensors file; {name: TensorSpec}. Raises WeightsFormatError."""
     path = Path(path)
@@ -59,7 +63,7 @@ def read_header(path: str | Path, max_header_bytes: int = 100 * 2**20) -> dict[s
         return _parse_header(f.read(n), size - 8 - n)
 
 
-def read_header_bytes(data: bytes | bytearray | memoryview | mmap.mmap, max_header_bytes: int = 100 * 2**20
+def read_header_bytes(data: bytes | memoryview | Buffer, max_header_bytes: int = 100 * 2**20
                       ) -> dict[str, TensorSpec]:
     """`read_header` of a safetensors file held in memory."""
     n = _header_length(bytes(data[:8]), len(data), max_header_bytes)
@@ -67,7 +71,7 @@ def read_header_bytes(data: bytes | bytearray | memoryview | mmap.mmap, max_head
 
 
 def parse_weights(
-    data: bytes | bytearray | mmap.mmap, expected: dict[str, TensorSpec], optional: set[str], max_header_bytes: int
+    data: bytes | Buffer, expected: dict[str, TensorSpec], optional: set[str], max_header_bytes: int
 ) -> dict[str, Any]:
     """Validate a safetensors file held in memory against the model and return its tensors as zero-copy views of
     `data` (the header checks above bound every tensor to its own range of the data section, so no copy is
@@ -89,10 +93,6 @@ def parse_weights(
             0, dtype=dtype)
         out[name] = flat.reshape(spec.shape)
     return out
-
-
-Buffer = bytearray | mmap.mmap
-"""A writable buffer holding a whole safetensors file (parse_weights returns views of it)."""
 
 
 def alloc_buffer(nbytes: int) -> Buffer:

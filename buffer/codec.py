@@ -116,11 +116,6 @@ def _token_rows(values: list[int]) -> tuple[str, Any]:
     raise ValueError("token ids must fit a signed or unsigned 32-bit integer")
 
 
-def _pack_tokens(values: list[int]) -> tuple[str, bytes]:
-    code, rows = _token_rows(values)
-    return code, rows.tobytes()
-
-
 def _deflate_planes(planes: bytes) -> bytes:
     # Z_RLE: matches are runs only. The byte planes of ids are runs (top bytes) and skewed bytes (Huffman), with
     # few longer repeats, so this is ~6% smaller and ~1.5x faster than level-1 deflate; raw deflate (no header).
@@ -185,11 +180,11 @@ _CODES = {c.encode(): c for c in (*_WIDTH, "s")}
 
 def _spans(data: bytes, fmt: struct.Struct, pos: int, n: int, off: int) -> tuple[dict[str, Any], int]:
     spans: dict[str, tuple[str, int, int, int]] = {}
-    if fmt is _SPAN3 and n < len(_TABLES3):  # the whole span table in one unpack (the sample path reads it)
+    if n > len(_BLOB_FIELDS):  # each field has at most one span
+        raise TrajectoryDecodeError(f"corrupt trajectory payload: {n} spans")
+    if fmt is _SPAN3:  # the whole span table in one unpack (the sample path reads it)
         flat = _TABLES3[n].unpack_from(data, pos)
         rows = [flat[k:k + 4] for k in range(0, 4 * n, 4)]
-    elif fmt is _SPAN3:
-        rows = [fmt.unpack_from(data, pos + k * fmt.size) for k in range(n)]
     else:  # format 2: the code says it all ("z": zlib text)
         rows = [(f, b"s", ZLIB, m) if c == b"z" else (f, c, RAW, m)
                 for f, c, m in (fmt.unpack_from(data, pos + k * fmt.size) for k in range(n))]

@@ -39,14 +39,14 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, get_args
 
 from buffer.schema import ActorInfo, WeightsInfo
 
 log = logging.getLogger(__name__)
 
 PushFn = Callable[..., Any]
-FANOUTS = ("auto", "direct", "relay")
+Fanout = Literal["auto", "direct", "relay"]
 """direct: one push per actor; relay: one push to the first due actor, which relays it down the chain of the
 others (actor_service.relay); auto: relay when more than two actors are due."""
 
@@ -95,7 +95,7 @@ class WeightPusher:
         workers: int = 8,
         push_fn: PushFn | None = None,
         canary_max_drift: float = 0.05,
-        fanout: str = "auto",
+        fanout: Fanout = "auto",
     ) -> None:
         if push_fn is None:
             from actor_service.client import push_weights
@@ -111,8 +111,8 @@ class WeightPusher:
         self._lock = threading.Lock()
         self.stats = PushStats()
         self.canary_max_drift = canary_max_drift
-        if fanout not in FANOUTS:
-            raise ValueError(f"fanout must be one of {FANOUTS}, got {fanout!r}")
+        if fanout not in get_args(Fanout):
+            raise ValueError(f"fanout must be one of {get_args(Fanout)}, got {fanout!r}")
         self.fanout = fanout
         self._canary: dict[int, list[float]] = {}  # version -> the learner's canary log-probs (newest few)
         self._drift: dict[str, tuple[int, float]] = {}  # actor -> (version, drift) of its last push
@@ -215,7 +215,7 @@ class WeightPusher:
         else:
             self._book_ok(head, head_st, info, answer, time.monotonic() - t0)
             for hop in answer.relayed:
-                if hops.get(hop.url, None) is None or hop.status == 200:
+                if hop.url not in hops or hop.status == 200:
                     hops[hop.url] = hop
         missed = []
         for actor, st in rest:

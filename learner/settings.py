@@ -29,6 +29,7 @@ from buffer.schema import TableConfig
 from common.files import toy_model_dir as default_model_dir
 from common.settings import RunTomlSettings
 from learner.loss_config import LossConfig, TbrmLossConfig
+from learner.push import Fanout
 
 DEFAULT_PORT = 8003
 
@@ -216,11 +217,10 @@ class LearnerSettings(RunTomlSettings):
     """After a failed push, wait this long before trying that actor again."""
     push_workers: int = Field(default=8, ge=1)
     """Concurrent pushes (one per actor)."""
-    push_fanout: Literal["auto", "direct", "relay"] = "auto"
-    """How a version reaches many actors: "direct" = one push per actor (the learner sends the file N times);
-    "relay" = one push to the first due actor, which streams it on down a chain of the others while receiving
-    (docs/weight-protocol.md#fan-out; an actor the chain misses gets a direct push); "auto" = relay when more
-    than two actors are due."""
+    push_fanout: Fanout = "auto"
+    """How a version reaches many actors (learner.push `Fanout`; docs/weight-protocol.md#fan-out): "direct" sends
+    the file once per actor, "relay" once down a chain of the actors (one the chain misses gets a direct push),
+    "auto" relays when more than two actors are due."""
     canary_max_drift: float = Field(default=0.05, gt=0)
     """Verified delivery: largest |log-prob difference| on the canary sequence between an actor (after applying a
     version) and the learner (same version) before a warning is logged and `canary_alarms` counted. Raise it when

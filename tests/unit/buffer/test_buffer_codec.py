@@ -103,7 +103,7 @@ def test_float16_log_probs_and_no_texts_are_a_setting() -> None:
 
 def test_format_2_items_are_still_read() -> None:
     t = traj(600).model_copy(update={"response_text": "step by step " * 100})
-    ids = [codec._pack_tokens(t.prompt_token_ids), codec._pack_tokens(t.response_token_ids)]
+    ids = [(code, rows.tobytes()) for code, rows in map(codec._token_rows, (t.prompt_token_ids, t.response_token_ids))]
     spans = [(0, *ids[0]), (1, *ids[1]), (2, "f", codec._pack_f32(t.behaviour_logprobs)),
              (4, "s", t.prompt_text.encode()), (5, "z", zlib.compress(t.response_text.encode(), 1))]
     d = {k: v for k, v in t.__dict__.items() if k not in codec._BLOB_FIELDS}
