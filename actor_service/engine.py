@@ -52,6 +52,7 @@ from actor_service.weights import TIED_OPTIONAL, TORCH_DTYPES, TensorSpec, model
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+_BUILD_LOCK = threading.Lock()
 
 class VersionConflict(ValueError):
     """The pushed version is not newer than the engine's."""
@@ -160,8 +161,15 @@ class ActorEngine:
         # turn them into lists), and the start is seconds faster.
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         from vllm import LLM
+        from vllm.model_executor.layers import rotary_embedding
 
-        llm = LLM(**kwargs)
+        with _BUILD_LOCK:
+            # vLLM caches rotary-embedding modules per process and hands the same one to every model built there;
+            # a reload moves that module's buffers to the meta device until it finishes, so engines sharing it
+            # (several actors in one process: tests, benches) broke each other's forward and, after two
+            # concurrent reloads, lost `cos_sin_cache` for good. Each engine gets its own.
+            rotary_embedding._ROPE_DICT.clear()
+            llm = LLM(**kwargs)
         llm.llm_engine.set_weight_version(str(self._version))
         return llm
 

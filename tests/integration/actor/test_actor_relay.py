@@ -166,3 +166,39 @@ def test_auto_fanout_relays_only_beyond_two_actors(actors, engines, make_variant
         relayed = len(members) > 2
         assert pusher.stats.relay_pushes == int(relayed)
         assert pusher.stats.bytes_sent == nbytes * (1 if relayed else len(members))
+
+
+def test_engines_in_one_process_reload_concurrently(engines, make_variant) -> None:
+    """Several engines in one process (these tests, benches) reload at once, as a relay chain's actors do: each
+    must own its modules (vLLM shares rotary embeddings across the models of a process, and a reload moves a
+    module's buffers to the meta device), or one engine's reload breaks the other's forward for good."""
+    import threading
+
+    from safetensors.torch import load_file
+
+    pair = engines[2:4]
+    rotary = [e.llm.llm_engine.model_executor.driver_worker.worker.get_model().model.layers[0].self_attn.rotary_emb
+              for e in pair]
+    assert rotary[0] is not rotary[1]
+    variant = make_variant(62)
+    tensors = load_file(str(variant / "model.safetensors"))
+    errors: list[BaseException] = []
+
+    def push(eng, rounds: int) -> None:
+        try:
+            for _ in range(rounds):
+                eng.apply_weights(dict(tensors), eng.version + 1)
+        except BaseException as e:  # noqa: BLE001  (reported by the test thread)
+            errors.append(e)
+
+    threads = [threading.Thread(target=push, args=(e, 8)) for e in pair]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert errors == []
+    prompts = [pair[0].text_token_ids("17-5=")]
+    want = hf_greedy(variant, prompts, 10)
+    for eng in pair:
+        gen = eng.generate(prompts, temperature=0.0, max_tokens=10)
+        assert [g[0].token_ids for g in gen.samples] == want
