@@ -12,6 +12,7 @@ from buffer.schema import ActorInfo, LearnerStatus, TableStats, Trajectory, Weig
 NAME_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$"
 TableName = Annotated[str, PathParam(pattern=NAME_PATTERN)]
 ItemId = Annotated[str, PathParam(max_length=200)]
+JobId = Annotated[str, PathParam(pattern=r"^[0-9a-f]{16}$")]
 
 
 class Health(BaseModel):
@@ -166,7 +167,23 @@ class AdminResponse(BaseModel):
     paused: list[str] = []
 
 
-class ExportResponse(BaseModel):
+class ExportJob(BaseModel):
+    """A background export (POST /v1/admin/export starts one; GET /v1/admin/exports/{job_id} follows it)."""
+
+    job_id: str
+    table: str
     path: str
-    rows: int
-    bytes: int
+    """Where the parquet file appears (renamed into place when complete)."""
+    state: Literal["running", "done", "failed"]
+    rows: int = 0
+    """Rows written so far."""
+    bytes: int = 0
+    """File size once done."""
+    error: str | None = None
+    started_at: float
+    finished_at: float | None = None
+
+
+class ExportJobsResponse(BaseModel):
+    jobs: list[ExportJob]
+    """Oldest first; the service remembers the last 50."""

@@ -23,10 +23,12 @@ from buffer.api_models import (
     AdminResponse,
     ClaimsResponse,
     ClaimView,
+    ExportJob,
+    ExportJobsResponse,
     ExportRequest,
-    ExportResponse,
     Health,
     ItemId,
+    JobId,
     LearnerResponse,
     LeasesResponse,
     LeaseView,
@@ -183,8 +185,16 @@ def _admin_routes(svc: BufferService) -> APIRouter:
     def reset(req: ResetRequest) -> AdminResponse:
         return svc.reset(req)
 
-    @admin.post("/export", response_model=ExportResponse)
-    def export(req: ExportRequest) -> ExportResponse:
+    @admin.post("/export", response_model=ExportJob, status_code=202)
+    def export(req: ExportRequest) -> ExportJob:
         return svc.export(req)
+
+    @admin.get("/exports", response_model=ExportJobsResponse)
+    def exports() -> ExportJobsResponse:
+        return svc.export_jobs()
+
+    @admin.get("/exports/{job_id}", response_model=ExportJob)
+    def export_job(job_id: JobId) -> ExportJob:
+        return svc.export_job(job_id)
 
     return admin

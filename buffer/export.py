@@ -1,16 +1,27 @@
-"""Export of a replay table to parquet, page by page (memory bounded by one page, not the table)."""
+"""Export of a replay table to parquet, page by page (memory bounded by one page, not the table), as a background
+job of the buffer service: a million items take minutes, longer than any HTTP client waits."""
 
 from __future__ import annotations
 
+import logging
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from buffer.api_models import ExportJob
 from buffer.schema import Trajectory
 from buffer.table import ReplayTable
 
+log = logging.getLogger("buffer.export")
 
-def export_parquet(t: ReplayTable, path: Path) -> int:
-    """Write every stored item (trajectory fields + bookkeeping) to a parquet file; returns the row count."""
+
+def export_parquet(t: ReplayTable, path: Path, progress: Callable[[int], None] = lambda rows: None) -> int:
+    """Write every stored item (trajectory fields + bookkeeping) to a parquet file; returns the row count.
+    `progress(rows)` is called after each page. The file appears (atomically renamed) only when complete."""
     import pyarrow as pa  # only the export needs it
     import pyarrow.parquet as pq
 
@@ -30,6 +41,7 @@ def export_parquet(t: ReplayTable, path: Path) -> int:
                 writer = pq.ParquetWriter(tmp, _export_schema(pa))
             writer.write_table(pa.Table.from_pylist(rows, schema=writer.schema))
             n += len(rows)
+            progress(n)
     finally:
         if writer is not None:
             writer.close()
@@ -58,3 +70,57 @@ def _export_schema(pa: Any) -> Any:
                       ("inserted_at", float)):
         fields.append(pa.field(f"buffer_{name}", scalar[typ]))
     return pa.schema(fields)
+
+
+class ExportJobs:
+    """The service's export jobs: one runs at a time, on its own thread; the last `keep` are remembered."""
+
+    def __init__(self, keep: int = 50) -> None:
+        self._jobs: OrderedDict[str, ExportJob] = OrderedDict()
+        self._lock = threading.Lock()
+        self._keep = keep
+
+    def start(self, t: ReplayTable, path: Path) -> ExportJob:
+        """Start exporting `t` to `path`; raises RuntimeError naming the running job if one runs."""
+        with self._lock:
+            running = [j for j in self._jobs.values() if j.state == "running"]
+            if running:
+                raise RuntimeError(f"export {running[0].job_id} ({running[0].path}) is still running; "
+                                   f"poll GET /v1/admin/exports/{running[0].job_id} and retry when it is done")
+            job = ExportJob(job_id=uuid.uuid4().hex[:16], table=t.config.name, path=str(path), state="running",
+                            started_at=time.time())
+            self._jobs[job.job_id] = job
+            while len(self._jobs) > self._keep:
+                self._jobs.popitem(last=False)
+        threading.Thread(target=self._run, args=(job.job_id, t, path), name=f"export-{job.job_id}",
+                         daemon=True).start()
+        return job.model_copy()
+
+    def _run(self, job_id: str, t: ReplayTable, path: Path) -> None:
+        try:
+            rows = export_parquet(t, path, progress=lambda n: self._update(job_id, rows=n))
+            self._update(job_id, rows=rows, bytes=path.stat().st_size, state="done", finished_at=time.time())
+            log.info("export %s: %d rows to %s", job_id, rows, path)
+        except Exception as e:  # reported in the job's state
+            log.exception("export %s to %s failed", job_id, path)
+            self._update(job_id, state="failed", error=f"{type(e).__name__}: {e}", finished_at=time.time())
+
+    def _update(self, job_id: str, **fields: Any) -> None:
+        with self._lock:
+            job = self._jobs.get(job_id)
+            if job is not None:
+                self._jobs[job_id] = job.model_copy(update=fields)
+
+    def get(self, job_id: str) -> ExportJob | None:
+        with self._lock:
+            job = self._jobs.get(job_id)
+            return None if job is None else job.model_copy()
+
+    def all(self) -> list[ExportJob]:
+        with self._lock:
+            return [j.model_copy() for j in self._jobs.values()]
+
+    def writing(self, path: Path) -> bool:
+        """Whether a running job writes `path`."""
+        with self._lock:
+            return any(j.state == "running" and j.path == str(path) for j in self._jobs.values())

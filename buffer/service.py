@@ -17,8 +17,9 @@ from buffer.api_models import (
     ActorsResponse,
     ActorView,
     AdminResponse,
+    ExportJob,
+    ExportJobsResponse,
     ExportRequest,
-    ExportResponse,
     PauseRequest,
     Rates,
     ResetRequest,
@@ -28,7 +29,7 @@ from buffer.api_models import (
     TrajectorySummary,
 )
 from buffer.client import ActorRegistry, LearnerStatusStore, PromptQueue, ReplayTable, WeightsStore, connect
-from buffer.export import export_parquet
+from buffer.export import ExportJobs
 from buffer.settings import BufferSettings
 
 log = logging.getLogger("buffer.app")
@@ -64,6 +65,7 @@ class BufferService:
         self.r = connect(settings.redis_url, timeout_s=settings.redis_timeout_s)
         self.rates = RateTracker(settings.rate_window_s)
         self.tables: dict[str, ReplayTable] = {}
+        self.exports = ExportJobs()
 
     # ---- lookups
 
@@ -156,7 +158,8 @@ class BufferService:
         log.warning("admin: reset table %s (drop_config=%s)", name, req.drop_config)
         return AdminResponse(ok=True, detail=f"table {name!r} reset")
 
-    def export(self, req: ExportRequest) -> ExportResponse:
+    def export(self, req: ExportRequest) -> ExportJob:
+        """Start a background export job (one at a time); follow it with `export_job`."""
         t = self.table(req.table)
         root = self.settings.export_dir.resolve()
         path = (root / f"{req.name}.parquet").resolve()
@@ -164,8 +167,19 @@ class BufferService:
             raise HTTPException(400, f"export name {req.name!r} escapes the export dir")
         if path.exists() and not req.overwrite:
             raise HTTPException(409, f"{path.name} exists in the export dir; pass overwrite=true")
-        rows = export_parquet(t, path)
-        return ExportResponse(path=str(path), rows=rows, bytes=path.stat().st_size)
+        try:
+            return self.exports.start(t, path)
+        except RuntimeError as e:
+            raise HTTPException(409, str(e)) from None
+
+    def export_job(self, job_id: str) -> ExportJob:
+        job = self.exports.get(job_id)
+        if job is None:
+            raise HTTPException(404, f"no export job {job_id!r} (GET /v1/admin/exports lists the last 50)")
+        return job
+
+    def export_jobs(self) -> ExportJobsResponse:
+        return ExportJobsResponse(jobs=self.exports.all())
 
     # ---- Prometheus
 

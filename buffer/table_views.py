@@ -150,9 +150,18 @@ class TableViews:
         return self._load(found), nxt
 
     def _load(self, found: list[tuple[str, float]]) -> list[tuple[str, Trajectory, dict[str, Any]]]:
+        """The items of `found` that are still stored, with their bookkeeping: one round trip for the page."""
+        if not found:
+            return []
+        k = self.keys
+        ids = [item for item, _ in found]
+        p = self.redis.pipeline(transaction=False)
+        for key in (k.items, k.refs, k.handed, k.acked, k.prio, k.lease_of):
+            p.hmget(key, ids)
+        columns = p.execute()
         out = []
-        for item, ins in found:
-            got = self.get(item)
+        for (item, ins), row in zip(found, zip(*columns, strict=True), strict=True):
+            got = _item(*row)
             if got is not None:
                 out.append((item, got[0], {**got[1], "inserted_at": ins}))
         return out
@@ -211,13 +220,18 @@ class TableViews:
         p = self.redis.pipeline(transaction=False)
         for key in (k.items, k.refs, k.handed, k.acked, k.prio, k.lease_of):
             p.hget(key, item_id)
-        payload, ref, handed, acked, prio, lease = p.execute()
-        if payload is None:
-            return None
-        return codec.decode(payload, ref or None), {
-            "times_sampled": int(handed or 0), "times_acked": int(acked or 0),
-            "priority": _f(prio) if prio is not None else 1.0, "leased": lease is not None,
-        }
+        return _item(*p.execute())
 
     def size(self) -> int:
         return int(self.redis.zcard(self.keys.order))
+
+
+def _item(payload: bytes | None, ref: bytes | None, handed: bytes | None, acked: bytes | None, prio: bytes | None,
+          lease: bytes | None) -> tuple[Trajectory, dict[str, Any]] | None:
+    """A stored item and its bookkeeping from its hash fields (None: not stored)."""
+    if payload is None:
+        return None
+    return codec.decode(payload, ref or None), {
+        "times_sampled": int(handed or 0), "times_acked": int(acked or 0),
+        "priority": _f(prio) if prio is not None else 1.0, "leased": lease is not None,
+    }

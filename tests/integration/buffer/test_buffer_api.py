@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -160,18 +161,63 @@ def test_admin_pause_resume_reset(client: TestClient, filled: ReplayTable) -> No
     assert filled.stats().size == 0
 
 
-def test_admin_export_stays_in_export_dir(client: TestClient, filled: ReplayTable, tmp_path: Path) -> None:
+def _export_done(client: TestClient, job: dict, timeout_s: float = 30.0) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while job["state"] == "running":
+        assert time.monotonic() < deadline, job
+        time.sleep(0.05)
+        r = client.get(f"/v1/admin/exports/{job['job_id']}", headers=AUTH)
+        assert r.status_code == 200, r.text
+        job = r.json()
+    return job
+
+
+def test_admin_export_is_a_background_job_in_the_export_dir(client: TestClient, filled: ReplayTable,
+                                                            tmp_path: Path) -> None:
     r = client.post("/v1/admin/export", json={"name": "snap-1"}, headers=AUTH)
-    assert r.status_code == 200, r.text
-    body = r.json()
-    assert body["rows"] == 20 and Path(body["path"]) == (tmp_path / "exports" / "snap-1.parquet").resolve()
-    table = pq.read_table(body["path"])
+    assert r.status_code == 202, r.text
+    job = _export_done(client, r.json())
+    assert job["state"] == "done" and job["rows"] == 20 and job["error"] is None and job["finished_at"]
+    assert Path(job["path"]) == (tmp_path / "exports" / "snap-1.parquet").resolve()
+    assert job["bytes"] == Path(job["path"]).stat().st_size
+    table = pq.read_table(job["path"])
     assert table.num_rows == 20 and table.column("response_token_ids")[0].as_py() == [3, 4, 5]
     assert client.post("/v1/admin/export", json={"name": "snap-1"}, headers=AUTH).status_code == 409
     for bad in ("../evil", "a/b", "..", ".hidden", "", "x" * 100, "/abs"):
         r = client.post("/v1/admin/export", json={"name": bad}, headers=AUTH)
         assert r.status_code == 422, bad
     assert sorted(p.name for p in (tmp_path / "exports").iterdir()) == ["snap-1.parquet"]
+    listed = client.get("/v1/admin/exports", headers=AUTH).json()["jobs"]
+    assert [j["job_id"] for j in listed] == [job["job_id"]]
+    assert client.get("/v1/admin/exports/0123456789abcdef", headers=AUTH).status_code == 404
+    assert client.get("/v1/admin/exports/not-a-job", headers=AUTH).status_code == 422
+    assert client.get(f"/v1/admin/exports/{job['job_id']}").status_code == 401
+
+
+def test_admin_export_one_at_a_time_and_failures_are_reported(redis_url: str, filled: ReplayTable,
+                                                              tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import buffer.export
+
+    gate = threading.Event()
+    real = buffer.export.export_parquet
+
+    def slow(t, path, progress=lambda rows: None):
+        gate.wait(10)
+        return real(t, path, progress)
+
+    monkeypatch.setattr(buffer.export, "export_parquet", slow)
+    with TestClient(create_app(make_settings(redis_url, tmp_path / "exports"))) as c:
+        first = c.post("/v1/admin/export", json={"name": "a"}, headers=AUTH).json()
+        r = c.post("/v1/admin/export", json={"name": "b"}, headers=AUTH)
+        assert r.status_code == 409 and first["job_id"] in r.json()["detail"]
+        gate.set()
+        assert _export_done(c, first)["state"] == "done"
+    (tmp_path / "blocked").write_text("a file where the export dir should be")
+    with TestClient(create_app(make_settings(redis_url, tmp_path / "blocked"))) as c:
+        r = c.post("/v1/admin/export", json={"name": "c"}, headers=AUTH)
+        assert r.status_code == 202, r.text
+        job = _export_done(c, r.json())
+        assert job["state"] == "failed" and job["rows"] == 0 and "blocked" in job["error"]
 
 
 @pytest.mark.parametrize(
