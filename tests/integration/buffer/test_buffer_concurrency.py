@@ -149,7 +149,9 @@ def die_after_leasing(url: str) -> None:
 
 
 def test_exactly_once_under_backpressure_retries_and_a_killed_sampler(redis_url: str) -> None:
-    rl = RateLimiterConfig(min_size_to_sample=4, samples_per_insert=1.0, error_buffer=12.0)
+    # Inserts stop at inserts - samples = 4 + 13: an odd bound while samples come in fours and chunks in tens,
+    # so the chunk that meets it is always cut (with 12 the bound could be 20, two whole chunks: no partial).
+    rl = RateLimiterConfig(min_size_to_sample=4, samples_per_insert=1.0, error_buffer=13.0)
     cfg = TableConfig(max_size=100_000, max_times_sampled=1, sampler=UniformSampler(), rate_limiter=rl, lease_s=30.0)
     table = ReplayTable(connect(redis_url), cfg)
     total = CHAOS_INSERTERS * CHAOS_PER_INSERTER
@@ -163,6 +165,11 @@ def test_exactly_once_under_backpressure_retries_and_a_killed_sampler(redis_url:
     victim.start()
     victim.join(30)
     assert victim.exitcode == -signal.SIGKILL
+    deadline = time.monotonic() + 30
+    while table.stats().inserts < 17:  # the inserters meet the bound before any sampler frees room ...
+        assert time.monotonic() < deadline, "the inserters never reached the rate limiter's bound"
+        time.sleep(0.01)
+    time.sleep(0.3)  # ... and the chunk that met it times out part-admitted (insert timeout 0.05 s)
     samplers = [ctx.Process(target=chaos_sampler, args=(redis_url, cfg.model_dump_json(), total, out))
                 for _ in range(2)]
     for p in samplers:
