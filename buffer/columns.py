@@ -8,12 +8,18 @@ bytes, `Trajectory` objects only on demand (light: numpy + the codec; no other p
 from __future__ import annotations
 
 import dataclasses
+import logging
+import uuid
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+from redis.exceptions import NoScriptError
 
 from buffer import codec
 from buffer.schema import SampleBatch, SampledItem, SampleInfo, Trajectory
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -77,48 +83,157 @@ class ColumnBatch:
 class BatchStream:
     """One Redis round trip per learner step.
 
-    Each `next(learner_version, ack=[...])` sends one pipeline: the payload fetch of the batch leased by the
-    previous call, and the sample script that acks the leases in `ack` and leases the following batch; it
-    returns the previously leased batch. So step k carries the payloads of batch k, the ack of batch k-1 and
-    the lease of batch k+1. The first call, and a call after the table could not lease (blocked), cost one
-    more round trip. A prefetched batch's lease runs while it waits one step, and its `age_versions` is
-    computed against the learner version of the call that leased it. `prefetched()` names the lease held for
-    the next step (ack it, or let it expire, when the loop ends).
+    Each `next(learner_version)` sends one pipeline: the payload fetch of the batch leased by the previous call
+    (batch k), the writes queued since (`update_priorities`, `cache_references`, `renew`), a renewal of batch k's
+    lease (it waited a step; now it gets a full term for the step that trains it, as a freshly leased batch
+    would), and the sample script that acks the leases queued by `ack` (or `next(..., ack=)`) and leases the
+    following batch; it returns batch k. So step k carries the payloads of batch k, the acks released since the
+    previous step, the previous step's priorities and reference caches, and the lease of batch k+1.
+
+    - The first call, and a call after the table could not lease (blocked: empty, rate limiter, paused), cost
+      one more round trip (the queued acks and writes, and a lease attempt); a blocked table is then polled by
+      `ReplayTable.lease_batch`, which raises `RateLimitTimeout` after `timeout_s` (call again to keep waiting).
+    - Versions: a batch's `age_versions` is computed against the `learner_version` of the call that returns it
+      (the version it is trained at); batch k+1 is leased, and stale items dropped, for `lease_version`
+      (default learner_version + 1, the version it is trained at when every step advances the version by one).
+    - Leases: a prefetched lease waits one step before its renewal, so the table's `lease_s` must exceed a step
+      comfortably; one that expired anyway (its items went back to the pool and may be in the next lease) is
+      dropped with a warning and the next batch is returned instead.
+    - Failures: acks and writes stay queued until a reply arrives (every queued operation is safe to send
+      twice), and the next lease keeps its request id until it is granted, so a retried call strands nothing.
+    - `close()` sends what is queued and releases the prefetched lease (its items are sampleable at once);
+      `flush()` sends what is queued now. `prefetched()` names the lease held for the next step.
     """
 
     def __init__(self, table: Any, batch_size: int, *, lease_s: float | None = None,
                  timeout_s: float | None = 30.0) -> None:
         self.table, self.batch_size, self.lease_s, self.timeout_s = table, batch_size, lease_s, timeout_s
-        self._pending: tuple[list[Any], str, int] | None = None
+        self._pending: tuple[list[Any], str] | None = None
+        self._request_id: str | None = None
+        self._acks: list[str] = []
+        self._ack_items = 0
+        self._writes: list[tuple[list[Any], Callable[[Any], Any] | None]] = []
 
     def prefetched(self) -> str | None:
         return None if self._pending is None else self._pending[1]
 
-    def next(self, learner_version: int, ack: list[str] | None = None) -> ColumnBatch:
+    # ---- queued with the next round trip ----
+
+    def ack(self, lease_ids: list[str], items: int | None = None) -> None:
+        """Ack these leases in full with the next round trip; `items`: how many they hold (a warning is logged
+        when fewer are acked: the rest had expired or were evicted)."""
+        self._acks += lease_ids
+        self._ack_items += items or 0
+
+    def update_priorities(self, priorities: dict[str, float]) -> None:
+        """`ReplayTable.update_priorities`, sent with the next round trip (before its lease)."""
+        args = self.table.priority_args(priorities)
+        if len(args) > 1:
+            self._writes.append((args, None))
+
+    def cache_references(self, refs: dict[str, tuple[Any, float | None]]) -> None:
+        """`ReplayTable.cache_references`, sent with the next round trip."""
+        if refs:
+            self._writes.append((self.table.reference_args(refs), None))
+
+    def renew(self, lease_ids: list[str], lease_s: float | None = None,
+              on_reply: Callable[[int], Any] | None = None) -> None:
+        """`ReplayTable.renew`, sent with the next round trip; `on_reply` gets how many were still alive."""
+        args = self.table.renew_args(lease_ids, lease_s)
+        if len(args) > 2:
+            self._writes.append((args, None if on_reply is None else lambda n: on_reply(int(n))))
+
+    # ---- round trips ----
+
+    def next(self, learner_version: int, ack: list[str] | None = None, *,
+             lease_version: int | None = None) -> ColumnBatch:
+        """Batch k (leased by the previous call) with its payloads; batch k+1 leased in the same round trip."""
+        if ack:
+            self.ack(ack)
+        while True:
+            if self._pending is None:
+                self._pending = self._lease(learner_version)
+            res, lease_id = self._pending
+            ids = [_id(res[j]) for j in range(5, len(res), 6)]
+            nxt = self._sample_args(learner_version + 1 if lease_version is None else lease_version)
+            renew = self.table.renew_args([lease_id], self.lease_s)
+            out = self._send(ids, [("update", renew), ("sample", nxt)])
+            payloads, refs, renewed, got = out[0], out[1], out[-2], out[-1]
+            self._pending = (got, nxt[4]) if _id(got[0]) == "ok" else None
+            if int(renewed) == 1:
+                return self.table.columns(res, lease_id, learner_version, payloads, refs)
+            log.warning("the prefetched lease %s expired before its step (raise lease_s above two steps): its %d "
+                        "items went back to the pool; batch dropped", lease_id, len(ids))
+
+    def flush(self) -> None:
+        """Send the queued acks and writes now (one round trip; none if nothing is queued)."""
+        self._close(release=False)
+
+    def close(self) -> int:
+        """Send what is queued and release the prefetched lease (one round trip); returns the items released."""
+        return self._close(release=True)
+
+    def _close(self, release: bool) -> int:
+        lease = self.prefetched() if release else None
+        acks = [("ack", [x, "*"]) for x in self._acks]
+        if not (lease or acks or self._writes):
+            return 0
+        out = self._send([], [*acks, *([("update", ["release", lease])] if lease else [])], sample=False)
+        self._check_acked(sum(int(x) for x in out[:len(acks)]))
+        self._pending = None
+        return int(out[-1]) if lease else 0
+
+    def _lease(self, learner_version: int) -> tuple[list[Any], str]:
+        """The blocked path: queued acks and writes with a lease attempt, then polling until the table leases."""
+        args = self._sample_args(learner_version)
+        got = self._send([], [("sample", args)])[-1]
+        if _id(got[0]) != "ok":
+            args = self._sample_args(learner_version)
+            got = self.table.lease_batch(args, self.timeout_s)
+        self._request_id = None
+        return got, args[4]
+
+    def _sample_args(self, version: int) -> list[Any]:
+        self._request_id = self._request_id or uuid.uuid4().hex
+        return self.table.sample_args(self.batch_size, version, self.lease_s, self._request_id, self._acks)
+
+    def _send(self, ids: list[str], scripts: list[tuple[str, list[Any]]], sample: bool = True) -> list[Any]:
+        """One pipeline: HMGET of the payloads and cached references of `ids` (if any), the queued writes, then
+        `scripts` (`sample`: the last is the sample script, carrying the queued acks); the replies of the fetch
+        and of `scripts`. The queue is cleared once the replies are in."""
         t = self.table
-        if self._pending is None:
-            args = t.sample_args(self.batch_size, learner_version, self.lease_s, None, ack)
-            self._pending = (t.lease_batch(args, self.timeout_s), args[4], learner_version)
-            ack = None
-        res, lease_id, version = self._pending
-        ids = [_id(res[j]) for j in range(5, len(res), 6)]
-        nxt = t.sample_args(self.batch_size, learner_version, self.lease_s, None, ack)
-        script = t._scripts["sample"]
+        writes = self._writes
+        calls = [("update", args) for args, _ in writes] + scripts
         p = t.redis.pipeline(transaction=False)
-        p.execute_command("HMGET", t.keys.items, *ids)
-        p.execute_command("HMGET", t.keys.refs, *ids)
-        p.execute_command("EVALSHA", script.sha, t._nkeys, *t._keys_all, *t._hdr, *nxt)
-        payloads, refs, got = p.execute(raise_on_error=False)
-        for x in (payloads, refs):
+        if ids:
+            p.execute_command("HMGET", t.keys.items, *ids)
+            p.execute_command("HMGET", t.keys.refs, *ids)
+        for name, args in calls:
+            p.execute_command("EVALSHA", t._scripts[name].sha, t._nkeys, *t._keys_all, *t._hdr, *args)
+        out = p.execute(raise_on_error=False)
+        fetched, replies = out[:len(out) - len(calls)], out[len(out) - len(calls):]
+        for i, (name, args) in enumerate(calls):
+            if isinstance(replies[i], NoScriptError):
+                replies[i] = t._run(name, args)  # Redis restarted and lost its script cache: redis-py reloads it
+        for x in fetched + replies:
             if isinstance(x, Exception):
                 raise x
-        if isinstance(got, Exception):
-            if "NOSCRIPT" not in str(got):
-                raise got
-            got = t._run("sample", nxt)  # Redis restarted and lost its script cache: redis-py reloads it
-        ok = _id(got[0]) == "ok"
-        self._pending = (got, nxt[4], learner_version) if ok else None
-        return t.columns(res, lease_id, version, payloads, refs)
+        self._writes = []
+        for (_, on_reply), reply in zip(writes, replies, strict=False):
+            if on_reply is not None:
+                on_reply(reply)
+        got = replies[-1]
+        if sample:
+            self._check_acked(int(got[4] if _id(got[0]) == "ok" else got[3]))
+            if _id(got[0]) == "ok":
+                self._request_id = None
+        return fetched + replies[len(writes):]
+
+    def _check_acked(self, acked: int) -> None:
+        if acked < self._ack_items:
+            log.warning("acked %d of %d items of the released leases: the rest had expired (their items went back "
+                        "and may be trained again: raise lease_s) or were evicted", acked, self._ack_items)
+        self._acks, self._ack_items = [], 0
 
 
 def _num(x: Any) -> float:

@@ -83,6 +83,13 @@ _MEMORY_CHECK_S = 0.5
 """Each client reads Redis's INFO memory at most this often while inserting."""
 
 
+def _lease_ids(lease_ids: list[str]) -> list[str]:
+    ids = list(lease_ids)
+    if not all(isinstance(x, str) and x for x in ids):
+        raise ValueError("lease ids must be non-empty strings")
+    return ids
+
+
 def _lua(name: str) -> str:
     return resources.files("buffer").joinpath("lua", name).read_text()
 
@@ -434,27 +441,39 @@ class ReplayTable(TableViews):
         A learner that acks only once a checkpoint covers its updates holds several leases at once and renews
         them; a lease that expired before its renewal is not revived (its items are already back in the pool).
         """
+        args = self.renew_args(lease_ids, lease_s)
+        return int(self._run("update", args)) if len(args) > 2 else 0
+
+    def renew_args(self, lease_ids: list[str], lease_s: float | None = None) -> list[Any]:
+        """Validated arguments of `renew` for the update script."""
         lease = self.config.lease_s if lease_s is None else lease_s
         if not lease > 0:
             raise ValueError(f"lease_s={lease_s} must be > 0")
-        ids = list(lease_ids)
-        if not all(isinstance(x, str) and x for x in ids):
-            raise ValueError("lease ids must be non-empty strings")
-        if not ids:
-            return 0
-        return int(self._run("update", ["renew", repr(float(lease))] + ids))
+        return ["renew", repr(float(lease)), *_lease_ids(lease_ids)]
+
+    def release(self, lease_ids: list[str]) -> int:
+        """End leases now without acking them: their items return to the pool at once (as if expired, and counted
+        with the expired lease items). For a batch leased but never trained, e.g. a prefetched one at shutdown;
+        returns how many items came back."""
+        ids = _lease_ids(lease_ids)
+        return int(self._run("update", ["release", *ids])) if ids else 0
 
     # ---- maintenance ----
 
     def update_priorities(self, priorities: dict[str, float]) -> None:
         """Set p_i for the given items (missing ids are ignored: they may have been consumed meanwhile)."""
-        args: list[Any] = []
+        args = self.priority_args(priorities)
+        if len(args) > 1:
+            self._run("update", args)
+
+    def priority_args(self, priorities: dict[str, float]) -> list[Any]:
+        """Validated arguments of `update_priorities` for the update script."""
+        args: list[Any] = ["prio"]
         for item_id, p in priorities.items():
             if not isinstance(p, int | float) or not p >= 0 or p == float("inf"):
                 raise ValueError(f"priority {p!r} of item {item_id!r} must be a finite number >= 0")
             args += [item_id, repr(float(p))]
-        if args:
-            self._run("update", ["prio"] + args)
+        return args
 
     def cache_reference(self, item_id: str, ref_logprobs: list[float], ref_v0: float | None = None) -> None:
         """Store reference log-probs with the item so every later sample carries them (see `cache_references`)."""
@@ -464,10 +483,15 @@ class ReplayTable(TableViews):
         """Cache reference log-probs (a list or float array each) and V_ref(s_1) of many items in one call;
         returns how many were stored. Skipped for items gone meanwhile and for leased items whose ack will remove
         them (times acked + 1 >= max_times_sampled: the cached value would never be read)."""
+        return int(self._run("update", self.reference_args(refs))) if refs else 0
+
+    @staticmethod
+    def reference_args(refs: dict[str, tuple[Any, float | None]]) -> list[Any]:
+        """Arguments of `cache_references` for the update script."""
         args: list[Any] = ["ref"]
         for item_id, (logprobs, v0) in refs.items():
             args += [item_id, codec.encode_ref(list(logprobs), v0)]
-        return int(self._run("update", args)) if refs else 0
+        return args
 
     def reclaim_expired(self) -> int:
         """Return expired leases' items now (also done inside every insert/sample/ack)."""

@@ -9,7 +9,11 @@ their trajectories return to the buffer, so the resumed learner trains on them a
 update is in a checkpoint, and no trajectory is lost.
 
 Cost: up to `checkpoint_interval_steps` x `batch_size` trajectories stay leased (not sampleable) between
-checkpoints, which the table's `max_size` must leave room for.
+checkpoints, plus the batch prefetched for the next step, which the table's `max_size` must leave room for.
+
+Rank 0 of an async learner sends these acks and renewals through its `BatchStream` (learner/batch.py): the acks
+released by a checkpoint, and the renewal of each newly held lease, go with the next step's single round trip (the
+sample that leases the step after), so they lag the checkpoint by at most one sample and are never sent before it.
 
 Redis errors (a restart, a failover) on the ack path are retried with back-off for up to `REDIS_RETRY_S`
 (`redis_retry`), each retry logged, instead of crashing the learner: an ack that reached Redis before the error
@@ -26,7 +30,7 @@ from typing import TypeVar
 
 import redis
 
-from buffer.client import ReplayTable
+from buffer.client import BatchStream, ReplayTable
 
 log = logging.getLogger(__name__)
 
@@ -74,15 +78,18 @@ class PendingAcks:
         with self._lock:
             return self._items
 
-    def add(self, leases: list[str], n_items: int) -> None:
-        """Hold these leases (of `n_items` trained items) until the next `ack_all`."""
+    def add(self, leases: list[str], n_items: int, renew_now: bool = True) -> None:
+        """Hold these leases (of `n_items` trained items) until the next `ack_all` / `release`. `renew_now`: give
+        them a full term at once (a step can outlast a renewal period); False when the caller sends that renewal
+        itself (rank 0's `BatchStream`, with the next step's round trip) and reports it to `renewed`."""
         with self._lock:
             self._leases += leases
             self._items += n_items
-            # a step can outlast a renewal period: the new leases get a full term now (the thread renews the rest)
-            try:
+            if not renew_now:
+                return
+            try:  # the thread renews every renew_every_s, and retries this one then
                 self._renew(list(leases))
-            except (redis.ConnectionError, redis.TimeoutError) as e:  # the thread retries every renew_every_s
+            except (redis.ConnectionError, redis.TimeoutError) as e:
                 log.warning("renewing the new leases failed (retried by the renewal thread): %s", e)
 
     def renew(self) -> int:
@@ -95,22 +102,34 @@ class PendingAcks:
         if not leases:
             return 0
         alive = self.table.renew(leases, self.lease_s)
-        if alive < len(leases):
-            lost = len(leases) - alive
-            self.expired += lost
-            log.warning(
-                "%d of %d held leases expired before their renewal: their trajectories went back to the "
-                "buffer and may be trained on twice (raise lease_s above the longest stall)", lost, len(leases),
-            )
+        self._count_expired(len(leases), alive)
         return alive
 
-    def ack_all(self) -> tuple[int, int]:
-        """Ack every held lease (call right after a checkpoint); returns (items acked, items held)."""
+    def renewed(self, asked: int, alive: int) -> None:
+        """A renewal sent by the caller (`add(renew_now=False)`) found `alive` of `asked` leases alive."""
+        with self._lock:
+            self._count_expired(asked, alive)
+
+    def _count_expired(self, asked: int, alive: int) -> None:
+        if alive < asked:
+            self.expired += asked - alive
+            log.warning(
+                "%d of %d held leases expired before their renewal: their trajectories went back to the "
+                "buffer and may be trained on twice (raise lease_s above the longest stall)", asked - alive, asked,
+            )
+
+    def release(self) -> tuple[list[str], int]:
+        """Stop holding every lease (right after a checkpoint): (the leases, the items they hold), to be acked now
+        by the caller (within lease_s: nobody renews them any more)."""
         with self._lock:
             leases, held = self._leases, self._items
             self._leases, self._items = [], 0
-            acked = sum(ack_lease(self.table, lease) for lease in leases)
-        return acked, held
+        return leases, held
+
+    def ack_all(self) -> tuple[int, int]:
+        """Ack every held lease (call right after a checkpoint); returns (items acked, items held)."""
+        leases, held = self.release()
+        return sum(ack_lease(self.table, lease) for lease in leases), held
 
     def close(self) -> None:
         """Stop renewing. Leases still held expire after lease_s and their items return to the buffer."""
@@ -153,9 +172,14 @@ def patient_redis(client: redis.Redis, attempts: int = 10) -> redis.Redis:
     return client
 
 
-def ack_checkpointed(pending: PendingAcks | None) -> None:
-    """After a checkpoint: ack the leases of every step it holds (rank 0; no-op without deferred acks)."""
+def ack_checkpointed(pending: PendingAcks | None, stream: BatchStream | None = None) -> None:
+    """After a checkpoint: ack the leases of every step it holds (rank 0; no-op without deferred acks). With a
+    `stream` the acks go with its next round trip (the next step's sample, or its `close`), which warns if fewer
+    items are acked than held."""
     if pending is None:
+        return
+    if stream is not None:
+        stream.ack(*pending.release())
         return
     acked, held = pending.ack_all()
     if acked < held:

@@ -27,7 +27,6 @@ from typing import Any
 import torch
 
 from buffer.client import ReplayTable
-from learner.acks import PendingAcks, ack_checkpointed
 from learner.settings import GuardSettings
 
 log = logging.getLogger(__name__)
@@ -151,13 +150,13 @@ def checkpoint_at_or_before(ckpt_dir: Path, step: int) -> str | None:
 
 
 def respond(
-    response: str, engine: Any, ckpt_dir: Path, pending: PendingAcks | None, lr_backoff_factor: float,
+    response: str, engine: Any, ckpt_dir: Path, ack_held: Callable[[], Any], lr_backoff_factor: float,
     version: int, publish: Callable[[int], Any], safe_step: int,
 ) -> int:
     """Carry out the guard's response; returns the policy version to continue from.
 
     rollback: restore the newest checkpoint of a step <= `safe_step` (model, optimizer, scheduler) on every rank,
-    then back off the lr. The batches held since the last checkpoint are acked (their updates are discarded with
+    then back off the lr. The batches held since the last checkpoint are acked (`ack_held`; their updates are discarded with
     the diverged weights rather than retrained), and the restored weights are published as a NEW version (versions
     never repeat or go back; `publish` exports on rank 0 and does nothing on the others). Without such a
     checkpoint, a rollback is an lr back-off only."""
@@ -168,7 +167,7 @@ def respond(
         base = list(engine.lr_scheduler.base_lrs)
         engine.load_checkpoint(str(ckpt_dir), tag=tag)
         engine.lr_scheduler.base_lrs = base  # keep earlier back-offs; the checkpoint's base predates them
-        ack_checkpointed(pending)
+        ack_held()
     lr = scale_lr(engine, lr_backoff_factor)
     log.warning("stability guard: %s (checkpoint %s), lr now %.3g", response, tag or "none", lr)
     if tag is None:

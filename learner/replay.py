@@ -3,7 +3,8 @@
 The loss computes, for every trajectory of a batch, its Bellman residual delta(tau) on the pre-step weights
 (learner/loss.py, the `traj_*` outputs). This module turns them into
 
-* **replay priorities** p_i = |delta_i| + eps, written back for the whole batch in one `update_priorities` call.
+* **replay priorities** p_i = |delta_i| + eps, written back for the whole batch in one `update_priorities` call
+  (with the next step's sample, in the same round trip).
   A `prioritized` table sampler draws P(i) ∝ p_i^alpha (alpha = `table.sampler.exponent`), and new items enter at
   the largest priority seen so far, so every trajectory is trained on at least once before the residuals decide.
 * **diagnostics**: the residual and log pi(tau)/pi_ref(tau) split by reward class, the age of the trained data in
@@ -33,7 +34,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from buffer.client import ReplayTable
+from buffer.client import BatchStream, ReplayTable
 from buffer.schema import SampledItem
 from learner.loss import TRAJ_PREFIX
 
@@ -65,8 +66,11 @@ class ResidualLog:
         return {k: v for part in parts for k, v in part.items()}
 
 
-def write_priorities(table: ReplayTable, values: dict[str, tuple[float, float, float]], eps: float) -> int:
-    """p_i = |delta_i| + eps for every trained item, in one buffer call; returns how many were sent."""
+def write_priorities(
+    table: ReplayTable | BatchStream, values: dict[str, tuple[float, float, float]], eps: float
+) -> int:
+    """p_i = |delta_i| + eps for every trained item, in one buffer call (rank 0's `BatchStream` sends it with the
+    next step's round trip, before that round trip's lease); returns how many were sent."""
     prio = {item_id: abs(delta) + eps for item_id, (delta, _, _) in values.items() if math.isfinite(delta)}
     if prio:
         table.update_priorities(prio)

@@ -12,10 +12,10 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from buffer.client import ActorRegistry, LearnerStatusStore, ReplayTable, WeightsStore
+from buffer.client import ActorRegistry, BatchStream, LearnerStatusStore, ReplayTable, WeightsStore
 from buffer.schema import LearnerStatus, SampledItem, WeightsInfo
-from learner.acks import PendingAcks, ack_checkpointed, ack_lease
-from learner.batch import Batch, batch_metrics, sample_batch
+from learner.acks import PendingAcks, ack_checkpointed, ack_lease, redis_retry
+from learner.batch import Batch, batch_metrics, sample_batch, stream_batch
 from learner.checkpoints import (
     TRAINING_LOG,
     StalenessRecovery,
@@ -72,11 +72,15 @@ class RankServices:
         self.pending: PendingAcks | None = None
         """Leases of trained batches held until a checkpoint (rank 0, with deferred acks)."""
         self.table: ReplayTable | None = None
-        """The replay table, for acks and priorities (rank 0)."""
+        """The replay table, for the guard's acks (rank 0)."""
 
     def version_floor(self) -> int:
         """The lowest next policy version the actors allow (an actor may hold a newer lineage; learner/push.py)."""
         return 0
+
+    def writer(self, table: ReplayTable) -> ReplayTable | BatchStream:
+        """Where this rank's reference log-probs are cached: its table (rank 0 streaming: its `BatchStream`)."""
+        return table
 
     def start(self, state: LearnerState) -> None: ...
     def sample(self, state: LearnerState, stop: threading.Event) -> Batch | None: return None
@@ -88,6 +92,7 @@ class RankServices:
     def catch_up(self, refresh: bool = False) -> None: ...
     def record(self, state: LearnerState, report: StepReport) -> None: ...
     def checkpointed(self, step: int, version: int) -> None: ...
+    def ack_held(self) -> None: ...
     def fail(self, state: LearnerState) -> None: ...
     def close_metrics(self) -> None: ...
     def finish(self, state: LearnerState) -> None: ...
@@ -118,6 +123,9 @@ class RankZeroServices(RankServices):
             dtype=settings.export_dtype, publish=self.weights_store.set_latest, pusher=self.pusher,
         )
         self.metrics_file = open_metrics_log(state.run_dir, settings, METRICS_FILE)  # + TensorBoard/W&B/MLflow
+        # async mode: sampling, acks, priorities and reference caches in one round trip per step (learner/batch.py)
+        self.stream = None if settings.sync else BatchStream(
+            table, settings.batch_size, lease_s=settings.lease_s, timeout_s=settings.sample_timeout_s)
         self.pending = self._deferred_acks()
         self.latest: WeightsInfo | None = None
 
@@ -126,17 +134,21 @@ class RankZeroServices(RankServices):
         settings, cfg = self.settings, self.table.config
         if not (settings.ack_after_checkpoint and settings.checkpoint_interval_steps and cfg.max_times_sampled == 1):
             return None
-        held = settings.checkpoint_interval_steps * settings.batch_size
+        held = (settings.checkpoint_interval_steps + 1) * settings.batch_size
         if held > cfg.max_size // 2:
             log.warning(
-                "up to %d trajectories stay leased until the next checkpoint (checkpoint_interval_steps x "
-                "batch_size), more than half the table's max_size=%d: lower checkpoint_interval_steps",
+                "up to %d trajectories stay leased until the next checkpoint ((checkpoint_interval_steps + 1) x "
+                "batch_size, with the prefetched batch), more than half the table's max_size=%d: lower "
+                "checkpoint_interval_steps",
                 held, cfg.max_size,
             )
         return PendingAcks(self.table, settings.lease_s or cfg.lease_s)
 
     def version_floor(self) -> int:
         return self.pusher.version_floor
+
+    def writer(self, table: ReplayTable) -> ReplayTable | BatchStream:
+        return self.stream or table
 
     def start(self, state: LearnerState) -> None:
         """Publish a resumed learner's weights (it is ahead of fresh actors), log the start, report `running`."""
@@ -148,9 +160,14 @@ class RankZeroServices(RankServices):
         self.status_store.set(LearnerStatus(step=state.step, policy_version=state.version, state="running"))
 
     def sample(self, state: LearnerState, stop: threading.Event) -> Batch | None:
-        """The step's batch; while waiting for data, lagging actors are caught up."""
+        """The step's batch (and the lease of the next one, trained at the next version); while waiting for data,
+        lagging actors are caught up."""
         version = self.recovery.sampling_version(state.version)
-        return sample_batch(self.table, self.settings, version, stop, on_wait=lambda w=self.latest: self.pusher.sync(w))
+        on_wait = lambda w=self.latest: self.pusher.sync(w)  # noqa: E731
+        if self.stream is None:
+            return sample_batch(self.table, self.settings, version, stop, on_wait=on_wait)
+        lease_version = self.recovery.sampling_version(state.version + 1)
+        return stream_batch(self.stream, self.settings, version, lease_version, stop, on_wait=on_wait)
 
     def publish(self, version: int) -> WeightsInfo | None:
         """Export the current weights as version `version`, record them in Redis and push them; waits."""
@@ -161,9 +178,18 @@ class RankZeroServices(RankServices):
         self.recovery.seen(items)
 
     def ack(self, leases: list[str], n_items: int) -> None:
-        """Consume the trained batch: at the next checkpoint (deferred acks) or now."""
+        """Consume the trained batch: at the next checkpoint (deferred acks) or now; streaming, the acks (and the
+        renewal of newly held leases) go with the next step's round trip."""
+        if self.pending is not None and self.stream is not None:
+            self.pending.add(leases, n_items, renew_now=False)
+            pending = self.pending
+            self.stream.renew(leases, pending.lease_s, on_reply=lambda alive, n=len(leases): pending.renewed(n, alive))
+            return
         if self.pending is not None:
             self.pending.add(leases, n_items)
+            return
+        if self.stream is not None:
+            self.stream.ack(leases, n_items)
             return
         acked = sum(ack_lease(self.table, lease) for lease in leases)
         if acked < n_items:
@@ -173,7 +199,7 @@ class RankZeroServices(RankServices):
     def replay_feedback(self, state: LearnerState, trained: dict[str, Any], replay: dict[str, float]) -> None:
         """Priorities back to the buffer; every few steps the buffer-wide usage ratios into `replay`."""
         if state.write_priorities:
-            write_priorities(self.table, trained, self.settings.priorities.eps)
+            write_priorities(self.stream or self.table, trained, self.settings.priorities.eps)
         if state.step % BUFFER_STATS_EVERY_STEPS == 0:
             replay.update(replay_usage(self.table.stats().model_dump()))
 
@@ -244,7 +270,11 @@ class RankZeroServices(RankServices):
     def checkpointed(self, step: int, version: int) -> None:
         """A checkpoint holds `step`: log it, then ack the leases it covers."""
         self.books.checkpoint(step, version)
-        ack_checkpointed(self.pending)
+        self.ack_held()
+
+    def ack_held(self) -> None:
+        """Ack the leases held for a checkpoint (after one, or a rollback that discards their updates)."""
+        ack_checkpointed(self.pending, self.stream)
 
     def fail(self, state: LearnerState) -> None:
         """The loop raised: report `failed`, stop the background threads (unacked leases expire, so their batches
@@ -257,14 +287,22 @@ class RankZeroServices(RankServices):
         self.pusher.close()
         if self.pending is not None:
             self.pending.close()
+        if self.stream is not None:
+            try:  # the acks the policy released, and the prefetched (untrained) batch back to the buffer
+                self.stream.close()
+            except Exception as e2:  # noqa: BLE001  (Redis may be the failure: the leases expire instead)
+                log.warning("cannot send the queued acks or release the prefetched batch: %s", e2)
 
     def close_metrics(self) -> None:
         self.metrics_file.close()
 
     def finish(self, state: LearnerState) -> None:
         """After the exit checkpoint: publish and deliver the final weights (pushes in flight finish, each bounded
-        by its timeout), report `stopped`."""
-        ack_checkpointed(self.pending)
+        by its timeout), report `stopped`. Streaming: the queued acks and writes are sent and the prefetched batch
+        is released (its items are sampleable again at once)."""
+        self.ack_held()
+        if self.stream is not None:
+            redis_retry(self.stream.close, "the final acks and the release of the prefetched batch")
         if self.pending is not None:
             self.pending.close()
         if state.version > 0 and (self.latest is None or self.latest.version != state.version):

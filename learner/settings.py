@@ -210,7 +210,8 @@ class LearnerSettings(RunTomlSettings):
     """How long one `sample` call waits for the rate limiter before the loop logs, catches up actors that joined
     meanwhile, and retries."""
     lease_s: float | None = Field(default=None, gt=0)
-    """Lease on sampled items (None = the table's `lease_s`)."""
+    """Lease on sampled items (None = the table's `lease_s`). Async mode leases each batch one step ahead and renews
+    it when its step starts, so this must comfortably exceed two steps (and the longest stall)."""
     push_timeout_s: float = Field(default=60.0, gt=0)
     """Timeout of one weight push to one actor."""
     push_retry_s: float = Field(default=5.0, ge=0)

@@ -9,8 +9,11 @@ a `LearnerState`, the rank-aware services (learner/services.py: everything only 
     torchrun --nproc_per_node 2 -m learner  # data-parallel (gloo on CPU); only rank 0 serves HTTP
 
 Per step (docs/architecture-and-dataflow.md):
- 1. rank 0 samples `batch_size` trajectories with a lease (learner/batch.py `sample_batch`); with several ranks it
-    broadcasts the batch and rank r trains on items r, r+W, r+2W, ... (one lease, one ack, no duplicates).
+ 1. rank 0 samples `batch_size` trajectories with a lease; with several ranks it broadcasts the batch and rank r
+    trains on items r, r+W, r+2W, ... (one lease, one ack, no duplicates). Async mode streams (learner/batch.py
+    `stream_batch`): one Redis round trip per step fetches this batch (leased a step ahead), sends the previous
+    step's acks (as far as the ack policy released them), priorities and reference caches, and leases the next
+    batch; sync mode samples (`sample_batch`).
  2. items without cached reference log-probs get them from the frozen reference model; they are written back
     (`cache_reference`) so replays of the same item skip the reference forward.
  3. the shard is cut into padded micro-batches; each micro-batch loss is weighted by its share of the global batch
@@ -18,7 +21,8 @@ Per step (docs/architecture-and-dataflow.md):
     over the whole batch, whatever the micro-batch split or the number of ranks.
  4. DeepSpeed clips the global grad norm and steps; policy_version += 1. Rank 0 acks the batch's lease once a
     checkpoint holds the update (learner/acks.py: the lease is renewed until then, so a crash returns the batch
-    to the buffer instead of losing it); without periodic checkpoints it acks right away.
+    to the buffer instead of losing it); without periodic checkpoints right away, i.e. with the next step's
+    round trip (a crash before it returns the batch to the buffer: trained again, never lost).
  5. every K steps rank 0 exports safetensors, records them in `WeightsStore` and pushes them to every live actor
     (non-blocking, see learner/push.py); lagging or late actors are caught up after every step.
  6. rank 0 appends one JSON line to `<run_dir>/metrics.jsonl` and updates `LearnerStatusStore`.
@@ -169,7 +173,8 @@ def train_step(state: LearnerState, services: RankServices, stop: threading.Even
     items, leases = got
     shard = shard_items(items, state.rank, state.world, by_group=isinstance(settings.loss, GrpoLossConfig))
     t_sampled = time.monotonic()
-    n_ref = fill_reference(state.ref_model, state.table, shard, settings) if state.ref_model is not None else 0
+    ref_model, writer = state.ref_model, services.writer(state.table)
+    n_ref = fill_reference(ref_model, writer, shard, settings) if ref_model is not None else 0
     t_ref = time.monotonic()
     acc = accumulate_gradients(state.engine, shard, settings, state.world)
     pre_clip_norm = grad_norm(state.engine.module)  # ZeRO-0/1: DeepSpeed does not report it for fp32
@@ -245,7 +250,7 @@ def publish_step(state: LearnerState, services: RankServices, report: StepReport
 def carry_out(state: LearnerState, services: RankServices, response: str) -> None:
     """The guard's response (lr back-off or rollback, learner/guard.py `respond`) on every rank."""
     state.version = respond(
-        response, state.engine, state.ckpt_dir, services.pending,
+        response, state.engine, state.ckpt_dir, services.ack_held,
         state.settings.guard.lr_backoff_factor, state.version, services.publish, state.guard.safe_step,
     )
 

@@ -9,6 +9,8 @@
 --   'probe'   ARGV[10] n -> {status, allowed}: could n items be inserted now (no side effects but reclaim)
 --   'renew'   ARGV[10] lease seconds, ARGV[11..] lease ids -> every lease that has not expired yet now expires at
 --             now + lease seconds; returns how many leases were renewed (an expired one was reclaimed first)
+--   'release' ARGV[10..] lease ids -> those leases end now, unacked: their items return to the pool at once, as
+--             if the leases had expired (counted with the expired ones); returns the number of items returned
 local now = now_s()
 local op = ARGV[9]
 if op == 'reclaim' then return reclaim(now) end
@@ -28,6 +30,12 @@ if op == 'renew' then
     end
   end
   return n
+end
+if op == 'release' then
+  for i = 10, #ARGV do
+    if redis.call('HEXISTS', K.leases, ARGV[i]) == 1 then redis.call('ZADD', K.lease_exp, fmt(now), ARGV[i]) end
+  end
+  return reclaim(now)
 end
 if op == 'ref' then
   local ids = {}

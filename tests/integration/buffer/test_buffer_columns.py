@@ -3,12 +3,14 @@ loop at one round trip per step (BatchStream)."""
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 import redis
 
 from buffer.client import BatchStream, ReplayTable, Trajectory, connect
-from buffer.schema import StorageConfig, TableConfig
+from buffer.schema import FifoSampler, StorageConfig, TableConfig
 
 
 def traj(k: int) -> Trajectory:
@@ -110,3 +112,56 @@ def test_storage_settings_shape_what_is_stored(r: redis.Redis) -> None:
     assert f.behaviour_logprobs(0).dtype == np.float32
     # float16: 2 bytes less per log-prob; no text spans
     assert r.hstrlen(lean.keys.items, s.ids[0]) < r.hstrlen(full.keys.items, s.ids[0]) - 300 * 2 - 10
+
+
+def test_batch_stream_sends_queued_writes_and_acks_with_the_step(r: redis.Redis, monkeypatch: pytest.MonkeyPatch
+                                                                 ) -> None:
+    t = ReplayTable(r, TableConfig(sampler=FifoSampler(), max_times_sampled=0))
+    t.insert([traj(k) for k in range(8)])
+    stream = BatchStream(t, 2)
+    b1 = stream.next(learner_version=0)
+    stream.update_priorities({b1.ids[0]: 7.0})
+    stream.cache_references({b1.ids[1]: ([-1.0, -1.0], 0.5)})
+    alive: list[int] = []
+    stream.renew([b1.lease_id], 60.0, on_reply=alive.append)
+    stream.ack([b1.lease_id], items=2)
+    assert t.get(b1.ids[0])[1]["priority"] != 7.0 and not r.hexists(t.keys.refs, b1.ids[1])  # queued, not sent
+    pipelines, scripts = [], []
+    real, real_run = t.redis.pipeline, t._run
+    monkeypatch.setattr(t.redis, "pipeline", lambda *a, **kw: pipelines.append(1) or real(*a, **kw))
+    monkeypatch.setattr(t, "_run", lambda *a: scripts.append(a[0]) or real_run(*a))
+    b2 = stream.next(learner_version=1)
+    assert (len(pipelines), scripts) == (1, [])  # everything in the step's one round trip
+    assert alive == [1] and float(t.get(b1.ids[0])[1]["priority"]) == 7.0 and r.hexists(t.keys.refs, b1.ids[1])
+    assert t.stats().acks == 2
+    # ages against the version of the call that returns the batch (the version it is trained at)
+    assert b2.ids == ["i002", "i003"] and b2.age_versions.tolist() == [1 - 2, 1 - 0]
+
+
+def test_batch_stream_close_sends_the_acks_and_releases_the_prefetched_lease(r: redis.Redis) -> None:
+    t = ReplayTable(r, TableConfig(sampler=FifoSampler(), max_times_sampled=1))
+    t.insert([traj(k) for k in range(6)])
+    stream = BatchStream(t, 2)
+    b = stream.next(learner_version=0)
+    stream.ack([b.lease_id], items=2)
+    assert stream.prefetched() is not None
+    assert stream.close() == 2 and stream.prefetched() is None
+    s = t.stats()
+    assert (s.acks, s.leased, s.size) == (2, 0, 4)
+    # the prefetched items are sampleable at once (not after lease_s), first in fifo order
+    assert [it.info.item_id for it in t.sample(2, 0, timeout_s=0).items] == ["i002", "i003"]
+    assert stream.close() == 0  # nothing queued: no round trip
+
+
+def test_batch_stream_drops_a_prefetched_batch_whose_lease_expired(r: redis.Redis, caplog: pytest.LogCaptureFixture
+                                                                   ) -> None:
+    t = ReplayTable(r, TableConfig(sampler=FifoSampler(), max_times_sampled=1))
+    t.insert([traj(k) for k in range(8)])
+    stream = BatchStream(t, 2, lease_s=0.3)
+    b1 = stream.next(learner_version=0)  # i000, i001; i002, i003 prefetched
+    time.sleep(0.5)  # a stall longer than the lease: both leases expire, their items go back
+    stream.ack([b1.lease_id], items=2)
+    b2 = stream.next(learner_version=1)
+    assert "expired before its step" in caplog.text and "acked 0 of 2" in caplog.text
+    # the prefetched batch was dropped (its items may be leased again); the batch returned holds a live lease
+    assert b2.ids == ["i000", "i001"] and t.renew([b2.lease_id]) == 1

@@ -53,12 +53,11 @@ def test_loop_trains_acks_caches_reference_exports_and_pushes(tmp_path, tiny_mod
         res = train(s)
         assert (res.step, res.policy_version) == (4, 4)
 
-        # fifo + max_times_sampled=2: step 2 replays step 1's items, so their reference log-probs come from the cache
+        # fifo + max_times_sampled=2: step 3 replays step 1's items (step 2's batch was leased, a step ahead, before
+        # step 1's ack returned them), so their reference log-probs come from the cache
         h = res.history
-        assert [x["ref_computed"] for x in h] == [4, 0, 4, 0]
-        assert h[1]["times_sampled_mean"] == 2.0
-        # training on the same batch again lowers its loss
-        assert h[1]["loss"] < h[0]["loss"]
+        assert [x["ref_computed"] for x in h] == [4, 4, 0, 0]
+        assert [x["times_sampled_mean"] for x in h] == [1.0, 1.0, 2.0, 2.0]
         for x in h:
             assert math.isfinite(x["loss"]) and x["grad_norm"] > 0
             assert x["frac_correct"] + x["frac_incorrect"] == 1.0
