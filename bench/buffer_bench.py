@@ -6,7 +6,8 @@
 
 Starts its own redis-server on a free port (AOF off), then for 1 and 4 client processes measures
 - table insert: `ReplayTable.insert` of 1K-token trajectories (encoding included), one item per call ("single")
-  and `--batch` items per call ("batched");
+  and `--batch` items per call ("batched"); the same cell also times its encoding (`encode_batch`) apart, and
+  reports the rate with the encoding time taken out ("encode excluded": what `insert_encoded` costs);
 - raw insert: SET of the same bytes, pre-encoded (no encoding), one per round trip / a pipeline of `--batch`;
 - table sample: a learner step at one round trip (`BatchStream.next` with the previous lease acked in the same
   call; columnar: zero-copy token views, each item's token array touched), batch 1 and `--batch`;
@@ -16,7 +17,8 @@ Also measures the Trajectory encoding (JSON vs msgpack vs codec format 3). `--sc
 realistic trajectories (see bench/buffer_scale.py) stored as `--logprob-dtype` / `--no-texts` / `--no-compress-ids`
 say, and reports Redis memory at 100k and N items and the sample+ack p99 at N vs 100k. Prints rich tables and
 updates bench/results/buffer.json (with `sample_ack_batched_vs_raw_get` and `insert_batched_vs_raw_set`: 32 per
-call, 1 client; `memory_1m_bytes` and `sample_p99_1m_vs_100k` from a `--scale 1000000` run); the keys of the parts
+call, 1 client; `insert_batched_vs_raw_set_encode_excluded` the same with the encoding time taken out;
+`memory_1m_bytes` and `sample_p99_1m_vs_100k` from a `--scale 1000000` run); the keys of the parts
 not run are kept from the previous file.
 """
 
@@ -101,18 +103,23 @@ def _worker(kind: str, url: str, batch: int, tokens: int, seconds: float, wid: i
     traj = make_traj(tokens)
     storage = ReplayTable(r).config.storage  # prepare() stored the table config: raw rows get the same bytes
     payload = codec.encode(traj, storage)
-    n = 0
+    n, excluded = 0, 0.0
+    t_start = time.monotonic()
     if kind == "table_insert":
         table = ReplayTable(r)
         # Distinct ids built before the clock starts (the actor has its Trajectory objects already): the table's
         # time is encoding + sending, as the raw rows' is sending.
         ready = [traj.model_copy(update={"traj_id": f"w{wid}-{j}"}) for j in range(20_000)]
         start.wait()
-        t_end = time.monotonic() + seconds
+        t_start = time.monotonic()
+        t_end = t_start + seconds
         while time.monotonic() < t_end:
             items = ready[n:n + batch] if n + batch <= len(ready) else [
                 traj.model_copy(update={"traj_id": f"w{wid}-{n + j}"}) for j in range(batch)]
-            table.insert(items, timeout_s=30)
+            t0 = time.perf_counter()
+            encoded = table.encode_batch(items)  # = table.insert(items), its encoding timed apart
+            excluded += time.perf_counter() - t0
+            table.insert_encoded(encoded, timeout_s=30)
             n += batch
     elif kind == "raw_insert":  # SET of the pre-encoded bytes (keys rotate, so memory stays bounded)
         start.wait()
@@ -181,10 +188,11 @@ def _worker(kind: str, url: str, batch: int, tokens: int, seconds: float, wid: i
                     p.get(f"rawbench:k{rng.randrange(1000)}")
                 p.execute()
             n += batch
-    out.put(n)
+    out.put((n, time.monotonic() - t_start, excluded))
 
 
-def run_cell(kind: str, url: str, procs: int, batch: int, tokens: int, seconds: float) -> float:
+def run_cell(kind: str, url: str, procs: int, batch: int, tokens: int, seconds: float) -> tuple[float, float]:
+    """(items/s, items/s with each worker's excluded time (its encoding) taken out of its run time)."""
     ctx = mp.get_context("fork")
     start, out = ctx.Event(), ctx.Queue()
     ps = [ctx.Process(target=_worker, args=(kind, url, batch, tokens, seconds, w, start, out)) for w in range(procs)]
@@ -193,11 +201,11 @@ def run_cell(kind: str, url: str, procs: int, batch: int, tokens: int, seconds: 
     time.sleep(0.3)  # let every process connect before the clock starts
     t0 = time.monotonic()
     start.set()
-    total = sum(out.get(timeout=seconds + 120) for _ in ps)
+    got = [out.get(timeout=seconds + 120) for _ in ps]
     elapsed = time.monotonic() - t0
     for p in ps:
         p.join(30)
-    return total / elapsed
+    return sum(n for n, _, _ in got) / elapsed, sum(n / (wall - ex) for n, wall, ex in got)
 
 
 def prepare(url: str, tokens: int, storage: StorageConfig) -> None:
@@ -252,10 +260,14 @@ def run_rates(url: str, args: argparse.Namespace, storage: StorageConfig) -> lis
                 runs: dict[str, list[float]] = {"table": [], "raw": [], "rawcodec": []}
                 if op == "sample":
                     runs["tabledecode"] = []
+                excluded: list[float] = []  # the table insert's rate with its encoding taken out
                 for _ in range(args.repeats):
                     for impl in runs:
                         prepare(url, args.tokens, storage)
-                        runs[impl].append(run_cell(f"{impl}_{op}", url, procs, batch, args.tokens, args.seconds))
+                        rate, rate_ex = run_cell(f"{impl}_{op}", url, procs, batch, args.tokens, args.seconds)
+                        runs[impl].append(rate)
+                        if impl == "table":
+                            excluded.append(rate_ex)
                 rates = {impl: statistics.median(v) for impl, v in runs.items()}
                 row = {"op": op, "procs": procs, "batch": batch, "table_per_s": rates["table"],
                        "raw_per_s": rates["raw"], "raw_codec_per_s": rates["rawcodec"],
@@ -263,6 +275,9 @@ def run_rates(url: str, args: argparse.Namespace, storage: StorageConfig) -> lis
                        "ratio_vs_raw_codec": rates["table"] / rates["rawcodec"]}
                 if "tabledecode" in rates:
                     row["table_decode_per_s"] = rates["tabledecode"]
+                else:
+                    row["table_encode_excluded_per_s"] = statistics.median(excluded)
+                    row["ratio_encode_excluded"] = row["table_encode_excluded_per_s"] / rates["raw"]
                 log.info("%s", row)
                 rows.append(row)
     return rows
@@ -272,24 +287,26 @@ def print_rates(console: Console, rows: list[dict[str, Any]], args: argparse.Nam
     t = Table(title=f"tbrm buffer: {args.tokens}-token trajectories, items/s (own redis-server; median of "
                     f"{args.repeats} alternating runs of {args.seconds}s)")
     for col in ("op", "clients", "items/call", "ReplayTable", "raw redis-py", "raw + codec", "table/raw",
-                "table/(raw+codec)", "sample() w/ Trajectory", ">=50% of raw"):
+                "table/(raw+codec)", "table/raw, encode excluded", "sample() w/ Trajectory", ">=50% of raw"):
         t.add_column(col, justify="right")
     for row in rows:
         raw_name = "SET" if row["op"] == "insert" else "GET"
-        dec = row.get("table_decode_per_s")
+        dec, ex = row.get("table_decode_per_s"), row.get("ratio_encode_excluded")
         t.add_row(row["op"], str(row["procs"]), str(row["batch"]), f"{row['table_per_s']:,.0f}",
                   f"{row['raw_per_s']:,.0f} ({raw_name})", f"{row['raw_codec_per_s']:,.0f}", f"{row['ratio']:.2f}",
-                  f"{row['ratio_vs_raw_codec']:.2f}", "-" if dec is None else f"{dec:,.0f}",
+                  f"{row['ratio_vs_raw_codec']:.2f}", "-" if ex is None else f"{ex:.2f}",
+                  "-" if dec is None else f"{dec:,.0f}",
                   "yes" if row["ratio"] >= 0.5 else "no")
     console.print(t)
 
 
 def headline(rows: list[dict[str, Any]], batch: int) -> dict[str, float | None]:
-    def ratio(op: str) -> float | None:
-        got = [r["ratio"] for r in rows if r["op"] == op and r["procs"] == 1 and r["batch"] == batch]
+    def ratio(op: str, key: str = "ratio") -> float | None:
+        got = [r[key] for r in rows if r["op"] == op and r["procs"] == 1 and r["batch"] == batch]
         return got[0] if got else None
 
-    return {"sample_ack_batched_vs_raw_get": ratio("sample"), "insert_batched_vs_raw_set": ratio("insert")}
+    return {"sample_ack_batched_vs_raw_get": ratio("sample"), "insert_batched_vs_raw_set": ratio("insert"),
+            "insert_batched_vs_raw_set_encode_excluded": ratio("insert", "ratio_encode_excluded")}
 
 
 def print_scale(console: Console, s: dict[str, Any]) -> None:

@@ -4,6 +4,7 @@
     r = connect("redis://127.0.0.1:6379/0")
     table = ReplayTable(r, TableConfig(max_size=10_000))
     table.insert([traj, ...])                        # blocks on the rate limiter; InsertTimeout(.result)
+    table.insert_encoded(table.encode_batch([...]))  # the same, encoded once for several tries
     batch = table.sample(32, learner_version=7)      # items leased for config.lease_s
     table.ack(batch.lease_id)                        # after the optimizer step
 
@@ -32,6 +33,7 @@ from buffer.schema import (
 )
 from buffer.table import (
     BufferFull,
+    EncodedBatch,
     InsertResult,
     InsertTimeout,
     RateLimitTimeout,
@@ -40,7 +42,7 @@ from buffer.table import (
 )
 
 __all__ = [
-    "BatchStream", "BufferFull", "ColumnBatch", "InsertResult", "InsertTimeout", "TrajectoryView",
+    "BatchStream", "BufferFull", "ColumnBatch", "EncodedBatch", "InsertResult", "InsertTimeout", "TrajectoryView",
     "ActorInfo", "ActorRegistry", "LearnerStatus", "LearnerStatusStore", "Prompt",
     "PromptQueue", "RateLimitTimeout", "ReplayTable", "SampleBatch", "SampleInfo", "SampledItem",
     "TableConfig", "TableConfigMismatch", "TableStats", "Trajectory", "TrajectoryDecodeError", "WeightsInfo",

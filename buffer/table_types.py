@@ -34,6 +34,19 @@ class InsertResult:
     """Not admitted before the timeout (only non-empty in `InsertTimeout.result`): insert these again."""
 
 
+Row = tuple[str, bytes, list[Any]]
+"""One encoded item of an insert: (item id, payload, the insert script's metadata of it)."""
+
+
+@dataclasses.dataclass
+class EncodedBatch:
+    """Trajectories encoded by `ReplayTable.encode_batch`, ready for `insert_encoded` (any number of times)."""
+
+    rows: list[Row] = dataclasses.field(default_factory=list)
+    repeated: list[str] = dataclasses.field(default_factory=list)
+    """Ids repeated within the call: duplicates of their first copy, not sent."""
+
+
 class BufferFull(InsertTimeout):
     """Inserts refused for memory: Redis used_memory reached the table's guard (`memory_limit_bytes`, else 90%
     of Redis's maxmemory; raised after `timeout_s` of waiting), or Redis itself refused a write for its maxmemory

@@ -126,6 +126,7 @@ local function max_priority()
   return tonumber(redis.call('HGET', K.counters, 'maxprio') or '1') or 1
 end
 local function raise_max_priority(ps)
+  if #ps == 0 then return end
   local cur = tonumber(redis.call('HGET', K.counters, 'maxprio') or '-1') or -1
   local m = cur
   for _, p in ipairs(ps) do if p > m then m = p end end
@@ -188,7 +189,11 @@ local function remove_items(ids, reason)
     bulk('HDEL', K.slot, dels)
     bulk('RPUSH', K.slotfree, free)
   end
-  for _, key in ipairs({K.items, K.meta, K.handed, K.acked, K.prio, K.refs, K.lease_of}) do bulk('HDEL', key, ids) end
+  local hashes = {K.items, K.meta, K.prio, K.refs}
+  if unsampled < #ids then  -- handed, acked and lease_of hold only items handed out at least once
+    hashes[#hashes + 1] = K.handed; hashes[#hashes + 1] = K.acked; hashes[#hashes + 1] = K.lease_of
+  end
+  for _, key in ipairs(hashes) do bulk('HDEL', key, ids) end
   for _, key in ipairs({K.order, K.avail, K.byver}) do bulk('ZREM', key, ids) end
   redis.call('HINCRBY', K.counters, reason, #ids)
   remember_gone(ids)

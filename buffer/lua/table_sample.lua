@@ -35,12 +35,15 @@ local function describe(ids, probs, handed, exp, size, navail)
   if PRIO or redis.call('HLEN', K.prio) > 0 then prios = bulk_get('HMGET', K.prio, ids) end
   local metas = bulk_get('HMGET', K.meta, ids)
   local res = {'ok', fmt(exp), size, navail, acked}
+  local shown = {}  -- probability -> its string (fifo, lifo and uniform draw every item with the same one)
   for i, id in ipairs(ids) do
+    local p = probs[i]
+    if not shown[p] then shown[p] = fmt(p) end
     res[#res + 1] = id
     res[#res + 1] = handed[i]
     res[#res + 1] = vers[i]
     res[#res + 1] = prios[i] or '1'
-    res[#res + 1] = fmt(probs[i])
+    res[#res + 1] = shown[p]
     res[#res + 1] = string.match(metas[i] or '', '^([^|]*)') or '0'
   end
   return res

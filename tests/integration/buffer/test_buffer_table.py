@@ -413,6 +413,25 @@ def test_large_batch_and_duplicates_in_one_call(r: redis.Redis) -> None:
     assert t2.stats().inserts == 2
 
 
+def test_an_encoded_batch_is_inserted_once_however_often_it_is_sent(r: redis.Redis) -> None:
+    t = make(r, rate_limiter=RateLimiterConfig(samples_per_insert=1.0, error_buffer=2.0))
+    batch = t.encode_batch([traj(i) for i in range(5)] + [traj(0)])  # encoded once; the repeat is not sent
+    assert [row[0] for row in batch.rows] == [f"t{i:05d}" for i in range(5)] and batch.repeated == ["t00000"]
+    with pytest.raises(RateLimitTimeout) as e:
+        t.insert_encoded(batch, timeout_s=0.05)  # only 3 fit (max_diff = 3)
+    got = e.value.result
+    assert (got.admitted, got.duplicates, got.pending) == ([f"t{i:05d}" for i in range(3)], ["t00000"],
+                                                           ["t00003", "t00004"])
+    t.ack(t.sample(3, 0).lease_id)
+    again = t.insert_encoded(batch, timeout_s=5)  # the same bytes sent again: only the pending ones get in
+    assert again.admitted == ["t00003", "t00004"] and sorted(again.duplicates) == ["t00000", "t00000", "t00001",
+                                                                                    "t00002"]
+    stored = t.get("t00004")[0].model_dump(exclude={"created_at"})
+    assert t.stats().inserts == 5 and stored == traj(4).model_dump(exclude={"created_at"})
+    with pytest.raises(ValueError, match="timeout_s=-1"):
+        t.insert_encoded(batch, timeout_s=-1)
+
+
 def test_prioritized_leases_expiry_and_zero_priorities(r: redis.Redis) -> None:
     t = make(r, sampler=PrioritizedSampler(exponent=1.0), max_times_sampled=0)
     t.insert([traj(0), traj(1)], priorities=[3.0, 1.0])

@@ -87,6 +87,47 @@ def test_compressed_token_ids_are_exact_and_smaller(vocab: int) -> None:
     assert codec.decode(codec.encode(uniform)) == uniform
 
 
+def spans_of(data: bytes) -> dict[str, tuple[str, int, int, int]]:
+    return codec.TrajectoryView(data)._spans
+
+
+def test_compressed_ids_keep_their_low_byte_plane_raw() -> None:
+    # Written now: u32 count | low byte plane raw | raw deflate of the higher planes (packing SPLIT)
+    t = traj(1024).model_copy(update={"response_token_ids": zipf_ids(1024, 151_646, 2)})
+    data = codec.encode(t)
+    code, packing, off, nbytes = spans_of(data)["response_token_ids"]
+    assert (code, packing) == ("T", codec.SPLIT)
+    low = np.array(t.response_token_ids, dtype=np.uint32).astype(np.uint8).tobytes()
+    assert data[off:off + 4 + 1024] == (1024).to_bytes(4, "little") + low
+    neg = t.model_copy(update={"response_token_ids": [-(i % 7) for i in range(1024)]})  # int32 planes
+    assert spans_of(codec.encode(neg))["response_token_ids"][:2] == ("i", codec.SPLIT)
+    assert codec.view(codec.encode(neg)).array("response_token_ids").tolist() == neg.response_token_ids
+    assert codec.decode(codec.encode(neg)) == neg
+
+
+def test_format_3_items_with_all_planes_deflated_are_still_read() -> None:
+    # Earlier format-3 writers deflated all byte planes (packing PLANES): such an item (a fresh one with its raw
+    # ids re-packed that way) reads back exactly
+    t = traj(300).model_copy(update={"response_token_ids": zipf_ids(300, 151_646, 3)})
+    data = codec.encode(t, StorageConfig(compress_token_ids=False))
+    code, packing, off, nbytes = spans_of(data)["response_token_ids"]
+    assert (code, packing) == ("T", codec.RAW)
+    planes = np.frombuffer(data, np.uint8, nbytes, off).reshape(-1, 3).T.tobytes()
+    packed = codec._deflate(planes, -15, zlib.Z_RLE)
+    n = data[7]  # span count
+    table = bytearray(data[8:8 + codec._SPAN3.size * n])
+    k = list(spans_of(data)).index("response_token_ids")
+    codec._SPAN3.pack_into(table, k * codec._SPAN3.size, 1, b"T", codec.PLANES, len(packed))
+    old = data[:8] + bytes(table) + data[8 + len(table):off] + packed + data[off + nbytes:]
+    assert codec.decode(old) == t
+    assert codec.view(old).array("response_token_ids").tolist() == t.response_token_ids
+
+
+def test_float32_overflow_rounds_to_infinity_as_before() -> None:
+    t = traj(4).model_copy(update={"behaviour_logprobs": [-1e300, -0.5, float("-inf"), 0.0]})
+    assert codec.decode(codec.encode(t)).behaviour_logprobs == [float("-inf"), -0.5, float("-inf"), 0.0]
+
+
 def test_float16_log_probs_and_no_texts_are_a_setting() -> None:
     t = traj(1024).model_copy(update={"response_text": "step " * 300})
     lean = StorageConfig(logprob_dtype="float16", store_texts=False)
@@ -163,6 +204,14 @@ def test_unknown_schema_version_raises_clearly() -> None:
 def test_garbage_raises_decode_error(data: bytes) -> None:
     with pytest.raises(codec.TrajectoryDecodeError):
         codec.decode(data)
+
+
+@pytest.mark.parametrize("blob", [b"\x09\x00\x00\x00ab", b"\x01\x00", b"\x02\x00\x00\x00ab\x00",
+                                  b"\x02\x00\x00\x00ab" + zlib.compress(b"xyz")[2:-4]])
+def test_corrupt_split_token_span_raises_decode_error(blob: bytes) -> None:
+    data = codec.MAGIC3 + b"\x00\x00\x00\x00\x01" + codec._SPAN3.pack(1, b"H", codec.SPLIT, len(blob)) + blob
+    with pytest.raises(codec.TrajectoryDecodeError, match="response_token_ids"):
+        codec.TrajectoryView(data).array("response_token_ids")
 
 
 @pytest.mark.parametrize("bad", ["", "a b", "x" * 65, "a/b", "../x", "tbl:1"])
