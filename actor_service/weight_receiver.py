@@ -87,8 +87,8 @@ class ReceiveBuffers:
     the buffer of the weights it applied last (and reloads them on a failed apply), so that one is never reused;
     the one before it, or one whose push was refused, is no longer referenced and takes the next body of its
     size: a fresh 136 MB buffer costs page faults (and, with transparent huge pages, compaction) on first touch,
-    measured 0.3-0.5 s more inside the actor. Until there is such a buffer (after the first push) a thread prepares one
-    of the size last applied, its pages already touched, for the next push."""
+    measured 0.3-0.5 s more inside the actor. Until there is such a buffer (after the first push) a thread
+    prepares one of the size last applied, its pages already touched, for the next push."""
 
     def __init__(self) -> None:
         self._spare: Buffer | None = None
