@@ -11,7 +11,6 @@ deregisters, and the process exits 0.
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import logging
 import os
 import signal
@@ -28,7 +27,7 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     import uvicorn
 
-    from actor_service.app import create_app
+    from actor_service.app import create_app, server_config
 
     class GracefulServer(uvicorn.Server):
         """uvicorn re-raises a caught SIGTERM after its graceful shutdown (exit status -15); an actor that
@@ -46,12 +45,7 @@ def main(argv: list[str] | None = None) -> None:
                 for sig, handler in originals.items():
                     signal.signal(sig, handler)
 
-    # Measured for weight pushes on loopback: asyncio + httptools streams a request body at ~1.1 GB/s, uvloop +
-    # httptools at ~0.4 GB/s, h11 at ~0.2 GB/s.
-    http_impl = "httptools" if importlib.util.find_spec("httptools") else "h11"
-    config = uvicorn.Config(create_app(settings), host=settings.host, port=settings.port, loop="asyncio",
-                            http=http_impl, log_level=settings.log_level, access_log=False)
-    GracefulServer(config).run()
+    GracefulServer(server_config(create_app(settings), settings.host, settings.port, settings.log_level)).run()
 
 
 if __name__ == "__main__":

@@ -25,8 +25,8 @@ from actor_service.schema import RELAY_HEADER, RelayHop, WeightUpdateResponse
 MAX_RELAY_HOPS = 256
 
 
-class RelayAborted(RuntimeError):
-    """The body being relayed was not received completely (the upstream push failed)."""
+class BodyAborted(RuntimeError):
+    """The body was not received completely (the push was cut off or refused)."""
 
 
 def parse_relay(raw: str | None) -> list[str]:
@@ -47,11 +47,11 @@ def parse_relay(raw: str | None) -> list[str]:
 
 class BodyProgress:
     """The receive buffer of a push and how much of it has arrived, shared by the receiving coroutine (`attach`,
-    `advance`, `abort`) and the forwarding thread (`chunks`)."""
+    `advance`, `abort`) and the threads that read the body as it fills (`chunks`): the sha256 hasher
+    (actor_service.weight_receiver) and, for a relayed push, the forwarder."""
 
-    def __init__(self, total: int, stall_s: float) -> None:
+    def __init__(self, total: int) -> None:
         self.total = total
-        self._stall_s = stall_s
         self._cond = threading.Condition()
         self._view: memoryview | None = None
         self._n = 0
@@ -75,16 +75,20 @@ class BodyProgress:
     def aborted(self) -> bool:
         return self._aborted
 
-    def chunks(self) -> Iterator[memoryview]:
-        """The body from its first byte, in the pieces that have arrived; waits for more (at most `stall_s`
-        without progress). Raises RelayAborted when the upstream body failed."""
+    @property
+    def arrived(self) -> int:
+        return self._n
+
+    def chunks(self, stall_s: float | None = None) -> Iterator[memoryview]:
+        """The body from its first byte, in the pieces that have arrived (all of it since the last piece); waits
+        for more (at most `stall_s` without progress). Raises BodyAborted when the body failed."""
         sent = 0
         while sent < self.total:
             with self._cond:
-                if not self._cond.wait_for(lambda sent=sent: self._aborted or self._n > sent, self._stall_s):
-                    raise RelayAborted(f"no body bytes for {self._stall_s}s")
+                if not self._cond.wait_for(lambda sent=sent: self._aborted or self._n > sent, stall_s):
+                    raise BodyAborted(f"no body bytes for {stall_s}s")
                 if self._aborted:
-                    raise RelayAborted("the upstream body was not received completely")
+                    raise BodyAborted("the upstream body was not received completely")
                 n, view = self._n, self._view
             assert view is not None
             yield view[sent:n]
@@ -98,13 +102,13 @@ def forward(hops: list[str], progress: BodyProgress, version: int, sha256: str, 
     answers: list[RelayHop] = []
 
     def send(conn: http.client.HTTPConnection) -> None:
-        for piece in progress.chunks():
+        for piece in progress.chunks(timeout_s):
             conn.send(piece)
 
     for i, url in enumerate(hops):
         try:
             answer = post_weights(url, send, progress.total, version, sha256, token, timeout_s, hops[i + 1:])
-        except RelayAborted as e:
+        except BodyAborted as e:
             answers.append(RelayHop(url=url, status=None, detail=f"not relayed: {e}"))
             return answers
         except WeightPushError as e:

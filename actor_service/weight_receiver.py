@@ -14,9 +14,10 @@ them while it arrives (actor_service.relay); their answers come back in `relayed
 
 A 401 is answered without reading the body (an unauthenticated client cannot make the actor spend time or memory);
 other refusals before the body is received read and discard a body up to DRAIN_LIMIT_BYTES, outside the push lock,
-so the client sees the status. The body is received into one buffer and hashed on another thread while it arrives
-(`receive_body`); the parsed tensors are zero-copy views of that buffer (actor_service.weights.parse_weights);
-nothing is written to disk.
+so the client sees the status. The body is read from the socket into one buffer (the BODY_INTO extension of the
+actor's server, actor_service.http_server) and hashed on another thread while it arrives (`receive_body`); the
+parsed tensors are zero-copy views of that buffer (actor_service.weights.parse_weights); nothing is written to
+disk.
 """
 
 from __future__ import annotations
@@ -28,8 +29,8 @@ import logging
 import re
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import suppress
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -37,8 +38,9 @@ from fastapi import HTTPException
 from fastapi.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
+from actor_service.body_into import BODY_INTO, BodyCutOff
 from actor_service.metrics import ActorMetrics
-from actor_service.relay import BodyProgress, forward, parse_relay
+from actor_service.relay import BodyAborted, BodyProgress, forward, parse_relay
 from actor_service.schema import (
     RELAY_HEADER,
     SHA256_HEADER,
@@ -65,8 +67,6 @@ _SHA256_RE = re.compile(r"^[0-9a-fA-F]{64}$")
 DRAIN_LIMIT_BYTES = 256 * 2**20
 """On an early refusal, read and discard a declared body up to this size so the client gets the status code
 instead of a broken pipe; larger bodies are cut off (the connection closes)."""
-SHA256_BLOCK_BYTES = 8 * 2**20
-"""Bytes handed to the hashing thread at a time."""
 
 
 class PushRefused(HTTPException):
@@ -86,23 +86,46 @@ class ReceiveBuffers:
     """Receive buffers reused across pushes (used under the push lock only). The engine keeps serving views of
     the buffer of the weights it applied last (and reloads them on a failed apply), so that one is never reused;
     the one before it, or one whose push was refused, is no longer referenced and takes the next body of its
-    size: a fresh 136 MB buffer costs page faults (and, with transparent huge pages, compaction) on first touch."""
+    size: a fresh 136 MB buffer costs page faults (and, with transparent huge pages, compaction) on first touch,
+    measured 0.3-0.5 s more inside the actor. Until there is such a buffer (after the first push) a thread
+    prepares one of the size last applied, its pages already touched, for the next push."""
 
     def __init__(self) -> None:
         self._spare: Buffer | None = None
         self._serving: Buffer | None = None
+        self._next: Future[Buffer] | None = None
 
     def take(self, nbytes: int) -> Buffer:
         buf, self._spare = self._spare, None
+        if buf is None:
+            buf = self._prepared()
         return buf if buf is not None and len(buf) == nbytes else alloc_buffer(nbytes)
 
     def applied(self, buf: Buffer) -> None:
         """`buf` now backs the served weights; the previously served buffer becomes the spare."""
         self._spare, self._serving = self._serving, buf
+        if self._spare is None and self._next is None:
+            self._next = Future()
+            threading.Thread(target=_prepare, args=(self._next, len(buf)), name="receive-buffer", daemon=True).start()
 
     def unused(self, buf: Buffer) -> None:
         """`buf`'s push was refused or failed to apply: nothing refers to it."""
         self._spare = buf
+
+    def _prepared(self) -> Buffer | None:
+        """The buffer prepared in the background, if ready (a push does not wait for it)."""
+        fut = self._next
+        if fut is None or not fut.done():
+            return None
+        self._next = None
+        return fut.result() if fut.exception() is None else None
+
+
+def _prepare(fut: Future[Buffer], nbytes: int) -> None:
+    try:
+        fut.set_result(alloc_buffer(nbytes, touch=True))
+    except Exception as e:  # noqa: BLE001  (e.g. out of memory: the next push allocates its own)
+        fut.set_exception(e)
 
 
 class WeightReceiver:
@@ -173,7 +196,7 @@ class WeightReceiver:
         if not hops or declared is None:
             return None, None
         timeout_s = self.settings.relay_timeout_s
-        progress = BodyProgress(declared, stall_s=timeout_s)
+        progress = BodyProgress(declared)
         loop = asyncio.get_running_loop()
         token = self.settings.auth_token or ""
         return progress, loop.run_in_executor(None, forward, hops, progress, version, sha256, token, timeout_s)
@@ -320,89 +343,86 @@ async def receive_body(request: _Stream, declared: int | None, limit: int, progr
     """The whole body and its sha256 hex digest. Raises PushRefused (413 over `limit`, 400 incomplete/empty).
 
     With a Content-Length (what `actor_service.client.push_weights` sends) the body lands in one buffer allocated
-    up front; every SHA256_BLOCK_BYTES received are hashed by a worker thread (hashlib releases the GIL),
-    overlapping with the event loop receiving the next block, so the digest is ready about when the last byte
-    arrives. A chunked body (no Content-Length) is collected block by block and joined once at the end. The
-    result is a writable buffer (`alloc`, by default actor_service.weights.alloc_buffer; the parsed tensors are
-    zero-copy views of it). `progress` (a relayed push, which always has a Content-Length) is told how much of
-    the buffer has arrived after every chunk."""
-    h = hashlib.sha256()
-    loop = asyncio.get_running_loop()
+    up front (`alloc`, by default actor_service.weights.alloc_buffer; the parsed tensors are zero-copy views of
+    it): read from the socket straight into it when the server offers the BODY_INTO extension (the actor's own
+    server, actor_service.http_server), else copied from the ASGI body messages. A worker thread hashes it as it
+    fills (`progress`, a BodyProgress, which a relayed push also forwards from), each time all that arrived since
+    its last piece (hashlib releases the GIL), so the digest is ready about when the last byte arrives. A chunked
+    body (no Content-Length) is collected block by block, joined and hashed at the end."""
     with ThreadPoolExecutor(1, thread_name_prefix="weights-sha256") as pool:
-
-        def hash_async(block: Any) -> Awaitable[None]:
-            return loop.run_in_executor(pool, h.update, block)
-
-        if declared is not None:
-            body, n = await _into_buffer(request, declared, limit, hash_async, progress, alloc)
+        if declared is None:
+            body = await _into_blocks(request, limit)
+            n, digest = len(body), await asyncio.get_running_loop().run_in_executor(pool, _sha256, body)
         else:
-            body, n = await _into_blocks(request, limit, hash_async)
+            body = alloc(declared)
+            n, digest = await _into_buffer(request, body, limit, progress or BodyProgress(declared), pool)
     if declared is not None and n != declared:
         raise PushRefused(400, "incomplete", f"body has {n} bytes, Content-Length said {declared}")
     if n == 0:
         raise PushRefused(400, "format", "empty body: send the safetensors file")
-    return body, h.hexdigest()
+    assert digest is not None
+    return body, digest
 
 
-async def _into_buffer(
-    request: _Stream, declared: int, limit: int, hash_async: Callable[[Any], Awaitable[None]],
-    progress: BodyProgress | None, alloc: Callable[[int], Buffer],
-) -> tuple[Buffer, int]:
-    buf = alloc(declared)
+def _sha256(data: Any) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _sha256_as_it_arrives(progress: BodyProgress) -> str | None:
+    """The body's sha256 hex digest, or None if it was not received completely."""
+    h = hashlib.sha256()
+    try:
+        for piece in progress.chunks():
+            h.update(piece)
+    except BodyAborted:
+        return None
+    return h.hexdigest()
+
+
+async def _into_buffer(request: _Stream, buf: Buffer, limit: int, progress: BodyProgress, pool: ThreadPoolExecutor
+                       ) -> tuple[int, str | None]:
+    """(bytes received, their sha256 or None if fewer than the buffer's size)."""
     view = memoryview(buf)
-    if progress is not None:
-        progress.attach(view)
-    n = hashed = 0
-    pending: list[Awaitable[None]] = []
+    progress.attach(view)
+    hashing = asyncio.get_running_loop().run_in_executor(pool, _sha256_as_it_arrives, progress)
+    body_into = request.scope.get("extensions", {}).get(BODY_INTO)
     try:
         try:
-            async for chunk in request.stream():
-                end = n + len(chunk)
-                if end > declared:
-                    if end > limit:
-                        raise PushRefused(413, "too_large", f"body exceeds max_weight_bytes={limit}")
-                    raise PushRefused(400, "incomplete", f"body longer than its Content-Length {declared}")
-                view[n:end] = chunk
-                n = end
-                if progress is not None:
-                    progress.advance(n)
-                if n - hashed >= SHA256_BLOCK_BYTES:
-                    pending.append(hash_async(view[hashed:n]))
-                    hashed = n
-        except ClientDisconnect:
-            raise PushRefused(400, "incomplete", f"client disconnected after {n} bytes of the body") from None
-        if n > hashed:
-            pending.append(hash_async(view[hashed:n]))
+            await (body_into(view, progress.advance) if body_into is not None
+                   else _copy_stream(request, view, limit, progress.advance))
+        except (ClientDisconnect, BodyCutOff):
+            raise PushRefused(400, "incomplete", f"client disconnected after {progress.arrived} bytes of the body"
+                              ) from None
     finally:
-        for fut in pending:
-            await fut
-    return buf, n
+        if progress.arrived < len(view):
+            progress.abort()  # the hashing thread (and a relay's) stop
+        digest = await hashing  # the buffer is reused only once no thread reads it
+    return progress.arrived, digest
 
 
-async def _into_blocks(
-    request: _Stream, limit: int, hash_async: Callable[[Any], Awaitable[None]]
-) -> tuple[bytearray, int]:
-    blocks: list[bytes] = []
-    block = bytearray()
+async def _copy_stream(request: _Stream, view: memoryview, limit: int, arrived: Callable[[int], None]) -> None:
+    """The ASGI body messages copied into `view` (a server without BODY_INTO)."""
     n = 0
-    pending: list[Awaitable[None]] = []
+    async for chunk in request.stream():
+        end = n + len(chunk)
+        if end > len(view):
+            if end > limit:
+                raise PushRefused(413, "too_large", f"body exceeds max_weight_bytes={limit}")
+            raise PushRefused(400, "incomplete", f"body longer than its Content-Length {len(view)}")
+        view[n:end] = chunk
+        n = end
+        arrived(n)
+
+
+async def _into_blocks(request: _Stream, limit: int) -> bytearray:
+    blocks: list[bytes] = []
+    n = 0
     try:
-        try:
-            async for chunk in request.stream():
-                n += len(chunk)
-                if n > limit:
-                    raise PushRefused(413, "too_large", f"body exceeds max_weight_bytes={limit}")
-                block += chunk
-                if len(block) >= SHA256_BLOCK_BYTES:
-                    blocks.append(bytes(block))
-                    pending.append(hash_async(blocks[-1]))
-                    block = bytearray()
-        except ClientDisconnect:
-            raise PushRefused(400, "incomplete", f"client disconnected after {n} bytes of the body") from None
-        if block:
-            blocks.append(bytes(block))
-            pending.append(hash_async(blocks[-1]))
-    finally:
-        for fut in pending:
-            await fut
-    return bytearray().join(blocks), n
+        async for chunk in request.stream():
+            n += len(chunk)
+            if n > limit:
+                raise PushRefused(413, "too_large", f"body exceeds max_weight_bytes={limit}")
+            blocks.append(chunk)
+    except ClientDisconnect:
+        raise PushRefused(400, "incomplete", f"client disconnected after {n} bytes of the body") from None
+    return bytearray().join(blocks)

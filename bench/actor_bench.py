@@ -17,7 +17,9 @@ weight push vs raw loopback TCP, and the learner's step time with a push every s
 2. Weight push (an actor process `python -m actor_service --no-run-loop` serving a random Qwen2 of ~35M
    parameters, fp32, ~136 MB): `actor_service.client.push_weights` -> end to end (send, receive into memory with
    sha256 on another thread, parse, apply from memory, canary score), receive+verify, apply; next to a raw
-   loopback TCP transfer of the same bytes into a reader that discards them. `push_receive_vs_raw_tcp` (goal
+   loopback TCP transfer of the same bytes, sent the same way (`socket.sendfile` of the file), into a reader
+   that `recv_into`s them at their offset in a buffer of the body's size allocated once (as the actor's reused
+   receive buffers) and acknowledges the last byte. `push_receive_vs_raw_tcp` (goal
    >= 0.5), `push_end_to_end_s` (goal <= 0.5 s).
 3. Learner step with a push every step: the same ~35M-parameter model trained (SFT loss, AdamW, random tokens,
    batch `--train-batch` x `--train-len`) for `--steps` steps without export, and with
@@ -270,17 +272,18 @@ def bench_learner_push(args: argparse.Namespace, model_dir: Path, actor_url: str
 _RAW_READER = r"""
 import hashlib, socket, sys
 n = int(sys.argv[2]); sink = sys.argv[3] if len(sys.argv) > 3 else ""
+view = memoryview(bytearray(n))  # allocated (and zeroed) once and reused, like the actor's receive buffers
 s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 s.bind(("127.0.0.1", int(sys.argv[1]))); s.listen(1); print("ready", flush=True)
 while True:
-    c, _ = s.accept(); got = 0; buf = bytearray(1 << 20); view = memoryview(buf); h = hashlib.sha256()
+    c, _ = s.accept(); got = 0; h = hashlib.sha256()
     f = open(sink, "wb", buffering=0) if sink else None
     while got < n:
-        k = c.recv_into(buf)
+        k = c.recv_into(view[got:])
         if not k: break
-        got += k
         if f is not None:
-            h.update(view[:k]); f.write(view[:k])
+            h.update(view[got:got + k]); f.write(view[got:got + k])
+        got += k
     if f is not None:
         f.close()
     c.sendall(b"ok"); c.close()
@@ -288,11 +291,11 @@ while True:
 
 
 def raw_transfer(path: Path, port: int) -> float:
-    """Seconds to send the file's bytes over loopback TCP until the reader acknowledges all of them."""
+    """Seconds to send the file's bytes over loopback TCP until the reader acknowledges all of them (sent with
+    `socket.sendfile`, as actor_service.client.push_weights sends a push)."""
     t0 = time.perf_counter()
     with socket.create_connection(("127.0.0.1", port), timeout=60) as s, open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            s.sendall(chunk)
+        s.sendfile(f)
         assert s.recv(2) == b"ok"
     return time.perf_counter() - t0
 

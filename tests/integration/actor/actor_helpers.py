@@ -21,14 +21,16 @@ def free_port() -> int:
 
 
 class ServerThread:
-    """uvicorn serving an ASGI app in a daemon thread on a free loopback port; `stop()` shuts it down."""
+    """uvicorn serving an actor app in a daemon thread on a free loopback port, configured as `python -m
+    actor_service` does (actor_service.app.server_config); `stop()` shuts it down."""
 
     def __init__(self, app, port: int | None = None) -> None:
         import uvicorn
 
+        from actor_service.app import server_config
+
         self.port = port or free_port()
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
-                                                    access_log=False))
+        self.server = uvicorn.Server(server_config(app, "127.0.0.1", self.port, "warning"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
         deadline = time.monotonic() + 60

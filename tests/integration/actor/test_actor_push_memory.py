@@ -2,7 +2,7 @@
 received, verified and applied; an unauthenticated push is answered without reading its body; a failed apply
 rolls back to the weights held in memory; a push resent while the first copy still holds the push lock (the pusher
 timed out behind a long apply, issue 21) has its version checked again once it gets the lock: 409 before one byte
-of its body is used."""
+of its body is used; a push cut off midway is refused and the next one applies."""
 
 from __future__ import annotations
 
@@ -145,3 +145,32 @@ def test_resent_push_is_rechecked_after_the_lock(server, actor_engine, make_vari
     # a whole, valid duplicate after the fact: 409 too, nothing applied again
     again = httpx.post(f"{server.url}/v1/weights", content=data, headers=headers, timeout=60)
     assert again.status_code == 409 and actor_engine.version == version
+
+
+def test_push_cut_off_midway_is_refused_and_the_next_one_applies(server, actor_engine, make_variant) -> None:
+    """The body is read from the socket into the receive buffer (actor_service.http_server) while a thread hashes
+    it: a client gone halfway is a 400 (counted, nothing applied), and the next push gets the lock and a buffer."""
+    data = (make_variant(73) / "model.safetensors").read_bytes()
+    version = actor_engine.version + 1
+    host, port = "127.0.0.1", int(server.url.rsplit(":", 1)[1])
+    head = (f"POST /v1/weights HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {TOKEN}\r\n"
+            f"{VERSION_HEADER}: {version}\r\n{SHA256_HEADER}: {hashlib.sha256(data).hexdigest()}\r\n"
+            f"Content-Length: {len(data)}\r\n\r\n")
+
+    def cut_off() -> float:
+        text = httpx.get(f"{server.url}/metrics", timeout=10).text
+        name = 'tbrm_actor_weight_pushes_refused_total{reason="incomplete"}'
+        line = next((x for x in text.splitlines() if x.startswith(name)), "x 0")
+        return float(line.rsplit(" ", 1)[1])
+
+    before = cut_off()
+    with socket.create_connection((host, port), timeout=10) as s:
+        s.sendall(head.encode() + data[: len(data) // 2])
+        time.sleep(0.5)  # the actor is receiving the body
+    deadline = time.monotonic() + 30
+    while cut_off() == before and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert cut_off() == before + 1
+    assert actor_engine.version == version - 1
+    assert push_weights(server.url, make_variant(73) / "model.safetensors", version, TOKEN,
+                        timeout_s=60).policy_version == version

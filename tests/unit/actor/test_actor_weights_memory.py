@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import struct
+import threading
 from pathlib import Path
 
 import pytest
@@ -88,3 +90,27 @@ def test_receive_buffers_never_reuse_the_served_one() -> None:
     pool.unused(c)
     d = pool.take(32)  # another size: a fresh buffer
     assert len(d) == 32 and d is not c
+
+
+def test_receive_buffers_prepare_a_touched_spare_after_the_first_push() -> None:
+    """After the first push a thread allocates the next push's buffer and touches its pages (they are resident:
+    the process grows by its size), so the second push does not pay the page faults either."""
+    from actor_service.weight_receiver import ReceiveBuffers
+
+    def rss() -> int:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    n = 64 * 2**20
+    pool = ReceiveBuffers()
+    a = pool.take(n)  # fresh: nothing touched yet
+    before = rss()
+    pool.applied(a)
+    for t in threading.enumerate():
+        if t.name == "receive-buffer":
+            t.join(20)
+    assert rss() - before >= 0.9 * n
+    b = pool.take(n)
+    assert b is not a and len(b) == n
+    touched = rss()
+    b[0:n:4096] = bytes(n // 4096)  # a byte in every page: no new page is needed
+    assert rss() - touched < 0.1 * n
