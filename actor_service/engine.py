@@ -295,11 +295,14 @@ class ActorEngine:
     # ---- prompts ----
     def chat_token_ids(self, messages: list[dict[str, str]], system_prompt: str | None) -> list[int]:
         """Chat template (with a leading system turn unless `system_prompt` is empty/None) -> prompt token ids."""
-        msgs = list(messages)
-        if system_prompt and not (msgs and msgs[0].get("role") == "system"):
-            msgs = [{"role": "system", "content": system_prompt}, *msgs]
-        text = self.tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-        return self.text_token_ids(text)
+        return self.chat_token_ids_batch([messages], system_prompt)[0]
+
+    def chat_token_ids_batch(self, conversations: list[list[dict[str, str]]], system_prompt: str | None
+                             ) -> list[list[int]]:
+        """`chat_token_ids` of several conversations, tokenized in one call of the fast tokenizer."""
+        texts = [self.tokenizer.apply_chat_template(with_system(msgs, system_prompt), tokenize=False,
+                                                    add_generation_prompt=True) for msgs in conversations]
+        return [list(ids) for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"]]
 
     def text_token_ids(self, text: str) -> list[int]:
         return list(self.tokenizer.encode(text, add_special_tokens=False))
@@ -470,6 +473,13 @@ class ActorEngine:
             del self.llm
 
 
+def with_system(messages: list[dict[str, str]], system_prompt: str | None) -> list[dict[str, str]]:
+    """`messages` with a leading system turn `system_prompt` (unless empty/None or the messages start with one)."""
+    if system_prompt and not (messages and messages[0].get("role") == "system"):
+        return [{"role": "system", "content": system_prompt}, *messages]
+    return list(messages)
+
+
 ENGINE_SETTINGS = {
     "dtype": "dtype", "max_model_len": "max_model_len", "kv_cache_bytes": "kv_cache_bytes",
     "gpu_memory_utilization": "gpu_memory_utilization", "enforce_eager": "enforce_eager", "seed": "seed",
@@ -481,4 +491,5 @@ ENGINE_SETTINGS = {
 def engine_from_settings(settings: Any) -> ActorEngine:
     """Build the engine from ActorSettings (the toy model's folder when no model_dir is configured)."""
     kwargs = {arg: getattr(settings, field) for arg, field in ENGINE_SETTINGS.items()}
-    return ActorEngine(settings.resolved_model_dir(), **kwargs, inflight_updates=settings.weight_updates == "inflight")
+    return ActorEngine(settings.resolved_model_dir(), **kwargs, inflight_updates=settings.weight_updates == "inflight",
+                       max_num_seqs=settings.capacity)

@@ -1,12 +1,17 @@
 """The sampling loop of an actor: prompt queue -> chat template -> vLLM (n samples, log-probs) -> reward -> buffer.
 
 Continuous generation (vLLM's add_request/step loop, actor_service.engine), two background threads:
-- feed: keeps up to K = `max_inflight_sequences` sequences in flight, popping prompts (claimed with a TTL, never
-  handed to two actors) as sequences finish; each prompt is one request of n samples;
-- post: takes every prompt group whose n samples are done, grades all that are ready in one reward call, inserts
-  the Trajectories (blocks on the buffer's rate limiter: backpressure), marks the prompts done.
+- feed: keeps the engine running K = `max_inflight_sequences` sequences (its max_num_seqs) with a reserve of K/4
+  more queued in it (the n samples of a prompt finish at different times: a finished sample's seat is taken at
+  once), popping prompts (claimed with a TTL, never handed to two actors) in chunks of at least half the reserve
+  as sequences finish, tokenized in one call; each prompt is one request of n samples;
+- post: takes every prompt group whose n samples are done, and those finishing within GRADE_LINGER_S after it,
+  grades them in one reward call, inserts the Trajectories (blocks on the buffer's rate limiter: backpressure),
+  marks the prompts done.
 The engine never idles on the longest sequence of a batch. Backpressure: at most 2K sequences in flight plus
-waiting for insertion, so the engine stops after about K more once the buffer refuses inserts.
+waiting for insertion, so the engine stops after about K more once the buffer refuses inserts. The engine's
+steps are mostly Python on a small model: any work of these threads slows them (the GIL, shared cores), so the
+per-group work is batched and the announced weights version is not read from Redis per refill.
 
 Failures: reward down or the buffer holding inserts back -> wait and retry the same groups; the prompt claims held
 are renewed (every third of `prompt_lease_s`, with the heartbeat and in those waits) so that no other actor is
@@ -17,8 +22,9 @@ waits on back-pressure gives up within `STOP_POLL_S`, groups already graded are 
 promptly (else given back), deregister.
 Weights: pushes arrive over HTTP (actor_service.app); the engine applies them between two steps (`weight_updates =
 "inflight"`, samples record the versions of their first and last token) or once the requests in flight are done
-(`"between_batches"`). Before each refill a newer version announced in the WeightsStore is loaded from its file
-when this machine can read it (catch-up after a restart).
+(`"between_batches"`). Before a refill a newer version announced in the WeightsStore (read at most every
+CATCH_UP_EVERY_S, every time in sync mode) is loaded from its file when this machine can read it (catch-up after a
+restart).
 `sync`: nothing starts until the engine holds the announced version, and exactly `prompts_per_batch x
 n_samples_per_prompt` trajectories are generated per version (one learner batch, as `tbrm up --sync` sizes it),
 then the actor waits for the next version (groups given back after a failed insert are generated again).
@@ -56,6 +62,12 @@ from reward.schema import GradeResult
 log = logging.getLogger(__name__)
 
 MAX_GROUPS_PER_GRADE = 256  # most finished prompt groups graded in one reward call (all that are ready, up to this)
+GRADE_LINGER_S = 0.05
+"""The post thread waits this long after a group finishes for more to finish (while sequences are still in the
+engine), so that one reward call, one insert and one `done` carry several groups."""
+CATCH_UP_EVERY_S = 0.5
+"""Outside sync mode the feed reads the announced weights version from Redis at most this often (pushes arrive over
+HTTP; the catch-up only serves an actor that missed one)."""
 STOP_POLL_S = 1.0
 """Longest single wait on the buffer's rate limiter: a waiting insert notices stop() (and renews claims) this often."""
 
@@ -77,7 +89,10 @@ class ActorLoop:
         self.actor_id = settings.actor_id
         self.reward = reward_client or RewardClient(settings.reward_url, timeout_s=settings.reward_timeout_s,
                                                     retries=2)
-        self.capacity = settings.max_inflight_sequences or settings.prompts_per_batch * settings.n_samples_per_prompt
+        self.capacity = settings.capacity
+        self.reserve = max(settings.n_samples_per_prompt, self.capacity // 4)
+        """Sequences submitted beyond K: the engine runs K (its `max_num_seqs`) and queues these, so a sample that
+        finishes before its siblings leaves no seat empty, and the feed refills in chunks of half of them."""
         self._stop = threading.Event()
         self._redis_call = RedisCalls(self._stop, self.metrics)
         self._thread = threading.Thread(target=self._run, name=f"actor-feed-{self.actor_id}", daemon=True)
@@ -98,6 +113,8 @@ class ActorLoop:
         self._weights: WeightsStore | None = None
         self._registered = False
         self._failed_catch_up: set[int] = set()
+        self._latest: int | None = None  # announced weights version (`_latest_version`)
+        self._latest_at = float("-inf")
         self._sync_counts: dict[int, int] = {}  # sync mode: version -> trajectories generated with it
         self._started_at = time.time()
         self.batches = 0
@@ -188,7 +205,7 @@ class ActorLoop:
             self._register()
             self._hb_thread.start()
             self._post_thread.start()
-            self._catch_up()
+            self._latest_version()
         except Stopping:
             return
         self.metrics.state = "running"
@@ -209,7 +226,7 @@ class ActorLoop:
                         self.metrics.state = "idle"
                     self._stop.wait(self.settings.idle_sleep_s)
                     continue
-                self._submit(prompts)
+                self._submit(self._claim(prompts))
             except Stopping:
                 break
             except Exception as e:  # keep sampling: a bad prompt must not kill the actor
@@ -219,14 +236,21 @@ class ActorLoop:
         self._abort_own()
 
     def _free_sequences(self) -> int:
-        """Sequences the engine may take now: up to K in the engine, and 2K with those waiting for insertion."""
+        """Sequences the engine may take now: up to K + `reserve` in the engine (it runs K, see `reserve`), and 2K
+        with those waiting for insertion."""
+        k = self.capacity
         with self._lock:
-            return max(0, min(self.capacity - self._in_engine, 2 * self.capacity - self._in_engine - self._waiting))
+            return max(0, min(k + self.reserve - self._in_engine, 2 * k - self._in_engine - self._waiting))
 
     def _prompts_to_pop(self) -> int:
-        """Prompts to submit now (0 = wait); in sync mode at most what is left of this version's one batch."""
+        """Prompts to submit now (0 = wait): at least half the reserve's worth, unless nothing is in flight; in
+        sync mode at most what is left of this version's one batch."""
         n = self.settings.n_samples_per_prompt
-        free = max(self._free_sequences() // n, 1 if self._in_engine == 0 and self._waiting == 0 else 0)
+        idle = self._in_engine == 0 and self._waiting == 0
+        free = self._free_sequences() // n
+        if not idle and free < max(1, self.reserve // n // 2):
+            free = 0
+        free = max(free, 1 if idle else 0)
         left = self._sync_left()
         return free if left is None else min(free, left)
 
@@ -241,7 +265,7 @@ class ActorLoop:
 
     def _ready_to_sample(self) -> bool:
         """Catch up to announced weights; in sync mode, only sample on the announced version, one batch each."""
-        latest = self._catch_up()
+        latest = self._latest_version()
         behind = latest is not None and self.engine.version < latest
         if self.settings.sync and (behind or self._sync_left() == 0):
             if self.metrics.state != "waiting_for_weights" and not self._groups:
@@ -251,38 +275,49 @@ class ActorLoop:
             return False
         return True
 
-    def _submit(self, prompts: list[Prompt]) -> None:
-        s, eng = self.settings, self.engine
-        system = s.system_prompt or None
+    def _claim(self, prompts: list[Prompt]) -> list[Group]:
+        """Tokenize popped prompts (one batch call) into held groups; a prompt too long for the model is dropped
+        (marked done)."""
+        eng = self.engine
+        all_ids = eng.chat_token_ids_batch([p.messages for p in prompts], self.settings.system_prompt or None)
+        groups: list[Group] = []
         skipped: list[str] = []
-        for p in prompts:
-            ids = eng.chat_token_ids(p.messages, system)
-            if not eng.fits(ids):
+        for p, ids in zip(prompts, all_ids, strict=True):
+            if eng.fits(ids):
+                groups.append(Group(p, ids))
+            else:
                 skipped.append(p.prompt_id)
-                continue
-            group = Group(p, ids, version=eng.version)
-            with self._lock:
-                self._groups[id(group)] = group
-                self._in_engine += s.n_samples_per_prompt
-                if s.sync:
-                    counts = self._sync_counts
-                    counts[group.version] = counts.get(group.version, 0) + s.n_samples_per_prompt
-                    for old in [v for v in counts if v < group.version]:
-                        del counts[old]
-                self.metrics.prompts_in_flight = len(self._groups)
-            try:
-                group.request_id = eng.submit(ids, self._on_done(group), n=s.n_samples_per_prompt,
-                                              temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_tokens)
-            except Exception as e:  # noqa: BLE001  (the prompt goes back; the others continue)
-                self._on_done(group)(None, e)
-        if self.metrics.state in ("idle", "starting", "waiting_for_weights"):
-            self.metrics.state = "running"
+        with self._lock:
+            self._groups.update((id(g), g) for g in groups)
+            self.metrics.prompts_in_flight = len(self._groups)
         if skipped:
             log.warning("%d prompts do not fit max_model_len=%d; dropped: %s", len(skipped), eng.max_model_len,
                         skipped[:5])
             self.metrics.prompts_skipped.inc(len(skipped))
             assert self._queue is not None
             self._redis_call.retry(lambda: self._queue.done(self.actor_id, skipped), "mark skipped prompts done")
+        return groups
+
+    def _submit(self, groups: list[Group]) -> None:
+        s, eng = self.settings, self.engine
+        for group in groups:
+            if self._stop.is_set():  # stop() gives back the groups not submitted
+                return
+            group.version = eng.version
+            with self._lock:
+                self._in_engine += s.n_samples_per_prompt
+                if s.sync:
+                    counts = self._sync_counts
+                    counts[group.version] = counts.get(group.version, 0) + s.n_samples_per_prompt
+                    for old in [v for v in counts if v < group.version]:
+                        del counts[old]
+            try:
+                group.request_id = eng.submit(group.ids, self._on_done(group), n=s.n_samples_per_prompt,
+                                              temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_tokens)
+            except Exception as e:  # noqa: BLE001  (the prompt goes back; the others continue)
+                self._on_done(group)(None, e)
+        if self.metrics.state in ("idle", "starting", "waiting_for_weights"):
+            self.metrics.state = "running"
 
     def _on_done(self, group: Group) -> Callable[[Completion | None, BaseException | None], None]:
         """Engine callback (driver thread): hand the group to the post thread and let the feed thread refill."""
@@ -350,12 +385,19 @@ class ActorLoop:
         return held
 
     def _take_finished(self) -> list[Group]:
+        """The finished groups to grade together: all that are ready, and those finishing within GRADE_LINGER_S
+        of the first while the engine still runs some (up to MAX_GROUPS_PER_GRADE)."""
         try:
             groups = [self._finished.get(timeout=0.2)]
         except queue.Empty:
             return []
-        while len(groups) < MAX_GROUPS_PER_GRADE and not self._finished.empty():  # the only consumer
-            groups.append(self._finished.get_nowait())
+        deadline = time.monotonic() + GRADE_LINGER_S
+        while len(groups) < MAX_GROUPS_PER_GRADE:
+            linger = self._in_engine > 0 and not self._stop.is_set()
+            try:  # the only consumer
+                groups.append(self._finished.get(timeout=max(0.0, deadline - time.monotonic()) if linger else 0))
+            except queue.Empty:
+                break
         return groups
 
     def _finish(self, groups: list[Group]) -> None:
@@ -431,6 +473,15 @@ class ActorLoop:
                     log.info("buffer rate limiter blocks inserts (learner behind); waiting")
 
     # ---- catch-up from the announced file ----
+    def _latest_version(self) -> int | None:
+        """The announced latest version after catching up to it; read from Redis at most every CATCH_UP_EVERY_S
+        (every call in sync mode, where sampling waits for it)."""
+        now = time.monotonic()
+        if self.settings.sync or now - self._latest_at >= CATCH_UP_EVERY_S:
+            self._latest = self._catch_up()
+            self._latest_at = now
+        return self._latest
+
     def _catch_up(self) -> int | None:
         """Load the announced latest weights from their path if newer and readable; returns the latest version."""
         assert self._weights is not None

@@ -84,8 +84,9 @@ class ActorSettings(RunTomlSettings):
     """Prompts per batch: sets the default `max_inflight_sequences` (x n_samples_per_prompt), and in sync mode the
     prompts generated per policy version."""
     max_inflight_sequences: int | None = Field(default=None, ge=1, le=65536)
-    """K: sequences kept in flight on the engine (refilled as they finish); None = prompts_per_batch x
-    n_samples_per_prompt. Finished groups waiting for insertion count against 2K (backpressure)."""
+    """K: sequences the engine runs at once (its max_num_seqs), refilled as they finish; None = prompts_per_batch x
+    n_samples_per_prompt. The loop keeps a quarter of K more queued in the engine (a sample that finishes before
+    its siblings frees its seat at once). Finished groups waiting for insertion count against 2K (backpressure)."""
     weight_updates: Literal["inflight", "between_batches"] = "inflight"
     """When a push is applied: "inflight" = between two engine steps, running sequences continue on the new
     weights (each trajectory records the versions of its first and last token); "between_batches" = once the
@@ -175,6 +176,11 @@ class ActorSettings(RunTomlSettings):
         if self.model_dir is None and "system_prompt" not in self.model_fields_set:
             self.system_prompt = TOY_SYSTEM_PROMPT
         return self
+
+    @property
+    def capacity(self) -> int:
+        """K (`max_inflight_sequences`, or its default)."""
+        return self.max_inflight_sequences or self.prompts_per_batch * self.n_samples_per_prompt
 
     def resolved_model_dir(self) -> Path:
         """`model_dir`, or the toy model's folder; FileNotFoundError naming the command that builds a missing toy

@@ -101,6 +101,37 @@ def test_trajectories_carry_versions_and_matching_logprobs(redis_url, reward_ser
                                                      abs=2e-3)
 
 
+def test_engine_gets_k_plus_a_reserve_and_batch_tokenization_matches(redis_url, reward_service, actor_engine
+                                                                    ) -> None:
+    """The feed submits K sequences plus a reserve of K/4 (queued by an engine whose max_num_seqs is K: a sample
+    that finishes before its siblings frees a seat the engine refills at once), never more than K + reserve; the
+    prompts, tokenized in one call per chunk, carry the ids of the one-by-one chat template + encode."""
+    r = connect(redis_url)
+    prompts = make_toy_task(12, seed=21)
+    PromptQueue(r, "train").load(prompts, epochs=1)
+    table = ReplayTable(r, TableConfig(name="actor_test", max_size=1000))
+    k = 8
+    loop = ActorLoop(settings(redis_url, reward_service, max_inflight_sequences=k, max_tokens=64), actor_engine)
+    assert loop.reserve == 2
+    peak = 0
+    loop.start()
+    try:
+        deadline = time.monotonic() + 120
+        while table.stats().inserts < 24 and time.monotonic() < deadline:
+            peak = max(peak, loop._in_engine)
+            time.sleep(0.001)
+    finally:
+        loop.stop()
+    assert table.stats().inserts == 24
+    assert peak == k + loop.reserve
+    tok = actor_engine.tokenizer
+    by_id = {p.prompt_id: p for p in prompts}
+    for t in all_trajectories(table, 24, learner_version=actor_engine.version):
+        msgs = [{"role": "system", "content": DEFAULT_SYSTEM_PROMPT}, *by_id[t.prompt_id].messages]
+        text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        assert t.prompt_token_ids == list(tok.encode(text, add_special_tokens=False))
+
+
 def test_two_actors_never_duplicate_prompts(redis_url, reward_service, actor_engine) -> None:
     r = connect(redis_url)
     prompts = make_toy_task(24, seed=4)
