@@ -206,7 +206,10 @@ def test_redis_restart_loses_nothing(aof_redis, reward_service, actor_engine) ->
     queue = PromptQueue(r, "train")
     queue.load(make_toy_task(10, seed=6), epochs=1)
     table = ReplayTable(r, TableConfig(name="actor_test", max_size=1000))
-    loop = ActorLoop(settings(aof_redis.url, reward_service, n_samples_per_prompt=1), actor_engine)
+    # A pop whose reply the stop cut off leaves claims the actor never saw (in the AOF): they come back when their
+    # lease expires, so the lease is short here (the default, 30 min, would outlast the test).
+    loop = ActorLoop(settings(aof_redis.url, reward_service, n_samples_per_prompt=1, prompt_lease_s=5.0),
+                     actor_engine)
     loop.start()
     try:
         wait_for(lambda: table.stats().inserts >= 2, 60, "first inserts")
