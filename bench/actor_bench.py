@@ -141,7 +141,7 @@ def bench_tail(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         r = connect(redis_url)
         prompts = make_toy_task(args.tail_prompts, seed=1)
         system = ActorSettings().system_prompt
-        ids = [{"prompt_token_ids": engine.chat_token_ids(p.messages, system)} for p in prompts]
+        ids = [{"prompt_token_ids": t} for t in engine.chat_token_ids_batch([p.messages for p in prompts], system)]
         params = SamplingParams(n=n, temperature=args.temperature, max_tokens=args.tail_max_tokens, logprobs=0)
 
         def bare(batch_prompts: int) -> dict[str, float]:

@@ -119,8 +119,3 @@ class ExportJobs:
     def all(self) -> list[ExportJob]:
         with self._lock:
             return [j.model_copy() for j in self._jobs.values()]
-
-    def writing(self, path: Path) -> bool:
-        """Whether a running job writes `path`."""
-        with self._lock:
-            return any(j.state == "running" and j.path == str(path) for j in self._jobs.values())

@@ -274,7 +274,7 @@ def _run_benchmark(
     n_examples: int, progress: ProgressFn | None,
 ) -> BenchmarkResult:
     t0 = time.perf_counter()
-    ids = [engine.chat_token_ids(p.messages, sys_prompt) for p in prompts]
+    ids = engine.chat_token_ids_batch([p.messages for p in prompts], sys_prompt)
     keep = [i for i, x in enumerate(ids) if engine.fits(x)]
     if len(keep) < len(ids):
         log.warning("%s: %d prompts do not fit max_model_len=%d: counted as wrong", spec.name, len(ids) - len(keep),

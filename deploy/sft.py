@@ -111,7 +111,7 @@ def greedy_accuracy(engine: Any, prompts: Sequence[Prompt], opts: SftOptions) ->
     """(accuracy, no-answer count) of greedy answers on `prompts`, graded like the reward service."""
     from deploy.evaluation import grade
 
-    ids = [engine.chat_token_ids(p.messages, opts.system_prompt or None) for p in prompts]
+    ids = engine.chat_token_ids_batch([p.messages for p in prompts], opts.system_prompt or None)
     gen = engine.generate(ids, n=1, temperature=0.0, max_tokens=opts.eval_max_tokens, seed=opts.seed)
     status = [grade(g[0].text, p.gold) for g, p in zip(gen.samples, prompts, strict=True)]
     return status.count("correct") / max(1, len(prompts)), status.count("no_answer")
@@ -122,7 +122,7 @@ def collect(engine: Any, prompts: Sequence[Prompt], opts: SftOptions, report: Sf
     from deploy.evaluation import grade
 
     eos = engine.tokenizer.eos_token_id
-    ids = [engine.chat_token_ids(p.messages, opts.system_prompt or None) for p in prompts]
+    ids = engine.chat_token_ids_batch([p.messages for p in prompts], opts.system_prompt or None)
     gen = engine.generate(ids, n=opts.samples, temperature=opts.temperature, max_tokens=opts.max_tokens,
                           seed=opts.seed)  # fmt: skip
     pairs: list[tuple[list[int], list[int]]] = []
