@@ -36,6 +36,7 @@ import logging
 import queue
 import threading
 import time
+import uuid
 from collections.abc import Callable
 
 import redis as redis_lib
@@ -217,8 +218,10 @@ class ActorLoop:
                     self._room.wait(self.settings.idle_sleep_s)
                     continue
                 assert self._queue is not None
+                # One request id for all retries of this pop: a retry after a lost reply gets the same prompts.
                 prompts = self._redis_call.retry(
-                    lambda want=want: self._queue.pop(want, self.actor_id, lease_s=self.settings.prompt_lease_s),
+                    lambda want=want, rid=uuid.uuid4().hex: self._queue.pop(
+                        want, self.actor_id, lease_s=self.settings.prompt_lease_s, request_id=rid),
                     "pop prompts",
                 )
                 if not prompts:

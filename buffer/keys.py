@@ -82,9 +82,10 @@ class PromptQueueKeys(_KeySet):
     - ``claims``    HASH    consumer_id + "\\x1f" + prompt_id -> JSON list of claimed tokens
     - ``claim_exp`` ZSET    same field -> claim expiry (unix s)
     - ``meta``      HASH    n (dataset size), epochs (total), epoch (last epoch started), seed, loaded_at, done
+    - ``pops``      HASH    consumer_id -> JSON of its last pop with a request id (replayed to a retry of it)
     """
 
-    FIELDS = ("data", "queue", "claims", "claim_exp", "meta")
+    FIELDS = ("data", "queue", "claims", "claim_exp", "meta", "pops")
     KIND, WHAT = "prompts", "prompt queue"
 
 

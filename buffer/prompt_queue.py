@@ -97,18 +97,26 @@ class PromptQueue:
     def _meta(self) -> dict[str, str]:
         return {_s(a): _s(b) for a, b in self.redis.hgetall(self.keys.meta).items()}
 
-    def pop(self, n: int, consumer_id: str, lease_s: float = 600.0) -> list[Prompt]:
-        """Claim up to `n` prompts (fewer only when the last epoch runs out; [] when all are served)."""
+    def pop(self, n: int, consumer_id: str, lease_s: float = 600.0, request_id: str | None = None) -> list[Prompt]:
+        """Claim up to `n` prompts (fewer only when the last epoch runs out; [] when all are served).
+
+        `request_id` makes a retry safe: a pop repeated with the id of the consumer's last pop (its reply was lost,
+        e.g. the connection dropped after Redis ran the script) claims nothing new and returns the same prompts
+        (those the consumer still holds), instead of leaving them claimed by nobody until the claims expire.
+        """
         if not isinstance(n, int) or n < 1:
             raise ValueError(f"n={n!r} must be an integer >= 1")
         if not consumer_id or "\x1f" in consumer_id:
             raise ValueError(f"consumer_id={consumer_id!r} must be non-empty (and without \\x1f)")
         if not lease_s > 0:
             raise ValueError(f"lease_s={lease_s} must be > 0")
+        if request_id is not None and not request_id:
+            raise ValueError("request_id must be non-empty (or None)")
         out: list[Prompt] = []
         deadline = time.monotonic() + 2 * REFILL_LOCK_S
-        for _ in range(100_000):  # bounded: each round returns, pushes the next epoch or waits for its push
-            res = self._pop(keys=self.keys.all(), args=[n - len(out), consumer_id, repr(float(lease_s))])
+        for round_ in range(100_000):  # bounded: each round returns, pushes the next epoch or waits for its push
+            res = self._pop(keys=self.keys.all(),
+                            args=[n - len(out), consumer_id, repr(float(lease_s)), request_id or "", round_])
             status, epoch = _s(res[0]), int(res[1])
             for j in range(2, len(res), 2):
                 tok = _s(res[j])

@@ -7,6 +7,7 @@ import threading
 import time
 
 import pytest
+import redis
 
 import buffer.registry
 from buffer.client import ActorInfo, ActorRegistry, PromptQueue, connect
@@ -79,3 +80,45 @@ def test_dead_actors_are_pruned(redis_url: str) -> None:
     assert [(a.actor_id, live) for a, live in reg.all()] == [("alive", True), ("dead", False)]
     assert reg.prune(older_than_s=0.1) == 1
     assert [a.actor_id for a, _ in reg.all()] == ["alive"]
+
+
+def test_a_pop_retried_with_its_request_id_claims_nothing_new(redis_url: str) -> None:
+    q = PromptQueue(connect(redis_url))
+    q.load(make_toy_task(3, seed=4), epochs=2, shuffle_seed=1)
+    first = q.pop(5, "c", request_id="r1")  # crosses the epoch boundary: two rounds
+    assert len(first) == 5 and q.claimed() == 5 and q.size() == 1
+    again = q.pop(5, "c", request_id="r1")
+    assert [(p.prompt_id, p.epoch) for p in again] == [(p.prompt_id, p.epoch) for p in first]
+    assert q.claimed() == 5 and q.size() == 1
+    assert len(q.pop(5, "c", request_id="r2")) == 1  # a new request claims new prompts
+    q.done("c", [first[0].prompt_id])
+    assert len(q.pop(5, "c", request_id="r2")) == 1  # replays only what "c" still holds of r2
+    with pytest.raises(ValueError, match="request_id"):
+        q.pop(1, "c", request_id="")
+
+
+def test_a_lost_pop_reply_strands_no_claim(redis_url: str) -> None:
+    """The connection drops after Redis ran the pop script: the client's retry (same request id, as the actor
+    sends) must get those prompts, not claim others and leave the first ones held by nobody until they expire."""
+    q = PromptQueue(connect(redis_url))
+    q.load(make_toy_task(8, seed=5), epochs=1)
+    real, lost = q._pop, []
+
+    def drop_first_reply(*args: object, **kwargs: object) -> object:
+        res = real(*args, **kwargs)
+        if not lost:
+            lost.append(res)
+            raise redis.exceptions.ConnectionError("connection reset by peer")
+        return res
+
+    q._pop = drop_first_reply  # type: ignore[method-assign]
+    got = None
+    for rid in ["a1"] * 3:  # the actor's retry loop: one request id for every retry of one pop
+        try:
+            got = q.pop(3, "actor-1", lease_s=600.0, request_id=rid)
+            break
+        except redis.exceptions.ConnectionError:
+            continue
+    assert got is not None and len(got) == 3
+    assert q.claimed() == 3 and q.size() == 5  # nothing stranded: the 3 claims are the 3 prompts the actor has
+    assert {c["prompt_id"] for c in q.claims()} == {p.prompt_id for p in got}
