@@ -9,6 +9,7 @@ import math
 import os
 import random
 import socket
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -37,12 +38,38 @@ def ensure_single_process_env() -> None:
     os.environ.setdefault("MASTER_PORT", str(free))
 
 
+STALE_BUILD_LOCK_S = 300.0
+"""A compiled-op build lock older than this is a leftover of a killed build (a build takes under a minute)."""
+
+
 def configure_environment() -> None:
     """DeepSpeed's accelerator follows the hardware (cuda with a GPU, else cpu) unless DS_ACCELERATOR is set, and a
     persistent cache for its compiled ops (the first build takes ~25 s)."""
     os.environ.setdefault("DS_ACCELERATOR", default_accelerator())
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(tbrm_home() / "torch_extensions"))
+    clear_stale_build_locks(Path(os.environ["TORCH_EXTENSIONS_DIR"]))
     ensure_single_process_env()
+
+
+def clear_stale_build_locks(extensions_dir: Path, max_age_s: float = STALE_BUILD_LOCK_S) -> list[Path]:
+    """Remove build locks a killed process left in the compiled-op cache; returns the removed paths.
+
+    torch builds an op under an exclusive `lock` file in its folder and every other process waits for the file to
+    go away, with no owner recorded and no timeout: a learner killed mid-build (Ctrl-C or SIGKILL at its first
+    start) left every later start waiting silently forever. A lock younger than `max_age_s` may belong to a build
+    running now (another rank, another run on the same cache) and is kept.
+    """
+    removed = []
+    for lock in extensions_dir.glob("*/lock"):
+        try:
+            age = time.time() - lock.stat().st_mtime
+            if age > max_age_s:
+                lock.unlink()
+                removed.append(lock)
+                log.warning("removed a stale build lock %s (%.0f s old, left by a killed build)", lock, age)
+        except FileNotFoundError:  # the build finished meanwhile
+            continue
+    return removed
 
 
 def init_distributed(settings: LearnerSettings) -> tuple[int, int]:
