@@ -112,27 +112,36 @@ _DTYPES = {"H": "<u2", "I": "<u4", "i": "<i4", "f": "<f4", "e": "<f2"}
 _NPDTYPES = {c: np.dtype(d) for c, d in _DTYPES.items()}
 _NPDTYPES["T"] = np.dtype("<u4")
 _U2, _U4 = np.dtype("<u2"), np.dtype("<u4")
+_NATIVE = {"H": np.dtype(np.uint16), "I": np.dtype(np.uint32), "i": np.dtype(np.int32)}
 _WIDTH = {"H": 2, "T": 3, "I": 4, "i": 4, "f": 4, "e": 2}
 _DEFAULT_STORAGE = StorageConfig()
 
 
-def _token_rows(values: list[int]) -> tuple[str, Any]:
-    """(dtype code, (n, width) uint8 array of the little-endian ids: a view where possible)."""
+def _token_array(values: list[int]) -> tuple[str, Any]:
+    """(dtype code, the ids as a numpy array in native byte order: uint16, uint32 or int32)."""
     # uint16 first: array() checks the range in C and stops at the first id that does not fit, which in a
     # large vocabulary comes within a few tokens, so the failed attempt is cheap. Ids below 2^24 (every
     # tokenizer in use: Qwen2.5 has 151,646) then take 3 bytes instead of 4.
     for code in ("H", "I", "i"):
         try:
-            a = array(code, values)
+            a = np.frombuffer(array(code, values), dtype=_NATIVE[code])
         except OverflowError:
             continue
-        if not _LITTLE:
-            a.byteswap()
-        rows = np.frombuffer(a, dtype=np.uint8).reshape(-1, a.itemsize)
-        if code == "I" and a and int(np.frombuffer(a, dtype="<u4").max()) < 1 << 24:
-            return "T", rows[:, :3]
-        return code, rows
+        if code == "I" and len(a) and int(a.max()) < 1 << 24:
+            return "T", a
+        return code, a
     raise ValueError("token ids must fit a signed or unsigned 32-bit integer")
+
+
+def _token_rows(values: list[int]) -> tuple[str, Any]:
+    """(dtype code, (n, width) uint8 array of the little-endian ids)."""
+    code, a = _token_array(values)
+    return code, _rows(code, a)
+
+
+def _rows(code: str, a: Any) -> Any:
+    rows = a.astype(_NPDTYPES[code], copy=False).view(np.uint8).reshape(-1, a.itemsize)
+    return rows[:, :3] if code == "T" else rows
 
 
 def _deflate(data: Any, wbits: int, strategy: int = zlib.Z_DEFAULT_STRATEGY) -> bytes:
@@ -142,21 +151,24 @@ def _deflate(data: Any, wbits: int, strategy: int = zlib.Z_DEFAULT_STRATEGY) -> 
 
 
 def _compressed_tokens(values: list[int], compress: bool) -> tuple[str, int, bytes]:
-    code, rows = _token_rows(values)
-    n, width = rows.shape
+    code, a = _token_array(values)
+    n, width = len(a), _WIDTH[code]
     if compress and n >= _PLANES_MIN:
         # Z_RLE: matches are runs only. The high byte planes of ids are runs (top bytes) and skewed bytes
         # (Huffman), with few longer repeats: ~6% smaller and ~1.5x faster than level-1 deflate.
-        if width >= 3:  # SPLIT16: the two low bytes raw (a uint16 view when read), the rest deflated
-            high = _deflate(rows[:, 2:].T.tobytes(), -15, zlib.Z_RLE)
-            if 4 + 2 * n + len(high) < rows.size:
-                return code, SPLIT16, b"".join((_U32.pack(n), rows[:, :2].tobytes(), high))
+        if width >= 3:  # SPLIT16: the two low bytes raw (a uint16 view when read), the planes above deflated
+            u = a.view(np.uint32)  # int32 ids: their two's complement bits
+            third = (u >> 16).astype(np.uint8)  # contiguous casts: a strided byte copy costs several times more
+            high = third if width == 3 else np.concatenate((third, (u >> 24).astype(np.uint8)))
+            packed = _deflate(high, -15, zlib.Z_RLE)
+            if 4 + 2 * n + len(packed) < n * width:
+                return code, SPLIT16, b"".join((_U32.pack(n), u.astype(_U2).tobytes(), packed))
         else:
-            planes = rows.T.tobytes()
+            planes = _rows(code, a).T.tobytes()
             high = _deflate(memoryview(planes)[n:], -15, zlib.Z_RLE)
-            if 4 + n + len(high) < rows.size:
+            if 4 + n + len(high) < n * width:
                 return code, SPLIT, b"".join((_U32.pack(n), planes[:n], high))
-    return code, RAW, rows.tobytes()
+    return code, RAW, _rows(code, a).tobytes()
 
 
 def _pack_f32(values: list[float]) -> bytes:
