@@ -386,6 +386,35 @@ class TrajectoryView:
         return d
 
 
+def arrays(views: list[TrajectoryView], name: str) -> list[Any]:
+    """`[v.array(name) for v in views]`, with 3-byte ids stored as SPLIT16 (the default for large vocabularies)
+    widened in one vectorized pass over the whole batch instead of a few numpy calls per item (~2x faster per
+    item at 32 items of 1K ids); each array is a read-only slice of one buffer."""
+    spans = [v._spans.get(name) for v in views]
+    if len(views) < 2 or any(s is None or s[0] != "T" or s[1] != SPLIT16 for s in spans):
+        return [v.array(name) for v in views]
+    lows, highs, bounds = [], [], [0]
+    try:
+        for v, (_, _, off, nbytes) in zip(views, spans, strict=True):
+            mv = memoryview(v._buf)[off:off + nbytes]
+            (n,) = _U32.unpack_from(mv)
+            if 4 + 2 * n > nbytes:
+                raise ValueError(f"{n} ids of width 3 in {nbytes} bytes")
+            high = zlib.decompress(mv[4 + 2 * n:], -15, n or 1)
+            if len(high) != n:
+                raise ValueError(f"{n} ids, {len(high)} bytes of high planes")
+            lows.append(mv[4:4 + 2 * n])
+            highs.append(high)
+            bounds.append(bounds[-1] + n)
+    except (zlib.error, ValueError, struct.error) as e:
+        raise TrajectoryDecodeError(f"corrupt trajectory payload: {name}: {e}") from e
+    out = np.frombuffer(b"".join(highs), np.uint8).astype(_U4)
+    out <<= 16
+    out |= np.frombuffer(b"".join(lows), _U2)
+    out.flags.writeable = False
+    return [out[bounds[k]:bounds[k + 1]] for k in range(len(views))]
+
+
 def view(data: bytes) -> TrajectoryView:
     """A TrajectoryView of stored bytes of any readable format (format 1 is converted, at a cost)."""
     if data[:3] != MAGIC:

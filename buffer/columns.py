@@ -40,15 +40,24 @@ class ColumnBatch:
     inserted_at: np.ndarray
     acked: int = 0
     """Items of the leases passed as `ack=` that this call acknowledged."""
+    _decoded: dict[str, list[np.ndarray]] = dataclasses.field(default_factory=dict, repr=False)
 
     def __len__(self) -> int:
         return len(self.ids)
 
     def prompt_tokens(self, i: int) -> np.ndarray:
-        return self.views[i].array("prompt_token_ids")
+        return self.tokens("prompt_token_ids")[i]
 
     def response_tokens(self, i: int) -> np.ndarray:
-        return self.views[i].array("response_token_ids")
+        return self.tokens("response_token_ids")[i]
+
+    def tokens(self, name: str) -> list[np.ndarray]:
+        """The token arrays `name` ("prompt_token_ids" / "response_token_ids") of every item, decoded for the whole
+        batch at the first access (compressed ids in one vectorized pass: `codec.arrays`) and kept."""
+        got = self._decoded.get(name)
+        if got is None:
+            got = self._decoded[name] = codec.arrays(self.views, name)
+        return got
 
     def behaviour_logprobs(self, i: int) -> np.ndarray:
         return self.views[i].array("behaviour_logprobs")

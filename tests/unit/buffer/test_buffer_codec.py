@@ -282,3 +282,22 @@ def test_keys_of_one_table_or_queue_share_a_cluster_slot() -> None:
     from buffer import keys
 
     assert tag(keys.ACTORS) == tag(keys.ACTORS_EXP)
+
+
+def test_batch_decode_of_token_arrays_matches_each_item() -> None:
+    # codec.arrays widens the SPLIT16 ids of a whole batch at once; any other layout in the batch: item by item
+    items = [traj(64 + 37 * k, seed=k).model_copy(update={"response_token_ids": zipf_ids(64 + 37 * k, 151_646, k)})
+             for k in range(5)]
+    views = [codec.view(codec.encode(t)) for t in items]
+    got = codec.arrays(views, "response_token_ids")
+    assert [a.tolist() for a in got] == [t.response_token_ids for t in items]
+    assert all(a.dtype == np.uint32 and not a.flags.writeable for a in got)
+    mixed = [*views, codec.view(codec.encode(items[0], StorageConfig(compress_token_ids=False)))]
+    assert [a.tolist() for a in codec.arrays(mixed, "response_token_ids")] == [
+        t.response_token_ids for t in [*items, items[0]]]
+    assert codec.arrays(views, "ref_logprobs") == [None] * 5
+    code, packing, off, nbytes = spans_of(codec.encode(items[1]))["response_token_ids"]
+    data = bytearray(codec.encode(items[1]))
+    data[off + nbytes - 3:off + nbytes] = b"\xff\xff\xff"  # a broken deflate stream in one item
+    with pytest.raises(codec.TrajectoryDecodeError, match="response_token_ids"):
+        codec.arrays([views[0], codec.view(bytes(data))], "response_token_ids")
