@@ -2,15 +2,16 @@
 
 Codec format 3 (written now): the magic ``b"TB\x03"``, a little-endian u32 header length, a fixed-width span
 table, a msgpack map of the scalar fields, then a blob: token ids packed as uint16 when they fit, else 3 bytes
-(ids below 2^24: every tokenizer in use) or uint32, and by default split into byte planes, the lowest kept raw
-and the higher ones deflated (exact; `StorageConfig.compress_token_ids`); behaviour log-probs as float32 (exact for
+(ids below 2^24: every tokenizer in use) or uint32, and by default split into byte planes, the low 16 bits kept raw
+(the lowest byte plane for uint16 ids) and the higher planes deflated (exact; `StorageConfig.compress_token_ids`);
+behaviour log-probs as float32 (exact for
 values that came from vLLM or torch, which compute in float32; a float64 input is rounded) or float16
 (`StorageConfig.logprob_dtype`, lossy); texts above 512 bytes zlib-compressed (level 1), or not stored
 (`StorageConfig.store_texts`). `TrajectoryView` reads it without parsing more than it needs: raw arrays are numpy
-views of the stored bytes (3-byte ids are widened, compressed ids inflated and joined on access, vectorized),
-texts and `Trajectory` objects are built only on demand (the learner's hot path needs neither). Encoding costs
-~100-130 us per 1K-token item with the defaults, most of it zlib (texts ~30 us, ids ~15 us) and turning Python
-lists into arrays (~15 us); ~60 us without texts. Format 2 (``b"TB\x02"``: the same without compression codes) and format 1
+views of the stored bytes (3-byte ids are widened, compressed ids inflated and joined on access, vectorized:
+~7 us per 1K ids), texts and `Trajectory` objects are built only on demand (the learner's hot path needs neither).
+Encoding costs ~90-110 us per 1K-token item with the defaults, most of it zlib on the texts (~30 us) and turning
+Python lists into arrays (~15 us); ~60 us without texts. Format 2 (``b"TB\x02"``: the same without compression codes) and format 1
 (``b"TB\x01"``: one msgpack map, int32 / float64 arrays) are still read.
 Sizes and times are in `bench/buffer_bench.py` (`make bench-buffer`), and the memory plan in
 docs/buffer-internals.md. The header carries ``schema_version``; decoding an item written by a newer, unknown
@@ -78,9 +79,14 @@ def unpack_floats(data: bytes) -> list[float]:
 # u32 nbytes) | msgpack header of the scalar fields (H bytes) | blob (the spans, in order). dtype: H uint16, T 3-byte
 # unsigned, I uint32, i int32 (token ids), f float32, e float16 (log-probs), s UTF-8 text. packing: 0 raw, 1 zlib,
 # 2 raw deflate (Z_RLE) of all the byte planes (all first bytes, then all second bytes, ...; read, no longer
-# written), 3 (written now for token ids) u32 count n | the first byte plane raw (n bytes) | raw deflate (Z_RLE) of
-# the higher planes: the high bytes of token ids are nearly constant and the middle ones skewed, so they compress
-# well, while the low bytes are near uniform (deflating them bought ~1% and cost a third of the time). The span
+# written), 3 (written now for uint16 ids; read for wider ones, whose earlier writers used it) u32 count n | the
+# first byte plane raw (n bytes) | raw deflate (Z_RLE) of the higher planes, 4 (SPLIT16, written now for 3- and
+# 4-byte ids) u32 count n | the low 16 bits raw (2n bytes, read as a uint16 view) | raw deflate (Z_RLE) of the
+# planes above them: the top bytes of token ids are nearly constant, so they compress well, while the low bytes
+# are near uniform (deflating them bought ~1% and cost a third of the time). Keeping the second byte raw too costs
+# ~370 B per 1K ids of 3 bytes (Qwen-sized vocabularies: 1,790 -> 2,160 B per 1K-token response, within the same
+# jemalloc size class of a lean item at 1,024 tokens) and halves the reading (one plane to inflate and join
+# instead of two: ~7 vs ~15 us per 1K ids) and the id encoding. The span
 # table is fixed-width, so a reader finds an array without parsing the msgpack header; raw arrays are numpy views of
 # the stored bytes, the header is parsed only when a scalar is asked for. Format 2 (MAGIC2, spans of (u8 field,
 # c code, u32 nbytes), code "z" = zlib text) is read.
@@ -90,7 +96,8 @@ _HEAD = struct.Struct("<IB")
 _SPAN2 = struct.Struct("<BcI")
 _SPAN3 = struct.Struct("<BcBI")
 _U32 = struct.Struct("<I")
-RAW, ZLIB, PLANES, SPLIT = 0, 1, 2, 3
+RAW, ZLIB, PLANES, SPLIT, SPLIT16 = 0, 1, 2, 3, 4
+_PACKINGS = frozenset((RAW, ZLIB, PLANES, SPLIT, SPLIT16))
 _BLOB_FIELDS = ("prompt_token_ids", "response_token_ids", "behaviour_logprobs", "ref_logprobs", "prompt_text",
                 "response_text")
 _TEXT_FIELDS = ("prompt_text", "response_text")
@@ -102,27 +109,39 @@ _MEM_LEVEL = 6
 _PLANES_MIN = 64
 """Token arrays of at least this many ids are compressed (when `StorageConfig.compress_token_ids`)."""
 _DTYPES = {"H": "<u2", "I": "<u4", "i": "<i4", "f": "<f4", "e": "<f2"}
+_NPDTYPES = {c: np.dtype(d) for c, d in _DTYPES.items()}
+_NPDTYPES["T"] = np.dtype("<u4")
+_U2, _U4 = np.dtype("<u2"), np.dtype("<u4")
+_NATIVE = {"H": np.dtype(np.uint16), "I": np.dtype(np.uint32), "i": np.dtype(np.int32)}
 _WIDTH = {"H": 2, "T": 3, "I": 4, "i": 4, "f": 4, "e": 2}
 _DEFAULT_STORAGE = StorageConfig()
 
 
-def _token_rows(values: list[int]) -> tuple[str, Any]:
-    """(dtype code, (n, width) uint8 array of the little-endian ids: a view where possible)."""
+def _token_array(values: list[int]) -> tuple[str, Any]:
+    """(dtype code, the ids as a numpy array in native byte order: uint16, uint32 or int32)."""
     # uint16 first: array() checks the range in C and stops at the first id that does not fit, which in a
     # large vocabulary comes within a few tokens, so the failed attempt is cheap. Ids below 2^24 (every
     # tokenizer in use: Qwen2.5 has 151,646) then take 3 bytes instead of 4.
     for code in ("H", "I", "i"):
         try:
-            a = array(code, values)
+            a = np.frombuffer(array(code, values), dtype=_NATIVE[code])
         except OverflowError:
             continue
-        if not _LITTLE:
-            a.byteswap()
-        rows = np.frombuffer(a, dtype=np.uint8).reshape(-1, a.itemsize)
-        if code == "I" and a and int(np.frombuffer(a, dtype="<u4").max()) < 1 << 24:
-            return "T", rows[:, :3]
-        return code, rows
+        if code == "I" and len(a) and int(a.max()) < 1 << 24:
+            return "T", a
+        return code, a
     raise ValueError("token ids must fit a signed or unsigned 32-bit integer")
+
+
+def _token_rows(values: list[int]) -> tuple[str, Any]:
+    """(dtype code, (n, width) uint8 array of the little-endian ids)."""
+    code, a = _token_array(values)
+    return code, _rows(code, a)
+
+
+def _rows(code: str, a: Any) -> Any:
+    rows = a.astype(_NPDTYPES[code], copy=False).view(np.uint8).reshape(-1, a.itemsize)
+    return rows[:, :3] if code == "T" else rows
 
 
 def _deflate(data: Any, wbits: int, strategy: int = zlib.Z_DEFAULT_STRATEGY) -> bytes:
@@ -132,16 +151,24 @@ def _deflate(data: Any, wbits: int, strategy: int = zlib.Z_DEFAULT_STRATEGY) -> 
 
 
 def _compressed_tokens(values: list[int], compress: bool) -> tuple[str, int, bytes]:
-    code, rows = _token_rows(values)
-    n = len(rows)
+    code, a = _token_array(values)
+    n, width = len(a), _WIDTH[code]
     if compress and n >= _PLANES_MIN:
-        planes = rows.T.tobytes()
         # Z_RLE: matches are runs only. The high byte planes of ids are runs (top bytes) and skewed bytes
         # (Huffman), with few longer repeats: ~6% smaller and ~1.5x faster than level-1 deflate.
-        high = _deflate(memoryview(planes)[n:], -15, zlib.Z_RLE)
-        if 4 + n + len(high) < rows.size:
-            return code, SPLIT, b"".join((_U32.pack(n), planes[:n], high))
-    return code, RAW, rows.tobytes()
+        if width >= 3:  # SPLIT16: the two low bytes raw (a uint16 view when read), the planes above deflated
+            u = a.view(np.uint32)  # int32 ids: their two's complement bits
+            third = (u >> 16).astype(np.uint8)  # contiguous casts: a strided byte copy costs several times more
+            high = third if width == 3 else np.concatenate((third, (u >> 24).astype(np.uint8)))
+            packed = _deflate(high, -15, zlib.Z_RLE)
+            if 4 + 2 * n + len(packed) < n * width:
+                return code, SPLIT16, b"".join((_U32.pack(n), u.astype(_U2).tobytes(), packed))
+        else:
+            planes = _rows(code, a).T.tobytes()
+            high = _deflate(memoryview(planes)[n:], -15, zlib.Z_RLE)
+            if 4 + n + len(high) < n * width:
+                return code, SPLIT, b"".join((_U32.pack(n), planes[:n], high))
+    return code, RAW, _rows(code, a).tobytes()
 
 
 def _pack_f32(values: list[float]) -> bytes:
@@ -189,27 +216,29 @@ def encode(traj: Trajectory, storage: StorageConfig | None = None) -> bytes:
     return b"".join([MAGIC3, _HEAD.pack(len(head), len(spans)), *spans, head, *parts])
 
 
-_TABLES3 = [struct.Struct("<" + "BcBI" * n) for n in range(len(_BLOB_FIELDS) + 1)]
 _CODES = {c.encode(): c for c in (*_WIDTH, "s")}
 
 
 def _spans(data: bytes, fmt: struct.Struct, pos: int, n: int, off: int) -> tuple[dict[str, Any], int]:
+    """Format 2's span table (format 3's is read by `TrajectoryView.__init__` in one unpack)."""
     spans: dict[str, tuple[str, int, int, int]] = {}
     if n > len(_BLOB_FIELDS):  # each field has at most one span
         raise TrajectoryDecodeError(f"corrupt trajectory payload: {n} spans")
-    if fmt is _SPAN3:  # the whole span table in one unpack (the sample path reads it)
-        flat = _TABLES3[n].unpack_from(data, pos)
-        rows = [flat[k:k + 4] for k in range(0, 4 * n, 4)]
-    else:  # format 2: the code says it all ("z": zlib text)
-        rows = [(f, b"s", ZLIB, m) if c == b"z" else (f, c, RAW, m)
-                for f, c, m in (fmt.unpack_from(data, pos + k * fmt.size) for k in range(n))]
+    # the code says it all ("z": zlib text)
+    rows = [(f, b"s", ZLIB, m) if c == b"z" else (f, c, RAW, m)
+            for f, c, m in (fmt.unpack_from(data, pos + k * fmt.size) for k in range(n))]
     for field, c, packing, nbytes in rows:
         code = _CODES.get(c)
-        if code is None or packing not in (RAW, ZLIB, PLANES, SPLIT):
+        if code is None:
             raise TrajectoryDecodeError(f"corrupt trajectory payload: span code {c!r}/{packing}")
         spans[_BLOB_FIELDS[field]] = (code, packing, off, nbytes)
         off += nbytes
     return spans, off
+
+
+_HEADS3 = [struct.Struct("<IB" + "BBBI" * n) for n in range(len(_BLOB_FIELDS) + 1)]
+"""Header length, span count and the whole span table of format 3 in one unpack (the sample path reads it)."""
+_CODES3 = {ord(c): c for c in (*_WIDTH, "s")}
 
 
 def _joined(planes: Any, code: str) -> Any:
@@ -231,19 +260,43 @@ class TrajectoryView:
     __slots__ = ("_head", "_buf", "_spans", "_hstart", "_hlen")
 
     def __init__(self, data: bytes) -> None:
-        fmt = _SPAN3 if data.startswith(MAGIC3) else _SPAN2 if data.startswith(MAGIC2) else None
-        if fmt is None:
+        if data[:3] != MAGIC3:
+            self._init2(data)
+            return
+        try:
+            n = data[7]
+            if n > len(_BLOB_FIELDS):  # each field has at most one span
+                raise TrajectoryDecodeError(f"corrupt trajectory payload: {n} spans")
+            flat = _HEADS3[n].unpack_from(data, 3)
+            hstart = 8 + _SPAN3.size * n
+            off = hstart + flat[0]
+            spans = {}
+            for k in range(2, 2 + 4 * n, 4):
+                field, c, packing, nbytes = flat[k:k + 4]
+                code = _CODES3.get(c)
+                if code is None or packing not in _PACKINGS:
+                    raise TrajectoryDecodeError(f"corrupt trajectory payload: span code {chr(c)!r}/{packing}")
+                spans[_BLOB_FIELDS[field]] = (code, packing, off, nbytes)
+                off += nbytes
+        except (IndexError, struct.error) as e:
+            raise TrajectoryDecodeError(f"corrupt trajectory payload: {e}") from e
+        if off != len(data):
+            raise TrajectoryDecodeError(f"corrupt trajectory payload: {len(data)} bytes, layout says {off}")
+        self._buf, self._spans, self._head, self._hstart, self._hlen = data, spans, None, hstart, flat[0]
+
+    def _init2(self, data: bytes) -> None:
+        if not data.startswith(MAGIC2):
             raise TrajectoryDecodeError(f"not a codec-2/3 trajectory (magic {bytes(data[:3])!r})")
         try:
-            hlen, n = _HEAD.unpack_from(data, len(MAGIC3))
-            pos = len(MAGIC3) + _HEAD.size
-            spans, off = _spans(data, fmt, pos, n, pos + n * fmt.size + hlen)
+            hlen, n = _HEAD.unpack_from(data, len(MAGIC2))
+            pos = len(MAGIC2) + _HEAD.size
+            spans, off = _spans(data, _SPAN2, pos, n, pos + n * _SPAN2.size + hlen)
         except (IndexError, UnicodeDecodeError, struct.error) as e:
             raise TrajectoryDecodeError(f"corrupt trajectory payload: {e}") from e
         if off != len(data):
             raise TrajectoryDecodeError(f"corrupt trajectory payload: {len(data)} bytes, layout says {off}")
         self._buf, self._spans, self._head = data, spans, None
-        self._hstart, self._hlen = pos + n * fmt.size, hlen
+        self._hstart, self._hlen = pos + n * _SPAN2.size, hlen
 
     @property
     def header(self) -> dict[str, Any]:
@@ -261,29 +314,57 @@ class TrajectoryView:
 
     def array(self, name: str) -> Any:
         """numpy array (read-only) of a packed array field; None when absent. Raw spans are zero-copy views of the
-        stored bytes; 3-byte ids are widened to uint32, compressed spans inflated (~10 us per 1K ids)."""
-        if name not in self._spans:
+        stored bytes; 3-byte ids are widened to uint32, compressed spans inflated (~5 us per 1K ids)."""
+        span = self._spans.get(name)
+        if span is None:
             return None
-        code, packing, off, nbytes = self._spans[name]
+        code, packing, off, nbytes = span
         if packing == RAW and code != "T":
-            dt = np.dtype(_DTYPES[code])
+            dt = _NPDTYPES[code]
             return np.frombuffer(self._buf, dtype=dt, count=nbytes // dt.itemsize, offset=off)
         try:
-            out = _joined(self._planes(code, packing, off, nbytes), code)
+            if packing == SPLIT16:
+                out = self._split16(code, off, nbytes)
+            else:
+                out = _joined(self._planes(code, packing, off, nbytes), code)
         except (zlib.error, ValueError, struct.error) as e:
             raise TrajectoryDecodeError(f"corrupt trajectory payload: {name}: {e}") from e
         out.flags.writeable = False
         return out
+
+    def _split16(self, code: str, off: int, nbytes: int) -> Any:
+        """Packing SPLIT16: u32 count n | the low 16 bits of the ids raw (2n bytes) | raw deflate of the higher
+        byte planes -> the ids (widened: two numpy operations per high plane)."""
+        width, mv = _WIDTH[code], memoryview(self._buf)[off:off + nbytes]
+        (n,) = _U32.unpack_from(mv)
+        if width < 3 or 4 + 2 * n > nbytes:
+            raise ValueError(f"{n} ids of width {width} in {nbytes} bytes")
+        size = n * (width - 2)
+        high = zlib.decompress(mv[4 + 2 * n:], -15, size or 1)
+        if len(high) != size:
+            raise ValueError(f"{n} ids, {len(high)} bytes of high planes")
+        h = np.frombuffer(high, np.uint8)
+        out = h[n:].astype(_U4) if width == 4 else h.astype(_U4)
+        if width == 4:
+            out <<= 8
+            out |= h[:n]
+        out <<= 16
+        out |= np.frombuffer(mv, _U2, n, 4)
+        return out.view(_NPDTYPES[code])
 
     def _planes(self, code: str, packing: int, off: int, nbytes: int) -> Any:
         """The byte planes of a packed token array, lowest byte first (views where the layout allows)."""
         width, mv = _WIDTH[code], memoryview(self._buf)[off:off + nbytes]
         if packing == SPLIT:
             (n,) = _U32.unpack_from(mv)
-            high = zlib.decompress(mv[4 + n:], -15)
-            if 4 + n > nbytes or len(high) != n * (width - 1):
+            if 4 + n > nbytes:
+                raise ValueError(f"{n} ids in {nbytes} bytes")
+            high = zlib.decompress(mv[4 + n:], -15, n * (width - 1) or 1)
+            if len(high) != n * (width - 1):
                 raise ValueError(f"{n} ids, {len(high)} bytes of high planes")
             return [np.frombuffer(mv, np.uint8, n, 4), *np.frombuffer(high, np.uint8).reshape(width - 1, n)]
+        if packing not in (RAW, PLANES, ZLIB):
+            raise ValueError(f"packing {packing} of token ids")
         flat = np.frombuffer(mv if packing == RAW else zlib.decompress(mv, -15 if packing == PLANES else 15), np.uint8)
         return flat.reshape(width, -1) if packing == PLANES else flat.reshape(-1, width).T
 
@@ -305,9 +386,38 @@ class TrajectoryView:
         return d
 
 
+def arrays(views: list[TrajectoryView], name: str) -> list[Any]:
+    """`[v.array(name) for v in views]`, with 3-byte ids stored as SPLIT16 (the default for large vocabularies)
+    widened in one vectorized pass over the whole batch instead of a few numpy calls per item (~2x faster per
+    item at 32 items of 1K ids); each array is a read-only slice of one buffer."""
+    spans = [v._spans.get(name) for v in views]
+    if len(views) < 2 or any(s is None or s[0] != "T" or s[1] != SPLIT16 for s in spans):
+        return [v.array(name) for v in views]
+    lows, highs, bounds = [], [], [0]
+    try:
+        for v, (_, _, off, nbytes) in zip(views, spans, strict=True):
+            mv = memoryview(v._buf)[off:off + nbytes]
+            (n,) = _U32.unpack_from(mv)
+            if 4 + 2 * n > nbytes:
+                raise ValueError(f"{n} ids of width 3 in {nbytes} bytes")
+            high = zlib.decompress(mv[4 + 2 * n:], -15, n or 1)
+            if len(high) != n:
+                raise ValueError(f"{n} ids, {len(high)} bytes of high planes")
+            lows.append(mv[4:4 + 2 * n])
+            highs.append(high)
+            bounds.append(bounds[-1] + n)
+    except (zlib.error, ValueError, struct.error) as e:
+        raise TrajectoryDecodeError(f"corrupt trajectory payload: {name}: {e}") from e
+    out = np.frombuffer(b"".join(highs), np.uint8).astype(_U4)
+    out <<= 16
+    out |= np.frombuffer(b"".join(lows), _U2)
+    out.flags.writeable = False
+    return [out[bounds[k]:bounds[k + 1]] for k in range(len(views))]
+
+
 def view(data: bytes) -> TrajectoryView:
     """A TrajectoryView of stored bytes of any readable format (format 1 is converted, at a cost)."""
-    if data.startswith(MAGIC3) or data.startswith(MAGIC2):
+    if data[:3] != MAGIC:
         return TrajectoryView(data)
     return TrajectoryView(encode(decode(data)))
 

@@ -13,6 +13,7 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
+import msgpack
 import numpy as np
 from redis.exceptions import NoScriptError
 
@@ -39,15 +40,24 @@ class ColumnBatch:
     inserted_at: np.ndarray
     acked: int = 0
     """Items of the leases passed as `ack=` that this call acknowledged."""
+    _decoded: dict[str, list[np.ndarray]] = dataclasses.field(default_factory=dict, repr=False)
 
     def __len__(self) -> int:
         return len(self.ids)
 
     def prompt_tokens(self, i: int) -> np.ndarray:
-        return self.views[i].array("prompt_token_ids")
+        return self.tokens("prompt_token_ids")[i]
 
     def response_tokens(self, i: int) -> np.ndarray:
-        return self.views[i].array("response_token_ids")
+        return self.tokens("response_token_ids")[i]
+
+    def tokens(self, name: str) -> list[np.ndarray]:
+        """The token arrays `name` ("prompt_token_ids" / "response_token_ids") of every item, decoded for the whole
+        batch at the first access (compressed ids in one vectorized pass: `codec.arrays`) and kept."""
+        got = self._decoded.get(name)
+        if got is None:
+            got = self._decoded[name] = codec.arrays(self.views, name)
+        return got
 
     def behaviour_logprobs(self, i: int) -> np.ndarray:
         return self.views[i].array("behaviour_logprobs")
@@ -84,10 +94,10 @@ class BatchStream:
     """One Redis round trip per learner step.
 
     Each `next(learner_version)` sends one pipeline: the payload fetch of the batch leased by the previous call
-    (batch k), the writes queued since (`update_priorities`, `cache_references`, `renew`), a renewal of batch k's
-    lease (it waited a step; now it gets a full term for the step that trains it, as a freshly leased batch
-    would), and the sample script that acks the leases queued by `ack` (or `next(..., ack=)`) and leases the
-    following batch; it returns batch k. So step k carries the payloads of batch k, the acks released since the
+    (batch k), the writes queued since (`update_priorities`, `cache_references`, `renew`), and one sample script
+    that renews batch k's lease (it waited a step; now it gets a full term for the step that trains it, as a
+    freshly leased batch would), acks the leases queued by `ack` (or `next(..., ack=)`) and leases the following
+    batch; it returns batch k. So step k carries the payloads of batch k, the acks released since the
     previous step, the previous step's priorities and reference caches, and the lease of batch k+1.
 
     - The first call, and a call after the table could not lease (blocked: empty, rate limiter, paused), cost
@@ -154,13 +164,13 @@ class BatchStream:
             if self._pending is None:
                 self._pending = self._lease(learner_version)
             res, lease_id = self._pending
-            ids = [_id(res[j]) for j in range(5, len(res), 6)]
-            nxt = self._sample_args(learner_version + 1 if lease_version is None else lease_version)
-            renew = self.table.renew_args([lease_id], self.lease_s)
-            out = self._send(ids, [("update", renew), ("sample", nxt)])
-            payloads, refs, renewed, got = out[0], out[1], out[-2], out[-1]
-            self._pending = (got, nxt[4]) if _id(got[0]) == "ok" else None
-            if int(renewed) == 1:
+            ids = [_id(x) for x in res[7:]]
+            nxt = self._sample_args(learner_version + 1 if lease_version is None else lease_version, lease_id)
+            out = self._send(ids, [("sample", nxt)])
+            payloads, refs, got = out[0], out[1], out[-1]
+            ok = _id(got[0]) == "ok"
+            self._pending = (got, nxt[4]) if ok else None
+            if int(got[5] if ok else got[4]) == 1:
                 return self.table.columns(res, lease_id, learner_version, payloads, refs)
             log.warning("the prefetched lease %s expired before its step (raise lease_s above two steps): its %d "
                         "items went back to the pool; batch dropped", lease_id, len(ids))
@@ -193,9 +203,9 @@ class BatchStream:
         self._request_id = None
         return got, args[4]
 
-    def _sample_args(self, version: int) -> list[Any]:
+    def _sample_args(self, version: int, renew: str | None = None) -> list[Any]:
         self._request_id = self._request_id or uuid.uuid4().hex
-        return self.table.sample_args(self.batch_size, version, self.lease_s, self._request_id, self._acks)
+        return self.table.sample_args(self.batch_size, version, self.lease_s, self._request_id, self._acks, renew)
 
     def _send(self, ids: list[str], scripts: list[tuple[str, list[Any]]], sample: bool = True) -> list[Any]:
         """One pipeline: HMGET of the payloads and cached references of `ids` (if any), the queued writes, then
@@ -244,17 +254,20 @@ def build(res: list[Any], lease_id: str, learner_version: int, payloads: list[by
           refs: list[bytes | None]) -> tuple[ColumnBatch, list[str]]:
     """A ColumnBatch from the sample script's reply and the fetched payloads; also the ids dropped because their
     payload was gone (evicted by a concurrent insert between the script and the fetch)."""
-    rows = [res[j:j + 6] for j in range(5, len(res), 6)]
+    raw_ids = res[7:]
+    n = len(raw_ids)
+    # the numbers arrive as one msgpack array, column by column: one vectorized conversion for the batch
+    cols = np.array(msgpack.unpackb(res[6]), dtype=np.float64).reshape(5, n) if n else np.zeros((5, 0))
     keep = [k for k, p in enumerate(payloads) if p is not None]
-    dropped = [_id(rows[k][0]) for k, p in enumerate(payloads) if p is None]
-    rows = [rows[k] for k in keep]
-    # numbers arrive as bytes (or ints): one vectorized conversion instead of 5 float() calls per item
-    cols = np.array([r[1:6] for r in rows], dtype="S").astype(np.float64).reshape(-1, 5)
+    dropped = [_id(raw_ids[k]) for k, p in enumerate(payloads) if p is None]
+    if dropped:
+        cols = cols[:, keep]
+    view = codec.view
     batch = ColumnBatch(
-        lease_id=lease_id, lease_expires_at=_num(res[1]), buffer_size=int(res[2]), ids=[_id(r[0]) for r in rows],
-        views=[codec.view(payloads[k]) for k in keep], refs=[refs[k] for k in keep],
-        times_sampled=cols[:, 0].astype(np.int64), age_versions=learner_version - cols[:, 1].astype(np.int64),
-        priority=cols[:, 2], probability=cols[:, 3], inserted_at=cols[:, 4], acked=int(res[4]))
+        lease_id=lease_id, lease_expires_at=_num(res[1]), buffer_size=int(res[2]),
+        ids=[_id(raw_ids[k]) for k in keep], views=[view(payloads[k]) for k in keep], refs=[refs[k] for k in keep],
+        times_sampled=cols[0].astype(np.int64), age_versions=learner_version - cols[1].astype(np.int64),
+        priority=cols[2], probability=cols[3], inserted_at=cols[4], acked=int(res[4]))
     return batch, dropped
 
 

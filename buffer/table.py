@@ -364,8 +364,10 @@ class ReplayTable(TableViews):
         return self.fetch_batch(res, args[4], learner_version)
 
     def sample_args(self, batch_size: int, learner_version: int, lease_s: float | None = None,
-                    request_id: str | None = None, ack: list[str] | None = None) -> list[Any]:
-        """Validated arguments of the sample script (the lease id is args[4])."""
+                    request_id: str | None = None, ack: list[str] | None = None, renew: str | None = None,
+                    ) -> list[Any]:
+        """Validated arguments of the sample script (the lease id is args[4]; `renew`: a lease the script renews
+        to now + lease_s first, if it has not expired; `ack`: leases it acks in full before sampling)."""
         if request_id is not None and (not isinstance(request_id, str) or not 0 < len(request_id) <= 200):
             raise ValueError(f"request_id={request_id!r} must be a string of 1-200 characters")
         if not isinstance(batch_size, int) or batch_size < 1:
@@ -379,6 +381,8 @@ class ReplayTable(TableViews):
             raise ValueError(f"lease_s={lease_s} must be > 0")
         if not all(isinstance(x, str) and x for x in ack or []):
             raise ValueError("ack must be a list of lease ids (non-empty strings)")
+        if renew is not None and not (isinstance(renew, str) and renew):
+            raise ValueError(f"renew={renew!r} must be a lease id (a non-empty string)")
         rl = self.config.rate_limiter
         if rl.samples_per_insert is not None and 2 * rl.error_buffer < rl.samples_per_insert + batch_size:
             raise ValueError(
@@ -387,7 +391,7 @@ class ReplayTable(TableViews):
             )
         max_st = -1 if self.config.max_staleness_versions is None else self.config.max_staleness_versions
         return [self.config.sampler.kind, batch_size, learner_version, max_st, request_id or uuid.uuid4().hex,
-                repr(float(lease)), self._rng.randrange(1, 2**31 - 1), MAX_STALE_DROP, *(ack or [])]
+                repr(float(lease)), self._rng.randrange(1, 2**31 - 1), MAX_STALE_DROP, renew or "", *(ack or [])]
 
     def lease_batch(self, args: list[Any], timeout_s: float | None) -> list[Any]:
         """Run the sample script until it leases (polling with backoff); its 'ok' reply."""
@@ -408,13 +412,13 @@ class ReplayTable(TableViews):
                     f"sample from {self.keys.name!r} timed out after {timeout_s}s: {why} "
                     f"(size {int(res[1])}, available {int(res[2])})"
                 )
-            args[8:] = []  # the leases to ack were acked by the first call
+            args[8:] = [""]  # the lease to renew and those to ack were done by the first call
             time.sleep(pause if deadline is None else min(pause, max(0.0, deadline - time.monotonic())))
             pause = min(pause * 2, 0.05)
 
     def fetch_batch(self, res: list[Any], lease_id: str, learner_version: int) -> ColumnBatch:
         """Payloads and cached references of a leased batch (one round trip) -> ColumnBatch."""
-        ids = [_s(res[j]) for j in range(5, len(res), 6)]
+        ids = [_s(x) for x in res[7:]]
         if not ids:  # a replayed lease whose items were all acked meanwhile
             return self.columns(res, lease_id, learner_version, [], [])
         p = self.redis.pipeline(transaction=False)

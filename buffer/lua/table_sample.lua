@@ -2,15 +2,18 @@
 -- KEYS: the table keys.  ARGV[9] sampler ('fifo'|'lifo'|'uniform'|'prioritized'), [10] batch size B,
 --   [11] learner_version, [12] max_staleness_versions (-1 = off), [13] lease id (the client's request id),
 --   [14] lease seconds, [15] seed, [16] most stale items dropped per call (bounds the work of one call),
---   [17..] leases to ack in full first (the previous step's: ack and next sample in one round trip).
--- Order: expired leases return; the leases in [17..] are acked; stale available items (learner_version - policy_version > max) are dropped
+--   [17] a lease to renew first ('' = none: the batch the caller trains next, leased by its previous call),
+--   [18..] leases to ack in full first (the previous step's: renewal, ack and next sample in one round trip).
+-- Order: expired leases return; the lease in [17], if not expired, now expires at now + lease seconds; the leases
+-- in [18..] are acked; stale available items (learner_version - policy_version > max) are dropped
 -- (counter dropped_stale); then all-or-nothing: B items are leased if the table holds >= min_size_to_sample
 -- items, >= B are available and the rate limiter allows B samples. Leased items are not sampleable until acked
--- or expired. Returns {'ok', lease_expires_at, size, available_before, then per item 6 values:
---   id, times_handed, policy_version, priority, probability, inserted_at}
--- (the client then HMGETs payloads and cached references outside Lua; an item evicted by a concurrent insert
--- in between is dropped from the batch),
--- or {'paused'|'min_size'|'empty'|'rate', size, available, acked} (acked: items acked via [17..]).
+-- or expired. Returns {'ok', lease_expires_at, size, available_before, acked, renewed, columns, id_1, ..., id_B}
+-- where columns is a msgpack array of 5 x B numbers, column by column: times_handed, policy_version, priority,
+-- probability, inserted_at (one string instead of 5 B replies: Lua's reply conversion and the client's parsing
+-- were a large part of a step; the client HMGETs payloads and cached references outside Lua, and drops an item
+-- evicted by a concurrent insert in between), or {'paused'|'min_size'|'empty'|'rate', size, available, acked,
+-- renewed} (acked: items acked via [18..]; renewed: 1 if the lease in [17] was renewed, else 0).
 -- A lease id that is still live replays that lease (its items still held, nothing changes): a client retry
 -- after a lost reply gets the same batch instead of stranding a second lease.
 -- probability: fifo and lifo 1; uniform B / available (inclusion probability of a draw without replacement);
@@ -25,27 +28,33 @@ local lease = ARGV[13]
 local lease_s = tonumber(ARGV[14])
 math.randomseed(tonumber(ARGV[15]))
 local max_drop = tonumber(ARGV[16])
+local renewed = 0
+if ARGV[17] ~= '' and redis.call('HEXISTS', K.leases, ARGV[17]) == 1 then
+  redis.call('ZADD', K.lease_exp, fmt(now + lease_s), ARGV[17])
+  renewed = 1
+end
 local acked = 0
-for i = 17, #ARGV do acked = acked + ack_lease(ARGV[i], nil) end
+for i = 18, #ARGV do acked = acked + ack_lease(ARGV[i], nil) end
 
--- Result rows for `ids` drawn with `probs`.
+-- The reply for `ids` drawn with `probs` (see the header).
 local function describe(ids, probs, handed, exp, size, navail)
+  local res = {'ok', fmt(exp), size, navail, acked, renewed, ''}
+  local n = #ids
+  if n == 0 then return res end
   local vers = bulk_get('ZMSCORE', K.byver, ids)
   local prios = {}  -- a table that never stored a priority has none to report (saves a call per batch)
   if PRIO or redis.call('HLEN', K.prio) > 0 then prios = bulk_get('HMGET', K.prio, ids) end
   local metas = bulk_get('HMGET', K.meta, ids)
-  local res = {'ok', fmt(exp), size, navail, acked}
-  local shown = {}  -- probability -> its string (fifo, lifo and uniform draw every item with the same one)
+  local cols = {}
   for i, id in ipairs(ids) do
-    local p = probs[i]
-    if not shown[p] then shown[p] = fmt(p) end
-    res[#res + 1] = id
-    res[#res + 1] = handed[i]
-    res[#res + 1] = vers[i]
-    res[#res + 1] = prios[i] or '1'
-    res[#res + 1] = shown[p]
-    res[#res + 1] = string.match(metas[i] or '', '^([^|]*)') or '0'
+    cols[i] = tonumber(handed[i]) or 0
+    cols[n + i] = tonumber(vers[i]) or 0
+    cols[2 * n + i] = tonumber(prios[i] or '1') or 1
+    cols[3 * n + i] = probs[i]
+    cols[4 * n + i] = tonumber(string.match(metas[i] or '', '^([^|]*)')) or 0
+    res[7 + i] = id
   end
+  res[7] = cmsgpack.pack(cols)
   return res
 end
 
@@ -75,12 +84,12 @@ end
 
 local size = redis.call('ZCARD', K.order)
 local navail = redis.call('ZCARD', K.avail)
-if redis.call('HGET', K.paused, 'sampling') == '1' then return {'paused', size, navail, acked} end
-if size < MINSIZE then return {'min_size', size, navail, acked} end
-if navail < B then return {'empty', size, navail, acked} end
+if redis.call('HGET', K.paused, 'sampling') == '1' then return {'paused', size, navail, acked, renewed} end
+if size < MINSIZE then return {'min_size', size, navail, acked, renewed} end
+if navail < B then return {'empty', size, navail, acked, renewed} end
 if SPI then
   local I, S = rl_state()
-  if I * SPI - S - B < SPI * MINSIZE - EBUF then return {'rate', size, navail, acked} end
+  if I * SPI - S - B < SPI * MINSIZE - EBUF then return {'rate', size, navail, acked, renewed} end
 end
 
 local picked, probs = {}, {}

@@ -73,9 +73,14 @@ def test_batch_stream_one_round_trip_per_step(r: redis.Redis, monkeypatch: pytes
     assert len(seen) == len(set(seen)) == 10
     s = t.stats()
     assert (s.acks, s.leased, s.size) == (8, 4, 4)  # batch 5 unacked, batch 6 prefetched
-    assert stream.prefetched() is not None
-    t.ack(prev)
-    t.ack(stream.prefetched())
+    # a steady step runs one script: the sample script renews batch k's lease itself (no separate renew script)
+    evals = r.info("commandstats").get("cmdstat_evalsha", {}).get("calls", 0)
+    b = stream.next(learner_version=5, ack=[prev])
+    assert r.info("commandstats")["cmdstat_evalsha"]["calls"] - evals == 1 and len(b) == 2
+    s = t.stats()
+    assert (s.acks, s.leased, s.size) == (10, 2, 2)  # batch 6 unacked, nothing left to prefetch
+    assert stream.prefetched() is None
+    t.ack(b.lease_id)
     assert t.stats().size == 0
 
 

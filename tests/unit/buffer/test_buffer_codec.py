@@ -91,18 +91,51 @@ def spans_of(data: bytes) -> dict[str, tuple[str, int, int, int]]:
     return codec.TrajectoryView(data)._spans
 
 
-def test_compressed_ids_keep_their_low_byte_plane_raw() -> None:
-    # Written now: u32 count | low byte plane raw | raw deflate of the higher planes (packing SPLIT)
+def test_compressed_ids_keep_their_two_low_bytes_raw() -> None:
+    # Written now: u32 count | the low 16 bits of the ids raw | raw deflate of the higher planes (packing SPLIT16)
     t = traj(1024).model_copy(update={"response_token_ids": zipf_ids(1024, 151_646, 2)})
     data = codec.encode(t)
     code, packing, off, nbytes = spans_of(data)["response_token_ids"]
-    assert (code, packing) == ("T", codec.SPLIT)
-    low = np.array(t.response_token_ids, dtype=np.uint32).astype(np.uint8).tobytes()
-    assert data[off:off + 4 + 1024] == (1024).to_bytes(4, "little") + low
-    neg = t.model_copy(update={"response_token_ids": [-(i % 7) for i in range(1024)]})  # int32 planes
-    assert spans_of(codec.encode(neg))["response_token_ids"][:2] == ("i", codec.SPLIT)
+    assert (code, packing) == ("T", codec.SPLIT16)
+    low = np.array(t.response_token_ids, dtype=np.uint32).astype("<u2").tobytes()
+    assert data[off:off + 4 + 2048] == (1024).to_bytes(4, "little") + low
+    assert codec.view(data).array("response_token_ids").tolist() == t.response_token_ids
+    neg = t.model_copy(update={"response_token_ids": [-(i % 7) * 70_000 for i in range(1024)]})  # int32 planes
+    assert spans_of(codec.encode(neg))["response_token_ids"][:2] == ("i", codec.SPLIT16)
     assert codec.view(codec.encode(neg)).array("response_token_ids").tolist() == neg.response_token_ids
     assert codec.decode(codec.encode(neg)) == neg
+    wide = t.model_copy(update={"response_token_ids": [(i % 5) << 24 | i for i in range(1024)]})  # uint32
+    assert spans_of(codec.encode(wide))["response_token_ids"][:2] == ("I", codec.SPLIT16)
+    assert codec.decode(codec.encode(wide)) == wide
+    small = t.model_copy(update={"response_token_ids": zipf_ids(1024, 50_000, 2)})  # uint16: low byte raw
+    assert spans_of(codec.encode(small))["response_token_ids"][:2] == ("H", codec.SPLIT)
+    assert codec.decode(codec.encode(small)) == small
+
+
+def _respan(data: bytes, field: str, packing: int, blob: bytes) -> bytes:
+    """`data` with the span of `field` replaced by `blob` stored with `packing` (as an older writer stored it)."""
+    code, _, off, nbytes = spans_of(data)[field]
+    n = data[7]  # span count
+    table = bytearray(data[8:8 + codec._SPAN3.size * n])
+    k = list(spans_of(data)).index(field)
+    codec._SPAN3.pack_into(table, k * codec._SPAN3.size, codec._BLOB_FIELDS.index(field), code.encode(), packing,
+                           len(blob))
+    return data[:8] + bytes(table) + data[8 + len(table):off] + blob + data[off + nbytes:]
+
+
+@pytest.mark.parametrize("ids", [zipf_ids(300, 151_646, 3), [-(i % 7) * 70_000 for i in range(300)]])
+def test_format_3_items_with_the_low_byte_plane_split_are_still_read(ids: list[int]) -> None:
+    # The previous writer (packing SPLIT): u32 count | low byte plane raw | raw deflate of the higher planes
+    t = traj(300).model_copy(update={"response_token_ids": ids})
+    data = codec.encode(t, StorageConfig(compress_token_ids=False))
+    code, packing, off, nbytes = spans_of(data)["response_token_ids"]
+    assert packing == codec.RAW
+    planes = np.frombuffer(data, np.uint8, nbytes, off).reshape(-1, codec._WIDTH[code]).T.tobytes()
+    blob = (300).to_bytes(4, "little") + planes[:300] + codec._deflate(planes[300:], -15, zlib.Z_RLE)
+    old = _respan(data, "response_token_ids", codec.SPLIT, blob)
+    assert spans_of(old)["response_token_ids"][:2] == (code, codec.SPLIT)
+    assert codec.decode(old) == t
+    assert codec.view(old).array("response_token_ids").tolist() == t.response_token_ids
 
 
 def test_format_3_items_with_all_planes_deflated_are_still_read() -> None:
@@ -113,12 +146,7 @@ def test_format_3_items_with_all_planes_deflated_are_still_read() -> None:
     code, packing, off, nbytes = spans_of(data)["response_token_ids"]
     assert (code, packing) == ("T", codec.RAW)
     planes = np.frombuffer(data, np.uint8, nbytes, off).reshape(-1, 3).T.tobytes()
-    packed = codec._deflate(planes, -15, zlib.Z_RLE)
-    n = data[7]  # span count
-    table = bytearray(data[8:8 + codec._SPAN3.size * n])
-    k = list(spans_of(data)).index("response_token_ids")
-    codec._SPAN3.pack_into(table, k * codec._SPAN3.size, 1, b"T", codec.PLANES, len(packed))
-    old = data[:8] + bytes(table) + data[8 + len(table):off] + packed + data[off + nbytes:]
+    old = _respan(data, "response_token_ids", codec.PLANES, codec._deflate(planes, -15, zlib.Z_RLE))
     assert codec.decode(old) == t
     assert codec.view(old).array("response_token_ids").tolist() == t.response_token_ids
 
@@ -206,10 +234,16 @@ def test_garbage_raises_decode_error(data: bytes) -> None:
         codec.decode(data)
 
 
-@pytest.mark.parametrize("blob", [b"\x09\x00\x00\x00ab", b"\x01\x00", b"\x02\x00\x00\x00ab\x00",
-                                  b"\x02\x00\x00\x00ab" + zlib.compress(b"xyz")[2:-4]])
-def test_corrupt_split_token_span_raises_decode_error(blob: bytes) -> None:
-    data = codec.MAGIC3 + b"\x00\x00\x00\x00\x01" + codec._SPAN3.pack(1, b"H", codec.SPLIT, len(blob)) + blob
+@pytest.mark.parametrize("code,packing,blob", [
+    *(("H", codec.SPLIT, b) for b in (b"\x09\x00\x00\x00ab", b"\x01\x00", b"\x02\x00\x00\x00ab\x00",
+                                      b"\x02\x00\x00\x00ab" + zlib.compress(b"xyz")[2:-4])),
+    *(("T", codec.SPLIT16, b) for b in (b"\x09\x00\x00\x00abcd", b"\x01\x00", b"\x02\x00\x00\x00abcd\x00",
+                                        b"\x02\x00\x00\x00abcd" + zlib.compress(b"xyz")[2:-4],
+                                        b"\x01\x00\x00\x00ab" + zlib.compress(b"xy")[2:-4])),
+    ("H", codec.SPLIT16, b"\x01\x00\x00\x00ab" + zlib.compress(b"")[2:-4]),  # SPLIT16 is for 3-4 byte ids only
+])
+def test_corrupt_split_token_span_raises_decode_error(code: str, packing: int, blob: bytes) -> None:
+    data = codec.MAGIC3 + b"\x00\x00\x00\x00\x01" + codec._SPAN3.pack(1, code.encode(), packing, len(blob)) + blob
     with pytest.raises(codec.TrajectoryDecodeError, match="response_token_ids"):
         codec.TrajectoryView(data).array("response_token_ids")
 
@@ -248,3 +282,22 @@ def test_keys_of_one_table_or_queue_share_a_cluster_slot() -> None:
     from buffer import keys
 
     assert tag(keys.ACTORS) == tag(keys.ACTORS_EXP)
+
+
+def test_batch_decode_of_token_arrays_matches_each_item() -> None:
+    # codec.arrays widens the SPLIT16 ids of a whole batch at once; any other layout in the batch: item by item
+    items = [traj(64 + 37 * k, seed=k).model_copy(update={"response_token_ids": zipf_ids(64 + 37 * k, 151_646, k)})
+             for k in range(5)]
+    views = [codec.view(codec.encode(t)) for t in items]
+    got = codec.arrays(views, "response_token_ids")
+    assert [a.tolist() for a in got] == [t.response_token_ids for t in items]
+    assert all(a.dtype == np.uint32 and not a.flags.writeable for a in got)
+    mixed = [*views, codec.view(codec.encode(items[0], StorageConfig(compress_token_ids=False)))]
+    assert [a.tolist() for a in codec.arrays(mixed, "response_token_ids")] == [
+        t.response_token_ids for t in [*items, items[0]]]
+    assert codec.arrays(views, "ref_logprobs") == [None] * 5
+    code, packing, off, nbytes = spans_of(codec.encode(items[1]))["response_token_ids"]
+    data = bytearray(codec.encode(items[1]))
+    data[off + nbytes - 3:off + nbytes] = b"\xff\xff\xff"  # a broken deflate stream in one item
+    with pytest.raises(codec.TrajectoryDecodeError, match="response_token_ids"):
+        codec.arrays([views[0], codec.view(bytes(data))], "response_token_ids")
