@@ -62,7 +62,9 @@ from reward.schema import GradeResult
 
 log = logging.getLogger(__name__)
 
-MAX_GROUPS_PER_GRADE = 256  # most finished prompt groups graded in one reward call (all that are ready, up to this)
+MAX_GROUPS_PER_GRADE = (
+    256  # most finished prompt groups graded in one reward call (all that are ready, up to this)
+)
 GRADE_LINGER_S = 0.05
 """The post thread waits this long after a group finishes for more to finish (while sequences are still in the
 engine), so that one reward call, one insert and one `done` carry several groups."""
@@ -88,8 +90,9 @@ class ActorLoop:
         self.engine = engine
         self.metrics = metrics or ActorMetrics()
         self.actor_id = settings.actor_id
-        self.reward = reward_client or RewardClient(settings.reward_url, timeout_s=settings.reward_timeout_s,
-                                                    retries=2)
+        self.reward = reward_client or RewardClient(
+            settings.reward_url, timeout_s=settings.reward_timeout_s, retries=2
+        )
         self.capacity = settings.capacity
         self.reserve = max(settings.n_samples_per_prompt, self.capacity // 4)
         """Sequences submitted beyond K: the engine runs K (its `max_num_seqs`) and queues these, so a sample that
@@ -164,20 +167,27 @@ class ActorLoop:
         self._queue = PromptQueue(r, self.settings.prompt_queue)
         self._registry = ActorRegistry(r)
         self._weights = WeightsStore(r)
-        self._table = self._redis_call.retry(lambda: ReplayTable(r, self.settings.table), "open the replay table")
+        self._table = self._redis_call.retry(
+            lambda: ReplayTable(r, self.settings.table), "open the replay table"
+        )
 
     def _info(self) -> ActorInfo:
         tok_s, _ = self.metrics.rates()
         return ActorInfo(
-            actor_id=self.actor_id, url=self.settings.resolved_public_url(), policy_version=self.engine.version,
-            started_at=self._started_at, tokens_per_s=tok_s, trajectories=self.metrics.total_trajectories,
+            actor_id=self.actor_id,
+            url=self.settings.resolved_public_url(),
+            policy_version=self.engine.version,
+            started_at=self._started_at,
+            tokens_per_s=tok_s,
+            trajectories=self.metrics.total_trajectories,
             status=self.metrics.state,
         )
 
     def _register(self) -> None:
         assert self._registry is not None
-        self._redis_call.retry(lambda: self._registry.register(self._info(), ttl_s=self.settings.registry_ttl_s),
-                          "register")
+        self._redis_call.retry(
+            lambda: self._registry.register(self._info(), ttl_s=self.settings.registry_ttl_s), "register"
+        )
         self._registered = True
         log.info("registered actor %s at %s", self.actor_id, self.settings.resolved_public_url())
 
@@ -188,8 +198,12 @@ class ActorLoop:
             try:
                 tok_s, _ = self.metrics.rates()
                 self._registry.heartbeat(
-                    self.actor_id, ttl_s=self.settings.registry_ttl_s, policy_version=self.engine.version,
-                    tokens_per_s=tok_s, trajectories=self.metrics.total_trajectories, status=self.metrics.state,
+                    self.actor_id,
+                    ttl_s=self.settings.registry_ttl_s,
+                    policy_version=self.engine.version,
+                    tokens_per_s=tok_s,
+                    trajectories=self.metrics.total_trajectories,
+                    status=self.metrics.state,
                 )
             except KeyError:  # expired while Redis was away (or flushed): register again
                 try:
@@ -213,15 +227,20 @@ class ActorLoop:
         while not self._stop.is_set():
             try:
                 self._room.clear()
-                want = self._prompts_to_pop() if self._ready_to_sample() else 0
+                ready = self._ready_to_sample()
+                want = self._prompts_to_pop() if ready else 0
                 if want == 0:
-                    self._room.wait(self.settings.idle_sleep_s)
+                    # No room: a finished sequence or an insert sets _room, so the feed sleeps until then (a short
+                    # poll would take core time from the engine's threads); the timeout only bounds the catch-up.
+                    busy = ready and (self._in_engine > 0 or self._waiting > 0)
+                    self._room.wait(CATCH_UP_EVERY_S if busy else self.settings.idle_sleep_s)
                     continue
                 assert self._queue is not None
                 # One request id for all retries of this pop: a retry after a lost reply gets the same prompts.
                 prompts = self._redis_call.retry(
                     lambda want=want, rid=uuid.uuid4().hex: self._queue.pop(
-                        want, self.actor_id, lease_s=self.settings.prompt_lease_s, request_id=rid),
+                        want, self.actor_id, lease_s=self.settings.prompt_lease_s, request_id=rid
+                    ),
                     "pop prompts",
                 )
                 if not prompts:
@@ -272,8 +291,11 @@ class ActorLoop:
         behind = latest is not None and self.engine.version < latest
         if self.settings.sync and (behind or self._sync_left() == 0):
             if self.metrics.state != "waiting_for_weights" and not self._groups:
-                log.info("sync mode: waiting for weights version %d (have %d)",
-                         latest if behind else self.engine.version + 1, self.engine.version)
+                log.info(
+                    "sync mode: waiting for weights version %d (have %d)",
+                    latest if behind else self.engine.version + 1,
+                    self.engine.version,
+                )
                 self.metrics.state = "waiting_for_weights"
             return False
         return True
@@ -294,11 +316,17 @@ class ActorLoop:
             self._groups.update((id(g), g) for g in groups)
             self.metrics.prompts_in_flight = len(self._groups)
         if skipped:
-            log.warning("%d prompts do not fit max_model_len=%d; dropped: %s", len(skipped), eng.max_model_len,
-                        skipped[:5])
+            log.warning(
+                "%d prompts do not fit max_model_len=%d; dropped: %s",
+                len(skipped),
+                eng.max_model_len,
+                skipped[:5],
+            )
             self.metrics.prompts_skipped.inc(len(skipped))
             assert self._queue is not None
-            self._redis_call.retry(lambda: self._queue.done(self.actor_id, skipped), "mark skipped prompts done")
+            self._redis_call.retry(
+                lambda: self._queue.done(self.actor_id, skipped), "mark skipped prompts done"
+            )
         return groups
 
     def _submit(self, groups: list[Group]) -> None:
@@ -315,8 +343,14 @@ class ActorLoop:
                     for old in [v for v in counts if v < group.version]:
                         del counts[old]
             try:
-                group.request_id = eng.submit(group.ids, self._on_done(group), n=s.n_samples_per_prompt,
-                                              temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_tokens)
+                group.request_id = eng.submit(
+                    group.ids,
+                    self._on_done(group),
+                    n=s.n_samples_per_prompt,
+                    temperature=s.temperature,
+                    top_p=s.top_p,
+                    max_tokens=s.max_tokens,
+                )
             except Exception as e:  # noqa: BLE001  (the prompt goes back; the others continue)
                 self._on_done(group)(None, e)
         if self.metrics.state in ("idle", "starting", "waiting_for_weights"):
@@ -398,7 +432,9 @@ class ActorLoop:
         while len(groups) < MAX_GROUPS_PER_GRADE:
             linger = self._in_engine > 0 and not self._stop.is_set()
             try:  # the only consumer
-                groups.append(self._finished.get(timeout=max(0.0, deadline - time.monotonic()) if linger else 0))
+                groups.append(
+                    self._finished.get(timeout=max(0.0, deadline - time.monotonic()) if linger else 0)
+                )
             except queue.Empty:
                 break
         return groups
@@ -510,6 +546,8 @@ class ActorLoop:
                 if g.done.is_set():
                     self._waiting -= n
             self.metrics.prompts_in_flight = len(self._groups)
+        if released:
+            self._room.set()  # fewer sequences wait for insertion: the feed may refill
         return released
 
     def _give_back_groups(self, groups: list[Group] | None, *, keep_finishing: bool = False) -> None:
@@ -524,7 +562,9 @@ class ActorLoop:
         prompts = [g.prompt for g in released]
         if prompts and self._queue is not None:
             queue_ = self._queue
-            if self._redis_call.bounded(lambda: queue_.give_back(self.actor_id, prompts), "give back prompts"):
+            if self._redis_call.bounded(
+                lambda: queue_.give_back(self.actor_id, prompts), "give back prompts"
+            ):
                 self.metrics.prompts_given_back.inc(len(prompts))
                 log.info("gave %d unfinished prompts back to the queue", len(prompts))
 

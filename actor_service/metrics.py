@@ -17,6 +17,7 @@ class RateWindow:
     def __init__(self, window_s: float = 60.0) -> None:
         self.window_s = window_s
         self._events: deque[tuple[float, float]] = deque()
+        self._total = 0.0  # sum of the amounts in _events (kept as they come and go: `rate` is O(1))
         self._lock = threading.Lock()
         self._started = time.monotonic()
 
@@ -24,6 +25,7 @@ class RateWindow:
         now = time.monotonic() if now is None else now
         with self._lock:
             self._events.append((now, amount))
+            self._total += amount
             self._trim(now)
 
     def rate(self, now: float | None = None) -> float:
@@ -31,13 +33,14 @@ class RateWindow:
         with self._lock:
             self._trim(now)
             if not self._events:
+                self._total = 0.0  # no rounding residue left behind
                 return 0.0
             span = min(self.window_s, now - self._started)
-            return sum(a for _, a in self._events) / max(span, 1e-3)
+            return self._total / max(span, 1e-3)
 
     def _trim(self, now: float) -> None:
         while self._events and self._events[0][0] < now - self.window_s:
-            self._events.popleft()
+            self._total -= self._events.popleft()[1]
 
 
 class ActorMetrics:
@@ -46,7 +49,9 @@ class ActorMetrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
         self.tokens = Counter("tbrm_actor_tokens_generated", "Response tokens generated", registry=r)
-        self.trajectories = Counter("tbrm_actor_trajectories", "Trajectories inserted into the buffer", registry=r)
+        self.trajectories = Counter(
+            "tbrm_actor_trajectories", "Trajectories inserted into the buffer", registry=r
+        )
         self.prompts = Counter("tbrm_actor_prompts", "Prompts finished (all samples inserted)", registry=r)
         self.prompts_skipped = Counter(
             "tbrm_actor_prompts_skipped", "Prompts dropped because they do not fit max_model_len", registry=r
@@ -55,38 +60,57 @@ class ActorMetrics:
             "tbrm_actor_prompts_given_back", "Prompts returned to the queue unfinished", registry=r
         )
         self.batch_latency = Histogram(
-            "tbrm_actor_batch_seconds", "vLLM generate latency per batch", buckets=_LATENCY_BUCKETS, registry=r
+            "tbrm_actor_batch_seconds",
+            "vLLM generate latency per batch",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
         )
         self.grade_latency = Histogram(
-            "tbrm_actor_grade_seconds", "Reward service latency per batch", buckets=_LATENCY_BUCKETS, registry=r
+            "tbrm_actor_grade_seconds",
+            "Reward service latency per batch",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
         )
         self.insert_latency = Histogram(
-            "tbrm_actor_insert_seconds", "Buffer insert latency per batch (rate-limiter waits included)",
-            buckets=_LATENCY_BUCKETS, registry=r,
+            "tbrm_actor_insert_seconds",
+            "Buffer insert latency per batch (rate-limiter waits included)",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
         )
-        self.tokens_per_s = Gauge("tbrm_actor_tokens_per_second", "Generated tokens/s over the last minute",
-                                  registry=r)
+        self.tokens_per_s = Gauge(
+            "tbrm_actor_tokens_per_second", "Generated tokens/s over the last minute", registry=r
+        )
         self.trajectories_per_s = Gauge(
             "tbrm_actor_trajectories_per_second", "Inserted trajectories/s over the last minute", registry=r
         )
-        self.weight_version = Gauge("tbrm_actor_policy_version", "Weights version the engine serves", registry=r)
+        self.weight_version = Gauge(
+            "tbrm_actor_policy_version", "Weights version the engine serves", registry=r
+        )
         self.weight_updates = Counter("tbrm_actor_weight_updates", "Weight updates applied", registry=r)
         self.update_latency = Histogram(
-            "tbrm_actor_weight_apply_seconds", "Time to apply new weights to the running engine",
-            buckets=_LATENCY_BUCKETS, registry=r,
+            "tbrm_actor_weight_apply_seconds",
+            "Time to apply new weights to the running engine",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
         )
         self.receive_latency = Histogram(
-            "tbrm_actor_weight_receive_seconds", "Time to receive and verify a pushed weights body",
-            buckets=_LATENCY_BUCKETS, registry=r,
+            "tbrm_actor_weight_receive_seconds",
+            "Time to receive and verify a pushed weights body",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
         )
-        self.weight_bytes = Counter("tbrm_actor_weight_bytes_received", "Weight push bytes received", registry=r)
+        self.weight_bytes = Counter(
+            "tbrm_actor_weight_bytes_received", "Weight push bytes received", registry=r
+        )
         self.pushes_refused = Counter(
             "tbrm_actor_weight_pushes_refused", "Weight pushes refused, by reason", ["reason"], registry=r
         )
         self.reward_errors = Counter(
             "tbrm_actor_reward_errors", "Grade batches that failed (retried with backoff)", registry=r
         )
-        self.redis_errors = Counter("tbrm_actor_redis_errors", "Redis calls that failed (retried)", registry=r)
+        self.redis_errors = Counter(
+            "tbrm_actor_redis_errors", "Redis calls that failed (retried)", registry=r
+        )
         self.backpressure_waits = Counter(
             "tbrm_actor_backpressure_waits", "Inserts that timed out on the buffer's rate limiter", registry=r
         )
@@ -118,7 +142,9 @@ class ActorMetrics:
         self._traj_rate.add(n_trajectories)
         self.trajectories_per_s.set(self._traj_rate.rate())
 
-    def record_update(self, version: int, load_s: float, receive_s: float | None = None, nbytes: int = 0) -> None:
+    def record_update(
+        self, version: int, load_s: float, receive_s: float | None = None, nbytes: int = 0
+    ) -> None:
         self.weight_updates.inc()
         self.total_updates += 1
         self.update_latency.observe(load_s)

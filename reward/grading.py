@@ -32,8 +32,18 @@ from reward.forms import as_interval, as_items, as_tuple, strip_assignment
 from reward.normalize import EMPTY, is_text_answer, key, normalize
 from reward.schema import valid_unicode
 
-__all__ = ["extract_answer", "find_boxes", "gold_answer", "guard_reason", "normalize", "numbers_match",
-           "parse_number", "prepare", "grade_in_process", "verify_pair"]
+__all__ = [
+    "extract_answer",
+    "find_boxes",
+    "gold_answer",
+    "guard_reason",
+    "normalize",
+    "numbers_match",
+    "parse_number",
+    "prepare",
+    "grade_in_process",
+    "verify_pair",
+]
 
 Verdict = Literal["correct", "incorrect", "no_answer"]
 
@@ -163,10 +173,13 @@ def _structure(ext: Extraction, pred: str, g: str) -> tuple[Verdict | None, str,
         elements = as_tuple(g)
         if elements is not None and len(elements) == len(ext.items):  # x = \boxed{2}, y = \boxed{3} vs (2, 3)
             pred = "(" + ", ".join(normalize(strip_assignment(x)) for x in ext.items) + ")"
-            return (("correct", "tuple", pred, g) if key(pred) == key(g) else (None, "", pred, g))
+            return ("correct", "tuple", pred, g) if key(pred) == key(g) else (None, "", pred, g)
         values = [_number(normalize(strip_assignment(x))) for x in ext.items]
         if all(v is not None for v in values) and len({v[0] for v in values if v is not None}) == 1:
-            pred, pi = normalize(strip_assignment(ext.items[-1])), None  # \boxed{4} (or \boxed{2^2}): one value
+            pred, pi = (
+                normalize(strip_assignment(ext.items[-1])),
+                None,
+            )  # \boxed{4} (or \boxed{2^2}): one value
         else:  # several different final boxes against one gold value: a hedge
             return "no_answer", "several final answers", pred, g
     if gi is not None or pi is not None:
@@ -388,10 +401,76 @@ def numerically_different(gold: object, pred: object) -> bool:
     return abs(a - b) > tol * max(abs(a), abs(b))
 
 
-def verify_pair(pred: str, gold: str) -> bool:
+@functools.cache
+def _plain_real_assumptions() -> dict[str, bool]:
+    from sympy import Symbol
+
+    return Symbol("x", real=True).assumptions0
+
+
+def _value_differs(gold: object, pred: object) -> bool:
+    """True when math-verify's `sympy_expr_eq(gold, pred)` is sure to be False because `gold` is an exact number
+    (a sympy Rational: 7, -8, 1/2) and `pred` an expression in plain real variables (`11h`, `1k1`, `10 w h a t x`:
+    what the latex parser makes of letters) whose value at the probe point clearly differs from it.
+
+    Why this never changes math-verify's verdict (grader.sympy_expr_eq of math-verify 0.9, step by step): `gold` is no
+    relation and `pred` no relation, set, tuple or Symbol, so only these comparisons run: `gold == pred`
+    (structural: `pred` has free symbols, `gold` none: False); `sympy_numeric_eq` (neither side is a Float or an
+    Integer, or such a percentage, since `pred` has free symbols, so it compares `gold.doit() == pred.doit()`: doit
+    keeps the value, and `pred` takes a value other than `gold` at the probe point, so `pred.doit()` is no
+    number, let alone `gold`); `simplify(gold - pred).is_zero` (simplify keeps the value, and `gold - pred` is
+    nonzero at the probe point, a point of the variables' domain: they are real and it is real). Expressions
+    that only look variable (`0 x`, `x - x + 5`, `\\sin^2 x + \\cos^2 x`) take the gold value at the probe
+    point (or none) and are left to math-verify.
+    """
+    from sympy import Expr, Rational, Symbol
+
+    if not (isinstance(gold, Rational) and isinstance(pred, Expr)) or isinstance(pred, Symbol):
+        return False
+    symbols = pred.free_symbols
+    if not symbols or len(symbols) > len(_PROBE_VALUES):
+        return False
+    plain = _plain_real_assumptions()
+    if any(type(sym) is not Symbol or sym.assumptions0 != plain for sym in symbols):
+        return False
+    point = {sym: val for sym, val in zip(sorted(symbols, key=str), _PROBE_VALUES, strict=False)}
+    try:
+        b = complex(pred.evalf(20, subs=point))
+    except (TypeError, ValueError, ArithmeticError, AttributeError):
+        return False
+    if not (math.isfinite(b.real) and math.isfinite(b.imag)):
+        return False
+    a = float(gold)
+    return abs(a - b) > 1e-5 * max(1.0, abs(a), abs(b))
+
+
+def math_verify_rejects(gold_parsed: tuple, pred_parsed: tuple) -> bool:
+    """True only when math-verify's `verify(gold_parsed, pred_parsed)` is sure to answer False without running
+    it: `verify` is True iff some (gold, pred) element pair compares equal, where two strings compare by
+    (stripped, non-empty) equality, a string and an expression never, and two expressions by `sympy_expr_eq`;
+    this checks every pair, and for expressions accepts only what `_value_differs` proves unequal. The common
+    case is a sampled answer of letters and digits (`11H`, `1Please18`) against a number: math-verify's
+    `simplify` of such a difference costs 5-200 ms, this a fraction of a millisecond."""
+    from sympy import Basic
+
+    for g in gold_parsed:
+        for p in pred_parsed:
+            if isinstance(g, str) and isinstance(p, str):
+                if g.strip() and g.strip() == p.strip():
+                    return False
+            elif isinstance(g, Basic) and isinstance(p, Basic):
+                if not _value_differs(g, p):
+                    return False
+            elif isinstance(g, str) == isinstance(p, str):  # matrices: not ours to judge
+                return False
+    return True
+
+
+def verify_pair(pred: str, gold: str, *, fast: bool = True) -> bool:
     """math-verify on a normalized pair: parse both (wrapped in a box), then verify(gold, pred), gold first.
 
     Runs without math-verify's own signal.alarm timeouts: the caller (a worker process) bounds the whole call.
+    `fast=False` skips `math_verify_rejects` (the tests compare both ways).
     """
     load_math_verify()
     assert _MV is not None
@@ -399,6 +478,8 @@ def verify_pair(pred: str, gold: str) -> bool:
     gold_parsed = _parse(gold)
     pred_parsed = _parse(pred)
     if not gold_parsed or not pred_parsed:
+        return False
+    if fast and math_verify_rejects(gold_parsed, pred_parsed):
         return False
     if surely_different(gold_parsed[0], pred_parsed[0]):
         return False

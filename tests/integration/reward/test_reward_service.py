@@ -31,10 +31,29 @@ class Service:
         self.log = log
         env = {**os.environ, "TBRM_REWARD_SCORES__INCORRECT": "-1"}
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "reward", "--host", "127.0.0.1", "--port", str(port), "--workers", "2",
-             "--soft-timeout-s", str(SOFT_S), "--hard-timeout-s", str(HARD_S), "--max-body-bytes", str(MAX_BODY),
-             "--log-level", "warning"],
-            cwd=REPO, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT,
+            [
+                sys.executable,
+                "-m",
+                "reward",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--workers",
+                "2",
+                "--soft-timeout-s",
+                str(SOFT_S),
+                "--hard-timeout-s",
+                str(HARD_S),
+                "--max-body-bytes",
+                str(MAX_BODY),
+                "--log-level",
+                "warning",
+            ],
+            cwd=REPO,
+            env=env,
+            stdout=log.open("wb"),
+            stderr=subprocess.STDOUT,
         )
         client = RewardClient(self.url, timeout_s=5.0)
         deadline = time.monotonic() + 60
@@ -74,7 +93,8 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
 
 
 # Reaches math-verify (no guard flags it) and runs for many seconds in sympy: only the soft timeout stops it.
-SLOW = GradeItem(response=r"so $\boxed{\sin(x)^{999}+\cos(x)^{999}}$", gold="1")
+# Slow in math-verify and decided by no shortcut (see tests/unit/reward/test_reward_pool.py).
+SLOW = GradeItem(response=r"so $\boxed{\sin(x)^{999}+\cos(x)^{999}}$", gold=r"\sin(y)^{2}+\cos(y)^{2}")
 
 
 def test_grade_batch_in_order_with_score_map(service: Service) -> None:
@@ -130,7 +150,9 @@ def test_pathological_input_times_out_while_others_are_served(service: Service) 
             n = 0
             while not stop.is_set():
                 # vary the text so the cache does not answer everything
-                items = [GradeItem(response=f"Attempt {k}.{n}:\n" + it.response, gold=it.gold) for it in normal]
+                items = [
+                    GradeItem(response=f"Attempt {k}.{n}:\n" + it.response, gold=it.gold) for it in normal
+                ]
                 t0 = time.monotonic()
                 res = client.grade(items)
                 normal_latencies.append(time.monotonic() - t0)
@@ -179,7 +201,10 @@ def test_stuck_worker_is_killed_at_the_hard_limit(service: Service) -> None:
     h = service.health()
     for pid in h["worker_pids"]:
         os.kill(pid, signal.SIGSTOP)  # as stuck as a worker can be: ignores the soft timer too
-    items = [GradeItem(response=r"\boxed{\sqrt[3]{27}}", gold="3"), GradeItem(response=r"\boxed{\sqrt[3]{64}}", gold="4")]
+    items = [
+        GradeItem(response=r"\boxed{\sqrt[3]{27}}", gold="3"),
+        GradeItem(response=r"\boxed{\sqrt[3]{64}}", gold="4"),
+    ]
     with RewardClient(service.url, timeout_s=10.0) as client:
         t0 = time.monotonic()
         statuses = [r.status for r in client.grade(items)]
@@ -201,12 +226,13 @@ def test_stuck_worker_is_killed_at_the_hard_limit(service: Service) -> None:
         (b'{"items": [{"response": "x", "gold": "1", "extra": 1}]}', 422),
         (b'{"items": [{"response": 5, "gold": "1"}]}', 422),
         (b'{"items": "x"}', 422),
-        (b'[1, 2]', 422),
+        (b"[1, 2]", 422),
     ],
 )
 def test_malformed_requests_get_4xx(service: Service, body: bytes, status: int) -> None:
-    r = httpx.post(f"{service.url}/v1/grade", content=body, headers={"content-type": "application/json"},
-                   timeout=10.0)
+    r = httpx.post(
+        f"{service.url}/v1/grade", content=body, headers={"content-type": "application/json"}, timeout=10.0
+    )
     assert r.status_code == status, r.text
     assert "detail" in r.json()
 
@@ -233,21 +259,29 @@ def test_long_responses_and_invalid_unicode_are_graded(service: Service) -> None
     """A 1 MB response inside the body limit is graded (its tail), never refused; lone surrogates (JSON escapes,
     or bytes decoded with surrogateescape and sent raw) never cause a 5xx."""
     filler = "Reasoning goes on and on, one careful step at a time. " * 19_000  # ~1 MB
-    items = [{"response": filler + r"so $\boxed{12}$", "gold": "12"},
-             {"response": filler + r"**Answer: 13**", "gold": "12"}]
+    items = [
+        {"response": filler + r"so $\boxed{12}$", "gold": "12"},
+        {"response": filler + r"**Answer: 13**", "gold": "12"},
+    ]
     r = httpx.post(f"{service.url}/v1/grade", json={"items": items}, timeout=30.0)
     assert r.status_code == 200, r.text[:300]
     assert [x["status"] for x in r.json()["results"]] == ["correct", "incorrect"]
     bodies = [
         b'{"items": [{"response": "\\udc80 \\\\boxed{4}", "gold": "4"}]}',  # JSON escapes of lone surrogates
         b'{"items": [{"response": "\\\\boxed{4\\ud800}", "gold": "4\\udcff"}]}',
-        '{"items": [{"response": "\udcff\udcfe \\\\boxed{4}", "gold": "4"}]}'.encode("utf-8", "surrogateescape"),
+        '{"items": [{"response": "\udcff\udcfe \\\\boxed{4}", "gold": "4"}]}'.encode(
+            "utf-8", "surrogateescape"
+        ),
         b'{"items": [{"response": "\\boxed{4}", "gold": "4"}]}',  # JSON \b: a backspace, then 'oxed{4}'
         b'{"items": [{"response": ["x"], "gold": {"a": 1}}]}',
     ]
     for body in bodies:
-        r = httpx.post(f"{service.url}/v1/grade", content=body, headers={"content-type": "application/json"},
-                       timeout=10.0)
+        r = httpx.post(
+            f"{service.url}/v1/grade",
+            content=body,
+            headers={"content-type": "application/json"},
+            timeout=10.0,
+        )
         assert r.status_code < 500, (body[:80], r.status_code, r.text[:300])
         assert r.status_code in (200, 400, 422)
 
@@ -268,8 +302,13 @@ def test_metrics_config_health(service: Service) -> None:
         client.grade([item])
         client.grade([item])
     text = httpx.get(f"{service.url}/metrics", timeout=5.0).text
-    for name in ("tbrm_reward_grades_total", "tbrm_reward_request_seconds_bucket", "tbrm_reward_timeouts_total",
-                 "tbrm_reward_worker_restarts_total", "tbrm_reward_cache_hits_total"):
+    for name in (
+        "tbrm_reward_grades_total",
+        "tbrm_reward_request_seconds_bucket",
+        "tbrm_reward_timeouts_total",
+        "tbrm_reward_worker_restarts_total",
+        "tbrm_reward_cache_hits_total",
+    ):
         assert name in text
     hits = [ln for ln in text.splitlines() if ln.startswith("tbrm_reward_cache_hits_total ")]
     assert float(hits[0].split()[1]) >= 1

@@ -12,7 +12,9 @@ import pytest
 from reward.pool import WorkerPool
 
 # Plain sympy work that takes far longer than a second: exercises the soft timeout inside the worker.
-SLOW = (r"\sin(x)^{999}+\cos(x)^{999}", "1")
+# math-verify simplifies this for minutes, and no shortcut decides it (against gold "1" the pred differs at the
+# probe point, so `math_verify_rejects` answers at once).
+SLOW = (r"\sin(x)^{999}+\cos(x)^{999}", r"\sin(y)^{2}+\cos(y)^{2}")
 
 
 def run(coro):
