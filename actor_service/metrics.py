@@ -48,6 +48,10 @@ class ActorMetrics:
 
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
+
+        def latency(name: str, doc: str) -> Histogram:
+            return Histogram(name, doc, buckets=_LATENCY_BUCKETS, registry=r)
+
         self.tokens = Counter("tbrm_actor_tokens_generated", "Response tokens generated", registry=r)
         self.trajectories = Counter(
             "tbrm_actor_trajectories", "Trajectories inserted into the buffer", registry=r
@@ -59,23 +63,10 @@ class ActorMetrics:
         self.prompts_given_back = Counter(
             "tbrm_actor_prompts_given_back", "Prompts returned to the queue unfinished", registry=r
         )
-        self.batch_latency = Histogram(
-            "tbrm_actor_batch_seconds",
-            "vLLM generate latency per batch",
-            buckets=_LATENCY_BUCKETS,
-            registry=r,
-        )
-        self.grade_latency = Histogram(
-            "tbrm_actor_grade_seconds",
-            "Reward service latency per batch",
-            buckets=_LATENCY_BUCKETS,
-            registry=r,
-        )
-        self.insert_latency = Histogram(
-            "tbrm_actor_insert_seconds",
-            "Buffer insert latency per batch (rate-limiter waits included)",
-            buckets=_LATENCY_BUCKETS,
-            registry=r,
+        self.batch_latency = latency("tbrm_actor_batch_seconds", "vLLM generate latency per batch")
+        self.grade_latency = latency("tbrm_actor_grade_seconds", "Reward service latency per batch")
+        self.insert_latency = latency(
+            "tbrm_actor_insert_seconds", "Buffer insert latency per batch (rate-limiter waits included)"
         )
         self.tokens_per_s = Gauge(
             "tbrm_actor_tokens_per_second", "Generated tokens/s over the last minute", registry=r
@@ -87,17 +78,11 @@ class ActorMetrics:
             "tbrm_actor_policy_version", "Weights version the engine serves", registry=r
         )
         self.weight_updates = Counter("tbrm_actor_weight_updates", "Weight updates applied", registry=r)
-        self.update_latency = Histogram(
-            "tbrm_actor_weight_apply_seconds",
-            "Time to apply new weights to the running engine",
-            buckets=_LATENCY_BUCKETS,
-            registry=r,
+        self.update_latency = latency(
+            "tbrm_actor_weight_apply_seconds", "Time to apply new weights to the running engine"
         )
-        self.receive_latency = Histogram(
-            "tbrm_actor_weight_receive_seconds",
-            "Time to receive and verify a pushed weights body",
-            buckets=_LATENCY_BUCKETS,
-            registry=r,
+        self.receive_latency = latency(
+            "tbrm_actor_weight_receive_seconds", "Time to receive and verify a pushed weights body"
         )
         self.weight_bytes = Counter(
             "tbrm_actor_weight_bytes_received", "Weight push bytes received", registry=r
