@@ -36,8 +36,8 @@ BASE_CHILD_ENV = {
 }
 
 
-INHERITED_DIST_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-"""torch.distributed's launcher variables, never passed on: the local learner is one process that picks a free
+DIST_LAUNCHER_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+"""torch.distributed's launcher variables, never passed on to the services: the local learner is one process that picks a free
 rendezvous port itself (`learner.engine.ensure_single_process_env`). Inherited from the calling shell (a torchrun
 or SLURM job, a notebook or test process with a live process group) they point it at a port that is taken, and
 every restart failed the same way (EADDRINUSE) until the crash-loop limit ended the run."""
@@ -88,8 +88,8 @@ def own_health_check(p: topology.Process, sup: Supervisor) -> Callable[[], bool]
 def base_env(token: str, extra: Mapping[str, str], torch_extensions_dir: Path) -> dict[str, str]:
     """What every process of the run inherits: this environment, `BASE_CHILD_ENV` and `extra` (tracker variables)
     where the environment does not set them, the compiled-ops cache and the run's bearer token; not the
-    torch.distributed launcher variables (`INHERITED_DIST_ENV`)."""
-    env = {k: v for k, v in os.environ.items() if k not in INHERITED_DIST_ENV}
+    torch.distributed launcher variables (`DIST_LAUNCHER_ENV`)."""
+    env = {k: v for k, v in os.environ.items() if k not in DIST_LAUNCHER_ENV}
     env.update({k: v for k, v in BASE_CHILD_ENV.items() if k not in os.environ})
     env.setdefault("TORCH_EXTENSIONS_DIR", str(torch_extensions_dir))
     env[topology.ENV_AUTH_TOKEN] = token

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from deploy.local_services import INHERITED_DIST_ENV, base_env
+from deploy.local_services import DIST_LAUNCHER_ENV, base_env
+from learner.engine import ensure_single_process_env
 
 
 def test_torch_distributed_launcher_variables_are_not_inherited(monkeypatch: pytest.MonkeyPatch,
@@ -24,18 +25,16 @@ def test_torch_distributed_launcher_variables_are_not_inherited(monkeypatch: pyt
             monkeypatch.setenv(k, v)
         monkeypatch.setenv("TBRM_SOME_SETTING", "kept")
         env = base_env("token", {}, tmp_path)
-    assert not set(INHERITED_DIST_ENV) & set(env)
+    assert not set(DIST_LAUNCHER_ENV) & set(env)
     assert env["TBRM_SOME_SETTING"] == "kept"
     assert env["DS_ACCELERATOR"] and env["TORCH_EXTENSIONS_DIR"]  # the rest of the base environment is there
 
 
 def test_the_learner_picks_its_own_rendezvous_port_without_them(monkeypatch: pytest.MonkeyPatch) -> None:
-    from learner.engine import ensure_single_process_env
-
-    for k in INHERITED_DIST_ENV:  # set, then removed: the undo then also removes what the learner sets
+    for k in DIST_LAUNCHER_ENV:  # set, then removed: the undo then also removes what the learner sets
         monkeypatch.setenv(k, "")
         monkeypatch.delenv(k)
-    ensure_single_process_env()  # monkeypatch removes what it sets when the test ends
+    ensure_single_process_env()
     port = int(os.environ["MASTER_PORT"])
     with socket.socket() as s:  # free: the learner can listen there
         s.bind(("127.0.0.1", port))
