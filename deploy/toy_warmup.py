@@ -6,10 +6,11 @@ Why here (deploy) and not in the actor service: the warm-up is a training stage 
 and nothing but deploy (and the tests) builds the toy model.
 
 Targets: a short column-arithmetic scratchpad ending in the boxed answer (see `toy_response`), at most 30 tokens
-with the eos token ``<|im_end|>``: ``"37+45:7+5=12,3+4+1=8. \\boxed{82}"``. Answers printed directly
-(``"37+45=82. \\boxed{82}"``) learned far slower (3% held-out accuracy after 1000 steps, against 28% after 360
-with the scratchpad). Prompts are rendered exactly as the actor renders them: `TOY_SYSTEM_PROMPT`, then
-`apply_chat_template([system, user], add_generation_prompt=True)`.
+with the eos token ``<|im_end|>``: ``"37+45:7+5=12,3+4+1=8. \\boxed{82}"``,
+``"-:45-37:15-7=8,4-3-1=0. \\boxed{-8}"``. Answers printed directly (``"37+45=82. \\boxed{82}"``) learned far
+slower (3% held-out accuracy after 1000 steps, against 28% after 360 with the scratchpad). Prompts are rendered
+exactly as the actor renders them: `TOY_SYSTEM_PROMPT`, then `apply_chat_template([system, user],
+add_generation_prompt=True)`.
 
 Training: AdamW on (templated prompt, target) pairs, loss on response tokens only, held-out accuracy checked every
 20 steps, every 4 once it passes 8% (teacher-forced exact match, then confirmed by real greedy decoding), stop at
@@ -67,11 +68,15 @@ _BOXED = r"\\boxed\{([^{}]*)\}"
 def toy_response(question: str, gold: str) -> str:
     """Target response of the warm-up: a short column-arithmetic scratchpad, then the boxed answer.
 
-    ``37+45`` -> ``"37+45:7+5=12,3+4+1=8. \\boxed{82}"``; ``37-45`` -> ``"45-37:15-7=8,4-3-1=0. \\boxed{-8}"``
-    (subtraction is worked larger-minus-smaller, with the borrow written out). Every scratch token depends on
-    at most three digits at fixed offsets, so a tiny model learns it in a few hundred steps; printing the
-    answer directly (most significant digit first, carry hidden) took several times longer to reach the same
-    accuracy. Problems the scratchpad does not cover (other shapes) fall back to ``"\\boxed{gold}"``.
+    ``37+45`` -> ``"37+45:7+5=12,3+4+1=8. \\boxed{82}"``; ``37-45`` -> ``"-:45-37:15-7=8,4-3-1=0. \\boxed{-8}"``,
+    ``45-37`` -> ``"+:45-37:15-7=8,4-3-1=0. \\boxed{8}"``: subtraction is worked larger-minus-smaller, with the
+    borrow written out, after a sign token that says whether the operands are swapped. Every scratch token
+    depends on at most three digits at fixed offsets, so a tiny model learns it in a few hundred steps; printing
+    the answer directly (most significant digit first, carry hidden) took several times longer to reach the same
+    accuracy. The sign token makes the one comparison a decision RL can credit: without it the swap hid in the
+    first copied digit, and on builds that had not learned it RL settled on never (or always) swapping: 0 of 51
+    negative results and +34 points in 5 minutes on one build, against +49.5 with the sign on the same machine.
+    Problems the scratchpad does not cover (other shapes) fall back to ``"\\boxed{gold}"``.
     """
     m = re.search(r"(\d+)\s*([-+])\s*(\d+)", question)
     if not m or len(m.group(1)) != 2 or len(m.group(3)) != 2:
@@ -87,7 +92,8 @@ def toy_response(question: str, gold: str) -> str:
     top = x % 10 + 10 * borrow
     units = top - y % 10
     tens = x // 10 - y // 10 - borrow
-    return f"{x}-{y}:{top}-{y % 10}={units},{x // 10}-{y // 10}-{borrow}={tens}. \\boxed{{{gold}}}"
+    sign = "-" if a < b else "+"
+    return f"{sign}:{x}-{y}:{top}-{y % 10}={units},{x // 10}-{y // 10}-{borrow}={tens}. \\boxed{{{gold}}}"
 
 
 def boxed_answer(text: str) -> str | None:

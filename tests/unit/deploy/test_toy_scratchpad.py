@@ -1,0 +1,39 @@
+"""deploy.toy_warmup.toy_response: the warm-up's target scratchpad is arithmetic that checks out, for every 2-digit
+pair, and subtraction starts with the sign token that says whether the operands were swapped."""
+
+from __future__ import annotations
+
+import re
+
+from deploy.toy_warmup import boxed_answer, toy_response
+
+_SUB = re.compile(r"^([+-]):(\d\d)-(\d\d):(\d+)-(\d)=(\d+),(\d)-(\d)-([01])=(-?\d+)\. \\boxed\{(-?\d+)\}$")
+_ADD = re.compile(r"^(\d\d)\+(\d\d):(\d)\+(\d)=(\d+),(\d)\+(\d)\+([01])=(\d+)\. \\boxed\{(\d+)\}$")
+
+
+def test_subtraction_scratchpad_is_signed_and_correct() -> None:
+    for a, b in ((a, b) for a in range(10, 100) for b in range(10, 100)):
+        text = toy_response(f"What is {a}-{b}?", str(a - b))
+        m = _SUB.match(text)
+        assert m, text
+        sign, x, y, top, yu, units, xt, yt, borrow, tens, boxed = m.groups()
+        assert sign == ("-" if a < b else "+")
+        assert (int(x), int(y)) == (max(a, b), min(a, b))
+        assert int(top) - int(yu) == int(units) and int(top) == int(x) % 10 + 10 * int(borrow)
+        assert int(xt) - int(yt) - int(borrow) == int(tens) and 10 * int(tens) + int(units) == int(x) - int(y)
+        assert int(boxed) == a - b == int(boxed_answer(text))
+
+
+def test_addition_scratchpad_has_no_sign_and_is_correct() -> None:
+    for a, b in ((a, b) for a in range(10, 100) for b in range(10, 100)):
+        text = toy_response(f"What is {a}+{b}?", str(a + b))
+        m = _ADD.match(text)
+        assert m, text
+        _, _, au, bu, units, at, bt, carry, tens, boxed = m.groups()
+        assert int(au) + int(bu) == int(units) and int(carry) == int(units) // 10
+        assert int(at) + int(bt) + int(carry) == int(tens) and int(boxed) == a + b
+
+
+def test_other_shapes_fall_back_to_the_boxed_answer() -> None:
+    assert toy_response("What is 7-3?", "4") == "\\boxed{4}"
+    assert toy_response("What is 123+4?", "127") == "\\boxed{127}"
