@@ -1,6 +1,7 @@
 """Replay study on the default toy run: reuse 1 / 2 / 4, fifo / uniform / |delta|-prioritized, GRPO as reference.
 
-    python bench/replay_bench.py [--minutes 1.25] [--seeds 3] [--target-gain 30] [--variants r1_fifo,...]
+    python bench/replay_bench.py [--minutes 1.25] [--seeds 3] [--first-seed 0] [--target-gain 30]
+                                 [--variants r1_fifo,...]
     make bench-replay
 
 Every run is a full `tbrm up` (configs/toy.toml, own Redis, reward, buffer API, one actor, learner) with a short
@@ -159,6 +160,8 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--minutes", type=float, default=1.25, help="budget of each run (launch to end of training)")
     p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--first-seed", type=int, default=0, help="seeds run: first-seed .. first-seed + seeds - 1 (add "
+                   "seeds to an earlier study, then --rescore the runs together)")
     p.add_argument("--target-gain", type=float, default=30.0)
     p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS))
     p.add_argument("--eval-interval", type=float, default=10.0)
@@ -178,7 +181,7 @@ def main() -> int:
     variants = selected_variants(p, args.variants, VARIANTS)
     root = new_runs_root(args.runs_dir)
     rows, loads = [], []
-    for seed in range(args.seeds):
+    for seed in range(args.first_seed, args.first_seed + args.seeds):
         for v in variants:
             print(f"[{time.strftime('%H:%M:%S')}] {v} seed {seed} ({args.minutes:g} min) ...", flush=True)
             r = score(run_one(v, seed, args.minutes, root, args.eval_interval), args.target_gain)
