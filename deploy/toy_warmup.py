@@ -75,7 +75,7 @@ def toy_response(question: str, gold: str) -> str:
     the answer directly (most significant digit first, carry hidden) took several times longer to reach the same
     accuracy. The sign token makes the one comparison a decision RL can credit: without it the swap hid in the
     first copied digit, and on builds that had not learned it RL settled on never (or always) swapping: 0 of 51
-    negative results and +34 points in 5 minutes on one build, against +49.5 with the sign on the same machine.
+    negative results and +34 points in 5 minutes on one build, against +45 to +49.5 (three runs) with the sign.
     Problems the scratchpad does not cover (other shapes) fall back to ``"\\boxed{gold}"``.
     """
     m = re.search(r"(\d+)\s*([-+])\s*(\d+)", question)
