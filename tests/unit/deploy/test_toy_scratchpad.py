@@ -3,16 +3,18 @@ pair, and subtraction starts with the sign token that says whether the operands 
 
 from __future__ import annotations
 
+import itertools
 import re
 
 from deploy.toy_warmup import boxed_answer, toy_response
 
 _SUB = re.compile(r"^([+-]):(\d\d)-(\d\d):(\d+)-(\d)=(\d+),(\d)-(\d)-([01])=(-?\d+)\. \\boxed\{(-?\d+)\}$")
 _ADD = re.compile(r"^(\d\d)\+(\d\d):(\d)\+(\d)=(\d+),(\d)\+(\d)\+([01])=(\d+)\. \\boxed\{(\d+)\}$")
+_PAIRS = list(itertools.product(range(10, 100), repeat=2))
 
 
 def test_subtraction_scratchpad_is_signed_and_correct() -> None:
-    for a, b in ((a, b) for a in range(10, 100) for b in range(10, 100)):
+    for a, b in _PAIRS:
         text = toy_response(f"What is {a}-{b}?", str(a - b))
         m = _SUB.match(text)
         assert m, text
@@ -25,7 +27,7 @@ def test_subtraction_scratchpad_is_signed_and_correct() -> None:
 
 
 def test_addition_scratchpad_has_no_sign_and_is_correct() -> None:
-    for a, b in ((a, b) for a in range(10, 100) for b in range(10, 100)):
+    for a, b in _PAIRS:
         text = toy_response(f"What is {a}+{b}?", str(a + b))
         m = _ADD.match(text)
         assert m, text
