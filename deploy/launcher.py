@@ -3,9 +3,10 @@
 What it does, top to bottom (`run_cluster`):
 
 1. Resolve the run config (`deploy/run_config.py`), create the run directory (`deploy/run_dir.py`), build the toy
-   model if a service uses it (`deploy/prepare.py`), pick ports (the documented defaults where free, else free ones;
-   `run.ports = "free"`: OS-assigned ones; reserved against other launchers on the machine, `deploy/ports.py`) and a
-   random bearer token (`TBRM_AUTH_TOKEN`, unless one is set).
+   model if a service uses it (`deploy/prepare.py`), fill the caches a machine's first run would otherwise fill
+   inside its budget (`deploy/first_run.py`: DeepSpeed's compiled comm op, vLLM's model inspection), pick ports (the
+   documented defaults where free, else free ones; `run.ports = "free"`: OS-assigned ones; reserved against other
+   launchers on the machine, `deploy/ports.py`) and a random bearer token (`TBRM_AUTH_TOKEN`, unless one is set).
 2. Start the processes of `deploy/topology.local_plan` (the single source of truth for commands, ports and health)
    as the specs of `deploy/local_services.py` (environment, thread budget, health checks, restart policy), each
    gated on its health check by `deploy/supervisor.py`: redis-server (own dir in the run directory, AOF) and the
@@ -34,13 +35,15 @@ import sys
 import threading
 import time
 from concurrent.futures import Future
+from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 
-from common.files import tbrm_home
+from common.files import toy_model_dir
 from deploy import topology
 from deploy.dashboard import Collector, Dashboard, Snapshot
+from deploy.first_run import extensions_dir, warm
 from deploy.local_services import base_env, build_specs, redis_server_binary
 from deploy.ports import PortReservations, pick_ports
 from deploy.prepare import apply_thread_counts, ensure_model, load_prompts, load_queue
@@ -110,6 +113,7 @@ class Cluster:
         cfg["learner"].setdefault("report_to", list(run.report_to))
         cfg["learner"].setdefault("tensorboard_dir", str(self.rd.tensorboard / "learner"))
         ensure_model(cfg, say=self.console.print)
+        warm(Path(cfg["actor"].get("model_dir") or toy_model_dir()), extensions_dir(), say=self.console.print)
         self.rd.write_config(dump_toml(cfg))
         self.tracker = ClusterTracker(run.report_to, self.rd.path, dump_toml(cfg))
         plan = topology.local_plan(
@@ -120,7 +124,7 @@ class Cluster:
         actor0 = next(iter(self.actor_urls.values()))
         self.evals = RunEvals(run, cfg, self.ports, actor0, self.state, self.rd, self.tracker, self._message)
         env = {
-            **base_env(self.token, child_env(run.report_to, self.rd.path), tbrm_home() / "torch_extensions"),
+            **base_env(self.token, child_env(run.report_to, self.rd.path), extensions_dir()),
             **topology.shared_env("local", self.ports, run_config=str(self.rd.config_path)),
         }
         self.run_info = {

@@ -3,7 +3,8 @@
 - **initial**: in the background as soon as actor 0 answers, on policy version 0 (`initial_accuracy`); the learner's
   first push needs a trained step, i.e. the actors' first graded batch, so the eval's single engine call is queued on
   version 0 while the learner starts;
-- **periodic**: every `run.eval_interval_s`, in the background, without pausing the learner;
+- **periodic**: every `run.eval_interval_s`, in the background, without pausing the learner, unless actor 0 still
+  serves the version the last evaluation measured;
 - **final**: after the learner stopped and every live actor serves its last published weights (`sync_actors`).
 
 One `/v1/generate` call runs on one weights version (pushes land between engine calls), so a held-out set that fits
@@ -153,12 +154,20 @@ class RunEvals:
         self.kind = "periodic"
 
     def maybe_start(self) -> None:
-        """Collect a finished evaluation; start the next one when `eval_interval_s` has passed."""
+        """Collect a finished evaluation; start the next one when `eval_interval_s` has passed and actor 0 serves
+        weights the last evaluation did not measure (an evaluation takes engine time from generation: on a slow
+        machine the learner's first push can come after the first interval)."""
         self.collect()
         now = time.monotonic()
-        if self.future is None and now - self.last_at >= self.run.eval_interval_s:
+        if self.future is None and now - self.last_at >= self.run.eval_interval_s and not self.measured():
             self.last_at = now
             self.future = self.pool.submit(self.eval_now)
+
+    def measured(self) -> bool:
+        """True when the last evaluation ran on the version actor 0 serves now (as of the last poll)."""
+        snap = self.state.last_snapshot
+        served = next((a.policy_version for a in snap.actors if a.url == self.actor_url), None) if snap else None
+        return served is not None and bool(self.state.evals) and self.state.evals[-1].policy_version == served
 
     def final(self, collector: Collector | None, token: str) -> None:
         """After the learner stopped: the actors on its last weights, then the final evaluation."""
