@@ -41,14 +41,14 @@ def test_overrides_sync_loss_steps(tmp_path: Path) -> None:
     assert run.actors == 3 and run.sync and run.steps == 7
     assert cfg["learner"]["lr"] == 1e-4 and cfg["learner"]["loss"]["beta"] == 0.02
     assert cfg["learner"]["sync"] and cfg["actor"]["sync"] and cfg["learner"]["max_steps"] == 7
-    # sync generates one learner batch per version (the toy's 64-prompt actor batches would be mostly discarded)
+    # sync generates one learner batch per version (the toy's 256 sequences in flight would be mostly discarded)
     assert cfg["actor"]["prompts_per_batch"] * cfg["actor"].get("n_samples_per_prompt", 1) == 16
     _, async_cfg = resolve(user, {"run": {"steps": 7}})
-    assert async_cfg["actor"]["prompts_per_batch"] == 64
+    assert async_cfg["actor"]["prompts_per_batch"] == 256
     _, grpo = resolve(None, {"run": {"loss": "grpo"}})
     assert grpo["learner"]["loss"] == {"kind": "grpo"}
-    # GRPO needs groups: 64 x 1 becomes 16 prompts x 4 samples (same trajectories per batch)
-    assert grpo["actor"]["n_samples_per_prompt"] == 4 and grpo["actor"]["prompts_per_batch"] == 16
+    # GRPO needs groups: 256 x 1 becomes 64 prompts x 4 samples (same sequences in flight)
+    assert grpo["actor"]["n_samples_per_prompt"] == 4 and grpo["actor"]["prompts_per_batch"] == 64
 
 
 def test_batch_shapes_use_the_settings_defaults_not_guesses() -> None:
