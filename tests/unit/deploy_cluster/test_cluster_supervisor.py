@@ -143,6 +143,9 @@ def test_launcher_ports_and_thread_budget() -> None:
     from deploy.run_config import RunSection
 
     with socket.socket() as s:  # occupy the default reward port: the launcher must move it, not fail
+        # SO_REUSEADDR: a TIME_WAIT socket of a run that just ended must not make this bind fail while the port
+        # is in fact free (pick_ports, like the services, reuses such a port)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(("127.0.0.1", 8001))
             s.listen()
