@@ -1,4 +1,5 @@
-"""Files on disk: the `$TBRM_HOME` cache folder, the toy model's place in it, and file digests (standard library)."""
+"""Files on disk: the `$TBRM_HOME` cache folder, the toy model's and the compiled ops' places in it, and file
+digests (standard library)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,12 @@ def tbrm_home() -> Path:
 def toy_model_dir() -> Path:
     """`$TBRM_HOME/models/toy`: where the toy model is built and cached (the actor's and the learner's default)."""
     return tbrm_home() / "models" / "toy"
+
+
+def torch_extensions_dir() -> Path:
+    """Where DeepSpeed's compiled ops are cached: `$TORCH_EXTENSIONS_DIR`, else `$TBRM_HOME/torch_extensions` (the
+    learner's default, and what `tbrm up` gives every service)."""
+    return Path(os.environ.get("TORCH_EXTENSIONS_DIR") or tbrm_home() / "torch_extensions")
 
 
 def file_sha256(path: str | Path) -> str:

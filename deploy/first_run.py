@@ -68,13 +68,6 @@ def fill(model_dir: Path) -> None:
     EngineArgs(model=str(model_dir), max_model_len=64).create_model_config()
 
 
-def extensions_dir() -> Path:
-    """The compiled-ops cache every service of a local run uses (`deploy.local_services.base_env`)."""
-    from common.files import tbrm_home
-
-    return Path(os.environ.get("TORCH_EXTENSIONS_DIR") or tbrm_home() / "torch_extensions")
-
-
 def warm(model_dir: Path, extensions_dir: Path, say: Callable[[str], None] = log.info) -> bool:
     """Fill the caches once per install and model (see the module docstring); True when they are (now) filled."""
     marker = marker_path(model_dir, extensions_dir)

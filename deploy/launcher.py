@@ -40,10 +40,10 @@ from typing import Any
 
 from rich.console import Console
 
-from common.files import toy_model_dir
+from common.files import torch_extensions_dir, toy_model_dir
 from deploy import topology
 from deploy.dashboard import Collector, Dashboard, Snapshot
-from deploy.first_run import extensions_dir, warm
+from deploy.first_run import warm
 from deploy.local_services import base_env, build_specs, redis_server_binary
 from deploy.ports import PortReservations, pick_ports
 from deploy.prepare import apply_thread_counts, ensure_model, load_prompts, load_queue
@@ -113,7 +113,7 @@ class Cluster:
         cfg["learner"].setdefault("report_to", list(run.report_to))
         cfg["learner"].setdefault("tensorboard_dir", str(self.rd.tensorboard / "learner"))
         ensure_model(cfg, say=self.console.print)
-        warm(Path(cfg["actor"].get("model_dir") or toy_model_dir()), extensions_dir(), say=self.console.print)
+        warm(Path(cfg["actor"].get("model_dir") or toy_model_dir()), torch_extensions_dir(), say=self.console.print)
         self.rd.write_config(dump_toml(cfg))
         self.tracker = ClusterTracker(run.report_to, self.rd.path, dump_toml(cfg))
         plan = topology.local_plan(
@@ -124,7 +124,7 @@ class Cluster:
         actor0 = next(iter(self.actor_urls.values()))
         self.evals = RunEvals(run, cfg, self.ports, actor0, self.state, self.rd, self.tracker, self._message)
         env = {
-            **base_env(self.token, child_env(run.report_to, self.rd.path), extensions_dir()),
+            **base_env(self.token, child_env(run.report_to, self.rd.path), torch_extensions_dir()),
             **topology.shared_env("local", self.ports, run_config=str(self.rd.config_path)),
         }
         self.run_info = {

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from common.files import tbrm_home
+from common.files import torch_extensions_dir
 from learner.checkpoints import latest_checkpoint, set_rng_state
 from learner.collectives import default_accelerator
 from learner.model import load_causal_lm
@@ -46,7 +46,7 @@ def configure_environment() -> None:
     """DeepSpeed's accelerator follows the hardware (cuda with a GPU, else cpu) unless DS_ACCELERATOR is set, and a
     persistent cache for its compiled ops (the first build takes ~25 s)."""
     os.environ.setdefault("DS_ACCELERATOR", default_accelerator())
-    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(tbrm_home() / "torch_extensions"))
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(torch_extensions_dir()))
     clear_stale_build_locks(Path(os.environ["TORCH_EXTENSIONS_DIR"]))
     ensure_single_process_env()
 

@@ -8,13 +8,14 @@ from pathlib import Path
 
 import pytest
 
+from common.files import torch_extensions_dir
 from deploy import first_run
 
 
 def test_warm_fills_both_caches_once(toy_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     vllm_cache = tmp_path / "vllm"
     monkeypatch.setenv("VLLM_CACHE_ROOT", str(vllm_cache))
-    ext = first_run.extensions_dir()  # the suite's shared op cache: compiled once per machine, as for the learner
+    ext = torch_extensions_dir()  # the suite's shared op cache: compiled once per machine, as for the learner
     marker = first_run.marker_path(toy_model_dir, ext)
     existed = marker.exists()  # an earlier `tbrm up` of the suite warmed this install: measure from scratch
     marker.unlink(missing_ok=True)
