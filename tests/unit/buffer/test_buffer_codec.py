@@ -92,14 +92,24 @@ def spans_of(data: bytes) -> dict[str, tuple[str, int, int, int]]:
 
 
 def test_compressed_ids_keep_their_two_low_bytes_raw() -> None:
-    # Written now: u32 count | the low 16 bits of the ids raw | raw deflate of the higher planes (packing SPLIT16)
-    t = traj(1024).model_copy(update={"response_token_ids": zipf_ids(1024, 151_646, 2)})
+    # Written now for 3-byte ids below 2^20: u32 count | u8 bits | the low 16 bits of the ids raw | the third
+    # bytes packed `bits` to a value, the first in the highest bits (packing BITS)
+    t = traj(1024).model_copy(update={"response_token_ids": zipf_ids(1023, 151_646, 2) + [151_645]})
     data = codec.encode(t)
     code, packing, off, nbytes = spans_of(data)["response_token_ids"]
-    assert (code, packing) == ("T", codec.SPLIT16)
-    low = np.array(t.response_token_ids, dtype=np.uint32).astype("<u2").tobytes()
-    assert data[off:off + 4 + 2048] == (1024).to_bytes(4, "little") + low
+    assert (code, packing, nbytes) == ("T", codec.BITS, 5 + 2048 + 256)
+    ids = np.array(t.response_token_ids, dtype=np.uint32)
+    third = (ids >> 16).reshape(-1, 4)
+    packed = (third[:, 0] << 6 | third[:, 1] << 4 | third[:, 2] << 2 | third[:, 3]).astype(np.uint8).tobytes()
+    assert data[off:off + nbytes] == (1024).to_bytes(4, "little") + b"\x02" + ids.astype("<u2").tobytes() + packed
     assert codec.view(data).array("response_token_ids").tolist() == t.response_token_ids
+    # 3-byte ids whose third byte reaches 16 (a vocabulary above 2^20): the third bytes deflated (SPLIT16)
+    huge = t.model_copy(update={"response_token_ids": [i * 16_411 % 2**24 for i in range(1024)]})
+    code, packing, off, _ = spans_of(codec.encode(huge))["response_token_ids"]
+    assert (code, packing) == ("T", codec.SPLIT16)
+    ids = np.array(huge.response_token_ids, dtype=np.uint32).astype("<u2").tobytes()
+    assert codec.encode(huge)[off:off + 4 + 2048] == (1024).to_bytes(4, "little") + ids
+    assert codec.decode(codec.encode(huge)) == huge
     neg = t.model_copy(update={"response_token_ids": [-(i % 7) * 70_000 for i in range(1024)]})  # int32 planes
     assert spans_of(codec.encode(neg))["response_token_ids"][:2] == ("i", codec.SPLIT16)
     assert codec.view(codec.encode(neg)).array("response_token_ids").tolist() == neg.response_token_ids
@@ -121,6 +131,21 @@ def _respan(data: bytes, field: str, packing: int, blob: bytes) -> bytes:
     codec._SPAN3.pack_into(table, k * codec._SPAN3.size, codec._BLOB_FIELDS.index(field), code.encode(), packing,
                            len(blob))
     return data[:8] + bytes(table) + data[8 + len(table):off] + blob + data[off + nbytes:]
+
+
+@pytest.mark.parametrize("top,bits", [(65_536, 1), (131_071, 1), (131_072, 2), (262_143, 2), (262_144, 4),
+                                      (2**20 - 1, 4)])
+@pytest.mark.parametrize("n", [64, 65, 66, 67, 1021])
+def test_bit_packed_third_bytes_take_the_fewest_bits(top: int, bits: int, n: int) -> None:
+    # n not a multiple of the ids per byte: the last byte is padded, and reading drops the padding
+    ids = [top - i * 7919 % (top - 65_535) for i in range(n)]
+    t = traj(n).model_copy(update={"response_token_ids": ids})
+    data = codec.encode(t)
+    code, packing, off, nbytes = spans_of(data)["response_token_ids"]
+    assert (code, packing, data[off + 4]) == ("T", codec.BITS, bits)
+    assert nbytes == 5 + 2 * n + -(-n * bits // 8)
+    assert codec.view(data).array("response_token_ids").tolist() == ids
+    assert codec.decode(data) == t
 
 
 @pytest.mark.parametrize("ids", [zipf_ids(300, 151_646, 3), [-(i % 7) * 70_000 for i in range(300)]])
@@ -237,6 +262,8 @@ def test_garbage_raises_decode_error(data: bytes) -> None:
 @pytest.mark.parametrize("code,packing,blob", [
     *(("H", codec.SPLIT, b) for b in (b"\x09\x00\x00\x00ab", b"\x01\x00", b"\x02\x00\x00\x00ab\x00",
                                       b"\x02\x00\x00\x00ab" + zlib.compress(b"xyz")[2:-4])),
+    *(("T", codec.BITS, b) for b in (b"\x04\x00\x00\x00\x02abcdefgh", b"\x04\x00\x00\x00\x03abcdefgh\x00",
+                                     b"\x04\x00\x00\x00\x02abcdefgh\x00\x00", b"\x04\x00\x00\x00", b"\x01")),
     *(("T", codec.SPLIT16, b) for b in (b"\x09\x00\x00\x00abcd", b"\x01\x00", b"\x02\x00\x00\x00abcd\x00",
                                         b"\x02\x00\x00\x00abcd" + zlib.compress(b"xyz")[2:-4],
                                         b"\x01\x00\x00\x00ab" + zlib.compress(b"xy")[2:-4])),
@@ -285,19 +312,29 @@ def test_keys_of_one_table_or_queue_share_a_cluster_slot() -> None:
 
 
 def test_batch_decode_of_token_arrays_matches_each_item() -> None:
-    # codec.arrays widens the SPLIT16 ids of a whole batch at once; any other layout in the batch: item by item
-    items = [traj(64 + 37 * k, seed=k).model_copy(update={"response_token_ids": zipf_ids(64 + 37 * k, 151_646, k)})
-             for k in range(5)]
-    views = [codec.view(codec.encode(t)) for t in items]
-    got = codec.arrays(views, "response_token_ids")
-    assert [a.tolist() for a in got] == [t.response_token_ids for t in items]
-    assert all(a.dtype == np.uint32 and not a.flags.writeable for a in got)
-    mixed = [*views, codec.view(codec.encode(items[0], StorageConfig(compress_token_ids=False)))]
-    assert [a.tolist() for a in codec.arrays(mixed, "response_token_ids")] == [
-        t.response_token_ids for t in [*items, items[0]]]
+    # codec.arrays widens the 3-byte ids (BITS, SPLIT16) of a whole batch at once; any other layout: item by item
+    def item(k: int, vocab: int = 151_646) -> Trajectory:
+        ids = zipf_ids(64 + 37 * k, vocab, k)
+        return traj(len(ids), seed=k).model_copy(update={"response_token_ids": ids[:-1] + [vocab - 1]})
+
+    def check(items: list[Trajectory], packings: set[int], wide: bool = True, **storage: bool,
+              ) -> list[codec.TrajectoryView]:
+        views = [codec.view(codec.encode(t, StorageConfig(**storage))) for t in items]
+        assert {v._spans["response_token_ids"][1] for v in views} == packings
+        got = codec.arrays(views, "response_token_ids")
+        assert [a.tolist() for a in got] == [t.response_token_ids for t in items]
+        assert all((a.dtype == np.uint32 or not wide) and not a.flags.writeable for a in got)
+        return views
+
+    views = check([item(k) for k in range(5)], {codec.BITS})
+    check([item(k, 2**20) for k in range(3)] + [item(k) for k in range(2)], {codec.BITS})  # 4 and 2 bits
+    check([item(k, 2**24) for k in range(3)] + [item(k) for k in range(2)], {codec.BITS, codec.SPLIT16})
+    check([item(k, 2**24) for k in range(3)], {codec.SPLIT16})
+    check([item(0), item(1, 60_000)], {codec.BITS, codec.RAW}, wide=False)  # uint16 ids: item by item
+    check([item(0), item(1)], {codec.RAW}, wide=False, compress_token_ids=False)
     assert codec.arrays(views, "ref_logprobs") == [None] * 5
-    code, packing, off, nbytes = spans_of(codec.encode(items[1]))["response_token_ids"]
-    data = bytearray(codec.encode(items[1]))
+    code, packing, off, nbytes = spans_of(codec.encode(item(1, 2**24)))["response_token_ids"]
+    data = bytearray(codec.encode(item(1, 2**24)))
     data[off + nbytes - 3:off + nbytes] = b"\xff\xff\xff"  # a broken deflate stream in one item
     with pytest.raises(codec.TrajectoryDecodeError, match="response_token_ids"):
         codec.arrays([views[0], codec.view(bytes(data))], "response_token_ids")
