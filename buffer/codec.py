@@ -3,13 +3,13 @@
 Codec format 3 (written now): the magic ``b"TB\x03"``, a little-endian u32 header length, a fixed-width span
 table, a msgpack map of the scalar fields, then a blob: token ids packed as uint16 when they fit, else 3 bytes
 (ids below 2^24: every tokenizer in use) or uint32, and by default split into byte planes, the low 16 bits kept raw
-(the lowest byte plane for uint16 ids) and the higher planes deflated (exact; `StorageConfig.compress_token_ids`);
-behaviour log-probs as float32 (exact for
+(the lowest byte plane for uint16 ids) and the higher planes packed: the third byte of ids below 2^20 in 1, 2 or 4
+bits, wider planes deflated (exact; `StorageConfig.compress_token_ids`); behaviour log-probs as float32 (exact for
 values that came from vLLM or torch, which compute in float32; a float64 input is rounded) or float16
 (`StorageConfig.logprob_dtype`, lossy); texts above 512 bytes zlib-compressed (level 1), or not stored
 (`StorageConfig.store_texts`). `TrajectoryView` reads it without parsing more than it needs: raw arrays are numpy
-views of the stored bytes (3-byte ids are widened, compressed ids inflated and joined on access, vectorized:
-~7 us per 1K ids), texts and `Trajectory` objects are built only on demand (the learner's hot path needs neither).
+views of the stored bytes (3-byte ids are widened, compressed ids unpacked and joined on access, vectorized:
+~5 us per 1K ids in a 32-item batch), texts and `Trajectory` objects are built only on demand (the learner's hot path needs neither).
 Encoding costs ~90-110 us per 1K-token item with the defaults, most of it zlib on the texts (~30 us) and turning
 Python lists into arrays (~15 us); ~60 us without texts. Format 2 (``b"TB\x02"``: the same without compression codes) and format 1
 (``b"TB\x01"``: one msgpack map, int32 / float64 arrays) are still read.
@@ -88,12 +88,12 @@ def unpack_floats(data: bytes) -> list[float]:
 # of each id in b bits, 8 / b ids per byte, the first in the highest bits (ceil(n b / 8) bytes; Qwen2.5's
 # 151,646 ids take b = 2, Llama 3's 128,256 b = 1). BITS replaced SPLIT16 for these ids because reading them is
 # the learner's hot path: a batch's third bytes are widened by one table lookup per packed byte instead of one
-# inflate per item (32 x 1K ids: ~50 vs ~330 us; ~150 B more per 1K ids than deflate, within the same allocator
-# size class for a lean item). Of SPLIT16: the top bytes of token ids are nearly constant, so they compress well, while the low bytes
-# are near uniform (deflating them bought ~1% and cost a third of the time). Keeping the second byte raw too costs
-# ~370 B per 1K ids of 3 bytes (Qwen-sized vocabularies: 1,790 -> 2,160 B per 1K-token response, within the same
-# jemalloc size class of a lean item at 1,024 tokens) and halves the reading (one plane to inflate and join
-# instead of two: ~7 vs ~15 us per 1K ids) and the id encoding. The span
+# inflate per item (a 32-item column of 1K ids: ~160 vs ~330 us; ~150 B more per 1K ids than deflate, within the
+# same allocator size class for a lean item). Of SPLIT16: the top bytes of token ids are nearly constant, so they
+# compress well, while the low bytes are near uniform (deflating them bought ~1% and cost a third of the time);
+# keeping the second byte raw too costs ~370 B per 1K ids of 3 bytes (Qwen-sized vocabularies: 1,790 -> 2,160 B
+# per 1K-token response, within the same jemalloc size class of a lean item at 1,024 tokens) and halves the
+# reading (one plane to inflate and join instead of two: ~7 vs ~15 us per 1K ids) and the id encoding. The span
 # table is fixed-width, so a reader finds an array without parsing the msgpack header; raw arrays are numpy views of
 # the stored bytes, the header is parsed only when a scalar is asked for. Format 2 (MAGIC2, spans of (u8 field,
 # c code, u32 nbytes), code "z" = zlib text) is read.
@@ -432,7 +432,7 @@ class TrajectoryView:
 def arrays(views: list[TrajectoryView], name: str) -> list[Any]:
     """`[v.array(name) for v in views]`, with 3-byte ids (the default for large vocabularies: packing BITS, or
     SPLIT16 from earlier writers) widened in one vectorized pass over the whole batch instead of a few numpy calls
-    per item (32 items of 1K ids: ~50 us for BITS); each array is a read-only slice of one buffer."""
+    per item (32 items of 1K ids: ~160 us for BITS); each array is a read-only slice of one buffer."""
     spans = [v._spans.get(name) for v in views]
     packings = {s[1] if s is not None and s[0] == "T" else None for s in spans}
     if len(views) < 2 or len(packings) != 1 or not packings <= {BITS, SPLIT16}:
