@@ -364,8 +364,8 @@ class TrajectoryView:
             dt = _NPDTYPES[code]
             return np.frombuffer(self._buf, dtype=dt, count=nbytes // dt.itemsize, offset=off)
         try:
-            if packing == BITS and code == "T":
-                out = _widened([_bits_span(self._buf, off, nbytes)])
+            if code == "T" and packing in _SPAN3_READERS:
+                out = _widened([_SPAN3_READERS[packing](self._buf, off, nbytes)])
             elif packing == SPLIT16:
                 out = self._split16(code, off, nbytes)
             else:
@@ -376,23 +376,15 @@ class TrajectoryView:
         return out
 
     def _split16(self, code: str, off: int, nbytes: int) -> Any:
-        """Packing SPLIT16: u32 count n | the low 16 bits of the ids raw (2n bytes) | raw deflate of the higher
-        byte planes -> the ids (widened: two numpy operations per high plane)."""
-        width, mv = _WIDTH[code], memoryview(self._buf)[off:off + nbytes]
-        (n,) = _U32.unpack_from(mv)
-        if width < 3 or 4 + 2 * n > nbytes:
-            raise ValueError(f"{n} ids of width {width} in {nbytes} bytes")
-        size = n * (width - 2)
-        high = zlib.decompress(mv[4 + 2 * n:], -15, size or 1)
-        if len(high) != size:
-            raise ValueError(f"{n} ids, {len(high)} bytes of high planes")
+        """Packing SPLIT16 of 4-byte ids (3-byte ones go through `_widened`): the two high byte planes joined
+        above the low 16 bits."""
+        n, _, low, high = _split16_span(self._buf, off, nbytes, _WIDTH[code])
         h = np.frombuffer(high, np.uint8)
-        out = h[n:].astype(_U4) if width == 4 else h.astype(_U4)
-        if width == 4:
-            out <<= 8
-            out |= h[:n]
+        out = h[n:].astype(_U4)
+        out <<= 8
+        out |= h[:n]
         out <<= 16
-        out |= np.frombuffer(mv, _U2, n, 4)
+        out |= np.frombuffer(low, _U2)
         return out.view(_NPDTYPES[code])
 
     def _planes(self, code: str, packing: int, off: int, nbytes: int) -> Any:
@@ -438,8 +430,7 @@ def arrays(views: list[TrajectoryView], name: str) -> list[Any]:
     if len(views) < 2 or len(packings) != 1 or not packings <= {BITS, SPLIT16}:
         return [v.array(name) for v in views]
     try:
-        parts = [(_bits_span if s[1] == BITS else _split16_span)(v._buf, s[2], s[3])
-                 for v, s in zip(views, spans, strict=True)]
+        parts = [_SPAN3_READERS[s[1]](v._buf, s[2], s[3]) for v, s in zip(views, spans, strict=True)]
         out = _widened(parts)
     except (zlib.error, ValueError, struct.error) as e:
         raise TrajectoryDecodeError(f"corrupt trajectory payload: {name}: {e}") from e
@@ -460,16 +451,22 @@ def _bits_span(buf: bytes, off: int, nbytes: int) -> _Span3:
     return n, bits, mv[5:5 + 2 * n], mv[5 + 2 * n:]
 
 
-def _split16_span(buf: bytes, off: int, nbytes: int) -> _Span3:
-    """Packing SPLIT16 of 3-byte ids: u32 n | the low 16 bits (2n bytes) | raw deflate of the third bytes."""
+def _split16_span(buf: bytes, off: int, nbytes: int, width: int = 3) -> _Span3:
+    """Packing SPLIT16: u32 n | the low 16 bits (2n bytes) | raw deflate of the width - 2 byte planes above them
+    (for 4-byte ids the third bytes, then the fourth)."""
     mv = memoryview(buf)[off:off + nbytes]
     (n,) = _U32.unpack_from(mv)
-    if 4 + 2 * n > nbytes:
-        raise ValueError(f"{n} ids of width 3 in {nbytes} bytes")
-    high = zlib.decompress(mv[4 + 2 * n:], -15, n or 1)
-    if len(high) != n:
+    if width < 3 or 4 + 2 * n > nbytes:
+        raise ValueError(f"{n} ids of width {width} in {nbytes} bytes")
+    size = n * (width - 2)
+    high = zlib.decompress(mv[4 + 2 * n:], -15, size or 1)
+    if len(high) != size:
         raise ValueError(f"{n} ids, {len(high)} bytes of high planes")
     return n, 8, mv[4:4 + 2 * n], high
+
+
+_SPAN3_READERS = {BITS: _bits_span, SPLIT16: _split16_span}
+"""Packing -> the reader of a 3-byte id span of it (for `_widened`)."""
 
 
 def _widened(parts: list[_Span3]) -> Any:
