@@ -164,9 +164,9 @@ class BatchStream:
             if self._pending is None:
                 self._pending = self._lease(learner_version)
             res, lease_id = self._pending
-            ids = [_id(x) for x in res[7:]]
+            ids = res[8:]
             nxt = self._sample_args(learner_version + 1 if lease_version is None else lease_version, lease_id)
-            out = self._send(ids, [("sample", nxt)])
+            out = self._send(ids, [("sample", nxt)], refs=int(res[6]) == 1)
             payloads, refs, got = out[0], out[1], out[-1]
             ok = _id(got[0]) == "ok"
             self._pending = (got, nxt[4]) if ok else None
@@ -207,17 +207,20 @@ class BatchStream:
         self._request_id = self._request_id or uuid.uuid4().hex
         return self.table.sample_args(self.batch_size, version, self.lease_s, self._request_id, self._acks, renew)
 
-    def _send(self, ids: list[str], scripts: list[tuple[str, list[Any]]], sample: bool = True) -> list[Any]:
-        """One pipeline: HMGET of the payloads and cached references of `ids` (if any), the queued writes, then
-        `scripts` (`sample`: the last is the sample script, carrying the queued acks); the replies of the fetch
-        and of `scripts`. The queue is cleared once the replies are in."""
+    def _send(self, ids: list[Any], scripts: list[tuple[str, list[Any]]], sample: bool = True,
+              refs: bool = True) -> list[Any]:
+        """One pipeline: HMGET of the payloads and (if `refs`: the table holds some) cached references of `ids`
+        (if any), the queued writes, then `scripts` (`sample`: the last is the sample script, carrying the queued
+        acks); the payloads, the references (None each when not fetched) and the replies of `scripts`. The queue is
+        cleared once the replies are in."""
         t = self.table
         writes = self._writes
         calls = [("update", args) for args, _ in writes] + scripts
         p = t.redis.pipeline(transaction=False)
         if ids:
             p.execute_command("HMGET", t.keys.items, *ids)
-            p.execute_command("HMGET", t.keys.refs, *ids)
+            if refs:
+                p.execute_command("HMGET", t.keys.refs, *ids)
         for name, args in calls:
             p.execute_command("EVALSHA", t._scripts[name].sha, t._nkeys, *t._keys_all, *t._hdr, *args)
         out = p.execute(raise_on_error=False)
@@ -237,6 +240,8 @@ class BatchStream:
             self._check_acked(int(got[4] if _id(got[0]) == "ok" else got[3]))
             if _id(got[0]) == "ok":
                 self._request_id = None
+        if ids and not refs:
+            fetched.append([None] * len(ids))
         return fetched + replies[len(writes):]
 
     def _check_acked(self, acked: int) -> None:
@@ -254,10 +259,10 @@ def build(res: list[Any], lease_id: str, learner_version: int, payloads: list[by
           refs: list[bytes | None]) -> tuple[ColumnBatch, list[str]]:
     """A ColumnBatch from the sample script's reply and the fetched payloads; also the ids dropped because their
     payload was gone (evicted by a concurrent insert between the script and the fetch)."""
-    raw_ids = res[7:]
+    raw_ids = res[8:]
     n = len(raw_ids)
     # the numbers arrive as one msgpack array, column by column: one vectorized conversion for the batch
-    cols = np.array(msgpack.unpackb(res[6]), dtype=np.float64).reshape(5, n) if n else np.zeros((5, 0))
+    cols = np.array(msgpack.unpackb(res[7]), dtype=np.float64).reshape(5, n) if n else np.zeros((5, 0))
     keep = [k for k, p in enumerate(payloads) if p is not None]
     dropped = [_id(raw_ids[k]) for k, p in enumerate(payloads) if p is None]
     if dropped:

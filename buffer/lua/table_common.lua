@@ -48,6 +48,8 @@ local function bulk(cmd, key, args)
   end
 end
 local function bulk_get(cmd, key, ids)
+  if #ids == 0 then return {} end
+  if #ids <= CHUNK then return redis.call(cmd, key, unpack(ids)) end
   local out = {}
   for i = 1, #ids, CHUNK do
     local r = redis.call(cmd, key, unpack(ids, i, math.min(i + CHUNK - 1, #ids)))
@@ -189,7 +191,10 @@ local function remove_items(ids, reason)
     bulk('HDEL', K.slot, dels)
     bulk('RPUSH', K.slotfree, free)
   end
-  local hashes = {K.items, K.meta, K.prio, K.refs}
+  local hashes = {K.items, K.meta}
+  for _, key in ipairs({K.prio, K.refs}) do  -- often empty: a length check is cheaper than deleting B fields
+    if redis.call('HLEN', key) > 0 then hashes[#hashes + 1] = key end
+  end
   if unsampled < #ids then  -- handed, acked and lease_of hold only items handed out at least once
     hashes[#hashes + 1] = K.handed; hashes[#hashes + 1] = K.acked; hashes[#hashes + 1] = K.lease_of
   end

@@ -1,7 +1,8 @@
 -- tbrm replay table: register a batch of items (body; the prelude table_common.lua comes first).
 -- Runs inside MULTI/EXEC right after the client's `HSET items id payload` of the same batch.
--- KEYS: the table keys (see the prelude).  ARGV[9] = n (<= max_size; the client chunks), then per item 5 values:
---   item_id, policy_version, reward, actor_id, priority ('' = none given: the largest priority ever set, 1 at first)
+-- KEYS: the table keys (see the prelude).  ARGV[9] = n (<= max_size; the client chunks), ARGV[10] a msgpack array of
+--   5 values per item: item_id, policy_version, reward, actor_id, priority ('' = none given: the largest priority ever
+--   set, 1 at first)
 -- An item is a duplicate when its id is stored, was removed not longer than remember_removed_ids removals ago
 -- (consumed, evicted, dropped), or appeared earlier in the batch: duplicates are skipped, so a retried insert never
 -- brings back a trajectory. The rate limiter may admit only the first k new items; the payloads of new items not
@@ -13,8 +14,9 @@
 local now = now_s()
 reclaim(now)
 local n = tonumber(ARGV[9])
+local rows = cmsgpack.unpack(ARGV[10])
 local ids = {}
-for k = 1, n do ids[k] = ARGV[9 + (k - 1) * 5 + 1] end
+for k = 1, n do ids[k] = rows[(k - 1) * 5 + 1] end
 local stored = bulk_get('ZMSCORE', K.order, ids)
 local gone = {}
 if REMEMBER > 0 then gone = bulk_get('ZMSCORE', K.gone, ids) end
@@ -47,12 +49,12 @@ if m > 0 then
   local stamp = fmt(now)
   local pmax = nil
   for j, k in ipairs(fresh) do
-    local b = 9 + (k - 1) * 5
-    local id = ARGV[b + 1]
+    local b = (k - 1) * 5
+    local id = rows[b + 1]
     order[#order + 1] = seq0 + j; order[#order + 1] = id
-    byver[#byver + 1] = ARGV[b + 2]; byver[#byver + 1] = id
-    meta[#meta + 1] = id; meta[#meta + 1] = stamp .. '|' .. ARGV[b + 3] .. '|' .. ARGV[b + 4]
-    local p = ARGV[b + 5]
+    byver[#byver + 1] = rows[b + 2]; byver[#byver + 1] = id
+    meta[#meta + 1] = id; meta[#meta + 1] = stamp .. '|' .. rows[b + 3] .. '|' .. rows[b + 4]
+    local p = rows[b + 5]
     if p ~= '' then
       given[#given + 1] = tonumber(p)
     elseif PRIO then  -- no explicit priority: the largest ever set, so the new item is likely seen soon

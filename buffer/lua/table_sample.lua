@@ -8,11 +8,12 @@
 -- in [18..] are acked; stale available items (learner_version - policy_version > max) are dropped
 -- (counter dropped_stale); then all-or-nothing: B items are leased if the table holds >= min_size_to_sample
 -- items, >= B are available and the rate limiter allows B samples. Leased items are not sampleable until acked
--- or expired. Returns {'ok', lease_expires_at, size, available_before, acked, renewed, columns, id_1, ..., id_B}
--- where columns is a msgpack array of 5 x B numbers, column by column: times_handed, policy_version, priority,
--- probability, inserted_at (one string instead of 5 B replies: Lua's reply conversion and the client's parsing
--- were a large part of a step; the client HMGETs payloads and cached references outside Lua, and drops an item
--- evicted by a concurrent insert in between), or {'paused'|'min_size'|'empty'|'rate', size, available, acked,
+-- or expired. Returns {'ok', lease_expires_at, size, available_before, acked, renewed, refs, columns, id_1, ...,
+-- id_B} where refs is 1 if the table holds any cached reference (else the client skips fetching them) and columns
+-- a msgpack array of 5 x B numbers, column by column: times_handed, policy_version, priority, probability,
+-- inserted_at (one string instead of 5 B replies: Lua's reply conversion and the client's parsing were a large
+-- part of a step; the client HMGETs payloads and cached references outside Lua, and drops an item evicted by a
+-- concurrent insert in between), or {'paused'|'min_size'|'empty'|'rate', size, available, acked,
 -- renewed} (acked: items acked via [18..]; renewed: 1 if the lease in [17] was renewed, else 0).
 -- A lease id that is still live replays that lease (its items still held, nothing changes): a client retry
 -- after a lost reply gets the same batch instead of stranding a second lease.
@@ -38,7 +39,7 @@ for i = 18, #ARGV do acked = acked + ack_lease(ARGV[i], nil) end
 
 -- The reply for `ids` drawn with `probs` (see the header).
 local function describe(ids, probs, handed, exp, size, navail)
-  local res = {'ok', fmt(exp), size, navail, acked, renewed, ''}
+  local res = {'ok', fmt(exp), size, navail, acked, renewed, redis.call('HLEN', K.refs) > 0 and 1 or 0, ''}
   local n = #ids
   if n == 0 then return res end
   local vers = bulk_get('ZMSCORE', K.byver, ids)
@@ -52,9 +53,9 @@ local function describe(ids, probs, handed, exp, size, navail)
     cols[2 * n + i] = tonumber(prios[i] or '1') or 1
     cols[3 * n + i] = probs[i]
     cols[4 * n + i] = tonumber(string.match(metas[i] or '', '^([^|]*)')) or 0
-    res[7 + i] = id
+    res[8 + i] = id
   end
-  res[7] = cmsgpack.pack(cols)
+  res[8] = cmsgpack.pack(cols)
   return res
 end
 

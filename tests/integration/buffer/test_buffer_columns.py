@@ -4,6 +4,7 @@ loop at one round trip per step (BatchStream)."""
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import numpy as np
 import pytest
@@ -142,6 +143,33 @@ def test_batch_stream_sends_queued_writes_and_acks_with_the_step(r: redis.Redis,
     assert t.stats().acks == 2
     # ages against the version of the call that returns the batch (the version it is trained at)
     assert b2.ids == ["i002", "i003"] and b2.age_versions.tolist() == [1 - 2, 1 - 0]
+
+
+def test_batch_stream_fetches_references_only_while_the_table_holds_some(r: redis.Redis,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    t = ReplayTable(r, TableConfig(sampler=FifoSampler(), max_times_sampled=0))
+    t.insert([traj(k) for k in range(4)])
+    stream = BatchStream(t, 2)
+    fetched: list[tuple[Any, ...]] = []
+    real = t.redis.pipeline
+
+    def pipeline(*a: Any, **kw: Any) -> Any:
+        p = real(*a, **kw)
+        send = p.execute_command
+        p.execute_command = lambda *args, **k: fetched.append(args[:2]) or send(*args, **k)
+        return p
+
+    monkeypatch.setattr(t.redis, "pipeline", pipeline)
+    b1 = stream.next(learner_version=0)
+    assert ("HMGET", t.keys.items) in fetched and ("HMGET", t.keys.refs) not in fetched  # no reference anywhere
+    assert b1.ref_logprobs(0) is None
+    stream.cache_references({b1.ids[0]: ([-1.0, -1.0], 0.5)})
+    stream.ack([b1.lease_id])
+    b2 = stream.next(learner_version=1)  # leased before the reference existed; the next lease sees it
+    assert ("HMGET", t.keys.refs) not in fetched and b2.ids == ["i002", "i003"]
+    b3 = stream.next(learner_version=2, ack=[b2.lease_id])  # fifo: the acked i000, i001 again
+    assert ("HMGET", t.keys.refs) in fetched and b3.ids == ["i000", "i001"]
+    assert b3.ref_logprobs(0).tolist() == [-1.0, -1.0] and b3.ref_logprobs(1) is None
 
 
 def test_batch_stream_close_sends_the_acks_and_releases_the_prefetched_lease(r: redis.Redis) -> None:
