@@ -269,15 +269,20 @@ def run_rates(url: str, args: argparse.Namespace, storage: StorageConfig) -> lis
                         if impl == "table":
                             excluded.append(rate_ex)
                 rates = {impl: statistics.median(v) for impl, v in runs.items()}
+                # ratios per repeat (table and raw ran back to back), then their median: the machine's speed
+                # drifts between repeats, and a ratio of medians could pair a fast table run with a slow raw one
+                ratios = [t / raw for t, raw in zip(runs["table"], runs["raw"], strict=True)]
                 row = {"op": op, "procs": procs, "batch": batch, "table_per_s": rates["table"],
                        "raw_per_s": rates["raw"], "raw_codec_per_s": rates["rawcodec"],
-                       "ratio": rates["table"] / rates["raw"],
-                       "ratio_vs_raw_codec": rates["table"] / rates["rawcodec"]}
+                       "ratio": statistics.median(ratios), "ratios": ratios,
+                       "ratio_vs_raw_codec": statistics.median(
+                           t / rc for t, rc in zip(runs["table"], runs["rawcodec"], strict=True))}
                 if "tabledecode" in rates:
                     row["table_decode_per_s"] = rates["tabledecode"]
                 else:
                     row["table_encode_excluded_per_s"] = statistics.median(excluded)
-                    row["ratio_encode_excluded"] = row["table_encode_excluded_per_s"] / rates["raw"]
+                    row["ratio_encode_excluded"] = statistics.median(
+                        ex / raw for ex, raw in zip(excluded, runs["raw"], strict=True))
                 log.info("%s", row)
                 rows.append(row)
     return rows
@@ -285,7 +290,7 @@ def run_rates(url: str, args: argparse.Namespace, storage: StorageConfig) -> lis
 
 def print_rates(console: Console, rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
     t = Table(title=f"tbrm buffer: {args.tokens}-token trajectories, items/s (own redis-server; median of "
-                    f"{args.repeats} alternating runs of {args.seconds}s)")
+                    f"{args.repeats} alternating runs of {args.seconds}s; ratios: median of the runs' own ratios)")
     for col in ("op", "clients", "items/call", "ReplayTable", "raw redis-py", "raw + codec", "table/raw",
                 "table/(raw+codec)", "table/raw, encode excluded", "sample() w/ Trajectory", ">=50% of raw"):
         t.add_column(col, justify="right")

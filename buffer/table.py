@@ -121,10 +121,11 @@ class ReplayTable(TableViews):
         self.config = self._adopt_config(config)
         # redis-py Script objects: EVALSHA, re-sent once if the server lost its script cache (restart).
         self._scripts = {k: redis.register_script(src) for k, src in _SOURCES.items()}
-        # Precomputed once: the config never changes for the lifetime of a table.
-        self._keys_all = self.keys.all()
+        # Precomputed once, as bytes (redis-py passes bytes through unchanged): the config never changes for the
+        # lifetime of a table.
+        self._keys_all = [k.encode() for k in self.keys.all()]
         self._nkeys = len(self._keys_all)
-        self._hdr = self._header()
+        self._hdr = [str(x).encode() for x in self._header()]
         self._blocked = False  # the last insert was held back: probe before sending payloads
         self._mem_checked = -1e9
         self._mem_state: tuple[int, int | None] = (0, None)
