@@ -3,11 +3,12 @@ background thread while the next step runs (docs/weight-protocol.md).
 
 `WeightExporter.submit(version)` costs the training thread one copy of the parameters to CPU (the snapshot: the
 next optimizer step may change the live tensors) and the canary log-probs (one forward pass over a short fixed
-sequence, actor_service.schema.canary_token_ids). Everything else runs on the exporter thread: safetensors
-serialization in memory, sha256 of those bytes (no re-read), an atomic write of `policy-v<version>.safetensors`
-for actors that catch up from the file, `WeightsStore.set_latest`, then `WeightPusher.sync`. A push never blocks a
-step: if a snapshot is still waiting when the next one comes, the newer one replaces it (counted in
-`exports_superseded`). `publish_now` (start and end of training) waits for the export.
+sequence, actor_service.schema.canary_token_ids). Everything else runs on the exporter thread: an atomic write
+of `policy-v<version>.safetensors` (for the push's `sendfile` and for actors that catch up from the file) by
+safetensors itself and its sha256 read back from the page cache, both without holding the GIL (serializing in
+memory held it for the whole copy and stalled the training thread), `WeightsStore.set_latest`, then
+`WeightPusher.sync`. A push never blocks a step: if a snapshot is still waiting when the next one comes, the newer
+one replaces it (counted in `exports_superseded`). `publish_now` (start and end of training) waits for the export.
 
 Metrics (`metrics()`, merged into each step's line): `export_snapshot_s` (training thread), `export_time_s`
 (background, last export), `export_overlap` (share of the export work done off the training thread:

@@ -133,7 +133,8 @@ def test_export_dedupes_tied_tensors_hashes_and_prunes(tiny_model_dir, tmp_path)
     assert "lm_head.weight" not in sd and "model.embed_tokens.weight" in sd
     infos = [export_weights(model, tmp_path, v, keep=2) for v in (1, 2, 3)]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["policy-v00000002.safetensors", "policy-v00000003.safetensors"]
-    assert infos[-1].sha256 == sha256_file(Path(infos[-1].path)) and infos[-1].nbytes > 0
+    assert infos[-1].sha256 == sha256_file(Path(infos[-1].path))
+    assert infos[-1].nbytes == Path(infos[-1].path).stat().st_size > 0
     half = export_weights(model, tmp_path / "bf16", 1, dtype="bfloat16")
     from safetensors.torch import load_file
 
