@@ -25,7 +25,8 @@ weight push vs raw loopback TCP, and the learner's step time with a push every s
    receive buffers) and acknowledges the last byte. `push_receive_vs_raw_tcp` (goal
    >= 0.5), `push_end_to_end_s` (goal <= 0.5 s).
 3. Learner step with a push every step: the same ~35M-parameter model trained (SFT loss, AdamW, random tokens,
-   batch `--train-batch` x `--train-len`) for `--steps` steps without export, and with
+   batch `--train-batch` x `--train-len`, `--learner-threads` torch threads: 1 by default, as `tbrm up` gives its
+   learner, so the export and the actor have the other core) for `--steps` steps without export, and with
    `learner.export.WeightExporter.submit` after every step pushing to the actor of 2. through the learner's
    `WeightPusher` (snapshot on the training thread; serialize, hash, write, push in the background);
    `step_time_with_push_vs_without` = median step time ratio (goal <= 1.1).
@@ -41,6 +42,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import multiprocessing as mp
 import os
 import platform
 import shutil
@@ -51,6 +53,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -221,8 +224,7 @@ def bench_learner_push(args: argparse.Namespace, model_dir: Path, actor_url: str
     from learner.export import WeightExporter
     from learner.push import WeightPusher
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.learner_threads)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-6)
     g = torch.Generator().manual_seed(0)
@@ -465,7 +467,10 @@ def bench_push(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
                "ratio_receive_vs_raw": med["receive_bytes_per_s"] / med["raw_bytes_per_s"],
                "ratio_receive_vs_raw_verify": med["receive_bytes_per_s"] / med["raw_verify_bytes_per_s"]}
         if not args.skip_learner:
-            out["learner"] = bench_learner_push(args, model, url, tmp)
+            # a process of its own: the throughput part's in-process vLLM engine leaves this one's OpenMP threads
+            # and their placement changed (measured: the same steps ran at the speed of 2 threads, not 1)
+            with ProcessPoolExecutor(1, mp_context=mp.get_context("spawn")) as pool:
+                out["learner"] = pool.submit(bench_learner_push, args, model, url, tmp).result()
         return out
     finally:
         stop(actor)
@@ -517,8 +522,10 @@ def main() -> None:
     p.add_argument("--temperature", type=float, default=1.6,
                    help="sampling temperature of the tail run (the toy model rambles to max tokens on some prompts)")
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--threads", type=int, default=None, help="torch threads of the engine / training loop")
+    p.add_argument("--threads", type=int, default=None, help="torch threads of the engine (throughput part)")
     p.add_argument("--steps", type=int, default=6, help="training steps per learner run")
+    p.add_argument("--learner-threads", type=int, default=1,
+                   help="torch threads of the learner part (1: `tbrm up`'s learner_threads on a shared CPU box)")
     p.add_argument("--train-batch", type=int, default=4)
     p.add_argument("--train-len", type=int, default=256)
     p.add_argument("--skip-learner", action="store_true")
