@@ -28,7 +28,7 @@ weight push vs raw loopback TCP, and the learner's step time with a push every s
    batch `--train-batch` x `--train-len`, `--learner-threads` torch threads: 1 by default, as `tbrm up` gives its
    learner, so the export and the actor have the other core) for `--steps` steps without export, and with
    `learner.export.WeightExporter.submit` after every step pushing to the actor of 2. through the learner's
-   `WeightPusher` (snapshot on the training thread; serialize, hash, write, push in the background);
+   `WeightPusher` (snapshot on the training thread; write, hash, push in the background);
    `step_time_with_push_vs_without` = median step time ratio (goal <= 1.1).
 4. Fan-out: `--fanout-actors` (4) actor processes serving the model of 2.; each new version goes through the
    learner's `WeightPusher` with `fanout="direct"` (one push per actor, concurrent) or `"relay"` (one push to the

@@ -5,8 +5,7 @@ With ZeRO <= 2 every rank holds the full parameters, so `engine.module.state_dic
 Tied tensors (e.g. `lm_head.weight` sharing `model.embed_tokens.weight`) are written once under the first name,
 as `save_pretrained` does; transformers and vLLM re-tie them on load. The file is written to a temp name by
 safetensors (without holding the GIL), hashed from the page cache and renamed, so a reader never sees a
-half-written version. Only the newest
-`keep` versions stay on disk.
+half-written version. Only the newest `keep` versions stay on disk.
 
 `write_hf_folder` turns one exported file into a complete Hugging Face model folder (the base model's config,
 generation config, tokenizer and chat template + `model.safetensors`) that `from_pretrained`, vLLM and `tbrm eval`
