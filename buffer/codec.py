@@ -427,7 +427,7 @@ def arrays(views: list[TrajectoryView], name: str) -> list[Any]:
     per item (32 items of 1K ids: ~160 us for BITS); each array is a read-only slice of one buffer."""
     spans = [v._spans.get(name) for v in views]
     packings = {s[1] if s is not None and s[0] == "T" else None for s in spans}
-    if len(views) < 2 or len(packings) != 1 or not packings <= {BITS, SPLIT16}:
+    if len(views) < 2 or not packings <= {BITS, SPLIT16}:  # `_widened` also takes a mix of the two
         return [v.array(name) for v in views]
     try:
         parts = [_SPAN3_READERS[s[1]](v._buf, s[2], s[3]) for v, s in zip(views, spans, strict=True)]

@@ -423,14 +423,12 @@ class ReplayTable(TableViews):
         ids = res[8:]
         if not ids:  # a replayed lease whose items were all acked meanwhile
             return self.columns(res, lease_id, learner_version, [], [])
-        if int(res[6]) == 0:  # the table holds no cached reference
-            return self.columns(res, lease_id, learner_version, self.redis.hmget(self.keys.items, ids),
-                                [None] * len(ids))
         p = self.redis.pipeline(transaction=False)
         p.execute_command("HMGET", self.keys.items, *ids)
-        p.execute_command("HMGET", self.keys.refs, *ids)
-        payloads, refs = p.execute()
-        return self.columns(res, lease_id, learner_version, payloads, refs)
+        if int(res[6]) == 1:  # the table holds cached references
+            p.execute_command("HMGET", self.keys.refs, *ids)
+        payloads, *refs = p.execute()
+        return self.columns(res, lease_id, learner_version, payloads, refs[0] if refs else [None] * len(ids))
 
     def columns(self, res: list[Any], lease_id: str, learner_version: int, payloads: list[Any],
                 refs: list[Any]) -> ColumnBatch:
