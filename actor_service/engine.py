@@ -118,6 +118,7 @@ class ActorEngine:
         self._version = initial_version
         self._current: Tensors | None = None  # tensors of the weights served (None = the files in model_dir)
         self._ids = itertools.count()
+        self._params: dict[tuple[Any, ...], Any] = {}  # SamplingParams by their arguments (`submit`)
         self._work: queue.Queue[Request | Call | None] = queue.Queue()
         self._requests: dict[str, Request] = {}
         self._deferred: list[Call] = []
@@ -300,9 +301,14 @@ class ActorEngine:
     def chat_token_ids_batch(self, conversations: list[list[dict[str, str]]], system_prompt: str | None
                              ) -> list[list[int]]:
         """`chat_token_ids` of several conversations, tokenized in one call of the fast tokenizer."""
+        return self.chat_prompts(conversations, system_prompt)[1]
+
+    def chat_prompts(self, conversations: list[list[dict[str, str]]], system_prompt: str | None
+                     ) -> tuple[list[str], list[list[int]]]:
+        """The chat-templated texts of several conversations and their token ids (one tokenizer call)."""
         texts = [self.tokenizer.apply_chat_template(with_system(msgs, system_prompt), tokenize=False,
                                                     add_generation_prompt=True) for msgs in conversations]
-        return [list(ids) for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"]]
+        return texts, [list(ids) for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"]]
 
     def text_token_ids(self, text: str) -> list[int]:
         return list(self.tokenizer.encode(text, add_special_tokens=False))
@@ -335,7 +341,13 @@ class ActorEngine:
             raise EngineClosed("the engine is closed")
         args = {**SAMPLING_DEFAULTS, **sampling}
         args["max_tokens"] = min(args["max_tokens"], room)
-        params = SamplingParams(**args, logprobs=0, skip_special_tokens=True, output_kind=RequestOutputKind.FINAL_ONLY)
+        key = tuple(args.values())
+        params = self._params.get(key)
+        if params is None:  # one per setting, shared by its requests (vLLM copies it per request)
+            if len(self._params) >= 64:
+                self._params.clear()
+            params = self._params[key] = SamplingParams(**args, logprobs=0, skip_special_tokens=True,
+                                                        output_kind=RequestOutputKind.FINAL_ONLY)
         rid = f"r{next(self._ids)}"
         self._work.put(Request(rid, list(prompt_token_ids), params, on_done))
         return rid

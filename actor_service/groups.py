@@ -7,7 +7,6 @@ import hashlib
 import logging
 import threading
 import uuid
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,8 @@ class Group:
 
     prompt: Prompt
     ids: list[int]
+    text: str = ""
+    """The chat-templated prompt that `ids` tokenize (the trajectories' prompt_text)."""
     request_id: str = ""
     version: int = 0
     """Engine version when submitted (sync mode counts per version)."""
@@ -51,15 +52,14 @@ def grade_items(groups: list[Group]) -> tuple[list[GradeItem], list[int], list[G
     return items, slots, results
 
 
-def to_trajectories(groups: list[Group], results: list[GradeResult], grade_s: float, decode: Callable[..., str],
-                    actor_id: str) -> list[Trajectory]:
+def to_trajectories(groups: list[Group], results: list[GradeResult], grade_s: float, actor_id: str
+                    ) -> list[Trajectory]:
     """One Trajectory per sample (a new group_id per prompt), with its grade and the versions of its tokens."""
     out: list[Trajectory] = []
     k = 0
     for g in groups:
         assert g.completion is not None
-        p, group_id = g.prompt, uuid.uuid4().hex
-        prompt_text = decode(g.ids, skip_special_tokens=False)
+        p, group_id, prompt_text = g.prompt, uuid.uuid4().hex, g.text
         for smp in g.completion.samples:
             res = results[k]
             k += 1

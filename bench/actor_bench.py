@@ -14,6 +14,10 @@ weight push vs raw loopback TCP, and the learner's step time with a push every s
      prompts from a real prompt queue (own redis-server), grading through a real reward service, inserting into
      a real replay table; from loop start to the last insert.
    `tail_throughput_vs_engine` = median of paired service / engine response tokens/s (goal >= 0.9).
+   The engine runs as `tbrm up` runs an actor on CPU (`--threads 1`, `VLLM_CPU_OMP_THREADS_BIND=nobind`): with
+   vLLM's default placement its second OpenMP thread spins on the other core (a full core busy, no faster on the
+   toy: 7.3 vs 7.4 ms a step), which the engine alone can afford and the service, grading and inserting on the
+   same two cores, cannot (0.59-0.75 that way, 2026-12-04).
    1,024 prompts (~65k response tokens, 8-16 s per run here) measure the steady state: with 192 a run lasted
    1.6-3.5 s, most of it the final straggler (one sequence of up to 256 tokens decoding alone) that both sides
    share, and the ratio read higher than the steady state (0.71 vs 0.58-0.76 in the same hour, 2026-12-03).
@@ -140,8 +144,10 @@ def bench_tail(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     from problems.toy import make_toy_task
 
     k, n = args.k, args.n
+    if args.threads:
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
     engine = ActorEngine(ensure_toy_model(), max_model_len=args.tail_max_tokens + 128, kv_cache_bytes=256 * 2**20,
-                         seed=0, max_num_seqs=k, threads=args.threads)
+                         seed=0, max_num_seqs=k, threads=args.threads or None)
     redis_url, reward_url, procs = start_services(tmp)
     try:
         r = connect(redis_url)
@@ -522,7 +528,9 @@ def main() -> None:
     p.add_argument("--temperature", type=float, default=1.6,
                    help="sampling temperature of the tail run (the toy model rambles to max tokens on some prompts)")
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--threads", type=int, default=None, help="torch threads of the engine (throughput part)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads of the engine (throughput part); 1 and no OpenMP pinning by default, as "
+                        "`tbrm up` runs its actors (0: vLLM's own choice, threads bound to every core)")
     p.add_argument("--steps", type=int, default=6, help="training steps per learner run")
     p.add_argument("--learner-threads", type=int, default=1,
                    help="torch threads of the learner part (1: `tbrm up`'s learner_threads on a shared CPU box)")

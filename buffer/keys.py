@@ -48,14 +48,14 @@ class TableKeys(_KeySet):
     - ``byver``    ZSET    item_id -> policy_version (staleness filter, version histograms)
     - ``meta``     HASH    item_id -> "inserted_at|reward|actor_id" (written once at insert)
     - ``handed``   HASH    item_id -> times handed out by `sample` (leases included)
-    - ``acked``    HASH    item_id -> times acked (max_times_sampled counts these)
+    - ``acked``    HASH    item_id -> times acked (max_times_sampled counts these; not kept when it is 1)
     - ``prio``     HASH    item_id -> priority (prioritized sampler)
     - ``slot``     HASH    item_id -> leaf slot in the priority sum tree, and "#<slot>" -> item_id;
                            ``slotfree`` LIST of freed slots
     - ``tree``     HASH    sum tree node index -> sum of p_i^exponent below it (prioritized sampler)
     - ``refs``     HASH    item_id -> cached reference log-probs (`cache_reference`)
     - ``lease_of`` HASH    item_id -> lease id currently holding the item
-    - ``leases``   HASH    lease id -> JSON list of its item ids;  ``lease_exp`` ZSET lease id -> expiry (unix s)
+    - ``leases``   HASH    lease id -> msgpack list of its item ids;  ``lease_exp`` ZSET lease id -> expiry (unix s)
     - ``counters`` HASH    inserts, samples, acks, consumed, removed, dropped_stale, expired, seq, nextslot,
                            rl_inserts, rl_samples (the rate limiter's I and S')
     - ``paused``   HASH    "sampling"/"inserts" -> "1" while an operator paused that side

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import msgpack
 import redis as redis_lib
 
 from buffer import codec
@@ -208,7 +209,7 @@ class TableViews:
         out = []
         for lease, exp in rows:
             raw = self.redis.hget(k.leases, lease)
-            ids = json.loads(raw) if raw else []
+            ids = lease_ids(raw) if raw else []
             owners = self.redis.hmget(k.lease_of, ids) if ids else []
             out.append({"lease_id": _s(lease), "expires_at": float(exp), "items": len(ids),
                         "held": sum(1 for o in owners if o is not None and _s(o) == _s(lease))})
@@ -235,3 +236,8 @@ def _item(payload: bytes | None, ref: bytes | None, handed: bytes | None, acked:
         "times_sampled": int(handed or 0), "times_acked": int(acked or 0),
         "priority": _f(prio) if prio is not None else 1.0, "leased": lease is not None,
     }
+
+
+def lease_ids(raw: bytes) -> list[str]:
+    """A lease's stored id list (msgpack; JSON as earlier versions wrote it)."""
+    return json.loads(raw) if raw[:1] == b"[" else [_s(x) for x in msgpack.unpackb(raw)]

@@ -24,6 +24,9 @@ local MINSIZE = tonumber(ARGV[5])
 local MAXSIZE = tonumber(ARGV[6])
 local MAXTS = tonumber(ARGV[7])
 local REMEMBER = tonumber(ARGV[8])
+-- Times acked are stored only where an item can be acked and stay (max_times_sampled 0 or > 1); at 1 the ack
+-- removes it, so a stored item's count is always 0.
+local KEEP_ACKED = MAXTS ~= 1
 
 local CAP = 1
 while CAP < MAXSIZE do CAP = CAP * 2 end
@@ -158,14 +161,14 @@ local function remember_gone(ids)
   local seq0, kv = redis.call('HINCRBY', K.counters, 'gone_seq', #ids) - #ids, {}
   for i, id in ipairs(ids) do kv[#kv + 1] = seq0 + i; kv[#kv + 1] = id end
   bulk('ZADD', K.gone, kv)
-  local over = redis.call('ZCARD', K.gone) - REMEMBER
-  if over > 0 then redis.call('ZREMRANGEBYRANK', K.gone, 0, over - 1) end
+  redis.call('ZREMRANGEBYRANK', K.gone, 0, -REMEMBER - 1)  -- all but the newest REMEMBER (none if fewer)
 end
 
 -- Remove items everywhere; `reason` is the counter to bump. For the rate limiter an item that leaves the
 -- table counts as max(0, samples_per_insert - times_handed_out) samples: the samples it will never get, so
 -- evictions, staleness drops and max_times_sampled < samples_per_insert cannot deadlock the two sides.
-local function remove_items(ids, reason)
+-- `released`: the ids were just taken off their lease (not available, no lease_of entry left to delete).
+local function remove_items(ids, reason, released)
   if #ids == 0 then return end
   local handed = bulk_get('HMGET', K.handed, ids)
   local credit, unsampled = 0, 0
@@ -196,12 +199,22 @@ local function remove_items(ids, reason)
     if redis.call('HLEN', key) > 0 then hashes[#hashes + 1] = key end
   end
   if unsampled < #ids then  -- handed, acked and lease_of hold only items handed out at least once
-    hashes[#hashes + 1] = K.handed; hashes[#hashes + 1] = K.acked; hashes[#hashes + 1] = K.lease_of
+    hashes[#hashes + 1] = K.handed
+    if KEEP_ACKED then hashes[#hashes + 1] = K.acked end
+    if not released then hashes[#hashes + 1] = K.lease_of end
   end
   for _, key in ipairs(hashes) do bulk('HDEL', key, ids) end
-  for _, key in ipairs({K.order, K.avail, K.byver}) do bulk('ZREM', key, ids) end
+  local zsets = released and {K.order, K.byver} or {K.order, K.avail, K.byver}
+  for _, key in ipairs(zsets) do bulk('ZREM', key, ids) end
   redis.call('HINCRBY', K.counters, reason, #ids)
   remember_gone(ids)
+end
+
+-- A stored list of a lease (below): msgpack (packing 32 floats costs a fifth of JSON's); JSON as written by
+-- earlier versions, whose leases may still be out.
+local function lease_list(s)
+  if string.byte(s, 1) == 91 then return cjson.decode(s) end  -- '['
+  return cmsgpack.unpack(s)
 end
 
 -- Ids of `ids` currently held by `lease`.
@@ -214,7 +227,7 @@ local function held_by(lease, ids)
   return held
 end
 
--- A lease is `leases[lease]` (JSON list of its item ids), `leases[lease .. '\31p']` (JSON list of the
+-- A lease is `leases[lease]` (msgpack list of its item ids), `leases[lease .. '\31p']` (msgpack list of the
 -- probabilities they were drawn with, for replaying a retried sample) and its expiry in `lease_exp`.
 local function drop_lease(lease)
   redis.call('HDEL', K.leases, lease, lease .. '\31p')
@@ -228,7 +241,7 @@ local function reclaim(now)
   for _, lease in ipairs(expired) do
     local ids = redis.call('HGET', K.leases, lease)
     if ids then
-      local held = held_by(lease, cjson.decode(ids))
+      local held = held_by(lease, lease_list(ids))
       bulk('HDEL', K.lease_of, held)
       make_available(held)
       n = n + #held
@@ -273,23 +286,27 @@ end
 local function ack_lease(lease, ids)
   local stored = redis.call('HGET', K.leases, lease)
   if not stored then return 0 end
-  local all = cjson.decode(stored)
+  local all = lease_list(stored)
   local held = held_by(lease, ids or all)
   bulk('HDEL', K.lease_of, held)
-  local acked = bulk_get('HMGET', K.acked, held)
-  local gone, keep, counts = {}, {}, {}
-  for i, id in ipairs(held) do
-    local a = (tonumber(acked[i] or '0') or 0) + 1
-    if MAXTS > 0 and a >= MAXTS then
-      gone[#gone + 1] = id
-    else
-      keep[#keep + 1] = id
-      counts[#counts + 1] = id; counts[#counts + 1] = a
+  if MAXTS == 1 then  -- every acked item is used up
+    remove_items(held, 'consumed', true)
+  else
+    local acked = bulk_get('HMGET', K.acked, held)
+    local gone, keep, counts = {}, {}, {}
+    for i, id in ipairs(held) do
+      local a = (tonumber(acked[i] or '0') or 0) + 1
+      if MAXTS > 0 and a >= MAXTS then
+        gone[#gone + 1] = id
+      else
+        keep[#keep + 1] = id
+        counts[#counts + 1] = id; counts[#counts + 1] = a
+      end
     end
+    bulk('HSET', K.acked, counts)
+    remove_items(gone, 'consumed', true)
+    make_available(keep)
   end
-  bulk('HSET', K.acked, counts)
-  remove_items(gone, 'consumed')
-  make_available(keep)
   -- The lease's item list stays as drawn (a retried sample replays it); held_by tells which are still out.
   if ids == nil or #held_by(lease, all) == 0 then drop_lease(lease) end
   if #held > 0 then redis.call('HINCRBY', K.counters, 'acks', #held) end

@@ -43,14 +43,14 @@ local function describe(ids, probs, handed, exp, size, navail)
   local n = #ids
   if n == 0 then return res end
   local vers = bulk_get('ZMSCORE', K.byver, ids)
-  local prios = {}  -- a table that never stored a priority has none to report (saves a call per batch)
+  local prios = nil  -- a table that never stored a priority has none to report (saves a call per batch)
   if PRIO or redis.call('HLEN', K.prio) > 0 then prios = bulk_get('HMGET', K.prio, ids) end
   local metas = bulk_get('HMGET', K.meta, ids)
   local cols = {}
   for i, id in ipairs(ids) do
     cols[i] = tonumber(handed[i]) or 0
     cols[n + i] = tonumber(vers[i]) or 0
-    cols[2 * n + i] = tonumber(prios[i] or '1') or 1
+    cols[2 * n + i] = prios and tonumber(prios[i] or '1') or 1
     cols[3 * n + i] = probs[i]
     cols[4 * n + i] = tonumber(string.match(metas[i] or '', '^([^|]*)')) or 0
     res[8 + i] = id
@@ -61,8 +61,8 @@ end
 
 local old = redis.call('HGET', K.leases, lease)
 if old then
-  local all = cjson.decode(old)
-  local allp = cjson.decode(redis.call('HGET', K.leases, lease .. '\31p') or '[]')
+  local all = lease_list(old)
+  local allp = lease_list(redis.call('HGET', K.leases, lease .. '\31p') or '[]')
   local held, probs = held_by(lease, all), {}
   local pos = {}
   for i, id in ipairs(all) do pos[id] = i end
@@ -141,7 +141,7 @@ for i, id in ipairs(picked) do
 end
 bulk('HSET', K.lease_of, owner)
 bulk('HSET', K.handed, handed_new)
-redis.call('HSET', K.leases, lease, cjson.encode(picked), lease .. '\31p', cjson.encode(probs))
+redis.call('HSET', K.leases, lease, cmsgpack.pack(picked), lease .. '\31p', cmsgpack.pack(probs))
 redis.call('ZADD', K.lease_exp, fmt(exp), lease)
 redis.call('HINCRBY', K.counters, 'samples', B)
 if first > 0 then redis.call('HINCRBY', K.counters, 'sampled_distinct', first) end

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import json
 import re
 import threading
 import time
@@ -105,6 +106,23 @@ def test_partial_ack_keeps_the_rest_leased(r: redis.Redis) -> None:
     assert t.stats().leased == 2
     assert t.ack(b.lease_id) == 2
     assert t.size() == 0
+
+
+def test_leases_recorded_as_json_by_an_earlier_version_are_acked_viewed_and_expire(r: redis.Redis) -> None:
+    t = make(r)  # max_times_sampled 1: an ack removes the item, so no ack counts are stored
+    t.insert([traj(i) for i in range(4)])
+    a, b = t.sample(2, 0), t.sample(2, 0, lease_s=0.3)
+    assert r.hget(t.keys.leases, a.lease_id)[:1] != b"["  # written as msgpack now
+    for lease in (a, b):  # rewrite both records the way versions before msgpack stored them
+        ids = [it.info.item_id for it in lease.items]
+        r.hset(t.keys.leases, mapping={lease.lease_id: json.dumps(ids), f"{lease.lease_id}\x1fp": "[1, 1]"})
+    assert {v["lease_id"]: v["held"] for v in t.leases()} == {a.lease_id: 2, b.lease_id: 2}
+    assert t.ack(a.lease_id) == 2
+    time.sleep(0.4)
+    again = t.sample(2, 0)  # b expired: its items are back
+    assert sorted(it.info.item_id for it in again.items) == sorted(it.info.item_id for it in b.items)
+    assert t.ack(again.lease_id) == 2
+    assert t.size() == 0 and r.hlen(t.keys.acked) == 0 and r.hlen(t.keys.lease_of) == 0
 
 
 def test_lease_expiry_returns_items(r: redis.Redis) -> None:
