@@ -105,7 +105,8 @@ def test_engine_gets_k_plus_a_reserve_and_batch_tokenization_matches(redis_url, 
                                                                     ) -> None:
     """The feed submits K sequences plus a reserve of K/4 (queued by an engine whose max_num_seqs is K: a sample
     that finishes before its siblings frees a seat the engine refills at once), never more than K + reserve; the
-    prompts, tokenized in one call per chunk, carry the ids of the one-by-one chat template + encode."""
+    prompts, tokenized in one call per chunk, carry the ids of the one-by-one chat template + encode, and that
+    template's text."""
     r = connect(redis_url)
     prompts = make_toy_task(12, seed=21)
     PromptQueue(r, "train").load(prompts, epochs=1)
@@ -130,6 +131,8 @@ def test_engine_gets_k_plus_a_reserve_and_batch_tokenization_matches(redis_url, 
         msgs = [{"role": "system", "content": DEFAULT_SYSTEM_PROMPT}, *by_id[t.prompt_id].messages]
         text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
         assert t.prompt_token_ids == list(tok.encode(text, add_special_tokens=False))
+        # the templated text itself, which is what decoding the ids gives back (no decode per group any more)
+        assert t.prompt_text == text == tok.decode(t.prompt_token_ids, skip_special_tokens=False)
 
 
 def test_two_actors_never_duplicate_prompts(redis_url, reward_service, actor_engine) -> None:
