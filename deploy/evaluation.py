@@ -36,6 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from actor_service.client import generate
 from actor_service.schema import MAX_GENERATE_PROMPTS, GenerateRequest
 from buffer.schema import Prompt
+from problems.toy import toy_kind
 from reward.client import RewardClient
 from reward.schema import GradeItem
 
@@ -68,6 +69,9 @@ class EvalResult(Accuracy):
     """One live evaluation: greedy answers of the weights an actor serves."""
 
     policy_version: int | None = None
+    by_kind: dict[str, list[int]] = Field(default_factory=dict)
+    """[correct, problems] per kind of toy problem (`problems.toy.toy_kind`: add, add carry, sub, sub borrow);
+    empty for other data. Shows which skill a plateau lacks."""
     """Weights version that answered (None offline)."""
     latency_s: float = 0.0
 
@@ -152,6 +156,12 @@ def eval_via_actor(
         raise RuntimeError(f"weights changed during the evaluation (versions {sorted(versions)})")
     results = reward.grade([GradeItem(response=r, gold=p.gold) for r, p in zip(responses, prompts, strict=True)])
     correct = sum(r.status == "correct" for r in results)
+    by_kind: dict[str, list[int]] = {}
+    for p, g in zip(prompts, results, strict=True):
+        if (kind := toy_kind(user_text(p))) is not None:
+            tally = by_kind.setdefault(kind, [0, 0])
+            tally[0] += g.status == "correct"
+            tally[1] += 1
     rows = list(zip(prompts, responses, results, strict=True))[:n_examples]
     return EvalResult(
         accuracy=correct / max(1, len(prompts)),
@@ -159,6 +169,7 @@ def eval_via_actor(
         correct=correct,
         no_answer=sum(r.status == "no_answer" for r in results),
         policy_version=versions.pop() if versions else None,
+        by_kind=by_kind,
         latency_s=time.perf_counter() - t0,
         examples=[example(p, r, g.status) for p, r, g in rows],
     )

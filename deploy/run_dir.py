@@ -43,6 +43,11 @@ class Summary(BaseModel):
     accuracy_gain_points: float | None = None
     """100 * (final - initial)."""
     best_accuracy: float | None = None
+    initial_by_kind: dict[str, list[int]] = Field(default_factory=dict)
+    """[correct, problems] per kind of toy problem at the start (add, add carry, sub, sub borrow; empty for other
+    data): which column step the policy lacks."""
+    final_by_kind: dict[str, list[int]] = Field(default_factory=dict)
+    """The same at the final evaluation."""
     learner_steps: int = 0
     wall_s: float = 0.0
     """Seconds from the first service start to the final evaluation."""

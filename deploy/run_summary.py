@@ -58,6 +58,8 @@ def build_summary(st: RunState, run: RunSection, config: dict[str, Any], rd: Run
         final_accuracy=fin_acc,
         accuracy_gain_points=None if init_acc is None or fin_acc is None else round(100 * (fin_acc - init_acc), 2),
         best_accuracy=max((e.accuracy for e in st.evals), default=None),
+        initial_by_kind=st.initial.by_kind if st.initial else {},
+        final_by_kind=final.by_kind if final else {},
         learner_steps=step,
         wall_s=round(time.monotonic() - st.t0, 2),
         train_wall_s=round((st.last_step_at or time.monotonic()) - (st.learner_started or st.t0), 2),
@@ -106,6 +108,10 @@ def print_result(c: Console, s: Summary, codes: dict[str, int | None], target_ga
             f"held-out greedy accuracy: {s.initial_accuracy:.3f} -> {s.final_accuracy:.3f} "
             f"([bold]{gain:+.1f} points[/]; target +{target_gain_points:g}: {verdict})"
         )
+        if s.final_by_kind:
+            c.print("by kind (start -> end): " + ", ".join(
+                f"{k} {'/'.join(map(str, s.initial_by_kind.get(k, ['-', '-'])))} -> {'/'.join(map(str, v))}"
+                for k, v in sorted(s.final_by_kind.items())))
     else:
         c.print("held-out accuracy: not measured (see logs)")
     bad = {n: rc for n, rc in codes.items() if rc not in (0, None, -signal.SIGTERM)}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import re
 from collections.abc import Iterable, Iterator
 
 from buffer.schema import Prompt
@@ -46,6 +47,21 @@ def toy_space_size(digits: int = 2, ops: str = "+-") -> int:
 def toy_question(expression: str) -> str:
     """The user turn of a toy problem (short on purpose: the toy model's context is small)."""
     return f"What is {expression}?"
+
+
+def toy_kind(question: str) -> str | None:
+    """The column step a toy question needs: "add carry" when its units digits sum to 10 or more, "sub borrow" when
+    the larger operand's units digit is the smaller (subtraction is worked larger minus smaller, as the toy's
+    scratchpad does), else "add" / "sub"; "mul"; None for any other text."""
+    m = re.fullmatch(r"What is (\d+)([-+*])(\d+)\?", question.strip())
+    if m is None:
+        return None
+    a, op, b = int(m[1]), m[2], int(m[3])
+    if op == "*":
+        return "mul"
+    if op == "+":
+        return "add carry" if a % 10 + b % 10 >= 10 else "add"
+    return "sub borrow" if max(a, b) % 10 < min(a, b) % 10 else "sub"
 
 
 def _toy_prompt(prompt_id: str, expression: str, value: str, data_source: str) -> Prompt:

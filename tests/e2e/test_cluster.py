@@ -88,6 +88,11 @@ def test_run_succeeds_and_reports(cluster_run: tuple[Path, subprocess.CompletedP
     assert summary["policy_version"] >= STEPS
     assert summary["initial_accuracy"] is not None and summary["final_accuracy"] is not None
     assert "held-out greedy accuracy" in proc.stdout
+    for key, acc in (("initial_by_kind", "initial_accuracy"), ("final_by_kind", "final_accuracy")):
+        tallies = summary[key]  # [correct, problems] per kind of toy problem: they add up to the accuracy
+        assert set(tallies) <= {"add", "add carry", "sub", "sub borrow"} and sum(n for _, n in tallies.values()) == 32
+        assert sum(c for c, _ in tallies.values()) == round(32 * summary[acc])
+    assert "by kind (start -> end)" in proc.stdout
     for name in ("config.toml", "metrics.jsonl", "eval.jsonl", "run.json"):
         assert (run_dir / name).stat().st_size > 0, name
     assert (run_dir / "plots" / "accuracy_reward_vs_step.png").exists()

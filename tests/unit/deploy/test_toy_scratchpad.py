@@ -7,6 +7,7 @@ import itertools
 import re
 
 from deploy.toy_warmup import boxed_answer, toy_response
+from problems.toy import toy_kind
 
 _SUB = re.compile(r"^([+-]):(\d\d)-(\d\d):(\d+)-(\d)=(\d+),(\d)-(\d)-([01])=(-?\d+)\. \\boxed\{(-?\d+)\}$")
 _ADD = re.compile(r"^(\d\d)\+(\d\d):(\d)\+(\d)=(\d+),(\d)\+(\d)\+([01])=(\d+)\. \\boxed\{(\d+)\}$")
@@ -39,3 +40,15 @@ def test_addition_scratchpad_has_no_sign_and_is_correct() -> None:
 def test_other_shapes_fall_back_to_the_boxed_answer() -> None:
     assert toy_response("What is 7-3?", "4") == "\\boxed{4}"
     assert toy_response("What is 123+4?", "127") == "\\boxed{127}"
+
+
+def test_toy_kind_names_the_carry_and_borrow_the_scratchpad_writes() -> None:
+    """problems.toy.toy_kind (the per-kind accuracy of live evaluations) agrees with the scratchpad's own carry
+    and borrow digit on every 2-digit pair."""
+    for a, b in _PAIRS:
+        add = _ADD.match(toy_response(f"What is {a}+{b}?", str(a + b)))
+        sub = _SUB.match(toy_response(f"What is {a}-{b}?", str(a - b)))
+        assert add and sub
+        assert toy_kind(f"What is {a}+{b}?") == ("add carry" if add.group(8) == "1" else "add")
+        assert toy_kind(f"What is {a}-{b}?") == ("sub borrow" if sub.group(9) == "1" else "sub")
+    assert toy_kind("What is 3*4?") == "mul" and toy_kind("Solve x^2 = 4.") is None
