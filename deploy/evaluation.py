@@ -69,10 +69,10 @@ class EvalResult(Accuracy):
     """One live evaluation: greedy answers of the weights an actor serves."""
 
     policy_version: int | None = None
+    """Weights version that answered (None offline)."""
     by_kind: dict[str, list[int]] = Field(default_factory=dict)
     """[correct, problems] per kind of toy problem (`problems.toy.toy_kind`: add, add carry, sub, sub borrow);
     empty for other data. Shows which skill a plateau lacks."""
-    """Weights version that answered (None offline)."""
     latency_s: float = 0.0
 
 

@@ -97,6 +97,11 @@ def publish_results(summary: Summary, rd: RunDir, tracker: ClusterTracker | None
                   highlight=False, soft_wrap=True)  # fmt: skip
 
 
+def _tally(t: list[int] | None) -> str:
+    """[correct, problems] as "correct/problems" ("-" when that evaluation has no such kind)."""
+    return f"{t[0]}/{t[1]}" if t else "-"
+
+
 def print_result(c: Console, s: Summary, codes: dict[str, int | None], target_gain_points: float, rd: RunDir) -> None:
     """The verdict: steps, accuracy gain against the target, odd exit statuses, where the results are."""
     c.print(f"\n[bold]run finished[/] ({s.exit_reason}) in {s.wall_s:.0f} s: {s.learner_steps} learner steps, "
@@ -110,8 +115,7 @@ def print_result(c: Console, s: Summary, codes: dict[str, int | None], target_ga
         )
         if s.final_by_kind:
             c.print("by kind (start -> end): " + ", ".join(
-                f"{k} {'/'.join(map(str, s.initial_by_kind.get(k, ['-', '-'])))} -> {'/'.join(map(str, v))}"
-                for k, v in sorted(s.final_by_kind.items())))
+                f"{k} {_tally(s.initial_by_kind.get(k))} -> {_tally(v)}" for k, v in sorted(s.final_by_kind.items())))
     else:
         c.print("held-out accuracy: not measured (see logs)")
     bad = {n: rc for n, rc in codes.items() if rc not in (0, None, -signal.SIGTERM)}
