@@ -174,11 +174,12 @@ def setting(data: dict[str, Any], section: str, name: str) -> Any:
 
 
 def _shape_batches(run: RunSection, data: dict[str, Any]) -> None:
-    """Actor batch shapes that the objective and the mode need (GRPO groups, sync batches)."""
+    """Actor batch shapes that the objective and the mode need (GRPO / centered TBRM groups, sync batches)."""
     actor = data["actor"]
-    grpo = data["learner"].get("loss", {}).get("kind") == "grpo"  # the settings default is TBRM
-    if grpo and setting(data, "actor", "n_samples_per_prompt") < 2:
-        # GRPO normalizes rewards within a group of samples of one prompt: groups of 1 carry no signal.
+    loss = data["learner"].get("loss", {})
+    grouped = loss.get("kind") == "grpo" or loss.get("centered", False)  # the settings default is plain TBRM
+    if grouped and setting(data, "actor", "n_samples_per_prompt") < 2:
+        # GRPO and centered TBRM compare the samples of one prompt: groups of 1 carry no signal.
         # Keep the trajectories per step, split as prompts x 4 samples (4 x 4 measured best for the toy).
         per_batch = setting(data, "actor", "prompts_per_batch") * setting(data, "actor", "n_samples_per_prompt")
         actor["n_samples_per_prompt"] = 4

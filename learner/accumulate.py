@@ -51,7 +51,7 @@ def loss_batch(mb: MicroBatch, items: list[SampledItem], settings: LearnerSettin
         ref = ref.to(mb.tokens.device)
     if settings.loss.needs_ref_v0:
         ref_v0 = torch.tensor([t.ref_v0 for t in trajs], dtype=torch.float32, device=mb.tokens.device)
-    if isinstance(settings.loss, GrpoLossConfig):
+    if settings.loss.needs_groups:
         ids: dict[str, int] = {}
         group_ids = torch.tensor(
             [ids.setdefault(t.group_id, len(ids)) for t in trajs], dtype=torch.long, device=mb.tokens.device
@@ -78,7 +78,7 @@ def accumulate_gradients(engine: Any, shard: list[SampledItem], settings: Learne
     trajs = [it.trajectory for it in shard]
     plans = plan_micro_batches(
         trajs, settings.micro_batch_size, settings.max_tokens_per_micro_batch,
-        group_aligned=isinstance(settings.loss, GrpoLossConfig),
+        group_aligned=settings.loss.needs_groups,
     )
     by_tokens = token_mean_loss(settings)
     local_units = sum(len(t.response_token_ids) for t in trajs) if by_tokens else len(trajs)

@@ -110,6 +110,7 @@ def tbrm_loss(
     rewards: Tensor,
     beta: float,
     ref_v0: Tensor | None = None,
+    group_ids: Tensor | None = None,
 ) -> tuple[Tensor, Metrics]:
     r"""TBRM: one squared trajectory-level Bellman residual per trajectory (arXiv 2505.15311, docs/loss.md).
 
@@ -139,6 +140,11 @@ def tbrm_loss(
         rewards [B]: outcome reward r(tau).
         beta: KL-regularization strength (> 0); the paper uses 0.002, so r/beta is in the hundreds.
         ref_v0 [B] or None: V_ref(s_1) = logsumexp(reference logits at s_1); given = the calibrated variant.
+        group_ids [B] int or None: given = the centered variant. The samples of one prompt share s_1, so V(s_1)
+            is one free number per group; minimizing the loss over it in closed form subtracts the group's mean
+            residual, and L = mean_tau (delta - mean_group delta)^2. Every zero-loss policy is still pi* (equal
+            residuals within a prompt are exactly pi(tau) ∝ pi_ref(tau) exp(r/beta)); V(s_1) itself gets no gradient
+            and a trajectory alone in its group none at all. The reported residuals are the centered ones.
 
     Returns `(loss, metrics)`: scalar fp32 loss; metrics (detached): loss, residual_mean/std/abs_max, v0_mean,
     log_ratio_sum_mean (sum_h log pi/pi_ref: a KL(pi||pi_ref) estimate when the data is on-policy), reward_mean,
@@ -146,6 +152,9 @@ def tbrm_loss(
     traj_residual (delta, whose |delta| becomes the replay priority) and traj_log_ratio_sum.
     """
     residual, parts = tbrm_residual(logits, tokens, mask, ref_logprobs, rewards, beta, ref_v0)
+    if group_ids is not None:  # V(s_1) minimized out per group: min_b mean_g (delta + b)^2 at b = -mean_g delta
+        _check_per_seq(len(residual), group_ids=group_ids)
+        residual = residual - group_mean(residual, group_ids)
     loss = residual.pow(2).mean()
     with torch.no_grad():
         r = residual.detach()
@@ -166,6 +175,20 @@ def tbrm_loss(
     return loss, metrics
 
 
+def _dense_groups(group_ids: Tensor) -> tuple[Tensor, Tensor]:
+    """(inverse [B] dense group index, count [G] members per group, fp32) of integer group ids."""
+    _, inv = torch.unique(group_ids, return_inverse=True)
+    count = torch.zeros(int(inv.max().item()) + 1, dtype=torch.float32, device=group_ids.device)
+    return inv, count.index_add_(0, inv, torch.ones_like(inv, dtype=torch.float32))
+
+
+def group_mean(x: Tensor, group_ids: Tensor) -> Tensor:
+    """[B] the mean of x over each trajectory's group (differentiable in x)."""
+    inv, count = _dense_groups(group_ids)
+    total = torch.zeros(count.shape, dtype=x.dtype, device=x.device).index_add(0, inv, x)
+    return (total / count.to(x.dtype))[inv]
+
+
 def group_advantages(rewards: Tensor, group_ids: Tensor, eps: float = 1e-6) -> Tensor:
     """GRPO advantages A_i = (r_i - mean_g r) / (std_g r + eps) over the trajectories sharing a group id.
 
@@ -174,13 +197,8 @@ def group_advantages(rewards: Tensor, group_ids: Tensor, eps: float = 1e-6) -> T
     does a group whose rewards are all equal. Returns [B] fp32, no grad.
     """
     rewards = rewards.detach().float()
-    _, inv = torch.unique(group_ids, return_inverse=True)  # [B] dense group index
-    n_groups = int(inv.max().item()) + 1
-    count = torch.zeros(n_groups, dtype=torch.float32, device=rewards.device).index_add_(
-        0, inv, torch.ones_like(rewards)
-    )  # [G]
-    mean = torch.zeros_like(count).index_add_(0, inv, rewards) / count  # [G]
-    centered = rewards - mean[inv]  # [B]
+    inv, count = _dense_groups(group_ids)
+    centered = rewards - group_mean(rewards, group_ids)  # [B]
     var = torch.zeros_like(count).index_add_(0, inv, centered.pow(2)) / (count - 1).clamp(min=1)  # [G]
     std = var.sqrt()[inv]  # [B]
     # where(): a group with identical rewards (std 0) has no signal; without it eps = 0 would give 0/0.
@@ -307,7 +325,8 @@ def compute_loss(config: LossConfig, logits: Tensor, batch: LossBatch) -> tuple[
     if isinstance(config, TbrmLossConfig):
         ref_v0 = need("ref_v0") if config.calibrated else None
         return tbrm_loss(
-            logits, batch.tokens, batch.mask, need("ref_logprobs"), batch.rewards, config.beta, ref_v0=ref_v0
+            logits, batch.tokens, batch.mask, need("ref_logprobs"), batch.rewards, config.beta, ref_v0=ref_v0,
+            group_ids=need("group_ids") if config.centered else None,
         )
     if isinstance(config, GrpoLossConfig):
         return grpo_loss(

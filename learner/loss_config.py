@@ -23,6 +23,11 @@ class TbrmLossConfig(BaseModel):
     calibrated: bool = False
     """Subtract the reference model's V_ref(s_1) = logsumexp(reference logits at s_1) inside the residual, so that
     pi = pi_ref and r = 0 give zero loss (needs `ref_v0` per trajectory). Off by default (the paper's objective)."""
+    centered: bool = False
+    """Solve V(s_1) in closed form per prompt group instead of reading it off the logits: each residual has its
+    group's mean subtracted, so the loss is the within-group variance of delta (needs n_samples_per_prompt >= 2;
+    a trajectory alone in its group gives no gradient). Same optimum policy; the reward term no longer dwarfs the
+    wrong answers' pull (docs/loss.md, "Centered residuals")."""
 
     @property
     def needs_ref_logprobs(self) -> bool:
@@ -32,6 +37,11 @@ class TbrmLossConfig(BaseModel):
     @property
     def needs_ref_v0(self) -> bool:
         return self.calibrated
+
+    @property
+    def needs_groups(self) -> bool:
+        """The loss compares the samples of one prompt: micro-batches and ranks must hold whole groups."""
+        return self.centered
 
 
 class GrpoLossConfig(BaseModel):
@@ -60,6 +70,10 @@ class GrpoLossConfig(BaseModel):
     def needs_ref_v0(self) -> bool:
         return False
 
+    @property
+    def needs_groups(self) -> bool:
+        return True
+
 
 class SftLossConfig(BaseModel):
     """Plain masked next-token NLL on the response tokens (warm-up and the benchmark's baseline step)."""
@@ -74,6 +88,10 @@ class SftLossConfig(BaseModel):
 
     @property
     def needs_ref_v0(self) -> bool:
+        return False
+
+    @property
+    def needs_groups(self) -> bool:
         return False
 
 

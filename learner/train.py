@@ -171,7 +171,7 @@ def train_step(state: LearnerState, services: RankServices, stop: threading.Even
     if got is None:
         return False
     items, leases = got
-    shard = shard_items(items, state.rank, state.world, by_group=isinstance(settings.loss, GrpoLossConfig))
+    shard = shard_items(items, state.rank, state.world, by_group=settings.loss.needs_groups)
     t_sampled = time.monotonic()
     ref_model, writer = state.ref_model, services.writer(state.table)
     n_ref = fill_reference(ref_model, writer, shard, settings) if ref_model is not None else 0

@@ -161,7 +161,11 @@ def test_sync_mode_trains_only_on_current_version(tmp_path, tiny_model_dir, redi
     assert WeightsStore(r).latest().version == 2  # sync pushes every step
 
 
-@pytest.mark.parametrize("loss", [{"kind": "grpo", "clip_eps": 0.2}, {"kind": "tbrm", "beta": 0.1, "calibrated": True}])
+@pytest.mark.parametrize("loss", [
+    {"kind": "grpo", "clip_eps": 0.2},
+    {"kind": "tbrm", "beta": 0.1, "calibrated": True},
+    {"kind": "tbrm", "beta": 0.1, "centered": True},
+])
 def test_other_objectives_run(tmp_path, tiny_model_dir, redis_url, loss):
     r = connect(redis_url)
     table = ReplayTable(r, TableConfig(sampler=FifoSampler(), max_times_sampled=2))
@@ -172,3 +176,6 @@ def test_other_objectives_run(tmp_path, tiny_model_dir, redis_url, loss):
         # the reference V(s_1) was cached with the items and the residual at step 1 (pi = pi_ref) is -r/beta
         assert "ref_v0_mean" in res.history[0]
         assert res.history[0]["residual_mean"] == pytest.approx(-res.history[0]["batch_reward_mean"] / 0.1, abs=1e-3)
+    if loss.get("centered"):
+        # groups of 2 reach the loss whole: each group's residuals are centered, so their mean is 0
+        assert all(abs(x["residual_mean"]) < 1e-3 for x in res.history)

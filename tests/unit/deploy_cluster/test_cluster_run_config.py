@@ -49,6 +49,8 @@ def test_overrides_sync_loss_steps(tmp_path: Path) -> None:
     assert grpo["learner"]["loss"] == {"kind": "grpo"}
     # GRPO needs groups: 256 x 1 becomes 64 prompts x 4 samples (same sequences in flight)
     assert grpo["actor"]["n_samples_per_prompt"] == 4 and grpo["actor"]["prompts_per_batch"] == 64
+    _, centered = resolve(None, {"learner": {"loss": {"centered": True}}})  # centered TBRM compares groups too
+    assert centered["actor"]["n_samples_per_prompt"] == 4 and centered["actor"]["prompts_per_batch"] == 64
 
 
 def test_batch_shapes_use_the_settings_defaults_not_guesses() -> None:

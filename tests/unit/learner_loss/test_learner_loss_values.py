@@ -88,6 +88,46 @@ def test_tbrm_calibrated_subtracts_ref_v0() -> None:
     assert m["ref_v0_mean"].item() == pytest.approx(-0.625)
 
 
+def test_tbrm_centered_subtracts_the_group_mean_residual() -> None:
+    """Group ids given: delta minus its group's mean. Both hand trajectories in one group -> +-(d1 - d0)/2; each in
+    a group of its own -> zero loss and zero gradient (nothing to compare a lone sample with)."""
+    b = hand_batch()
+    args = (b["tokens"], b["mask"], b["ref_logprobs"], b["rewards"], BETA)
+    logits = b["logits"].clone().requires_grad_(True)
+    loss, m = tbrm_loss(logits, *args, group_ids=torch.tensor([7, 7]))
+    half = (DELTA[1] - DELTA[0]) / 2
+    assert loss.item() == pytest.approx(half**2, rel=1e-6)
+    assert m["traj_residual"].tolist() == pytest.approx([-half, half], rel=1e-6)
+    loss.backward()
+    # d loss/d z_1 = sum_i (delta_i - mean) * d delta_i/d z_1: the V(s_1) terms of the two cancel only in the mean
+    # over a shared start state; here each row has its own z_1, so both rows get a gradient.
+    assert logits.grad[0, 0].abs().sum() > 0 and logits.grad[1, 0].abs().sum() > 0
+
+    alone = b["logits"].clone().requires_grad_(True)
+    loss, m = tbrm_loss(alone, *args, group_ids=torch.tensor([0, 1]))
+    assert loss.item() == 0.0 and m["traj_residual"].abs().max().item() == 0.0
+    loss.backward()
+    assert alone.grad.abs().max().item() == 0.0
+    with pytest.raises(ValueError, match=r"group_ids must be \[B\]"):
+        tbrm_loss(b["logits"], *args, group_ids=torch.tensor([0, 0, 1]))
+
+
+def test_tbrm_centered_ignores_the_level_of_v_s1() -> None:
+    """Within a group every sample starts in the same state: shifting the logits at s_1 by a constant moves V(s_1)
+    and leaves the policy, and so the centered loss, unchanged (the uncentered one moves)."""
+    b = hand_batch()
+    logits = b["logits"].clone()
+    logits[1, 0] = logits[0, 0]  # both rows start in the same state s_1
+    shifted = logits.clone()
+    shifted[:, 0] += 3.0
+    args = (b["tokens"], b["mask"], b["ref_logprobs"], b["rewards"], BETA)
+    same = torch.tensor([0, 0])
+    assert tbrm_loss(shifted, *args, group_ids=same)[0].item() == pytest.approx(
+        tbrm_loss(logits, *args, group_ids=same)[0].item(), rel=1e-6
+    )
+    assert tbrm_loss(shifted, *args)[0].item() != pytest.approx(tbrm_loss(logits, *args)[0].item(), rel=1e-3)
+
+
 def test_tbrm_beta_scales_reward_term() -> None:
     b = hand_batch()
     residual, _ = tbrm_residual(b["logits"], b["tokens"], b["mask"], b["ref_logprobs"], b["rewards"], 0.002)
@@ -376,6 +416,11 @@ def test_compute_loss_dispatches_on_config() -> None:
     assert loss.item() == pytest.approx((DELTA[0] ** 2 + DELTA[1] ** 2) / 2, rel=1e-6)
     with pytest.raises(ValueError, match="needs batch.ref_v0"):
         compute_loss(TbrmLossConfig(beta=BETA, calibrated=True), b["logits"], batch)
+    with pytest.raises(ValueError, match="needs batch.group_ids"):
+        compute_loss(TbrmLossConfig(beta=BETA, centered=True), b["logits"], batch)
+    batch.group_ids = torch.tensor([3, 3])
+    centered, _ = compute_loss(TbrmLossConfig(beta=BETA, centered=True), b["logits"], batch)
+    assert centered.item() == pytest.approx(((DELTA[1] - DELTA[0]) / 2) ** 2, rel=1e-6)
     with pytest.raises(ValueError, match="needs batch.behaviour_logprobs"):
         compute_loss(GrpoLossConfig(), b["logits"], batch)
     sft, _ = compute_loss(SftLossConfig(), b["logits"], batch)
@@ -396,6 +441,8 @@ def test_loss_config_union_validates() -> None:
     assert isinstance(grpo, GrpoLossConfig) and grpo.needs_ref_logprobs
     assert not GrpoLossConfig().needs_ref_logprobs
     assert TbrmLossConfig(calibrated=True).needs_ref_v0 and not TbrmLossConfig().needs_ref_v0
+    assert TbrmLossConfig(centered=True).needs_groups and GrpoLossConfig().needs_groups
+    assert not TbrmLossConfig().needs_groups and not SftLossConfig().needs_groups
     for bad in ({"kind": "tbrm", "beta": 0}, {"kind": "ppo"}, {"kind": "tbrm", "betta": 0.1},
                 {"kind": "grpo", "aggregation": "sum"}):  # fmt: skip
         with pytest.raises(ValidationError):
