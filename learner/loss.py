@@ -148,8 +148,8 @@ def tbrm_loss(
 
     Returns `(loss, metrics)`: scalar fp32 loss; metrics (detached): loss, residual_mean/std/abs_max, v0_mean,
     log_ratio_sum_mean (sum_h log pi/pi_ref: a KL(pi||pi_ref) estimate when the data is on-policy), reward_mean,
-    response_length_mean, and ref_v0_mean for the calibrated variant; per trajectory ([B], detached):
-    traj_residual (delta, whose |delta| becomes the replay priority) and traj_log_ratio_sum.
+    response_length_mean, ref_v0_mean for the calibrated variant, flat_group_frac for the centered one; per
+    trajectory ([B], detached): traj_residual (delta, whose |delta| becomes the replay priority) and traj_log_ratio_sum.
     """
     residual, parts = tbrm_residual(logits, tokens, mask, ref_logprobs, rewards, beta, ref_v0)
     if group_ids is not None:  # V(s_1) minimized out per group: min_b mean_g (delta + b)^2 at b = -mean_g delta
@@ -172,6 +172,8 @@ def tbrm_loss(
         }
         if ref_v0 is not None:
             metrics["ref_v0_mean"] = ref_v0.detach().float().mean()
+        if group_ids is not None:
+            metrics["flat_group_frac"] = flat_group_frac(rewards, group_ids)
     return loss, metrics
 
 
@@ -187,6 +189,14 @@ def group_mean(x: Tensor, group_ids: Tensor) -> Tensor:
     inv, count = _dense_groups(group_ids)
     total = torch.zeros(count.shape, dtype=x.dtype, device=x.device).index_add(0, inv, x)
     return (total / count.to(x.dtype))[inv]
+
+
+def flat_group_frac(rewards: Tensor, group_ids: Tensor) -> Tensor:
+    """Fraction of the trajectories whose group's rewards are all equal (a group of one included): the samples a
+    group-relative loss (GRPO, centered TBRM) learns nothing from the reward of. 0-dim, no grad."""
+    r = rewards.detach().float()
+    spread = group_mean((r - group_mean(r, group_ids)).abs(), group_ids)  # [B] 0 iff the group agrees
+    return (spread == 0).float().mean()
 
 
 def group_advantages(rewards: Tensor, group_ids: Tensor, eps: float = 1e-6) -> Tensor:
@@ -232,9 +242,9 @@ def grpo_loss(
 
     Args: behaviour_logprobs [B, T] (the actor's log-probs of `tokens`), rewards [B], group_ids [B] int,
     ref_logprobs [B, T] (needed only when kl_coef > 0); logits/tokens/mask as in the module docstring.
-    Returns `(loss, metrics)`: loss, reward_mean, advantage_abs_mean, ratio_mean, clip_frac (fraction of tokens
-    whose clipped term is the active one), behaviour_kl (k3 estimate of KL(pi_b || pi)), ref_kl (when kl_coef > 0),
-    response_length_mean.
+    Returns `(loss, metrics)`: loss, reward_mean, advantage_abs_mean, flat_group_frac, ratio_mean, clip_frac
+    (fraction of tokens whose clipped term is the active one), behaviour_kl (k3 estimate of KL(pi_b || pi)), ref_kl
+    (when kl_coef > 0), response_length_mean.
     """
     b, _ = _check_shapes(
         logits, tokens, mask, behaviour_logprobs=behaviour_logprobs, ref_logprobs=ref_logprobs
@@ -275,6 +285,7 @@ def grpo_loss(
             "loss": loss.detach(),
             "reward_mean": rewards.detach().float().mean(),
             "advantage_abs_mean": adv.abs().mean(),
+            "flat_group_frac": flat_group_frac(rewards, group_ids),
             "ratio_mean": (ratio.detach() * validf).sum() / total,
             "clip_frac": ((clipped.detach() > unclipped.detach()).float() * validf).sum() / total,
             "behaviour_kl": ((torch.exp(-lr) + lr - 1.0) * validf).sum() / total,

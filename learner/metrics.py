@@ -65,6 +65,7 @@ GAUGES: dict[str, str] = {
     "residual_mean_incorrect": "Mean residual of unrewarded trajectories",
     "log_ratio_sum_mean_incorrect": "Mean summed log(pi/pi_ref) of unrewarded trajectories",
     "kl_snis": "Self-normalized IS estimate of KL(pi || pi_ref) on the batch",
+    "flat_group_frac": "Fraction of the batch in groups whose rewards all agree (GRPO, centered TBRM: no signal)",
     GRAD_CLIPPED: "1 if the last step's gradient norm was clipped",
     "guard_skipped_steps": "Steps skipped for a non-finite loss or gradient",
     "guard_responses": "Stability-guard responses (rollback / lr back-off)",

@@ -179,3 +179,5 @@ def test_other_objectives_run(tmp_path, tiny_model_dir, redis_url, loss):
     if loss.get("centered"):
         # groups of 2 reach the loss whole: each group's residuals are centered, so their mean is 0
         assert all(abs(x["residual_mean"]) < 1e-3 for x in res.history)
+    if loss["kind"] == "grpo" or loss.get("centered"):
+        assert all(0.0 <= x["flat_group_frac"] <= 1.0 for x in res.history)  # groups reach the loss

@@ -98,6 +98,7 @@ def test_tbrm_centered_subtracts_the_group_mean_residual() -> None:
     half = (DELTA[1] - DELTA[0]) / 2
     assert loss.item() == pytest.approx(half**2, rel=1e-6)
     assert m["traj_residual"].tolist() == pytest.approx([-half, half], rel=1e-6)
+    assert m["flat_group_frac"].item() == 0.0  # rewards 1 and 0: the group has a signal
     loss.backward()
     # d loss/d z_1 = sum_i (delta_i - mean) * d delta_i/d z_1: the V(s_1) terms of the two cancel only in the mean
     # over a shared start state; here each row has its own z_1, so both rows get a gradient.
@@ -105,7 +106,7 @@ def test_tbrm_centered_subtracts_the_group_mean_residual() -> None:
 
     alone = b["logits"].clone().requires_grad_(True)
     loss, m = tbrm_loss(alone, *args, group_ids=torch.tensor([0, 1]))
-    assert loss.item() == 0.0 and m["traj_residual"].abs().max().item() == 0.0
+    assert loss.item() == 0.0 and m["traj_residual"].abs().max().item() == 0.0 and m["flat_group_frac"].item() == 1.0
     loss.backward()
     assert alone.grad.abs().max().item() == 0.0
     with pytest.raises(ValueError, match=r"group_ids must be \[B\]"):
@@ -340,6 +341,7 @@ def test_grpo_hand_computed_values() -> None:
     assert loss_seq.item() == pytest.approx(((-1.2 * s - 1.1 * s) / 2 + 0.8 * s / 1) / 4, rel=1e-6)
     assert m["reward_mean"].item() == pytest.approx(0.75)
     assert m["advantage_abs_mean"].item() == pytest.approx(sum(map(abs, adv)) / 4, rel=1e-6)
+    assert m["flat_group_frac"].item() == 0.5  # group 1 (rewards 1, 1) teaches nothing
     real = [ratios[i][h] for i in range(4) for h in range(2) if mask[i][h]]
     assert m["ratio_mean"].item() == pytest.approx(sum(real) / 7, rel=1e-6)
     assert m["clip_frac"].item() == pytest.approx(2 / 7)  # seq0 pos1 and seq1 pos1
