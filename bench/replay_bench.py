@@ -55,12 +55,14 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "r2_prio": _reuse(2, PRIO),
     "grpo_r1": {**_reuse(1, FIFO), "run": {"loss": "grpo"}},
     "r1_prio": _reuse(1, PRIO),
+    # centered TBRM (docs/loss.md): V(s_1) solved per prompt group; run_config makes it 64 prompts x 4 samples
+    "r1_centered": {**_reuse(1, FIFO), "learner": {"loss": {"centered": True}}},
     # lifo: a trajectory's second use comes a step or two after its first (fifo replays it after the backlog)
     "r2_lifo": _reuse(2, LIFO),
 }
 # Giving the learner 2 threads (to take the core that reuse leaves the actor idle) was measured and dropped: the
 # two cores oversubscribed, 506 instead of 828 steps at reuse 1 and 671 instead of 1,072 at reuse 2 in 2 minutes.
-OPT_IN = {"r1_prio"}  # not in the default list (pass --variants)
+OPT_IN = {"r1_prio", "r1_centered"}  # not in the default list (pass --variants)
 DEFAULT_VARIANTS = [v for v in VARIANTS if v not in OPT_IN]
 
 
