@@ -105,8 +105,8 @@ def broadcast_batch(got: Batch | None, world: int) -> Batch | None:
 
 
 def shard_items(items: list[SampledItem], rank: int, world: int, by_group: bool = False) -> list[SampledItem]:
-    """This rank's part of the batch: items rank, rank+W, ...; with `by_group` (GRPO) whole groups go to one
-    rank (each group to the rank holding the fewest items so far), so group normalization sees whole groups."""
+    """This rank's part of the batch: items rank, rank+W, ...; with `by_group` (GRPO, centered TBRM) whole groups go
+    to one rank (each group to the rank holding the fewest items so far), so a group-relative loss sees them whole."""
     if world == 1:
         return items
     groups: dict[str, list[SampledItem]] = {}

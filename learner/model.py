@@ -107,7 +107,8 @@ def plan_micro_batches(
     """Split batch indices into micro-batches of at most `micro_batch_size` rows (and `max_tokens` padded tokens).
 
     `group_aligned` keeps the samples of one group (same `group_id`) in one micro-batch where the group fits,
-    so a group-normalized loss (GRPO) sees whole groups. Order is otherwise the batch order (deterministic).
+    so a group-relative loss (GRPO, centered TBRM) sees whole groups. Order is otherwise the batch order
+    (deterministic).
     """
     order = list(range(len(trajs)))
     if group_aligned:
