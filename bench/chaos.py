@@ -257,15 +257,18 @@ def main(argv: list[str] | None = None) -> int:
     return report(args, rd, chaos, result, load_before)
 
 
-def _random_ports(n_actors: int) -> Any:
+def _random_ports(n_actors: int, reservations: Any = None, defaults: bool = True) -> Any:
     """Consecutive free ports at a random base below Linux's ephemeral range (32768+): on a shared machine another
     cluster may take a default port between the check and the bind, and an outgoing connection may take an
-    ephemeral one while a slow actor starts; a restarted service must also get its own port back."""
+    ephemeral one while a slow actor starts; a restarted service must also get its own port back. A drop-in for
+    `deploy.ports.pick_ports` (same arguments; `defaults` is ignored), holding the launcher's `reservations`."""
     from deploy import topology
     from deploy.supervisor import pick_port_range
 
-    base = pick_port_range(random.randrange(10000, 30000), 4 + n_actors, set())
-    return topology.Ports(redis=base, reward=base + 1, buffer=base + 2, learner=base + 3, actor_base=base + 4)
+    while True:
+        base = pick_port_range(random.randrange(10000, 30000), 4 + n_actors, set())
+        if reservations is None or all([reservations.reserve(p) for p in range(base, base + 4 + n_actors)]):
+            return topology.Ports(redis=base, reward=base + 1, buffer=base + 2, learner=base + 3, actor_base=base + 4)
 
 
 def _cluster_class(appendfsync: str) -> Any:

@@ -77,3 +77,21 @@ def test_books_stranded_and_actor_versions() -> None:
     assert audit.audit_actor_versions(metrics).ok
     assert not audit.audit_actor_versions(metrics + [{"actor_versions": {"actor-0": 6},
                                                       "restarts": {"actor-0": 1}}]).ok
+
+
+def test_the_chaos_port_picker_takes_the_launchers_call(tmp_path: Path) -> None:
+    """bench/chaos.py replaces `deploy.launcher.pick_ports`: it must accept the launcher's arguments and hold the
+    ports it returns in the launcher's reservations (a stale signature once broke `make chaos` at start-up)."""
+    import inspect
+
+    from bench import chaos
+    from deploy.ports import PortReservations, pick_ports
+
+    assert list(inspect.signature(chaos._random_ports).parameters) == list(inspect.signature(pick_ports).parameters)
+    held = PortReservations(tmp_path)
+    ports = chaos._random_ports(2, held, defaults=False)
+    wanted = [ports.redis, ports.reward, ports.buffer, ports.learner, ports.actor_base, ports.actor_base + 1]
+    assert wanted == list(range(ports.redis, ports.redis + 6)) and ports.redis < 32768
+    assert set(wanted) <= set(held.files)
+    held.release()
+
