@@ -9,7 +9,8 @@ holds higher-step tags of an earlier run (`resume = "never"`, a wiped Redis) mus
 Version numbers (`repair_version`, `next_version`): a version names one set of weights for the whole life of the
 Redis state. Whatever the learner restarts from (a checkpoint that is older than the last export, no checkpoint
 after a crash before the first one, `resume = "never"`, a wiped run directory while Redis persists), it continues
-numbering after the newest version that was published or that a live actor holds. During the run, an actor that
+numbering after the newest version that was published, that a live actor holds, or that its training log shows
+assigned to a step (the export of a step runs behind it, so a crash can cut it short). During the run, an actor that
 answers 409 (it holds a version >= ours) or reports a newer version makes the next version jump past it.
 
 The training log (`TrainingLog`, `<run_dir>/trained.jsonl`, rank 0): one JSON line per start, per step (the item
@@ -121,17 +122,19 @@ def prune_checkpoints(ckpt_dir: Path, keep: int, current: str) -> list[str]:
 
 
 def repair_version(
-    version: int, published: WeightsInfo | None, actor_versions: Iterable[int], world: int = 1
+    version: int, published: WeightsInfo | None, actor_versions: Iterable[int], world: int = 1, logged: int = 0
 ) -> int:
     """The version the learner continues from: `version` (from its checkpoint, 0 without one) unless a newer one
-    was already published or is held by an actor; then one above the newest (never reuse a number for other
-    weights). An equal number is the checkpoint's own export. With several ranks, rank 0's answer wins."""
-    floor = max([published.version if published is not None else 0, *actor_versions])
+    was already published, is held by an actor or was assigned to a step by an earlier incarnation (`logged`, from
+    the training log: a step whose export the crash cut short, or that reached an actor whose heartbeat has not
+    said so yet); then one above the newest (never reuse a number for other weights). An equal number is the
+    checkpoint's own export. With several ranks, rank 0's answer wins."""
+    floor = max([published.version if published is not None else 0, *actor_versions, logged])
     fixed = floor + 1 if floor > version else version
     if fixed != version:
         log.warning(
-            "restarting at policy_version %d but version %d was already published or is held by an actor: "
-            "continuing at %d", version, floor, fixed,
+            "restarting at policy_version %d but version %d was already published, held by an actor or assigned "
+            "before the restart: continuing at %d", version, floor, fixed,
         )
     if world > 1:
         box = [fixed]
@@ -210,6 +213,12 @@ def read_training_log(path: Path) -> list[dict[str, Any]]:
         except ValueError:
             continue
     return out
+
+
+def logged_version(records: list[dict[str, Any]]) -> int:
+    """The newest version a training log shows assigned (to a step, or to a start's weights); 0 for none."""
+    return max((int(r["version"]) for r in records if r.get("event") in ("step", "start") and "version" in r),
+               default=0)
 
 
 def rolled_back_items(records: list[dict[str, Any]], resumed_step: int) -> dict[str, int]:

@@ -48,7 +48,15 @@ from buffer.schema import PrioritizedSampler
 from learner.accumulate import Accumulated, accumulate_gradients, reduce_metrics
 from learner.acks import patient_redis
 from learner.batch import broadcast_batch, fill_reference, shard_items
-from learner.checkpoints import live_actor_versions, next_version, repair_version, save_checkpoint
+from learner.checkpoints import (
+    TRAINING_LOG,
+    live_actor_versions,
+    logged_version,
+    next_version,
+    read_training_log,
+    repair_version,
+    save_checkpoint,
+)
 from learner.collectives import all_reduce_sum
 from learner.engine import build_engine, configure_environment, init_distributed, resume, seed_everything
 from learner.guard import StabilityGuard, all_ranks_agree, grad_norm, params_finite, respond, skip_step
@@ -126,7 +134,10 @@ def setup(settings: LearnerSettings) -> LearnerState:
     # Every rank talks to Redis (each caches the reference log-probs of its own shard); rank 0 owns the rest.
     redis = patient_redis(connect(settings.redis_url))
     table = ReplayTable(redis, settings.table)
-    version = repair_version(version, WeightsStore(redis).latest(), live_actor_versions(ActorRegistry(redis)), world)
+    logged = logged_version(read_training_log(run_dir / TRAINING_LOG)) if rank == 0 else 0  # rank 0 writes it
+    version = repair_version(
+        version, WeightsStore(redis).latest(), live_actor_versions(ActorRegistry(redis)), world, logged
+    )
     return LearnerState(
         settings=settings, engine=engine, ref_model=ref_model, redis=redis, table=table, run_dir=run_dir,
         ckpt_dir=ckpt_dir, rank=rank, world=world, guard=StabilityGuard(settings.guard), step=step,

@@ -10,7 +10,7 @@ import pytest
 
 from actor_service.client import WeightPushError
 from buffer.schema import ActorInfo, WeightsInfo
-from learner.checkpoints import next_version, repair_version, rolled_back_items
+from learner.checkpoints import logged_version, next_version, repair_version, rolled_back_items
 from learner.push import WeightPusher
 
 
@@ -105,6 +105,22 @@ def test_repair_version_never_reissues_a_number(
 ) -> None:
     pub = None if published is None else _info(published)
     assert repair_version(ckpt_version, pub, actors) == expected
+
+
+def test_repair_version_steps_over_a_version_only_the_training_log_saw() -> None:
+    """The chaos run's case: the learner died after logging step v1753 and before its export was published, the
+    actor was down too; the restart resumed a checkpoint at v1738 and must not number its weights v1753 again."""
+    records = [
+        {"event": "start", "step": 0, "version": 0},
+        {"event": "step", "step": 1720, "version": 1738, "items": [], "policy_versions": []},
+        {"event": "checkpoint", "step": 1720, "version": 1738},
+        {"event": "step", "step": 1735, "version": 1753, "items": [], "policy_versions": []},
+        {"event": "step", "step": 1736},  # a record cut short by the SIGKILL: no version
+    ]
+    assert logged_version(records) == 1753 and logged_version([]) == 0
+    assert repair_version(1738, _info(1752), [], logged=logged_version(records)) == 1754
+    assert repair_version(1738, _info(1752), []) == 1753  # what the published record alone gave
+    assert repair_version(1753, _info(1753), [1753], logged=1753) == 1753  # the checkpoint's own export
 
 
 def test_next_version_steps_over_an_actor_ahead() -> None:
