@@ -16,13 +16,7 @@ from buffer.client import ActorRegistry, BatchStream, LearnerStatusStore, Replay
 from buffer.schema import LearnerStatus, SampledItem, WeightsInfo
 from learner.acks import PendingAcks, ack_checkpointed, ack_lease, redis_retry
 from learner.batch import Batch, batch_metrics, sample_batch, stream_batch
-from learner.checkpoints import (
-    TRAINING_LOG,
-    StalenessRecovery,
-    TrainingLog,
-    read_training_log,
-    rolled_back_items,
-)
+from learner.checkpoints import StalenessRecovery, TrainingLog
 from learner.export import WeightExporter
 from learner.live import LiveStatus
 from learner.metrics import BATCH_REWARD_MEAN, GRAD_CLIPPED, VERSION_LAG_MEAN, replay_usage
@@ -105,9 +99,8 @@ class RankZeroServices(RankServices):
         settings, redis, table = state.settings, state.redis, state.table
         super().__init__()
         self.settings, self.table, self.live = settings, table, live
-        rolled_back = rolled_back_items(read_training_log(state.run_dir / TRAINING_LOG), state.step)
         self.recovery = StalenessRecovery(
-            table, rolled_back, None if settings.sync else table.config.max_staleness_versions
+            table, state.rolled_back, None if settings.sync else table.config.max_staleness_versions
         )
         self.books = TrainingLog(state.run_dir)
         self.weights_store = WeightsStore(redis)

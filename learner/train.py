@@ -36,7 +36,7 @@ import logging
 import math
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +55,7 @@ from learner.checkpoints import (
     next_version,
     read_training_log,
     repair_version,
+    rolled_back_items,
     save_checkpoint,
 )
 from learner.collectives import all_reduce_sum
@@ -106,6 +107,8 @@ class LearnerState:
     last_ckpt_step: int = 0
     resumed_from: str | None = None
     """The checkpoint tag this start resumed from."""
+    rolled_back: dict[str, int] = field(default_factory=dict)
+    """Rank 0: item_id -> policy_version of the items trained after the resumed checkpoint (from the training log)."""
 
     @property
     def push_every(self) -> int:
@@ -134,14 +137,15 @@ def setup(settings: LearnerSettings) -> LearnerState:
     # Every rank talks to Redis (each caches the reference log-probs of its own shard); rank 0 owns the rest.
     redis = patient_redis(connect(settings.redis_url))
     table = ReplayTable(redis, settings.table)
-    logged = logged_version(read_training_log(run_dir / TRAINING_LOG)) if rank == 0 else 0  # rank 0 writes it
+    records = read_training_log(run_dir / TRAINING_LOG) if rank == 0 else []  # rank 0 writes it; read once
     version = repair_version(
-        version, WeightsStore(redis).latest(), live_actor_versions(ActorRegistry(redis)), world, logged
+        version, WeightsStore(redis).latest(), live_actor_versions(ActorRegistry(redis)), world,
+        logged_version(records),
     )
     return LearnerState(
         settings=settings, engine=engine, ref_model=ref_model, redis=redis, table=table, run_dir=run_dir,
         ckpt_dir=ckpt_dir, rank=rank, world=world, guard=StabilityGuard(settings.guard), step=step,
-        version=version, last_ckpt_step=step, resumed_from=tag,
+        version=version, last_ckpt_step=step, resumed_from=tag, rolled_back=rolled_back_items(records, step),
     )
 
 
