@@ -25,7 +25,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, TypeAdapter
 
 from deploy.supervisor import RestartPolicy
 
@@ -173,12 +173,18 @@ def setting(data: dict[str, Any], section: str, name: str) -> Any:
     return section_classes()[section].model_fields[name].get_default(call_default_factory=True)
 
 
+def _loss(data: dict[str, Any]) -> Any:
+    """The run's learner loss as the learner's typed config (its default when the run sets none)."""
+    spec = section_classes()["learner"].model_fields["loss"]
+    raw = data["learner"].get("loss")
+    return spec.get_default(call_default_factory=True) if raw is None else (
+        TypeAdapter(spec.rebuild_annotation()).validate_python(raw))
+
+
 def _shape_batches(run: RunSection, data: dict[str, Any]) -> None:
     """Actor batch shapes that the objective and the mode need (GRPO / centered TBRM groups, sync batches)."""
     actor = data["actor"]
-    loss = data["learner"].get("loss", {})
-    grouped = loss.get("kind") == "grpo" or loss.get("centered", False)  # the settings default is plain TBRM
-    if grouped and setting(data, "actor", "n_samples_per_prompt") < 2:
+    if _loss(data).needs_groups and setting(data, "actor", "n_samples_per_prompt") < 2:
         # GRPO and centered TBRM compare the samples of one prompt: groups of 1 carry no signal.
         # Keep the trajectories per step, split as prompts x 4 samples (4 x 4 measured best for the toy).
         per_batch = setting(data, "actor", "prompts_per_batch") * setting(data, "actor", "n_samples_per_prompt")
