@@ -1,15 +1,15 @@
 """The sampling loop of an actor: prompt queue -> chat template -> vLLM (n samples, log-probs) -> reward -> buffer.
 
 Continuous generation (vLLM's add_request/step loop, actor_service.engine), two background threads:
-- feed: keeps the engine running K = `max_inflight_sequences` sequences (its max_num_seqs) with a reserve of K/4
-  more queued in it (the n samples of a prompt finish at different times: a finished sample's seat is taken at
+- feed: keeps the engine running K = `max_inflight_sequences` sequences (its max_num_seqs) with a reserve of K/2
+  (K/4 with between-batches weight updates) more queued in it (the n samples of a prompt finish at different times: a finished sample's seat is taken at
   once), popping prompts (claimed with a TTL, never handed to two actors) in chunks of at least half the reserve
   as sequences finish, tokenized in one call; each prompt is one request of n samples;
 - post: takes every prompt group whose n samples are done, and those finishing within GRADE_LINGER_S after it,
   grades them in one reward call, inserts the Trajectories (blocks on the buffer's rate limiter: backpressure),
   marks the prompts done.
-The engine never idles on the longest sequence of a batch. Backpressure: at most 2K sequences in flight plus
-waiting for insertion, so the engine stops after about K more once the buffer refuses inserts. The engine's
+The engine never idles on the longest sequence of a batch. Backpressure: at most 3K sequences in flight plus
+waiting for insertion, so the engine stops after about 2K more once the buffer refuses inserts. The engine's
 steps are mostly Python on a small model: any work of these threads slows them (the GIL, shared cores), so the
 per-group work is batched and the announced weights version is not read from Redis per refill.
 
@@ -69,6 +69,10 @@ GRADE_LINGER_S = 0.2
 """The post thread waits this long after a group finishes for more to finish (while sequences are still in the
 engine), so that one reward call, one insert and one `done` carry several groups: its per-call costs hold the GIL
 the engine's driver needs (0.2 s instead of 0.05 halved the post thread's CPU in `make bench-actor`, 2026-12-04)."""
+RESERVE_DIVISOR = {"inflight": 2, "between_batches": 4}
+"""The reserve is K / this. K/2 with in-flight updates: with K/4 the engine's queue ran empty in half of its steps
+and the actor reached 0.83-0.90 of vLLM's own throughput in `make bench-actor`, with K/2 0.88-0.96 (2026-12-05).
+K/4 between batches: a push waits until every queued sequence has run, so a longer queue delays it."""
 CATCH_UP_EVERY_S = 0.5
 """Outside sync mode the feed reads the announced weights version from Redis at most this often (pushes arrive over
 HTTP; the catch-up only serves an actor that missed one)."""
@@ -95,7 +99,7 @@ class ActorLoop:
             settings.reward_url, timeout_s=settings.reward_timeout_s, retries=2
         )
         self.capacity = settings.capacity
-        self.reserve = max(settings.n_samples_per_prompt, self.capacity // 4)
+        self.reserve = max(settings.n_samples_per_prompt, self.capacity // RESERVE_DIVISOR[settings.weight_updates])
         """Sequences submitted beyond K: the engine runs K (its `max_num_seqs`) and queues these, so a sample that
         finishes before its siblings leaves no seat empty, and the feed refills in chunks of half of them."""
         self._stop = threading.Event()
@@ -259,11 +263,12 @@ class ActorLoop:
         self._abort_own()
 
     def _free_sequences(self) -> int:
-        """Sequences the engine may take now: up to K + `reserve` in the engine (it runs K, see `reserve`), and 2K
-        with those waiting for insertion."""
+        """Sequences the engine may take now: up to K + `reserve` in the engine (it runs K, see `reserve`), and 3K
+        with those waiting for insertion (the post thread holds finished groups for GRADE_LINGER_S: at 2K that
+        wait starved the engine, 51-57 of K = 64 sequences running in `make bench-actor`, 2026-12-05)."""
         k = self.capacity
         with self._lock:
-            return max(0, min(k + self.reserve - self._in_engine, 2 * k - self._in_engine - self._waiting))
+            return max(0, min(k + self.reserve - self._in_engine, 3 * k - self._in_engine - self._waiting))
 
     def _prompts_to_pop(self) -> int:
         """Prompts to submit now (0 = wait): at least half the reserve's worth, unless nothing is in flight; in

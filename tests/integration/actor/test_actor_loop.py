@@ -103,7 +103,7 @@ def test_trajectories_carry_versions_and_matching_logprobs(redis_url, reward_ser
 
 def test_engine_gets_k_plus_a_reserve_and_batch_tokenization_matches(redis_url, reward_service, actor_engine
                                                                     ) -> None:
-    """The feed submits K sequences plus a reserve of K/4 (queued by an engine whose max_num_seqs is K: a sample
+    """The feed submits K sequences plus a reserve of K/2 (queued by an engine whose max_num_seqs is K: a sample
     that finishes before its siblings frees a seat the engine refills at once), never more than K + reserve; the
     prompts, tokenized in one call per chunk, carry the ids of the one-by-one chat template + encode, and that
     template's text."""
@@ -113,7 +113,10 @@ def test_engine_gets_k_plus_a_reserve_and_batch_tokenization_matches(redis_url, 
     table = ReplayTable(r, TableConfig(name="actor_test", max_size=1000))
     k = 8
     loop = ActorLoop(settings(redis_url, reward_service, max_inflight_sequences=k, max_tokens=64), actor_engine)
-    assert loop.reserve == 2
+    assert loop.reserve == 4
+    between = ActorLoop(settings(redis_url, reward_service, max_inflight_sequences=k, weight_updates="between_batches"),
+                        actor_engine)
+    assert between.reserve == 2  # K/4: a push between batches waits for every queued sequence
     peak = 0
     loop.start()
     try:
