@@ -8,8 +8,8 @@ Continuous generation (vLLM's add_request/step loop, actor_service.engine), two 
 - post: takes every prompt group whose n samples are done, and those finishing within GRADE_LINGER_S after it,
   grades them in one reward call, inserts the Trajectories (blocks on the buffer's rate limiter: backpressure),
   marks the prompts done.
-The engine never idles on the longest sequence of a batch. Backpressure: at most 3K sequences in flight plus
-waiting for insertion, so the engine stops after about 2K more once the buffer refuses inserts. The engine's
+The engine never idles on the longest sequence of a batch. Backpressure: at most K + reserve sequences in flight
+and K more waiting for insertion, so the engine stops after about K more once the buffer refuses inserts. The engine's
 steps are mostly Python on a small model: any work of these threads slows them (the GIL, shared cores), so the
 per-group work is batched and the announced weights version is not read from Redis per refill.
 
@@ -263,12 +263,12 @@ class ActorLoop:
         self._abort_own()
 
     def _free_sequences(self) -> int:
-        """Sequences the engine may take now: up to K + `reserve` in the engine (it runs K, see `reserve`), and 3K
-        with those waiting for insertion (the post thread holds finished groups for GRADE_LINGER_S: at 2K that
-        wait starved the engine, 51-57 of K = 64 sequences running in `make bench-actor`, 2026-12-05)."""
+        """Sequences the engine may take now: up to K + `reserve` in the engine (it runs K, see `reserve`), and at
+        most K more waiting for insertion (the post thread holds finished groups for GRADE_LINGER_S)."""
         k = self.capacity
         with self._lock:
-            return max(0, min(k + self.reserve - self._in_engine, 3 * k - self._in_engine - self._waiting))
+            room = k + self.reserve - self._in_engine
+            return max(0, min(room, room + k - self._waiting))
 
     def _prompts_to_pop(self) -> int:
         """Prompts to submit now (0 = wait): at least half the reserve's worth, unless nothing is in flight; in
