@@ -2,15 +2,15 @@
 
 Continuous generation (vLLM's add_request/step loop, actor_service.engine), two background threads:
 - feed: keeps the engine running K = `max_inflight_sequences` sequences (its max_num_seqs) with a reserve of K/2
-  (K/4 with between-batches weight updates) more queued in it (the n samples of a prompt finish at different times: a finished sample's seat is taken at
-  once), popping prompts (claimed with a TTL, never handed to two actors) in chunks of at least half the reserve
+  (K/4 with between-batches weight updates) more queued in it (the n samples of a prompt finish at different
+  times: a finished sample's seat is taken at once), popping prompts (claimed with a TTL, never handed to two actors) in chunks of at least half the reserve
   as sequences finish, tokenized in one call; each prompt is one request of n samples;
 - post: takes every prompt group whose n samples are done, and those finishing within GRADE_LINGER_S after it,
   grades them in one reward call, inserts the Trajectories (blocks on the buffer's rate limiter: backpressure),
   marks the prompts done.
 The engine never idles on the longest sequence of a batch. Backpressure: at most K + reserve sequences in flight
-and K more waiting for insertion, so the engine stops after about K more once the buffer refuses inserts. The engine's
-steps are mostly Python on a small model: any work of these threads slows them (the GIL, shared cores), so the
+and K more waiting for insertion, so the engine stops after about K more once the buffer refuses inserts. The
+engine's steps are mostly Python on a small model: any work of these threads slows them (the GIL, shared cores), so the
 per-group work is batched and the announced weights version is not read from Redis per refill.
 
 Failures: reward down or the buffer holding inserts back -> wait and retry the same groups; the prompt claims held
@@ -71,7 +71,7 @@ engine), so that one reward call, one insert and one `done` carry several groups
 the engine's driver needs (0.2 s instead of 0.05 halved the post thread's CPU in `make bench-actor`, 2026-12-04)."""
 RESERVE_DIVISOR = {"inflight": 2, "between_batches": 4}
 """The reserve is K / this. K/2 with in-flight updates: with K/4 the engine's queue ran empty in half of its steps
-and the actor reached 0.83-0.90 of vLLM's own throughput in `make bench-actor`, with K/2 0.88-0.96 (2026-12-05).
+and the actor reached 0.86-0.87 of vLLM's own throughput in `make bench-actor`, with K/2 0.88-0.90 (2026-12-05).
 K/4 between batches: a push waits until every queued sequence has run, so a longer queue delays it."""
 CATCH_UP_EVERY_S = 0.5
 """Outside sync mode the feed reads the announced weights version from Redis at most this often (pushes arrive over
