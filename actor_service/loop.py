@@ -3,15 +3,16 @@
 Continuous generation (vLLM's add_request/step loop, actor_service.engine), two background threads:
 - feed: keeps the engine running K = `max_inflight_sequences` sequences (its max_num_seqs) with a reserve of K/2
   (K/4 with between-batches weight updates) more queued in it (the n samples of a prompt finish at different
-  times: a finished sample's seat is taken at once), popping prompts (claimed with a TTL, never handed to two actors) in chunks of at least half the reserve
-  as sequences finish, tokenized in one call; each prompt is one request of n samples;
+  times: a finished sample's seat is taken at once), popping prompts (claimed with a TTL, never handed to two
+  actors) in chunks of at least half the reserve as sequences finish, tokenized in one call; each prompt is one
+  request of n samples;
 - post: takes every prompt group whose n samples are done, and those finishing within GRADE_LINGER_S after it,
   grades them in one reward call, inserts the Trajectories (blocks on the buffer's rate limiter: backpressure),
   marks the prompts done.
 The engine never idles on the longest sequence of a batch. Backpressure: at most K + reserve sequences in flight
 and K more waiting for insertion, so the engine stops after about K more once the buffer refuses inserts. The
-engine's steps are mostly Python on a small model: any work of these threads slows them (the GIL, shared cores), so the
-per-group work is batched and the announced weights version is not read from Redis per refill.
+engine's steps are mostly Python on a small model: any work of these threads slows them (the GIL, shared cores),
+so the per-group work is batched and the announced weights version is not read from Redis per refill.
 
 Failures: reward down or the buffer holding inserts back -> wait and retry the same groups; the prompt claims held
 are renewed (every third of `prompt_lease_s`, with the heartbeat and in those waits) so that no other actor is
