@@ -371,8 +371,11 @@ class ActorEngine:
             latency, sum(c.n_tokens for c in done),
         )
 
-    def score(self, token_ids: list[int]) -> list[float]:
-        """log pi(t_i | t_<i) of tokens 1.. of `token_ids` under the weights served (the canary check)."""
+    def score(self, token_ids: list[int]) -> tuple[list[float], int]:
+        """log pi(t_i | t_<i) of tokens 1.. of `token_ids` under the weights served (the canary check), and the
+        version of those weights: a request of one step (prefill, one token), so no apply falls inside it, and the
+        version is read on the driver thread as it finishes (another apply may land between a caller's own apply
+        and this request)."""
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
@@ -380,9 +383,16 @@ class ActorEngine:
         params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0,
                                 output_kind=RequestOutputKind.FINAL_ONLY)
 
-        self._work.put(Request(f"r{next(self._ids)}", list(token_ids), params, resolve(fut), raw=True))
-        out = fut.result()
-        return [float(entry[tok].logprob) for tok, entry in zip(token_ids[1:], out.prompt_logprobs[1:], strict=True)]
+        def done(out: Any, error: BaseException | None) -> None:
+            if error is not None:
+                fut.set_exception(error)
+            else:
+                fut.set_result((out, self._version))
+
+        self._work.put(Request(f"r{next(self._ids)}", list(token_ids), params, done, raw=True))
+        out, version = fut.result()
+        ids = token_ids[1:]
+        return [float(entry[tok].logprob) for tok, entry in zip(ids, out.prompt_logprobs[1:], strict=True)], version
 
     def abort(self, request_ids: list[str]) -> None:
         """Abort these requests (running, held or still queued); their callbacks get EngineClosed."""

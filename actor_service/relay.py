@@ -124,4 +124,5 @@ def forward(hops: list[str], progress: BodyProgress, version: int, sha256: str, 
 
 def hop_of(url: str, answer: WeightUpdateResponse) -> RelayHop:
     return RelayHop(url=url, status=200, policy_version=answer.policy_version, receive_s=answer.receive_s,
-                    load_s=answer.load_s, canary_logprobs=answer.canary_logprobs)
+                    load_s=answer.load_s, canary_logprobs=answer.canary_logprobs,
+                    canary_version=answer.canary_version)

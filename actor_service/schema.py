@@ -53,6 +53,7 @@ class RelayHop(BaseModel):
     receive_s: float = 0.0
     load_s: float = 0.0
     canary_logprobs: list[float] | None = None
+    canary_version: int | None = None
 
 
 class WeightUpdateResponse(BaseModel):
@@ -66,6 +67,11 @@ class WeightUpdateResponse(BaseModel):
         default=None,
         description="log pi(t_i | t_<i) of the canary sequence (canary_token_ids, tokens 1..) under the weights "
                     "just applied; the learner compares them with its own for the same version",
+    )
+    canary_version: int | None = Field(
+        default=None,
+        description="the weights version the canary was scored under: policy_version, unless a newer version (a "
+                    "catch-up from the learner's file) was applied between this push's apply and the scoring",
     )
     relayed: list[RelayHop] = Field(
         default_factory=list,

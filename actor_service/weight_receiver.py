@@ -223,9 +223,10 @@ class WeightReceiver:
             raise
         self._buffers.applied(body)
         t1 = time.perf_counter()
-        canary = await run_in_threadpool(self.canary, eng)
+        canary, canary_version = await run_in_threadpool(self.canary, eng)
         return WeightUpdateResponse(policy_version=version, sha256=digest, nbytes=len(body), receive_s=receive_s,
-                                    load_s=load_s, canary_s=time.perf_counter() - t1, canary_logprobs=canary)
+                                    load_s=load_s, canary_s=time.perf_counter() - t1, canary_logprobs=canary,
+                                    canary_version=canary_version)
 
     # ---- checks before the body ----
     def check_token(self, authorization: str | None) -> None:
@@ -284,11 +285,11 @@ class WeightReceiver:
         except WeightsApplyError as e:
             raise PushRefused(400, "apply_failed", str(e)) from None
 
-    def canary(self, eng: ActorEngine) -> list[float] | None:
-        """Log-probs of the fixed canary tokens under the weights served (None with `canary` off): the learner
-        compares them with its own to verify what was delivered."""
+    def canary(self, eng: ActorEngine) -> tuple[list[float] | None, int | None]:
+        """Log-probs of the fixed canary tokens under the weights served and their version ((None, None) with
+        `canary` off): the learner compares them with its own for that version to verify what was delivered."""
         if not self.settings.canary:
-            return None
+            return None, None
         return eng.score(canary_token_ids(eng.spec["model.embed_tokens.weight"].shape[0]))
 
     def warm_canary_in_background(self, eng: ActorEngine) -> None:

@@ -132,7 +132,10 @@ class WeightPusher:
             return {a: {"version": float(v), "drift": d} for a, (v, d) in self._drift.items()}
 
     def _check_canary(self, actor_id: str, version: int, answer: object) -> None:
+        """Compare the actor's canary log-probs with the learner's for the version they were scored under (the
+        pushed one, or a newer one the actor caught up to from the file meanwhile; unknown to an older actor)."""
         got = getattr(answer, "canary_logprobs", None)
+        version = getattr(answer, "canary_version", None) or version
         with self._lock:
             want = self._canary.get(version)
         if got is None or want is None:
