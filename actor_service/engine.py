@@ -382,14 +382,8 @@ class ActorEngine:
         fut: Future[Any] = Future()
         params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0,
                                 output_kind=RequestOutputKind.FINAL_ONLY)
-
-        def done(out: Any, error: BaseException | None) -> None:
-            if error is not None:
-                fut.set_exception(error)
-            else:
-                fut.set_result((out, self._version))
-
-        self._work.put(Request(f"r{next(self._ids)}", list(token_ids), params, done, raw=True))
+        with_version = resolve(fut, lambda out: (out, self._version))  # read on the driver thread
+        self._work.put(Request(f"r{next(self._ids)}", list(token_ids), params, with_version, raw=True))
         out, version = fut.result()
         ids = token_ids[1:]
         return [float(entry[tok].logprob) for tok, entry in zip(ids, out.prompt_logprobs[1:], strict=True)], version

@@ -112,12 +112,14 @@ def run_call(call: Call) -> None:
         call.future.set_exception(e)
 
 
-def resolve(fut: Future[Any]) -> Callable[[Any, BaseException | None], None]:
+def resolve(fut: Future[Any], then: Callable[[Any], Any] | None = None) -> Callable[[Any, BaseException | None], None]:
+    """An engine callback that settles `fut` with the result (passed through `then`, called in the callback's
+    thread) or the error."""
     def done(result: Any, error: BaseException | None) -> None:
         if error is not None:
             fut.set_exception(error)
         else:
-            fut.set_result(result)
+            fut.set_result(then(result) if then else result)
 
     return done
 

@@ -135,7 +135,8 @@ class WeightPusher:
         """Compare the actor's canary log-probs with the learner's for the version they were scored under (the
         pushed one, or a newer one the actor caught up to from the file meanwhile; unknown to an older actor)."""
         got = getattr(answer, "canary_logprobs", None)
-        version = getattr(answer, "canary_version", None) or version
+        scored = getattr(answer, "canary_version", None)
+        version = version if scored is None else scored
         with self._lock:
             want = self._canary.get(version)
         if got is None or want is None:
