@@ -17,7 +17,7 @@ import msgpack
 import numpy as np
 from redis.exceptions import NoScriptError
 
-from buffer import codec
+from buffer import codec, resp
 from buffer.schema import SampleBatch, SampledItem, SampleInfo, Trajectory
 
 log = logging.getLogger(__name__)
@@ -216,14 +216,14 @@ class BatchStream:
         t = self.table
         writes = self._writes
         calls = [("update", args) for args, _ in writes] + scripts
-        p = t.redis.pipeline(transaction=False)
+        request: list[bytes] = []
         if ids:
-            p.execute_command("HMGET", t.keys.items, *ids)
+            t._hmget_items.add(request, *ids)
             if refs:
-                p.execute_command("HMGET", t.keys.refs, *ids)
+                t._hmget_refs.add(request, *ids)
         for name, args in calls:
-            p.execute_command("EVALSHA", t._scripts[name].sha, t._nkeys, *t._keys_all, *t._hdr, *args)
-        out = p.execute(raise_on_error=False)
+            t._evalsha[name].add(request, *args)
+        out = resp.roundtrip(t.redis, request, len(calls) + (1 + refs if ids else 0))
         fetched, replies = out[:len(out) - len(calls)], out[len(out) - len(calls):]
         for i, (name, args) in enumerate(calls):
             if isinstance(replies[i], NoScriptError):

@@ -60,7 +60,7 @@ from typing import Any
 import msgpack
 import redis as redis_lib
 
-from buffer import codec, columns
+from buffer import codec, columns, resp
 from buffer.columns import ColumnBatch
 from buffer.keys import TableKeys
 from buffer.schema import SampleBatch, TableConfig, Trajectory
@@ -126,6 +126,10 @@ class ReplayTable(TableViews):
         self._keys_all = [k.encode() for k in self.keys.all()]
         self._nkeys = len(self._keys_all)
         self._hdr = [str(x).encode() for x in self._header()]
+        self._hset_item = resp.Prefix("HSET", self.keys.items)
+        self._hmget_items, self._hmget_refs = resp.Prefix("HMGET", self.keys.items), resp.Prefix("HMGET", self.keys.refs)
+        self._evalsha = {k: resp.Prefix("EVALSHA", s.sha, self._nkeys, *self._keys_all, *self._hdr)
+                         for k, s in self._scripts.items()}
         self._blocked = False  # the last insert was held back: probe before sending payloads
         self._mem_checked = -1e9
         self._mem_state: tuple[int, int | None] = (0, None)
@@ -318,23 +322,23 @@ class ReplayTable(TableViews):
 
     def _insert_chunk(self, rows: list[Row]) -> tuple[str, str]:
         """MULTI { HSET items id payload (each) ; EVALSHA insert(metadata) } -> (status, flag per row)."""
-        # the 5 metadata values per row as one msgpack argument: 160 arguments cost redis-py more to encode (and
-        # Redis more to parse) than one array costs cmsgpack to unpack in the script
-        meta = [len(rows), msgpack.packb([x for _, _, m in rows for x in m])]
-        script = self._scripts["insert"]
+        # the 5 metadata values per row as one msgpack argument: 160 arguments cost more to send (and Redis more to
+        # parse) than one array costs cmsgpack to unpack in the script
+        meta = msgpack.packb([x for _, _, m in rows for x in m])
+        request = [resp.MULTI]
+        for item_id, payload, _ in rows:  # one HSET per item: a single 500 KB command parses ~2x slower
+            self._hset_item.add(request, item_id, payload)
+        self._evalsha["insert"].add(request, len(rows), meta)
+        request.append(resp.EXEC)
         for attempt in range(2):
-            p = self.redis.pipeline(transaction=True)
-            for item_id, payload, _ in rows:  # one HSET per item: a single 500 KB command parses ~2x slower
-                p.execute_command("HSET", self.keys.items, item_id, payload)
-            p.execute_command("EVALSHA", script.sha, self._nkeys, *self._keys_all, *self._hdr, *meta)
-            try:
-                out = p.execute(raise_on_error=False)
-            except redis_lib.exceptions.ResponseError as e:
-                raise self._oom(e) from e
+            out = resp.roundtrip(self.redis, request, len(rows) + 3)
             res = out[-1]
+            if isinstance(res, redis_lib.exceptions.ResponseError):  # EXECABORT: a queued command was refused
+                raise self._oom(next(x for x in out if isinstance(x, Exception)))
+            res = res[-1]
             if isinstance(res, redis_lib.exceptions.NoScriptError) and attempt == 0:
                 # Server restarted and lost its script cache: load and redo the whole (idempotent) transaction.
-                script.sha = self.redis.script_load(script.script)
+                self._scripts["insert"].sha = self.redis.script_load(self._scripts["insert"].script)
                 continue
             if isinstance(res, Exception):
                 raise self._oom(res) if isinstance(res, redis_lib.exceptions.ResponseError) else res

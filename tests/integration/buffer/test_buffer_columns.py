@@ -4,12 +4,12 @@ loop at one round trip per step (BatchStream)."""
 from __future__ import annotations
 
 import time
-from typing import Any
 
 import numpy as np
 import pytest
 import redis
 
+from buffer import resp
 from buffer.client import BatchStream, ReplayTable, Trajectory, connect
 from buffer.schema import FifoSampler, StorageConfig, TableConfig
 
@@ -53,13 +53,22 @@ def test_sample_acks_the_previous_lease_in_the_same_call(r: redis.Redis) -> None
     assert (s.size, s.acks, s.leased) == (2, 2, 2)
 
 
+def sent_requests(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
+    """The hand-packed requests (`buffer.resp.roundtrip`) sent from now on, each as bytes."""
+    sent: list[bytes] = []
+    real = resp.roundtrip
+    monkeypatch.setattr(resp, "roundtrip", lambda redis, request, n: sent.append(b"".join(request)) or real(
+        redis, request, n))
+    return sent
+
+
 def test_batch_stream_one_round_trip_per_step(r: redis.Redis, monkeypatch: pytest.MonkeyPatch) -> None:
     t = ReplayTable(r, TableConfig(max_times_sampled=1))
     t.insert([traj(k) for k in range(12)])
     stream = BatchStream(t, 2)
-    pipelines = []
+    pipelines = sent_requests(monkeypatch)  # round trips: hand-packed requests and redis-py pipelines
     real = t.redis.pipeline
-    monkeypatch.setattr(t.redis, "pipeline", lambda *a, **kw: pipelines.append(1) or real(*a, **kw))
+    monkeypatch.setattr(t.redis, "pipeline", lambda *a, **kw: pipelines.append(b"") or real(*a, **kw))
     scripts = []
     real_run = t._run
     monkeypatch.setattr(t, "_run", lambda *a: scripts.append(a[0]) or real_run(*a))
@@ -67,7 +76,7 @@ def test_batch_stream_one_round_trip_per_step(r: redis.Redis, monkeypatch: pytes
     for step in range(5):
         before = (len(pipelines), len(scripts))
         b = stream.next(learner_version=step, ack=[prev] if prev else None)
-        if step > 0:  # payloads of batch k + ack of k-1 + lease of k+1: one pipeline, nothing else
+        if step > 0:  # payloads of batch k + ack of k-1 + lease of k+1: one round trip, nothing else
             assert (len(pipelines), len(scripts)) == (before[0] + 1, before[1])
         seen += b.ids
         prev = b.lease_id
@@ -133,12 +142,11 @@ def test_batch_stream_sends_queued_writes_and_acks_with_the_step(r: redis.Redis,
     stream.ack([b1.lease_id], items=2)
     assert t.get(b1.ids[0])[1]["priority"] != 7.0 and not r.hexists(t.keys.refs, b1.ids[1])  # queued, not sent
     r.script_load(t._scripts["update"].script)  # as after any earlier write (a first use loads it: one more trip)
-    pipelines, scripts = [], []
-    real, real_run = t.redis.pipeline, t._run
-    monkeypatch.setattr(t.redis, "pipeline", lambda *a, **kw: pipelines.append(1) or real(*a, **kw))
+    scripts, requests = [], sent_requests(monkeypatch)
+    real_run = t._run
     monkeypatch.setattr(t, "_run", lambda *a: scripts.append(a[0]) or real_run(*a))
     b2 = stream.next(learner_version=1)
-    assert (len(pipelines), scripts) == (1, [])  # everything in the step's one round trip
+    assert (len(requests), scripts) == (1, [])  # everything in the step's one round trip
     assert alive == [1] and float(t.get(b1.ids[0])[1]["priority"]) == 7.0 and r.hexists(t.keys.refs, b1.ids[1])
     assert t.stats().acks == 2
     # ages against the version of the call that returns the batch (the version it is trained at)
@@ -150,25 +158,20 @@ def test_batch_stream_fetches_references_only_while_the_table_holds_some(r: redi
     t = ReplayTable(r, TableConfig(sampler=FifoSampler(), max_times_sampled=0))
     t.insert([traj(k) for k in range(4)])
     stream = BatchStream(t, 2)
-    fetched: list[tuple[Any, ...]] = []
-    real = t.redis.pipeline
+    requests = sent_requests(monkeypatch)
 
-    def pipeline(*a: Any, **kw: Any) -> Any:
-        p = real(*a, **kw)
-        send = p.execute_command
-        p.execute_command = lambda *args, **k: fetched.append(args[:2]) or send(*args, **k)
-        return p
+    def fetched(key: str) -> bool:
+        return any(resp.arg("HMGET") + resp.arg(key) in req for req in requests)
 
-    monkeypatch.setattr(t.redis, "pipeline", pipeline)
     b1 = stream.next(learner_version=0)
-    assert ("HMGET", t.keys.items) in fetched and ("HMGET", t.keys.refs) not in fetched  # no reference anywhere
+    assert fetched(t.keys.items) and not fetched(t.keys.refs)  # no reference anywhere
     assert b1.ref_logprobs(0) is None
     stream.cache_references({b1.ids[0]: ([-1.0, -1.0], 0.5)})
     stream.ack([b1.lease_id])
     b2 = stream.next(learner_version=1)  # leased before the reference existed; the next lease sees it
-    assert ("HMGET", t.keys.refs) not in fetched and b2.ids == ["i002", "i003"]
+    assert not fetched(t.keys.refs) and b2.ids == ["i002", "i003"]
     b3 = stream.next(learner_version=2, ack=[b2.lease_id])  # fifo: the acked i000, i001 again
-    assert ("HMGET", t.keys.refs) in fetched and b3.ids == ["i000", "i001"]
+    assert fetched(t.keys.refs) and b3.ids == ["i000", "i001"]
     assert b3.ref_logprobs(0).tolist() == [-1.0, -1.0] and b3.ref_logprobs(1) is None
 
 

@@ -1,0 +1,81 @@
+"""Hand-packed Redis commands for the two hot paths (an insert, a learner's step).
+
+redis-py's pipeline packs every argument of every command in Python on each call, and writes each argument
+over 6 KB with a `sendall` of its own: for the 32 payloads and ~25 fixed arguments (table keys, script header) of
+an insert that was over half the client's time, and the fixed arguments of the sample script a tenth of a step's
+(`make bench-buffer`). Here the fixed leading arguments of a command are packed once (`Prefix`), a call packs
+only what varies, and `roundtrip` writes the whole request with one `sendall` on a pooled connection and reads
+the replies, under the client's own retry policy (`buffer.client.connect`): every request sent this way is safe
+to send twice (inserts are idempotent per id, a sample retried under its lease id replays that lease).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import redis as redis_lib
+
+
+def _b(x: bytes | str | int) -> bytes:
+    return x if isinstance(x, bytes) else str(x).encode()
+
+
+def arg(x: bytes | str | int) -> bytes:
+    """One bulk-string argument."""
+    b = _b(x)
+    return b"$%d\r\n%s\r\n" % (len(b), b)
+
+
+class Prefix:
+    """The leading arguments of a command (name, keys, a script's header), packed once."""
+
+    def __init__(self, *args: bytes | str | int) -> None:
+        self.n = len(args)
+        self.packed = b"".join(arg(a) for a in args)
+
+    def add(self, out: list[bytes], *rest: bytes | str | int) -> None:
+        """Append the command with these trailing arguments to `out` (large ones are not copied here)."""
+        out.append(b"*%d\r\n" % (self.n + len(rest)))
+        out.append(self.packed)
+        for x in rest:
+            b = _b(x)
+            if len(b) > 1024:
+                out += (b"$%d\r\n" % len(b), b, b"\r\n")
+            else:
+                out.append(b"$%d\r\n%s\r\n" % (len(b), b))
+
+    def command(self, *rest: bytes | str | int) -> list[bytes]:
+        out: list[bytes] = []
+        self.add(out, *rest)
+        return out
+
+
+MULTI = b"*1\r\n$5\r\nMULTI\r\n"
+EXEC = b"*1\r\n$4\r\nEXEC\r\n"
+
+
+def roundtrip(redis: redis_lib.Redis, request: list[bytes], replies: int) -> list[Any]:
+    """Send `request` (the packed commands) in one write and read `replies` replies; a command's error reply is
+    returned in its place (as redis-py's `pipeline().execute(raise_on_error=False)` does). Connection errors
+    and timeouts are retried by the client's retry policy, which resends the whole request."""
+    data = b"".join(request)
+    conn = redis.connection
+    pool = None if conn is not None else redis.connection_pool
+    if pool is not None:
+        conn = pool.get_connection()
+    try:
+        return conn.retry.call_with_retry(lambda: _send_read(conn, data, replies), lambda _e: conn.disconnect())
+    finally:
+        if pool is not None:
+            pool.release(conn)
+
+
+def _send_read(conn: Any, data: bytes, replies: int) -> list[Any]:
+    conn.send_packed_command([data])
+    out: list[Any] = []
+    for _ in range(replies):
+        try:
+            out.append(conn.read_response())
+        except redis_lib.exceptions.ResponseError as e:
+            out.append(e)
+    return out

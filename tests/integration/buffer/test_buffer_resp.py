@@ -1,0 +1,66 @@
+"""The hand-packed hot paths (buffer.resp: an insert, a BatchStream step) against a real redis-server: the bytes
+are the protocol Redis expects, error replies come back in place, a dropped connection is retried, and a server
+that lost its script cache (restart) is handled as redis-py's own scripts are."""
+
+from __future__ import annotations
+
+import socket
+from typing import Any
+
+import pytest
+import redis
+
+from buffer import resp
+from buffer.client import BatchStream, ReplayTable, Trajectory, connect
+from buffer.schema import FifoSampler, TableConfig
+
+
+def traj(tag: str) -> Trajectory:
+    return Trajectory(
+        traj_id=tag, prompt_id=tag, group_id="g", prompt_token_ids=[1, 2, 3], response_token_ids=[4, 5] * 700,
+        behaviour_logprobs=[-0.5, -0.5] * 700, reward=1.0, grade_status="correct", response_text="x" * 3000,
+        policy_version=0,
+    )
+
+
+@pytest.fixture
+def r(redis_url: str) -> redis.Redis:
+    r = connect(redis_url)
+    r.flushall()
+    return r
+
+
+def test_packed_commands_round_trip_with_errors_in_place(r: redis.Redis) -> None:
+    big = bytes(range(256)) * 40  # over the size that is sent without a copy, with every byte value
+    request = resp.Prefix("SET", "k").command(big) + resp.Prefix("INCR").command("k") + resp.Prefix(
+        "GET").command("k")
+    out = resp.roundtrip(r, request, 3)
+    assert out[0] in (b"OK", "OK") and out[2] == big
+    assert isinstance(out[1], redis.ResponseError) and "not an integer" in str(out[1])
+    assert r.ping()  # the connection is still in step after an error reply
+
+
+def test_a_connection_dropped_mid_request_is_retried(r: redis.Redis, monkeypatch: pytest.MonkeyPatch) -> None:
+    t = ReplayTable(r, TableConfig(max_times_sampled=1))
+    t.insert([traj("a")])
+    drops, real = [], resp._send_read
+
+    def drop_first(conn: Any, data: bytes, replies: int) -> Any:
+        if not drops:  # the connection breaks under the first attempt (a restart, a network blip)
+            drops.append(conn._sock.shutdown(socket.SHUT_RDWR))
+        return real(conn, data, replies)
+
+    monkeypatch.setattr(resp, "_send_read", drop_first)
+    assert t.insert_batch([traj("b"), traj("a")]).admitted == ["b"]  # resent whole: still idempotent
+    assert drops and t.stats().size == 2
+
+
+def test_a_lost_script_cache_is_reloaded_by_insert_and_stream(r: redis.Redis) -> None:
+    t = ReplayTable(r, TableConfig(sampler=FifoSampler(), max_times_sampled=1))
+    t.insert([traj(f"i{k}") for k in range(3)])
+    stream = BatchStream(t, 1)
+    assert stream.next(0).ids == ["i0"]
+    r.script_flush()  # as after a restart of Redis
+    assert t.insert_batch([traj("i3")]).admitted == ["i3"]
+    r.script_flush()
+    assert stream.next(1).ids == ["i1"] and stream.next(2).ids == ["i2"]
