@@ -59,15 +59,12 @@ def roundtrip(redis: redis_lib.Redis, request: list[bytes], replies: int) -> lis
     returned in its place (as redis-py's `pipeline().execute(raise_on_error=False)` does). Connection errors
     and timeouts are retried by the client's retry policy, which resends the whole request."""
     data = b"".join(request)
-    conn = redis.connection
-    pool = None if conn is not None else redis.connection_pool
-    if pool is not None:
-        conn = pool.get_connection()
+    pool = redis.connection_pool
+    conn = pool.get_connection()
     try:
         return conn.retry.call_with_retry(lambda: _send_read(conn, data, replies), lambda _e: conn.disconnect())
     finally:
-        if pool is not None:
-            pool.release(conn)
+        pool.release(conn)
 
 
 def _send_read(conn: Any, data: bytes, replies: int) -> list[Any]:
