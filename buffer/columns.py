@@ -93,7 +93,7 @@ class ColumnBatch:
 class BatchStream:
     """One Redis round trip per learner step.
 
-    Each `next(learner_version)` sends one pipeline: the payload fetch of the batch leased by the previous call
+    Each `next(learner_version)` sends one request: the payload fetch of the batch leased by the previous call
     (batch k), the writes queued since (`update_priorities`, `cache_references`, `renew`), and one sample script
     that renews batch k's lease (it waited a step; now it gets a full term for the step that trains it, as a
     freshly leased batch would), acks the leases queued by `ack` (or `next(..., ack=)`) and leases the following
@@ -209,10 +209,10 @@ class BatchStream:
 
     def _send(self, ids: list[Any], scripts: list[tuple[str, list[Any]]], sample: bool = True,
               refs: bool = True) -> list[Any]:
-        """One pipeline: HMGET of the payloads and (if `refs`: the table holds some) cached references of `ids`
-        (if any), the queued writes, then `scripts` (`sample`: the last is the sample script, carrying the queued
-        acks); the payloads, the references (None each when not fetched) and the replies of `scripts`. The queue is
-        cleared once the replies are in."""
+        """One request (`resp.roundtrip`): HMGET of the payloads and (if `refs`: the table holds some) cached
+        references of `ids` (if any), the queued writes, then `scripts` (`sample`: the last is the sample script,
+        carrying the queued acks); the payloads, the references (None each when not fetched) and the replies of
+        `scripts`. The queue is cleared once the replies are in."""
         t = self.table
         writes = self._writes
         calls = [("update", args) for args, _ in writes] + scripts
