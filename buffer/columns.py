@@ -216,14 +216,13 @@ class BatchStream:
         t = self.table
         writes = self._writes
         calls = [("update", args) for args, _ in writes] + scripts
+        fetches = ([t._hmget_items, t._hmget_refs] if refs else [t._hmget_items]) if ids else []
         request: list[bytes] = []
-        if ids:
-            t._hmget_items.add(request, *ids)
-            if refs:
-                t._hmget_refs.add(request, *ids)
+        for fetch in fetches:
+            fetch.add(request, *ids)
         for name, args in calls:
             t._evalsha[name].add(request, *args)
-        out = resp.roundtrip(t.redis, request, len(calls) + (1 + refs if ids else 0))
+        out = resp.roundtrip(t.redis, request, len(fetches) + len(calls))
         fetched, replies = out[:len(out) - len(calls)], out[len(out) - len(calls):]
         for i, (name, args) in enumerate(calls):
             if isinstance(replies[i], NoScriptError):

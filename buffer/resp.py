@@ -42,12 +42,7 @@ class Prefix:
             if len(b) > 1024:
                 out += (b"$%d\r\n" % len(b), b, b"\r\n")
             else:
-                out.append(b"$%d\r\n%s\r\n" % (len(b), b))
-
-    def command(self, *rest: bytes | str | int) -> list[bytes]:
-        out: list[bytes] = []
-        self.add(out, *rest)
-        return out
+                out.append(arg(b))
 
 
 MULTI = b"*1\r\n$5\r\nMULTI\r\n"

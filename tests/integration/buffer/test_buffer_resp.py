@@ -32,8 +32,10 @@ def r(redis_url: str) -> redis.Redis:
 
 def test_packed_commands_round_trip_with_errors_in_place(r: redis.Redis) -> None:
     big = bytes(range(256)) * 40  # over the size that is sent without a copy, with every byte value
-    request = resp.Prefix("SET", "k").command(big) + resp.Prefix("INCR").command("k") + resp.Prefix(
-        "GET").command("k")
+    request: list[bytes] = []
+    resp.Prefix("SET", "k").add(request, big)
+    resp.Prefix("INCR").add(request, "k")
+    resp.Prefix("GET").add(request, "k")
     out = resp.roundtrip(r, request, 3)
     assert out[0] in (b"OK", "OK") and out[2] == big
     assert isinstance(out[1], redis.ResponseError) and "not an integer" in str(out[1])
