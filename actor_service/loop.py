@@ -6,13 +6,14 @@ Continuous generation (vLLM's add_request/step loop, actor_service.engine), two 
   times: a finished sample's seat is taken at once), popping prompts (claimed with a TTL, never handed to two
   actors) in chunks of at least half the reserve as sequences finish, tokenized in one call; each prompt is one
   request of n samples;
-- post: takes every prompt group whose n samples are done, and those finishing within GRADE_LINGER_S after it,
-  grades them in one reward call, inserts the Trajectories (blocks on the buffer's rate limiter: backpressure),
+- post: takes every prompt group whose n samples are done, and those finishing within GRADE_LINGER_S after it
+  (one wait, cut short when the engine runs empty), grades them in one reward call, inserts the Trajectories (blocks on the buffer's rate limiter: backpressure),
   marks the prompts done.
 The engine never idles on the longest sequence of a batch. Backpressure: at most K + reserve sequences in flight
 and K more waiting for insertion, so the engine stops after about K more once the buffer refuses inserts. The
 engine's steps are mostly Python on a small model: any work of these threads slows them (the GIL, shared cores),
-so the per-group work is batched and the announced weights version is not read from Redis per refill.
+so the per-group work is batched, the threads wake only when they have work (never per finished group), and the
+announced weights version is not read from Redis per refill.
 
 Failures: reward down or the buffer holding inserts back -> wait and retry the same groups; the prompt claims held
 are renewed (every third of `prompt_lease_s`, with the heartbeat and in those waits) so that no other actor is
@@ -113,6 +114,8 @@ class ActorLoop:
         self._finishing: set[int] = set()  # ids of groups the post thread grades/inserts (stop() leaves them)
         self._renewed_at = time.monotonic()
         self._in_engine = 0  # sequences submitted and not finished
+        self._engine_empty = threading.Event()  # set while _in_engine is 0: the post thread stops lingering
+        self._engine_empty.set()
         self._waiting = 0  # sequences finished and not yet inserted
         self._finished: queue.Queue[Group] = queue.Queue()
         self._room = threading.Event()  # set when sequences finish: the feed thread may refill
@@ -271,17 +274,27 @@ class ActorLoop:
             room = k + self.reserve - self._in_engine
             return max(0, min(room, room + k - self._waiting))
 
-    def _prompts_to_pop(self) -> int:
-        """Prompts to submit now (0 = wait): at least half the reserve's worth, unless nothing is in flight; in
-        sync mode at most what is left of this version's one batch."""
+    def _free_prompts(self) -> int:
+        """Prompts the engine has seats for (0 = wait): at least half the reserve's worth, unless nothing is in
+        flight."""
         n = self.settings.n_samples_per_prompt
         idle = self._in_engine == 0 and self._waiting == 0
         free = self._free_sequences() // n
         if not idle and free < self._refill_chunk():
-            free = 0
-        free = max(free, 1 if idle else 0)
+            return 0
+        return max(free, 1 if idle else 0)
+
+    def _prompts_to_pop(self) -> int:
+        """Prompts to submit now: `_free_prompts`, in sync mode at most what is left of this version's one batch."""
+        free = self._free_prompts()
         left = self._sync_left()
         return free if left is None else min(free, left)
+
+    def _wake_feed(self) -> None:
+        """Wake the feed thread when it has seats to fill: a wake-up to wait again would only take the GIL from
+        the engine's driver."""
+        if self._free_prompts():
+            self._room.set()
 
     def _refill_chunk(self) -> int:
         """Fewest prompts the feed submits while sequences are in flight (half the reserve's worth)."""
@@ -349,6 +362,7 @@ class ActorLoop:
             group.version = eng.version
             with self._lock:
                 self._in_engine += s.n_samples_per_prompt
+                self._engine_empty.clear()
                 if s.sync:
                     counts = self._sync_counts
                     counts[group.version] = counts.get(group.version, 0) + s.n_samples_per_prompt
@@ -379,11 +393,12 @@ class ActorLoop:
             n = self.settings.n_samples_per_prompt
             with self._lock:
                 self._in_engine -= n
+                if self._in_engine <= 0:
+                    self._engine_empty.set()
                 if id(group) in self._groups:  # not given back by stop() meanwhile
                     self._waiting += n
             self._finished.put(group)
-            if self._free_sequences() // n >= self._refill_chunk():
-                self._room.set()  # else the feed would wake only to wait again: leave the GIL to the engine
+            self._wake_feed()
 
         return done
 
@@ -441,13 +456,13 @@ class ActorLoop:
             groups = [self._finished.get(timeout=0.2)]
         except queue.Empty:
             return []
-        deadline = time.monotonic() + GRADE_LINGER_S
+        if not self._stop.is_set():
+            # One wait for all of them, cut short when the engine runs empty: a wake-up per finishing group
+            # would take the GIL from the engine's driver each time.
+            self._engine_empty.wait(GRADE_LINGER_S)
         while len(groups) < MAX_GROUPS_PER_GRADE:
-            linger = self._in_engine > 0 and not self._stop.is_set()
             try:  # the only consumer
-                groups.append(
-                    self._finished.get(timeout=max(0.0, deadline - time.monotonic()) if linger else 0)
-                )
+                groups.append(self._finished.get_nowait())
             except queue.Empty:
                 break
         return groups
@@ -560,7 +575,7 @@ class ActorLoop:
                     self._waiting -= n
             self.metrics.prompts_in_flight = len(self._groups)
         if released:
-            self._room.set()  # fewer sequences wait for insertion: the feed may refill
+            self._wake_feed()  # fewer sequences wait for insertion
         return released
 
     def _give_back_groups(self, groups: list[Group] | None, *, keep_finishing: bool = False) -> None:

@@ -12,7 +12,8 @@ weight push vs raw loopback TCP, and the learner's step time with a push every s
    - per_batch: today's old path, `LLM.generate` of K-sequence batches one after another (waits for the longest);
    - service: the actor's sampling loop (K sequences in flight, refilled as they finish) draining the same
      prompts from a real prompt queue (own redis-server), grading through a real reward service, inserting into
-     a real replay table; from loop start to the last insert.
+     a real replay table; from loop start to the last insert (stamped by that insert: the bench waits on an
+     event, it does not poll).
    `tail_throughput_vs_engine` = median of paired service / engine response tokens/s (goal >= 0.9).
    The engine runs as `tbrm up` runs an actor on CPU (`--threads 1`, `VLLM_CPU_OMP_THREADS_BIND=nobind`): with
    vLLM's default placement its second OpenMP thread spins on the other core (a full core busy, no faster on the
@@ -56,6 +57,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -133,6 +135,27 @@ def length_stats(lengths: list[int]) -> dict[str, float]:
             "max": ordered[-1], "mean": statistics.fmean(ordered)}
 
 
+class Stamp(threading.Event):
+    at = 0.0
+
+
+def stamp_when_inserted(metrics: Any, target: int) -> Stamp:
+    """An event set, with the time, by the insert that brings the loop's trajectory count to `target`. The bench
+    waits on it instead of polling: a poll every 10 ms took the GIL from the in-process engine ~3,000 times a run
+    (the engine's driver waited for it as often) and billed the bench's own wake-ups to the service."""
+    stamp = Stamp()
+    record = metrics.record_inserted
+
+    def recorded(n_trajectories: int, n_prompts: int) -> None:
+        record(n_trajectories, n_prompts)
+        if metrics.total_trajectories >= target and not stamp.is_set():
+            stamp.at = time.perf_counter()
+            stamp.set()
+
+    metrics.record_inserted = recorded
+    return stamp
+
+
 def bench_tail(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     from vllm import SamplingParams
 
@@ -174,21 +197,18 @@ def bench_tail(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
             settings = ActorSettings(
                 actor_id=f"bench-{rep}", redis_url=redis_url, reward_url=reward_url, prompts_per_batch=k // n,
                 n_samples_per_prompt=n, max_tokens=args.tail_max_tokens, max_model_len=args.tail_max_tokens + 128,
-                temperature=args.temperature, idle_sleep_s=0.01, table=TableConfig(name="bench", max_size=100_000),
+                temperature=args.temperature, table=TableConfig(name="bench", max_size=100_000),
                 heartbeat_interval_s=1.0, max_inflight_sequences=k,
             )
             loop = ActorLoop(settings, engine)
             target = len(prompts) * n
+            ended = stamp_when_inserted(loop.metrics, target)
             t0 = time.perf_counter()
             loop.start()
             try:
-                # Poll the loop's own counter (an attribute read): polling Redis from this process every few ms
-                # would steal the GIL from the in-process engine and bill the bench's polling to the service.
-                while loop.metrics.total_trajectories < target:
-                    if time.perf_counter() - t0 > 900:
-                        raise RuntimeError("service run did not finish in 900 s")
-                    time.sleep(0.01)
-                wall = time.perf_counter() - t0
+                if not ended.wait(900):
+                    raise RuntimeError("service run did not finish in 900 s")
+                wall = ended.at - t0
                 if table.stats().inserts != target:
                     raise RuntimeError(f"table holds {table.stats().inserts} items, expected {target}")
             finally:

@@ -6,13 +6,16 @@ or Redis loses no prompt."""
 
 from __future__ import annotations
 
+import queue
+import threading
 import time
 from collections.abc import Callable
 
 import pytest
 from actor_helpers import free_port, hf_logprobs
 
-from actor_service.loop import ActorLoop
+from actor_service.groups import Group
+from actor_service.loop import GRADE_LINGER_S, ActorLoop
 from actor_service.schema import DEFAULT_SYSTEM_PROMPT
 from actor_service.settings import ActorSettings
 from buffer.client import ActorRegistry, PromptQueue, ReplayTable, TableConfig, Trajectory, connect
@@ -136,6 +139,59 @@ def test_engine_gets_k_plus_a_reserve_and_batch_tokenization_matches(redis_url, 
         assert t.prompt_token_ids == list(tok.encode(text, add_special_tokens=False))
         # the templated text itself, which is what decoding the ids gives back (no decode per group any more)
         assert t.prompt_text == text == tok.decode(t.prompt_token_ids, skip_special_tokens=False)
+
+
+class CountingQueue(queue.Queue):
+    """A queue that counts its blocking gets (each one a wake-up of the thread that waits in it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocking_gets = 0
+
+    def get(self, block: bool = True, timeout: float | None = None):  # type: ignore[override]
+        self.blocking_gets += block
+        return super().get(block, timeout)
+
+
+def test_post_thread_takes_the_groups_of_a_linger_with_one_wait_and_stops_when_the_engine_empties(
+        redis_url, reward_service, actor_engine) -> None:
+    """Groups finishing while the post thread lingers are taken together after one wait, not one wake-up each (each
+    would take the GIL from the engine's driver); when the last sequence in the engine finishes, the linger ends."""
+    loop = ActorLoop(settings(redis_url, reward_service), actor_engine)
+    loop._finished = finished = CountingQueue()
+    prompts = make_toy_task(6, seed=5)
+    groups = [Group(p, [1, 2, 3]) for p in prompts]
+    n = loop.settings.n_samples_per_prompt
+    with loop._lock:  # what _submit books for the six groups
+        loop._in_engine = n * len(groups)
+        loop._engine_empty.clear()
+
+    def finish_later(batch: list[Group], every_s: float) -> threading.Thread:
+        def run() -> None:
+            for g in batch:
+                time.sleep(every_s)
+                loop._on_done(g)(None, RuntimeError("test"))
+        t = threading.Thread(target=run)
+        t.start()
+        return t
+
+    loop._on_done(groups[0])(None, RuntimeError("test"))
+    t = finish_later(groups[1:4], GRADE_LINGER_S / 8)  # three more finish within the linger
+    t0 = time.monotonic()
+    taken = loop._take_finished()
+    t.join()
+    assert taken == groups[:4]
+    assert time.monotonic() - t0 >= GRADE_LINGER_S * 0.9
+    assert finished.blocking_gets == 1
+    # the last two: the first starts a linger, the second empties the engine and ends it
+    loop._on_done(groups[4])(None, RuntimeError("test"))
+    t = finish_later(groups[5:], GRADE_LINGER_S / 10)
+    t0 = time.monotonic()
+    taken = loop._take_finished()
+    t.join()
+    assert taken == groups[4:]
+    assert loop._in_engine == 0
+    assert time.monotonic() - t0 < GRADE_LINGER_S * 0.6
 
 
 def test_two_actors_never_duplicate_prompts(redis_url, reward_service, actor_engine) -> None:
