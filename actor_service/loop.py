@@ -7,8 +7,8 @@ Continuous generation (vLLM's add_request/step loop, actor_service.engine), two 
   actors) in chunks of at least half the reserve as sequences finish, tokenized in one call; each prompt is one
   request of n samples;
 - post: takes every prompt group whose n samples are done, and those finishing within GRADE_LINGER_S after it
-  (one wait, cut short when the engine runs empty), grades them in one reward call, inserts the Trajectories (blocks on the buffer's rate limiter: backpressure),
-  marks the prompts done.
+  (one wait, cut short when the engine runs empty), grades them in one reward call, inserts the Trajectories
+  (blocks on the buffer's rate limiter: backpressure), marks the prompts done.
 The engine never idles on the longest sequence of a batch. Backpressure: at most K + reserve sequences in flight
 and K more waiting for insertion, so the engine stops after about K more once the buffer refuses inserts. The
 engine's steps are mostly Python on a small model: any work of these threads slows them (the GIL, shared cores),
