@@ -260,8 +260,10 @@ def build(res: list[Any], lease_id: str, learner_version: int, payloads: list[by
     payload was gone (evicted by a concurrent insert between the script and the fetch)."""
     raw_ids = res[8:]
     n = len(raw_ids)
-    # the numbers arrive as one msgpack array, column by column: one vectorized conversion for the batch
-    cols = np.array(msgpack.unpackb(res[7]), dtype=np.float64).reshape(5, n) if n else np.zeros((5, 0))
+    # one msgpack array: 3 numeric columns, then inserted_at and policy_version as doubles per item
+    flat = msgpack.unpackb(res[7], raw=True) if n else [b""]
+    heads = np.frombuffer(flat[-1], "<f8").reshape(n, 2).T
+    cols = np.vstack((np.array(flat[:-1], dtype=np.float64).reshape(3, n), heads))
     keep = [k for k, p in enumerate(payloads) if p is not None]
     dropped = [_id(raw_ids[k]) for k, p in enumerate(payloads) if p is None]
     if dropped:
@@ -270,8 +272,8 @@ def build(res: list[Any], lease_id: str, learner_version: int, payloads: list[by
     batch = ColumnBatch(
         lease_id=lease_id, lease_expires_at=_num(res[1]), buffer_size=int(res[2]),
         ids=[_id(raw_ids[k]) for k in keep], views=[view(payloads[k]) for k in keep], refs=[refs[k] for k in keep],
-        times_sampled=cols[0].astype(np.int64), age_versions=learner_version - cols[1].astype(np.int64),
-        priority=cols[2], probability=cols[3], inserted_at=cols[4], acked=int(res[4]))
+        times_sampled=cols[0].astype(np.int64), age_versions=learner_version - cols[4].astype(np.int64),
+        priority=cols[1], probability=cols[2], inserted_at=cols[3], acked=int(res[4]))
     return batch, dropped
 
 

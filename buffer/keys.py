@@ -46,7 +46,9 @@ class TableKeys(_KeySet):
     - ``order``    ZSET    item_id -> insertion sequence number (all stored items; fifo remover)
     - ``avail``    ZSET    item_id -> insertion sequence number (stored and not out on a lease; samplers)
     - ``byver``    ZSET    item_id -> policy_version (staleness filter, version histograms)
-    - ``meta``     HASH    item_id -> "inserted_at|reward|actor_id" (written once at insert)
+    - ``meta``     HASH    item_id -> NUL, inserted_at and policy_version as little-endian doubles, then
+                           "reward|actor_id" (written once at insert; the sample script copies the 16-byte head into
+                           its reply; entries of earlier versions: "inserted_at|reward|actor_id")
     - ``handed``   HASH    item_id -> times handed out by `sample` (leases included)
     - ``acked``    HASH    item_id -> times acked (max_times_sampled counts these; not kept when it is 1)
     - ``prio``     HASH    item_id -> priority (prioritized sampler)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import struct
 from typing import Any
 
 
@@ -60,3 +61,19 @@ def _f(x: Any) -> float:
 
 def _s(x: Any) -> str:
     return x.decode() if isinstance(x, bytes) else str(x)
+
+
+META_HEAD = struct.Struct("<dd")
+"""inserted_at and policy_version at the head of a `meta` entry (after its NUL)."""
+
+
+def split_meta(raw: bytes) -> tuple[float, float | None, float, str]:
+    """An item's `meta` entry -> (inserted_at, policy_version, reward, actor_id). The entry is NUL, inserted_at and
+    policy_version as little-endian doubles, then "reward|actor_id"; one written by an earlier version is
+    "inserted_at|reward|actor_id" (policy_version None: the `byver` zset has it)."""
+    if raw[:1] == b"\0":
+        ins, ver = META_HEAD.unpack_from(raw, 1)
+        reward, actor = raw[1 + META_HEAD.size:].decode().split("|", 1)
+        return ins, ver, float(reward), actor
+    stamp, reward, actor = _s(raw).split("|", 2)
+    return float(stamp), None, float(reward), actor

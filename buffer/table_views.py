@@ -11,7 +11,7 @@ import redis as redis_lib
 from buffer import codec
 from buffer.keys import TableKeys
 from buffer.schema import TableConfig, TableStats, Trajectory
-from buffer.table_types import _f, _s
+from buffer.table_types import _f, _s, split_meta
 
 HISTOGRAM_SAMPLE = 20_000
 """Above this many stored items, histograms come from a uniform random sample of this many."""
@@ -108,7 +108,7 @@ class TableViews:
             ver = int(float(v))
             versions[ver] = versions.get(ver, 0) + 1
             if m is not None:
-                reward_sum[ver] = reward_sum.get(ver, 0.0) + float(_s(m).split("|", 2)[1])
+                reward_sum[ver] = reward_sum.get(ver, 0.0) + split_meta(m)[2]
             times[int(h or 0)] = times.get(int(h or 0), 0) + 1
         out: dict[str, Any] = {
             "policy_version": {str(v): n for v, n in sorted(versions.items())},
@@ -192,9 +192,9 @@ class TableViews:
                 cursor, scanned = int(seq), scanned + 1
                 if m is None or v is None:
                     continue
-                ins, reward, actor = _s(m).split("|", 2)
-                if _matches(f, int(v), float(reward), actor, owner is not None, int(h or 0)):
-                    out.append((item, float(ins)))
+                ins, _, reward, actor = split_meta(m)
+                if _matches(f, int(v), reward, actor, owner is not None, int(h or 0)):
+                    out.append((item, ins))
                     if len(out) >= limit:
                         break
         return out, cursor

@@ -46,14 +46,15 @@ if m > 0 then
   if evict > 0 then remove_items(redis.call('ZRANGE', K.order, 0, evict - 1), 'removed') end
   local seq0 = redis.call('HINCRBY', K.counters, 'seq', m) - m
   local order, byver, meta, prio, given = {}, {}, {}, {}, {}
-  local stamp = fmt(now)
+  local head = '\0' .. struct.pack('<d', now)  -- the `meta` entry: see buffer.keys
   local pmax = nil
   for j, k in ipairs(fresh) do
     local b = (k - 1) * 5
     local id = rows[b + 1]
     order[#order + 1] = seq0 + j; order[#order + 1] = id
     byver[#byver + 1] = rows[b + 2]; byver[#byver + 1] = id
-    meta[#meta + 1] = id; meta[#meta + 1] = stamp .. '|' .. rows[b + 3] .. '|' .. rows[b + 4]
+    meta[#meta + 1] = id
+    meta[#meta + 1] = head .. struct.pack('<d', rows[b + 2]) .. rows[b + 3] .. '|' .. rows[b + 4]
     local p = rows[b + 5]
     if p ~= '' then
       given[#given + 1] = tonumber(p)

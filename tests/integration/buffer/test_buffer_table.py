@@ -20,6 +20,7 @@ from buffer.schema import (
     TableConfig,
     UniformSampler,
 )
+from buffer.table_types import split_meta
 
 
 def traj(i: int, version: int = 0, reward: float = 0.0, actor: str = "a0", n: int = 4) -> Trajectory:
@@ -383,6 +384,25 @@ def test_histograms_and_listing(r: redis.Redis) -> None:
     assert total == 7 and [x[0] for x in rows] == ["t00004", "t00005", "t00007"]
     total, rows = t.list_items(min_reward=0.5)
     assert total == 5 and all(x[1].reward == 1.0 for x in rows)
+
+
+def test_meta_entries_of_an_earlier_version_are_sampled_and_listed(r: redis.Redis) -> None:
+    t = make(r, sampler=FifoSampler())
+    t.insert([traj(i, version=i, reward=float(i % 2), actor=f"a|{i % 2}") for i in range(4)])
+    head = r.hget(t.keys.meta, "t00000")
+    assert head[:1] == b"\0" and split_meta(head)[1:] == (0.0, 0.0, "a|0")  # written with the binary head now
+    for i in (1, 3):  # rewrite two entries the way versions before the binary head stored them
+        r.hset(t.keys.meta, f"t{i:05d}", f"{1_000_000 + i}.25|{float(i % 2)!r}|a|{i % 2}")
+    b = t.sample_columns(4, learner_version=10)
+    assert b.ids == [f"t{i:05d}" for i in range(4)]
+    assert b.age_versions.tolist() == [10, 9, 8, 7]  # the old entries' versions come from byver
+    assert b.inserted_at[[1, 3]].tolist() == [1_000_001.25, 1_000_003.25]
+    assert b.inserted_at[[0, 2]] == pytest.approx(time.time(), abs=5)
+    assert b.times_sampled.tolist() == [1] * 4 and b.probability.tolist() == [1.0] * 4
+    h = t.histograms(learner_version=10)
+    assert h["reward_by_version"] == {"0": 0.0, "1": 1.0, "2": 0.0, "3": 1.0}
+    total, rows = t.list_items(actor_id="a|1", min_reward=0.5)
+    assert total == 2 and [x[0] for x in rows] == ["t00001", "t00003"]
 
 
 def test_aof_restart_keeps_contents_and_counters(aof_redis) -> None:
