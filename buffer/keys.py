@@ -44,7 +44,9 @@ class TableKeys(_KeySet):
     - ``config``   STRING  JSON of the TableConfig every user of the table must share
     - ``items``    HASH    item_id -> encoded Trajectory (see `buffer.codec`)
     - ``order``    ZSET    item_id -> insertion sequence number (all stored items; fifo remover)
-    - ``avail``    ZSET    item_id -> insertion sequence number (stored and not out on a lease; samplers)
+    - ``avail``    ZSET    item_id -> insertion sequence number: the items stored and not out on a lease, for the
+                           fifo and lifo samplers (and tables of earlier versions until it empties);
+                           ``avail_set`` SET of the same for the uniform and prioritized samplers (no order needed)
     - ``byver``    ZSET    item_id -> policy_version (staleness filter, version histograms)
     - ``meta``     HASH    item_id -> NUL, inserted_at and policy_version as little-endian doubles, then
                            "reward|actor_id" (written once at insert; the sample script copies the 16-byte head into
@@ -67,7 +69,7 @@ class TableKeys(_KeySet):
 
     FIELDS = (
         "config", "items", "order", "avail", "byver", "meta", "handed", "acked", "prio", "slot", "slotfree",
-        "tree", "refs", "lease_of", "leases", "lease_exp", "counters", "paused", "gone",
+        "tree", "refs", "lease_of", "leases", "lease_exp", "counters", "paused", "gone", "avail_set",
     )
     KIND, WHAT = "table", "table"
 

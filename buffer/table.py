@@ -184,9 +184,8 @@ class ReplayTable(TableViews):
     def _header(self) -> list[Any]:
         c = self.config
         rl = c.rate_limiter
-        prio = c.sampler.kind == "prioritized"
         return [
-            "1" if prio else "0",
+            c.sampler.kind,
             repr(float(getattr(c.sampler, "exponent", 1.0))),
             "" if rl.samples_per_insert is None else repr(float(rl.samples_per_insert)),
             repr(float(rl.error_buffer)),

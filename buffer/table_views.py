@@ -53,10 +53,12 @@ class TableViews:
         p = self.redis.pipeline(transaction=True)
         p.zcard(k.order)
         p.zcard(k.avail)
+        p.scard(k.avail_set)  # the pool is one or the other (buffer.keys)
         p.hlen(k.lease_of)
         p.hgetall(k.counters)
         p.hgetall(k.paused)
-        size, avail, leased, raw, paused = p.execute()
+        size, avail, avail_set, leased, raw, paused = p.execute()
+        avail += avail_set
         c = {_s(a): _f(b) for a, b in raw.items()}
         rl = self.config.rate_limiter
         ins, smp = c.get("rl_inserts", 0.0), c.get("rl_samples", 0.0)

@@ -3,7 +3,7 @@
 -- KEYS: the table's keys in the order of buffer.keys.TableKeys.FIELDS; the Python side generates the
 --       `local K = {...}` mapping line just above this prelude, so K.items == KEYS[2] etc.
 -- ARGV (common header, then script-specific arguments from ARGV[9]):
---   [1] prioritized (1/0)   [2] priority exponent alpha   [3] samples_per_insert ("" = no ratio limit)
+--   [1] sampler kind        [2] priority exponent alpha   [3] samples_per_insert ("" = no ratio limit)
 --   [4] error_buffer        [5] min_size_to_sample        [6] max_size     [7] max_times_sampled (0 = unlimited)
 --   [8] remember_removed_ids (how many removed ids the `gone` zset keeps; 0 = none)
 --
@@ -16,7 +16,7 @@
 
 if redis.replicate_commands then redis.replicate_commands() end
 
-local PRIO = ARGV[1] == '1'
+local PRIO = ARGV[1] == 'prioritized'
 local ALPHA = tonumber(ARGV[2])
 local SPI = tonumber(ARGV[3])            -- nil when the ratio limit is off
 local EBUF = tonumber(ARGV[4])
@@ -58,6 +58,26 @@ local function bulk_get(cmd, key, ids)
     local r = redis.call(cmd, key, unpack(ids, i, math.min(i + CHUNK - 1, #ids)))
     for j = 1, #r do out[#out + 1] = r[j] end
   end
+  return out
+end
+
+-- The pool of available items (stored and not out on a lease). fifo and lifo need its order: the `avail` zset,
+-- scored by insertion sequence. uniform and prioritized do not: the `avail_set` set, whose adds and removes skip the
+-- skiplist and the scores (making a 32-item lease available again no longer reads 32 scores and inserts 32
+-- skiplist nodes). A table created before the set existed keeps its zset until it empties (every item leased or
+-- removed: Redis deletes an empty zset), then goes on with the set.
+local ORDERED = ARGV[1] == 'fifo' or ARGV[1] == 'lifo' or redis.call('EXISTS', K.avail) == 1
+local POOL = ORDERED and K.avail or K.avail_set
+
+local function pool_size() return redis.call(ORDERED and 'ZCARD' or 'SCARD', POOL) end
+
+local function pool_remove(ids) bulk(ORDERED and 'ZREM' or 'SREM', POOL, ids) end
+
+-- Whether each of `ids` is in the pool (a list of booleans).
+local function pool_has(ids)
+  local got = bulk_get(ORDERED and 'ZMSCORE' or 'SMISMEMBER', POOL, ids)
+  local out = {}
+  for i = 1, #ids do out[i] = (got[i] or 0) ~= 0 end
   return out
 end
 
@@ -138,20 +158,22 @@ local function raise_max_priority(ps)
   if m > cur then redis.call('HSET', K.counters, 'maxprio', fmt(m)) end
 end
 
--- Put items back into the sampleable pool (after a lease expires or an ack below max_times_sampled).
+-- Put items back into the pool (after a lease expires or an ack below max_times_sampled). `ids` are items a lease
+-- held, so they are stored: removing an item deletes its `lease_of` entry.
 local function make_available(ids)
   if #ids == 0 then return end
-  local seqs = bulk_get('ZMSCORE', K.order, ids)
-  local pairs_, live = {}, {}
-  for i, id in ipairs(ids) do
-    if seqs[i] then
-      pairs_[#pairs_ + 1] = seqs[i]
-      pairs_[#pairs_ + 1] = id
-      live[#live + 1] = id
-    end
+  if not ORDERED then
+    bulk('SADD', POOL, ids)
+    set_leaves(ids, false)
+    return
   end
-  bulk('ZADD', K.avail, pairs_)
-  set_leaves(live, false)
+  local seqs = bulk_get('ZMSCORE', K.order, ids)
+  local pairs_ = {}
+  for i, id in ipairs(ids) do
+    if seqs[i] then pairs_[#pairs_ + 1] = seqs[i]; pairs_[#pairs_ + 1] = id end
+  end
+  bulk('ZADD', POOL, pairs_)
+  set_leaves(ids, false)
 end
 
 -- Removed ids are remembered (zset id -> removal sequence number), the newest REMEMBER of them, so a retried insert of a
@@ -204,8 +226,8 @@ local function remove_items(ids, reason, released)
     if not released then hashes[#hashes + 1] = K.lease_of end
   end
   for _, key in ipairs(hashes) do bulk('HDEL', key, ids) end
-  local zsets = released and {K.order, K.byver} or {K.order, K.avail, K.byver}
-  for _, key in ipairs(zsets) do bulk('ZREM', key, ids) end
+  for _, key in ipairs({K.order, K.byver}) do bulk('ZREM', key, ids) end
+  if not released then pool_remove(ids) end
   redis.call('HINCRBY', K.counters, reason, #ids)
   remember_gone(ids)
 end

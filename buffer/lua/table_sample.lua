@@ -88,14 +88,14 @@ if old then
   for i, id in ipairs(held) do probs[i] = allp[pos[id]] or 1 end
   local exp = tonumber(redis.call('ZSCORE', K.lease_exp, lease))
   return describe(held, probs, bulk_get('HMGET', K.handed, held), exp, redis.call('ZCARD', K.order),
-                  redis.call('ZCARD', K.avail))
+                  pool_size())
 end
 
 if max_st >= 0 then
   -- Oldest versions first, at most max_drop per call: a version jump never makes one call O(N).
   local stale = redis.call('ZRANGEBYSCORE', K.byver, '-inf', '(' .. fmt(lv - max_st), 'LIMIT', 0, max_drop)
   if #stale > 0 then
-    local av = bulk_get('ZMSCORE', K.avail, stale)
+    local av = pool_has(stale)
     local drop = {}
     for i, id in ipairs(stale) do if av[i] then drop[#drop + 1] = id end end
     remove_items(drop, 'dropped_stale')
@@ -103,7 +103,7 @@ if max_st >= 0 then
 end
 
 local size = redis.call('ZCARD', K.order)
-local navail = redis.call('ZCARD', K.avail)
+local navail = pool_size()
 if redis.call('HGET', K.paused, 'sampling') == '1' then return {'paused', size, navail, acked, renewed} end
 if size < MINSIZE then return {'min_size', size, navail, acked, renewed} end
 if navail < B then return {'empty', size, navail, acked, renewed} end
@@ -114,11 +114,11 @@ end
 
 local picked, probs = {}, {}
 if sampler == 'fifo' or sampler == 'lifo' then
-  local popped = redis.call(sampler == 'fifo' and 'ZPOPMIN' or 'ZPOPMAX', K.avail, B)
+  local popped = redis.call(sampler == 'fifo' and 'ZPOPMIN' or 'ZPOPMAX', POOL, B)
   for i = 1, #popped, 2 do picked[#picked + 1] = popped[i]; probs[#probs + 1] = 1 end
 elseif sampler == 'uniform' or (sampler == 'prioritized' and tree_get(1) <= 0) then
-  picked = redis.call('ZRANDMEMBER', K.avail, B)  -- B > 0: distinct members
-  bulk('ZREM', K.avail, picked)
+  picked = redis.call(ORDERED and 'ZRANDMEMBER' or 'SRANDMEMBER', POOL, B)  -- B > 0: distinct members
+  pool_remove(picked)
   for i = 1, #picked do probs[i] = B / navail end
   set_leaves(picked, true)
 else
@@ -135,15 +135,15 @@ else
       end
       leafv = tree_get(node)
       local cand = redis.call('HGET', K.slot, '#' .. (node - CAP))
-      if cand and leafv > 0 and redis.call('ZSCORE', K.avail, cand) then id = cand; break end
+      if cand and leafv > 0 and pool_has({cand})[1] then id = cand; break end
     end
-    if not id then  -- float round-off kept landing on empty leaves: take the oldest available item
-      id = redis.call('ZRANGE', K.avail, 0, 0)[1]
+    if not id then  -- float round-off kept landing on empty leaves: take any available item
+      if ORDERED then id = redis.call('ZRANGE', POOL, 0, 0)[1] else id = redis.call('SRANDMEMBER', POOL) end
       leafv = leaf_value(id)
     end
     probs[i] = (total > 0) and (leafv / total) or 0
     picked[i] = id
-    redis.call('ZREM', K.avail, id)
+    pool_remove({id})
     set_leaf_of(id, 0)
   end
 end

@@ -55,7 +55,7 @@ if op == 'prio' then
   local ids, ps = {}, {}
   for i = 10, #ARGV, 2 do ids[#ids + 1] = ARGV[i]; ps[#ps + 1] = ARGV[i + 1] end
   local stored = bulk_get('ZMSCORE', K.order, ids)
-  local avail = bulk_get('ZMSCORE', K.avail, ids)
+  local avail = pool_has(ids)
   local kv, live, given = {}, {}, {}
   for i, id in ipairs(ids) do
     if stored[i] then

@@ -386,6 +386,43 @@ def test_histograms_and_listing(r: redis.Redis) -> None:
     assert total == 5 and all(x[1].reward == 1.0 for x in rows)
 
 
+@pytest.mark.parametrize("sampler", [UniformSampler(), PrioritizedSampler(), FifoSampler(), LifoSampler()])
+def test_available_items_are_a_set_unless_the_sampler_needs_their_order(r: redis.Redis, sampler) -> None:
+    t = make(r, sampler=sampler, max_times_sampled=0)
+    t.insert([traj(i) for i in range(6)])
+    b = t.sample(4, 0)
+    ordered = sampler.kind in ("fifo", "lifo")
+    pool, other = (t.keys.avail, t.keys.avail_set) if ordered else (t.keys.avail_set, t.keys.avail)
+    assert r.type(pool) == (b"zset" if ordered else b"set") and not r.exists(other)
+    leased = {it.info.item_id for it in b.items}
+    assert {x.decode() for x in (r.zrange(pool, 0, -1) if ordered else r.smembers(pool))} == {
+        f"t{i:05d}" for i in range(6)} - leased
+    assert t.ack(b.lease_id) == 4 and t.stats().extra["available"] == 6
+    seen = collections.Counter()
+    for _ in range(30):
+        got = t.sample(3, 0)
+        seen.update(it.info.item_id for it in got.items)
+        t.ack(got.lease_id)
+    assert len(seen) == 6 if not ordered else len(seen) >= 3
+
+
+def test_a_zset_pool_of_an_earlier_version_is_used_until_it_empties(r: redis.Redis) -> None:
+    t = make(r, sampler=UniformSampler(), max_times_sampled=0, max_staleness_versions=6)
+    t.insert([traj(i, version=i) for i in range(4)])
+    # rewrite the pool the way versions before the set kept it: a zset scored by insertion sequence
+    ids = [x.decode() for x in r.smembers(t.keys.avail_set)]
+    r.zadd(t.keys.avail, dict(zip(ids, r.zmscore(t.keys.order, ids), strict=True)))
+    r.delete(t.keys.avail_set)
+    t.insert([traj(4, version=4)])
+    b = t.sample(3, learner_version=8)  # t00000, t00001 are stale (8 - version > 6) and dropped from the zset
+    assert t.stats().dropped_stale == 2 and r.zcard(t.keys.avail) == 0 and not r.exists(t.keys.avail_set)
+    assert sorted(it.info.item_id for it in b.items) == ["t00002", "t00003", "t00004"]
+    assert t.ack(b.lease_id) == 3  # the zset emptied: the acked items go to the set
+    assert r.scard(t.keys.avail_set) == 3 and not r.exists(t.keys.avail)
+    t.insert([traj(5, version=8)])
+    assert t.stats().extra["available"] == 4 and r.scard(t.keys.avail_set) == 4
+
+
 def test_meta_entries_of_an_earlier_version_are_sampled_and_listed(r: redis.Redis) -> None:
     t = make(r, sampler=FifoSampler())
     t.insert([traj(i, version=i, reward=float(i % 2), actor=f"a|{i % 2}") for i in range(4)])
