@@ -144,7 +144,7 @@ def chaos_config(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
     return resolve(None, {
         "run": {"minutes": args.minutes, "actors": args.actors, "eval_interval_s": 60.0,
                 "restart": {"backoff_s": 1.0, "backoff_max_s": 10.0, "max_restarts": 5, "window_s": 60.0}},
-        "table": {"lease_s": TABLE_LEASE_S},
+        "table": {"lease_s": TABLE_LEASE_S, "sampler": {"kind": args.sampler}},
         "actor": {"prompt_lease_s": PROMPT_LEASE_S},
         "learner": {"checkpoint_interval_steps": 20},
     })
@@ -232,6 +232,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tail-s", type=float, default=75.0, help="no kill in the last seconds of the budget")
     p.add_argument("--max-wait-s", type=float, default=240.0, help="longest wait for a target to be up again")
     p.add_argument("--appendfsync", choices=("everysec", "always"), default="everysec")
+    p.add_argument("--sampler", choices=("fifo", "uniform"), default="fifo",
+                   help="the table's sampler (fifo, the default, keeps available items in a zset; uniform in a set)")
     p.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "chaos.json")
     args = p.parse_args(argv)
 

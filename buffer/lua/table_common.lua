@@ -227,7 +227,10 @@ local function remove_items(ids, reason, released)
   end
   for _, key in ipairs(hashes) do bulk('HDEL', key, ids) end
   for _, key in ipairs({K.order, K.byver}) do bulk('ZREM', key, ids) end
-  if not released then pool_remove(ids) end
+  if not released then  -- from both pools: clients of two versions sharing the table may have used both
+    bulk('ZREM', K.avail, ids)
+    bulk('SREM', K.avail_set, ids)
+  end
   redis.call('HINCRBY', K.counters, reason, #ids)
   remember_gone(ids)
 end

@@ -423,6 +423,16 @@ def test_a_zset_pool_of_an_earlier_version_is_used_until_it_empties(r: redis.Red
     assert t.stats().extra["available"] == 4 and r.scard(t.keys.avail_set) == 4
 
 
+def test_a_removed_item_leaves_both_pools(r: redis.Redis) -> None:
+    t = make(r, sampler=UniformSampler(), max_size=4)
+    t.insert([traj(i) for i in range(4)])
+    r.zadd(t.keys.avail, {"t00003": 3})  # a client of an earlier version put t00003 back into the zset pool
+    r.srem(t.keys.avail_set, "t00003")
+    t.insert([traj(4)])  # evicts the oldest, t00000, which sits in the set while the scripts use the zset
+    assert not r.sismember(t.keys.avail_set, "t00000") and t.stats().removed == 1
+    assert {x.decode() for x in r.zrange(t.keys.avail, 0, -1)} == {"t00003", "t00004"}
+
+
 def test_meta_entries_of_an_earlier_version_are_sampled_and_listed(r: redis.Redis) -> None:
     t = make(r, sampler=FifoSampler())
     t.insert([traj(i, version=i, reward=float(i % 2), actor=f"a|{i % 2}") for i in range(4)])
