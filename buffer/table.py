@@ -84,6 +84,8 @@ MAX_STALE_DROP = 10_000
 """Most stale items one sample call drops (the rest go in later calls): bounds the work of a version jump."""
 _MEMORY_CHECK_S = 0.5
 """Each client reads Redis's INFO memory at most this often while inserting."""
+INSERT_POLL_MAX_S = 0.02
+"""Longest pause between the polls of a held-back insert (each pause drawn from [p/2, p], p doubling from 2 ms)."""
 
 
 def _lease_ids(lease_ids: list[str]) -> list[str]:
@@ -298,8 +300,12 @@ class ReplayTable(TableViews):
                 raise InsertTimeout(
                     f"insert into {self.keys.name!r}: {len(rows)} of {len(rows) + len(result.admitted)} items "
                     f"not admitted after {timeout_s}s ({why}); .result lists the admitted and pending ids", result)
-            time.sleep(pause if deadline is None else min(pause, max(0.0, deadline - time.monotonic())))
-            pause = min(pause * 2, 0.05)
+            # Jittered and capped low: with a plain doubling to 50 ms, an actor whose insert had just gone through
+            # (its next one polling at 2 ms) took each freed slot ahead of one that had waited long, and an actor
+            # could insert nothing in a whole short run (tests/e2e/test_cluster.py).
+            wait = self._rng.uniform(pause / 2, pause)
+            time.sleep(wait if deadline is None else min(wait, max(0.0, deadline - time.monotonic())))
+            pause = min(pause * 2, INSERT_POLL_MAX_S)
 
     def _memory_ok(self) -> bool:
         """False while Redis's used_memory is at or above the guard (read at most every _MEMORY_CHECK_S)."""

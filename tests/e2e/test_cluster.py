@@ -38,10 +38,6 @@ def _alive(pid: int) -> bool:
         return False
 
 
-# The rate limiter's error_buffer is wide: with 32 (inserts up to 72 items ahead of 4 steps' 32 samples) the actor
-# whose first batch finished first filled the whole allowance on a loaded 2-core machine, and the other one, blocked
-# on back-pressure until the run ended, inserted nothing ({'actor-0': 0, 'actor-1': 71}). Back-pressure is tested in
-# tests/integration/actor; here both actors must contribute.
 @pytest.fixture(scope="module")
 def cluster_run(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> tuple[Path, subprocess.CompletedProcess[str]]:
     tmp = tmp_path_factory.mktemp("cluster")
@@ -60,7 +56,7 @@ max_size = 512
 [table.rate_limiter]
 min_size_to_sample = 8
 samples_per_insert = 1.0
-error_buffer = 500.0
+error_buffer = 32.0
 [actor]
 model_dir = "{tiny_model_dir}"
 prompts_per_batch = 8
