@@ -53,7 +53,7 @@ class TableViews:
         p = self.redis.pipeline(transaction=True)
         p.zcard(k.order)
         p.zcard(k.avail)
-        p.scard(k.avail_set)  # the pool is one or the other (buffer.keys)
+        p.scard(k.avail_set)  # available items: in one of the two (buffer.keys), both only across versions
         p.hlen(k.lease_of)
         p.hgetall(k.counters)
         p.hgetall(k.paused)

@@ -73,6 +73,14 @@ local function pool_size() return redis.call(ORDERED and 'ZCARD' or 'SCARD', POO
 
 local function pool_remove(ids) bulk(ORDERED and 'ZREM' or 'SREM', POOL, ids) end
 
+-- Add items given as (insertion sequence, id) pairs (a set keeps the ids only).
+local function pool_add(pairs_)
+  if ORDERED then return bulk('ZADD', POOL, pairs_) end
+  local ids = {}
+  for j = 2, #pairs_, 2 do ids[#ids + 1] = pairs_[j] end
+  bulk('SADD', POOL, ids)
+end
+
 -- Whether each of `ids` is in the pool (a list of booleans).
 local function pool_has(ids)
   local got = bulk_get(ORDERED and 'ZMSCORE' or 'SMISMEMBER', POOL, ids)
@@ -172,7 +180,7 @@ local function make_available(ids)
   for i, id in ipairs(ids) do
     if seqs[i] then pairs_[#pairs_ + 1] = seqs[i]; pairs_[#pairs_ + 1] = id end
   end
-  bulk('ZADD', POOL, pairs_)
+  pool_add(pairs_)
   set_leaves(ids, false)
 end
 

@@ -65,13 +65,7 @@ if m > 0 then
     if p ~= '' then prio[#prio + 1] = id; prio[#prio + 1] = p end
   end
   bulk('ZADD', K.order, order)
-  if ORDERED then
-    bulk('ZADD', POOL, order)
-  else
-    local new = {}
-    for j = 2, #order, 2 do new[#new + 1] = order[j] end
-    bulk('SADD', POOL, new)
-  end
+  pool_add(order)
   bulk('ZADD', K.byver, byver)
   bulk('HSET', K.meta, meta)
   bulk('HSET', K.prio, prio)
