@@ -29,7 +29,9 @@ Vocabulary (Reverb's). Let N = items stored, I = items ever inserted, S = items 
   ``insert`` of k items proceeds while I + k <= m0 or diff + k * spi <= max_diff (or the table is empty);
   ``sample`` of B items proceeds when N >= m0, A >= B and diff - B >= min_diff (without spi: N >= m0, A >= B).
   Both sides block (poll with backoff) up to ``timeout_s`` and then raise `RateLimitTimeout`; an operator
-  pause (`pause("sampling"|"inserts")`) blocks the same way.
+  pause (`pause("sampling"|"inserts")`) blocks the same way. Blocked inserts wait in line: the room the sampler
+  frees goes to the insert calls in the order the limiter first refused them (hash ``waiters``; a call not seen
+  for a second leaves it), so many actors share a rate-limited table instead of the fastest poller taking it all.
   No deadlock needs max_diff - spi >= min_diff + B, i.e. e >= (spi + B) / 2: checked, ValueError otherwise.
 - lease: `sample` leases its items until now + lease_s (server clock); `ack` after the optimizer step; an
   expired lease returns its items to the pool (reclaimed inside every insert/sample/ack script, no background
@@ -49,6 +51,7 @@ The config is stored in Redis on first use; a later user with a different config
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import random
@@ -261,6 +264,17 @@ class ReplayTable(TableViews):
         return batch
 
     def _insert_rows(self, rows: list[Row], result: InsertResult, timeout_s: float | None) -> None:
+        call = uuid.uuid4().hex  # this call's place in the line of blocked inserters (table_common.lua, wait_line)
+        try:
+            self._insert_until_admitted(rows, result, timeout_s, call)
+        except BaseException:
+            if self._blocked:  # refused last: leave the line now rather than hold the others back for a second
+                with contextlib.suppress(redis_lib.RedisError):
+                    self._run("update", ["leave", call])
+            raise
+
+    def _insert_until_admitted(self, rows: list[Row], result: InsertResult, timeout_s: float | None, call: str
+                               ) -> None:
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         pause = 0.002
         chunk = min(500, self.config.max_size)  # the script evicts at most its own size; bounded requests
@@ -271,10 +285,10 @@ class ReplayTable(TableViews):
                 status, n = "memory", 0
             elif self._blocked:
                 # Held back lately: ask first (metadata only), then send only the payloads that will get in.
-                status, allowed = (_s(x) for x in self._run("update", ["probe", n]))
+                status, allowed = (_s(x) for x in self._run("update", ["probe", n, call, len(rows)]))
                 n = min(n, int(allowed))
             if n > 0:
-                status, flags = self._insert_chunk(rows[:n])
+                status, flags = self._insert_chunk(rows[:n], call, len(rows))
                 rest = []
                 for row, flag in zip(rows[:n], flags, strict=True):
                     if flag == "N":
@@ -290,22 +304,23 @@ class ReplayTable(TableViews):
                 continue
             if deadline is not None and time.monotonic() >= deadline:
                 result.pending = [row[0] for row in rows]
-                if status == "memory":
-                    used, limit = self._mem_state
-                    raise BufferFull(
-                        f"insert into {self.keys.name!r} refused after {timeout_s}s: Redis uses {used:,} bytes, "
-                        f"at the memory guard of {limit:,} bytes (memory_limit_bytes / 90% of maxmemory); let the "
-                        "learner consume, lower max_size, or give Redis more memory", result)
-                why = "inserts paused by an operator" if status == "paused" else "rate limiter"
-                raise InsertTimeout(
-                    f"insert into {self.keys.name!r}: {len(rows)} of {len(rows) + len(result.admitted)} items "
-                    f"not admitted after {timeout_s}s ({why}); .result lists the admitted and pending ids", result)
-            # Jittered and capped low: with a plain doubling to 50 ms, an actor whose insert had just gone through
-            # (its next one polling at 2 ms) took each freed slot ahead of one that had waited long, and an actor
-            # could insert nothing in a whole short run (tests/e2e/test_cluster.py).
+                raise self._not_admitted(status, len(rows), result, timeout_s)
+            # Jittered, and capped well below the second after which a call that stopped polling leaves the line.
             wait = self._rng.uniform(pause / 2, pause)
             time.sleep(wait if deadline is None else min(wait, max(0.0, deadline - time.monotonic())))
             pause = min(pause * 2, INSERT_POLL_MAX_S)
+
+    def _not_admitted(self, status: str, pending: int, result: InsertResult, timeout_s: float | None) -> Exception:
+        if status == "memory":
+            used, limit = self._mem_state
+            return BufferFull(
+                f"insert into {self.keys.name!r} refused after {timeout_s}s: Redis uses {used:,} bytes, at the "
+                f"memory guard of {limit:,} bytes (memory_limit_bytes / 90% of maxmemory); let the learner consume, "
+                "lower max_size, or give Redis more memory", result)
+        why = "inserts paused by an operator" if status == "paused" else "rate limiter"
+        return InsertTimeout(
+            f"insert into {self.keys.name!r}: {pending} of {pending + len(result.admitted)} items not admitted after "
+            f"{timeout_s}s ({why}); .result lists the admitted and pending ids", result)
 
     def _memory_ok(self) -> bool:
         """False while Redis's used_memory is at or above the guard (read at most every _MEMORY_CHECK_S)."""
@@ -325,15 +340,16 @@ class ReplayTable(TableViews):
                               "below Redis's maxmemory so inserts wait instead", InsertResult())
         return e
 
-    def _insert_chunk(self, rows: list[Row]) -> tuple[str, str]:
-        """MULTI { HSET items id payload (each) ; EVALSHA insert(metadata) } -> (status, flag per row)."""
+    def _insert_chunk(self, rows: list[Row], call: str, wanting: int) -> tuple[str, str]:
+        """MULTI { HSET items id payload (each) ; EVALSHA insert(metadata) } -> (status, flag per row); `call`
+        wants `wanting` items in all, these rows included."""
         # the 5 metadata values per row as one msgpack argument: 160 arguments cost more to send (and Redis more to
         # parse) than one array costs cmsgpack to unpack in the script
         meta = msgpack.packb([x for _, _, m in rows for x in m])
         request = [resp.MULTI]
         for item_id, payload, _ in rows:  # one HSET per item: a single 500 KB command parses ~2x slower
             self._hset_item.add(request, item_id, payload)
-        self._evalsha["insert"].add(request, len(rows), meta)
+        self._evalsha["insert"].add(request, len(rows), meta, call, wanting)
         request.append(resp.EXEC)
         for attempt in range(2):
             out = resp.roundtrip(self.redis, request, len(rows) + 3)

@@ -57,14 +57,15 @@ class TableViews:
         p.hlen(k.lease_of)
         p.hgetall(k.counters)
         p.hgetall(k.paused)
-        size, avail, avail_set, leased, raw, paused = p.execute()
+        p.hlen(k.waiters)
+        size, avail, avail_set, leased, raw, paused, waiting = p.execute()
         avail += avail_set
         c = {_s(a): _f(b) for a, b in raw.items()}
         rl = self.config.rate_limiter
         ins, smp = c.get("rl_inserts", 0.0), c.get("rl_samples", 0.0)
         limiter: dict[str, Any] = {"min_size_to_sample": rl.min_size_to_sample,
                                    "samples_per_insert": rl.samples_per_insert, "error_buffer": rl.error_buffer,
-                                   "inserts": ins, "samples": smp}
+                                   "inserts": ins, "samples": smp, "waiting_inserts": waiting}
         if rl.samples_per_insert is not None:
             spi = rl.samples_per_insert
             diff = ins * spi - smp

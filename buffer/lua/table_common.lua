@@ -296,21 +296,65 @@ local function rl_state()
   return I, S
 end
 
--- How many of n items may be inserted now: returns status ('ok' | 'rate' | 'paused'), allowed count.
-local function insert_allowance(n)
-  if redis.call('HGET', K.paused, 'inserts') == '1' then return 'paused', 0 end
-  if not SPI then return 'ok', n end
+-- Blocked inserters wait in line, so one polling fast cannot take every slot the sampler frees from one that has
+-- waited long: `waiters` holds, per insert call refused by the rate limiter (the client's call id), when it was first
+-- refused, when it was last seen and how many items it still wants; an insert may use only the room left after
+-- the items of the calls that were refused before it (all waiting calls, if it has not been refused yet). A call
+-- not seen for WAIT_TTL_S leaves the line (clients poll every 20 ms at most while they wait), so a dead inserter
+-- holds the others back that long at most. A call without an id (clients of earlier versions) skips the line.
+local WAIT_TTL_S = 1
+
+-- The items wanted by live waiting calls ahead of `who`, and when `who` was first refused (nil: not waiting).
+local function wait_line(who, now)
+  local all = redis.call('HGETALL', K.waiters)
+  if #all == 0 then return 0, nil end
+  local mine, live, stale = nil, {}, {}
+  for i = 1, #all, 2 do
+    local first, last, want = struct.unpack('<ddd', all[i + 1])
+    if last < now - WAIT_TTL_S then
+      stale[#stale + 1] = all[i]
+    else
+      live[#live + 1] = {all[i], first, want}
+      if all[i] == who then mine = first end
+    end
+  end
+  bulk('HDEL', K.waiters, stale)
+  local ahead = 0
+  for _, w in ipairs(live) do
+    if w[1] ~= who and (mine == nil or w[2] < mine or (w[2] == mine and w[1] < who)) then ahead = ahead + w[3] end
+  end
+  return ahead, mine
+end
+
+-- After an insert attempt of call `who` (first: when it was first refused, nil if not waiting): it keeps waiting
+-- while items are `left` and it was refused now or before, else it leaves the line.
+local function wait_in_line(who, first, left, refused, now)
+  if who == '' then return end
+  if left > 0 and (first or refused) then
+    redis.call('HSET', K.waiters, who, struct.pack('<ddd', first or now, now, left))
+  elseif first then
+    redis.call('HDEL', K.waiters, who)
+  end
+end
+
+-- How many of n items insert call `who` ('' = none) may insert now: returns status ('ok' | 'rate' | 'paused'),
+-- the allowed count, and when `who` was first refused (nil: not waiting; see wait_line).
+local function insert_allowance(n, who, now)
+  if redis.call('HGET', K.paused, 'inserts') == '1' then return 'paused', 0, nil end
+  if not SPI then return 'ok', n, nil end
   local I, S = rl_state()
   local max_diff = SPI * MINSIZE + EBUF
+  local ahead, first = 0, nil
+  if who ~= '' then ahead, first = wait_line(who, now) end
   local allowed = 0
   for k = 1, n do
-    if not ((I + k <= MINSIZE) or ((I + k) * SPI - S <= max_diff)) then break end
+    if not ((I + ahead + k <= MINSIZE) or ((I + ahead + k) * SPI - S <= max_diff)) then break end
     allowed = k
   end
-  -- An empty table can never be sampled, so blocking its inserters could only deadlock.
-  if allowed == 0 and n > 0 and redis.call('ZCARD', K.order) == 0 then allowed = 1 end
-  if allowed < n then return 'rate', allowed end
-  return 'ok', n
+  -- An empty table can never be sampled, so blocking its inserters could only deadlock (the first in line gets in).
+  if allowed == 0 and n > 0 and ahead == 0 and redis.call('ZCARD', K.order) == 0 then allowed = 1 end
+  if allowed < n then return 'rate', allowed, first end
+  return 'ok', n, first
 end
 
 -- Acknowledge `ids` (nil: every item) of `lease`: each acked item's acked += 1; if max_times_sampled > 0 and

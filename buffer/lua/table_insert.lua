@@ -2,7 +2,8 @@
 -- Runs inside MULTI/EXEC right after the client's `HSET items id payload` of the same batch.
 -- KEYS: the table keys (see the prelude).  ARGV[9] = n (<= max_size; the client chunks), ARGV[10] a msgpack array of
 --   5 values per item: item_id, policy_version, reward, actor_id, priority ('' = none given: the largest priority ever
---   set, 1 at first)
+--   set, 1 at first), [11] the insert call's id ('' or absent: none, the call skips the line of blocked inserters, see
+--   wait_line in the prelude), [12] how many items the call still wants to insert, these n included
 -- An item is a duplicate when its id is stored, was removed not longer than remember_removed_ids removals ago
 -- (consumed, evicted, dropped), or appeared earlier in the batch: duplicates are skipped, so a retried insert never
 -- brings back a trajectory. The rate limiter may admit only the first k new items; the payloads of new items not
@@ -29,8 +30,13 @@ for k = 1, n do
     cand[#cand + 1] = k
   end
 end
-local status, allowed = 'ok', 0
-if #cand > 0 then status, allowed = insert_allowance(#cand) end  -- only duplicates: nothing to hold back
+local who, wanting = ARGV[11] or '', tonumber(ARGV[12] or n)
+local status, allowed, first = 'ok', 0, nil
+if #cand > 0 then
+  status, allowed, first = insert_allowance(#cand, who, now)
+elseif who ~= '' and SPI then  -- only duplicates: nothing to hold back, but the call may be waiting in line
+  first = select(2, wait_line(who, now))
+end
 local fresh, undo = {}, {}
 for j, k in ipairs(cand) do
   if j <= allowed then fresh[#fresh + 1] = k; flags[k] = 'N' else flags[k] = 'P'; undo[#undo + 1] = ids[k] end
@@ -38,6 +44,7 @@ end
 for k = 1, n do
   if gone[k] and not stored[k] then undo[#undo + 1] = ids[k] end
 end
+wait_in_line(who, first, wanting - n + #cand - allowed, status == 'rate', now)
 bulk('HDEL', K.items, undo)
 
 local m = #fresh

@@ -6,7 +6,9 @@
 --             be sampled again (a leased item whose ack will be its last, acked + 1 >= max_times_sampled, is
 --             skipped: the reference would never be read); returns how many were cached
 --   'reclaim' return expired leases' items to the pool; returns the number of items returned
---   'probe'   ARGV[10] n -> {status, allowed}: could n items be inserted now (no side effects but reclaim)
+--   'probe'   ARGV[10] n, [11] insert call id, [12] items the call still wants -> {status, allowed}: could n items be
+--             inserted now (no side effects but reclaim and the call's place in the line of blocked inserters)
+--   'leave'   ARGV[10] insert call id -> the call leaves the line of blocked inserters (it gave up); returns 1 if it was in it
 --   'renew'   ARGV[10] lease seconds, ARGV[11..] lease ids -> every lease that has not expired yet now expires at
 --             now + lease seconds; returns how many leases were renewed (an expired one was reclaimed first)
 --   'release' ARGV[10..] lease ids -> those leases end now, unacked: their items return to the pool at once, as
@@ -16,9 +18,12 @@ local op = ARGV[9]
 if op == 'reclaim' then return reclaim(now) end
 if op == 'probe' then
   reclaim(now)
-  local status, allowed = insert_allowance(tonumber(ARGV[10]))
+  local n = tonumber(ARGV[10])
+  local status, allowed, first = insert_allowance(n, ARGV[11] or '', now)
+  wait_in_line(ARGV[11] or '', first, tonumber(ARGV[12] or n), status == 'rate', now)
   return {status, allowed}
 end
+if op == 'leave' then return redis.call('HDEL', K.waiters, ARGV[10]) end
 if op == 'renew' then
   reclaim(now)
   local exp = fmt(now + tonumber(ARGV[10]))

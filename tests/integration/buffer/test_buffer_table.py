@@ -291,6 +291,60 @@ def test_blocked_inserter_wakes_when_sampler_consumes(r: redis.Redis) -> None:
     assert done.is_set()
 
 
+def _until(cond, timeout_s: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not cond():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.01)
+
+
+def _free_room(t: ReplayTable, k: int) -> None:
+    """Sample and ack k items one at a time (each makes room for one more insert)."""
+    for _ in range(k):
+        t.ack(t.sample(1, 0, timeout_s=5).lease_id)
+
+
+def test_blocked_inserters_get_the_freed_room_in_the_order_they_were_refused(r: redis.Redis) -> None:
+    t = make(r, rate_limiter=RateLimiterConfig(samples_per_insert=1.0, error_buffer=2.0))
+    t.insert([traj(i) for i in range(3)])  # diff 3 = max_diff: every further insert waits for samples
+    done: dict[str, list[str]] = {}
+
+    def insert(name: str, ids: range) -> None:  # each call from its own client, as two actors
+        done[name] = ReplayTable(r).insert([traj(i) for i in ids], timeout_s=10)
+
+    first = threading.Thread(target=insert, args=("first", range(10, 14)))
+    first.start()
+    _until(lambda: r.hlen(t.keys.waiters) == 1)
+    second = threading.Thread(target=insert, args=("second", range(20, 24)))
+    second.start()
+    _until(lambda: r.hlen(t.keys.waiters) == 2)
+    assert t.stats().extra["rate_limiter"]["waiting_inserts"] == 2
+    _free_room(t, 4)  # room for 4: all of it goes to the call refused first, though the second polls more often
+    first.join(5)
+    assert done["first"] == [f"t{i:05d}" for i in range(10, 14)]
+    time.sleep(0.1)
+    assert second.is_alive() and not [x for x in r.zrange(t.keys.order, 0, -1) if x.startswith(b"t0002")]
+    _free_room(t, 4)
+    second.join(5)
+    assert done["second"] == [f"t{i:05d}" for i in range(20, 24)]
+    assert r.hlen(t.keys.waiters) == 0  # both left the line
+
+
+def test_an_inserter_that_gives_up_or_stops_polling_leaves_the_line(r: redis.Redis) -> None:
+    t = make(r, rate_limiter=RateLimiterConfig(samples_per_insert=1.0, error_buffer=2.0))
+    t.insert([traj(i) for i in range(3)])
+    with pytest.raises(RateLimitTimeout):  # refused, then given up: out of the line at once
+        ReplayTable(r).insert([traj(i) for i in range(10, 14)], timeout_s=0.1)
+    assert r.hlen(t.keys.waiters) == 0
+    assert t._run("update", ["probe", 4, "crashed", 4]) == [b"rate", 0]  # refused, then never seen again
+    assert r.hlen(t.keys.waiters) == 1
+    _free_room(t, 2)
+    t0 = time.monotonic()
+    t.insert([traj(20), traj(21)], timeout_s=5)  # held back until the crashed call's place expires (1 s)
+    assert 0.7 < time.monotonic() - t0 < 3
+    assert r.hlen(t.keys.waiters) == 0
+
+
 def test_dropped_items_credit_the_limiter(r: redis.Redis) -> None:
     # Staleness drops count as the samples those items will never get: inserts never deadlock.
     t = make(r, max_staleness_versions=0, rate_limiter=RateLimiterConfig(samples_per_insert=1.0, error_buffer=2.0))
