@@ -20,8 +20,9 @@ say, and reports Redis memory at 100k and N items and the sample+ack p99 at N vs
 updates bench/results/buffer.json (with `sample_ack_batched_vs_raw_get` and `insert_batched_vs_raw_set`: 32 per
 call, 1 client; `insert_batched_vs_raw_set_encode_excluded` and `sample_ack_batched_vs_raw_get_decode_excluded` the
 same with the encoding / token decoding time taken out;
-`memory_1m_bytes` and `sample_p99_1m_vs_100k` from a `--scale 1000000` run); the keys of the parts
-not run are kept from the previous file.
+`memory_1m_bytes` and `sample_p99_1m_vs_100k` from a `--scale 1000000` run; `blocked_inserters`: how 4 inserter
+processes share a rate-limited table, bench/buffer_line.py); the keys of the parts not run are kept from the
+previous file.
 """
 
 from __future__ import annotations
@@ -48,7 +49,8 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from buffer_scale import RolloutModel, measure_scale  # noqa: E402  (bench/ is the script's folder)
+from buffer_line import measure_line  # noqa: E402  (bench/ is the script's folder)
+from buffer_scale import RolloutModel, measure_scale  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
@@ -335,7 +337,7 @@ def storage_of(args: argparse.Namespace) -> StorageConfig:
 
 
 def write_results(args: argparse.Namespace, rows: list[dict[str, Any]], scale: dict[str, Any] | None,
-                  codec_stats: dict[str, Any], load_before: tuple[float, ...]) -> None:
+                  line: dict[str, Any] | None, codec_stats: dict[str, Any], load_before: tuple[float, ...]) -> None:
     """Update bench/results/buffer.json with the parts run now (the other parts' keys stay)."""
     old = json.loads(args.out.read_text()) if args.out.exists() else {}
     new: dict[str, Any] = {"codec": codec_stats, "tokens": args.tokens}
@@ -344,6 +346,8 @@ def write_results(args: argparse.Namespace, rows: list[dict[str, Any]], scale: d
     if rows:
         new.update(headline(rows, args.batch), rows=rows, rates_run={
             **run, "seconds_per_cell": args.seconds, "repeats": args.repeats, "storage": storage_of(args).model_dump()})
+    if line:
+        new["blocked_inserters"] = {**line, "run": run}
     if scale:
         last = scale["memory"][-1]
         new["scale"] = {**scale, "run": run}
@@ -367,6 +371,8 @@ def main() -> None:
     ap.add_argument("--no-texts", action="store_true", help="StorageConfig.store_texts = False")
     ap.add_argument("--no-compress-ids", action="store_true", help="StorageConfig.compress_token_ids = False")
     ap.add_argument("--skip-rates", action="store_true", help="only the --scale part")
+    ap.add_argument("--line-inserters", type=int, default=4,
+                    help="inserter processes of the blocked-inserters part (bench/buffer_line.py; 0 = skip it)")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "buffer.json")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -378,6 +384,7 @@ def main() -> None:
     try:
         storage = storage_of(args)
         rows = [] if args.skip_rates else run_rates(url, args, storage)
+        line = measure_line(url, args.line_inserters) if rows and args.line_inserters else None
         scale = measure_scale(url, args.scale, args.tokens, args.batch, storage, small=args.small) if args.scale else None
     finally:
         os.kill(proc.pid, signal.SIGTERM)
@@ -387,6 +394,12 @@ def main() -> None:
         print_rates(console, rows, args)
     if scale:
         print_scale(console, scale)
+    if line:
+        console.print(
+            f"blocked inserters ({line['inserters']} processes, one sampler, {line['seconds']:.0f} s): items "
+            f"{line['items_per_inserter']} (smallest / largest share {line['min_over_max_share']:.2f}, Jain "
+            f"{line['jain_index']:.3f}); insert calls waited p99 {line['insert_wait_p99_s'] * 1e3:.0f} ms, longest "
+            f"{line['insert_wait_max_s'] * 1e3:.0f} ms")
     c = codec_stats
     console.print(
         f"encoding of one trajectory ({c['tokens']} tokens): JSON {c['json_bytes']:,} B, "
@@ -394,7 +407,7 @@ def main() -> None:
         f"{c['msgpack_packed_bytes']:,} B, encode {c['msgpack_encode_us']:.0f} us, decode to Trajectory "
         f"{c['msgpack_decode_us']:.0f} us, zero-copy view {c['view_us']:.1f} us"
     )
-    write_results(args, rows, scale, codec_stats, load_before)
+    write_results(args, rows, scale, line, codec_stats, load_before)
     console.print(f"load average before/after: {load_before[0]:.1f} / {os.getloadavg()[0]:.1f} on "
                   f"{os.cpu_count()} cores (other processes share them)")
     console.print(f"wrote {args.out}")
