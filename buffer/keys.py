@@ -65,13 +65,15 @@ class TableKeys(_KeySet):
     - ``paused``   HASH    "sampling"/"inserts" -> "1" while an operator paused that side
     - ``gone``     ZSET    item_id -> removal sequence of the newest ``remember_removed_ids`` removed items
                            (consumed, evicted, dropped): a retried insert of one of them is a duplicate
-    - ``waiters``  HASH    insert call id -> first refused, last seen (unix s), items wanted (3 little-endian doubles):
-                           the line of inserts the rate limiter holds back (see `buffer.table`)
+    - ``waiters``  ZSET    insert call id -> when the rate limiter first refused it (unix s): the line of held-back
+                           inserts (see `buffer.table`); ``waiter_info`` HASH call id -> last seen (unix s) and items
+                           still wanted (2 little-endian doubles)
     """
 
     FIELDS = (
         "config", "items", "order", "avail", "byver", "meta", "handed", "acked", "prio", "slot", "slotfree",
         "tree", "refs", "lease_of", "leases", "lease_exp", "counters", "paused", "gone", "avail_set", "waiters",
+        "waiter_info",
     )
     KIND, WHAT = "table", "table"
 

@@ -30,7 +30,7 @@ Vocabulary (Reverb's). Let N = items stored, I = items ever inserted, S = items 
   ``sample`` of B items proceeds when N >= m0, A >= B and diff - B >= min_diff (without spi: N >= m0, A >= B).
   Both sides block (poll with backoff) up to ``timeout_s`` and then raise `RateLimitTimeout`; an operator
   pause (`pause("sampling"|"inserts")`) blocks the same way. Blocked inserts wait in line: the room the sampler
-  frees goes to the insert calls in the order the limiter first refused them (hash ``waiters``; a call not seen
+  frees goes to the insert calls in the order the limiter first refused them (zset ``waiters``; a call not seen
   for a second leaves it), so many actors share a rate-limited table instead of the fastest poller taking it all.
   No deadlock needs max_diff - spi >= min_diff + B, i.e. e >= (spi + B) / 2: checked, ValueError otherwise.
 - lease: `sample` leases its items until now + lease_s (server clock); `ack` after the optimizer step; an

@@ -57,7 +57,7 @@ class TableViews:
         p.hlen(k.lease_of)
         p.hgetall(k.counters)
         p.hgetall(k.paused)
-        p.hlen(k.waiters)
+        p.zcard(k.waiters)
         size, avail, avail_set, leased, raw, paused, waiting = p.execute()
         avail += avail_set
         c = {_s(a): _f(b) for a, b in raw.items()}

@@ -297,60 +297,76 @@ local function rl_state()
 end
 
 -- Blocked inserters wait in line, so one polling fast cannot take every slot the sampler frees from one that has
--- waited long: `waiters` holds, per insert call refused by the rate limiter (the client's call id), when it was first
--- refused, when it was last seen and how many items it still wants; an insert may use only the room left after
--- the items of the calls that were refused before it (all waiting calls, if it has not been refused yet). A call
--- not seen for WAIT_TTL_S leaves the line (clients poll every 20 ms at most while they wait), so a dead inserter
--- holds the others back that long at most. A call without an id (clients of earlier versions) skips the line.
+-- waited long. The `waiters` zset holds each insert call the rate limiter refused (the client's call id), scored by
+-- when it was first refused; `waiter_info` when it was last seen and how many items it still wants. An insert may
+-- use only the room left after the items wanted by the calls ahead of it (every waiting call, if it has not been
+-- refused yet). A call not seen for WAIT_TTL_S leaves the line (clients poll every 20 ms at most while they wait),
+-- so a dead inserter holds the others back that long at most. A call without an id (clients of earlier versions)
+-- skips the line. The line is read from its head only until the calls read want all the room, so a poll costs
+-- O(room + expired calls), not O(calls waiting).
 local WAIT_TTL_S = 1
 
--- The items wanted by live waiting calls ahead of `who`, and when `who` was first refused (nil: not waiting).
-local function wait_line(who, now)
-  local all = redis.call('HGETALL', K.waiters)
-  if #all == 0 then return 0, nil end
-  local mine, live, stale = nil, {}, {}
-  for i = 1, #all, 2 do
-    local first, last, want = struct.unpack('<ddd', all[i + 1])
-    if last < now - WAIT_TTL_S then
-      stale[#stale + 1] = all[i]
-    else
-      live[#live + 1] = {all[i], first, want}
-      if all[i] == who then mine = first end
+-- The items wanted by live calls ahead of `who`, counted until they reach `free` (at least one call: whether anyone
+-- is ahead), and when `who` was first refused (false: not waiting). Expired calls met on the way leave the line.
+local function wait_line(who, free, now)
+  local mine = redis.call('ZSCORE', K.waiters, who)
+  local ahead, start, met = 0, 0, false
+  while ahead < math.max(free, 1) and not met do
+    local ids = redis.call('ZRANGE', K.waiters, start, start + 15)
+    if #ids == 0 then break end
+    local info = redis.call('HMGET', K.waiter_info, unpack(ids))
+    local gone = {}
+    for i, id in ipairs(ids) do
+      met = id == who
+      if met then break end
+      local last, want = 0, 0
+      if info[i] then last, want = struct.unpack('<dd', info[i]) end
+      if last < now - WAIT_TTL_S then gone[#gone + 1] = id else ahead = ahead + want end
     end
-  end
-  bulk('HDEL', K.waiters, stale)
-  local ahead = 0
-  for _, w in ipairs(live) do
-    if w[1] ~= who and (mine == nil or w[2] < mine or (w[2] == mine and w[1] < who)) then ahead = ahead + w[3] end
+    if #gone > 0 then
+      redis.call('ZREM', K.waiters, unpack(gone))
+      redis.call('HDEL', K.waiter_info, unpack(gone))
+    end
+    start = start + #ids - #gone
   end
   return ahead, mine
 end
 
--- After an insert attempt of call `who` (first: when it was first refused, nil if not waiting): it keeps waiting
--- while items are `left` and it was refused now or before, else it leaves the line.
+-- After an insert attempt of call `who` (first: when it was first refused, false/nil if not waiting): it keeps
+-- waiting while items are `left` and it was refused now or before, else it leaves the line.
 local function wait_in_line(who, first, left, refused, now)
   if who == '' then return end
   if left > 0 and (first or refused) then
-    redis.call('HSET', K.waiters, who, struct.pack('<ddd', first or now, now, left))
+    if not first then redis.call('ZADD', K.waiters, fmt(now), who) end
+    redis.call('HSET', K.waiter_info, who, struct.pack('<dd', now, left))
   elseif first then
-    redis.call('HDEL', K.waiters, who)
+    redis.call('ZREM', K.waiters, who)
+    redis.call('HDEL', K.waiter_info, who)
   end
 end
 
+local function fits(I, S, k)
+  return I + k <= MINSIZE or (I + k) * SPI - S <= SPI * MINSIZE + EBUF
+end
+
+-- The most items the limiter lets in now (the largest k that fits; 0 if none).
+local function room(I, S)
+  local k = math.max(0, MINSIZE - I, math.floor((SPI * MINSIZE + EBUF + S) / SPI - I))
+  while k > 0 and not fits(I, S, k) do k = k - 1 end  -- float round-off either way: one step at most
+  while fits(I, S, k + 1) do k = k + 1 end
+  return k
+end
+
 -- How many of n items insert call `who` ('' = none) may insert now: returns status ('ok' | 'rate' | 'paused'),
--- the allowed count, and when `who` was first refused (nil: not waiting; see wait_line).
+-- the allowed count, and when `who` was first refused (false/nil: not waiting; see wait_line).
 local function insert_allowance(n, who, now)
   if redis.call('HGET', K.paused, 'inserts') == '1' then return 'paused', 0, nil end
   if not SPI then return 'ok', n, nil end
   local I, S = rl_state()
-  local max_diff = SPI * MINSIZE + EBUF
+  local free = room(I, S)
   local ahead, first = 0, nil
-  if who ~= '' then ahead, first = wait_line(who, now) end
-  local allowed = 0
-  for k = 1, n do
-    if not ((I + ahead + k <= MINSIZE) or ((I + ahead + k) * SPI - S <= max_diff)) then break end
-    allowed = k
-  end
+  if who ~= '' then ahead, first = wait_line(who, free, now) end
+  local allowed = math.min(n, math.max(0, free - ahead))
   -- An empty table can never be sampled, so blocking its inserters could only deadlock (the first in line gets in).
   if allowed == 0 and n > 0 and ahead == 0 and redis.call('ZCARD', K.order) == 0 then allowed = 1 end
   if allowed < n then return 'rate', allowed, first end

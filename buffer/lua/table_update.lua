@@ -23,7 +23,10 @@ if op == 'probe' then
   wait_in_line(ARGV[11] or '', first, tonumber(ARGV[12] or n), status == 'rate', now)
   return {status, allowed}
 end
-if op == 'leave' then return redis.call('HDEL', K.waiters, ARGV[10]) end
+if op == 'leave' then
+  redis.call('HDEL', K.waiter_info, ARGV[10])
+  return redis.call('ZREM', K.waiters, ARGV[10])
+end
 if op == 'renew' then
   reclaim(now)
   local exp = fmt(now + tonumber(ARGV[10]))

@@ -314,10 +314,10 @@ def test_blocked_inserters_get_the_freed_room_in_the_order_they_were_refused(r: 
 
     first = threading.Thread(target=insert, args=("first", range(10, 14)))
     first.start()
-    _until(lambda: r.hlen(t.keys.waiters) == 1)
+    _until(lambda: r.zcard(t.keys.waiters) == 1)
     second = threading.Thread(target=insert, args=("second", range(20, 24)))
     second.start()
-    _until(lambda: r.hlen(t.keys.waiters) == 2)
+    _until(lambda: r.zcard(t.keys.waiters) == 2)
     assert t.stats().extra["rate_limiter"]["waiting_inserts"] == 2
     _free_room(t, 4)  # room for 4: all of it goes to the call refused first, though the second polls more often
     first.join(5)
@@ -327,7 +327,7 @@ def test_blocked_inserters_get_the_freed_room_in_the_order_they_were_refused(r: 
     _free_room(t, 4)
     second.join(5)
     assert done["second"] == [f"t{i:05d}" for i in range(20, 24)]
-    assert r.hlen(t.keys.waiters) == 0  # both left the line
+    assert r.zcard(t.keys.waiters) == 0  # both left the line
 
 
 def test_an_inserter_that_gives_up_or_stops_polling_leaves_the_line(r: redis.Redis) -> None:
@@ -335,14 +335,31 @@ def test_an_inserter_that_gives_up_or_stops_polling_leaves_the_line(r: redis.Red
     t.insert([traj(i) for i in range(3)])
     with pytest.raises(RateLimitTimeout):  # refused, then given up: out of the line at once
         ReplayTable(r).insert([traj(i) for i in range(10, 14)], timeout_s=0.1)
-    assert r.hlen(t.keys.waiters) == 0
+    assert r.zcard(t.keys.waiters) == 0
     assert t._run("update", ["probe", 4, "crashed", 4]) == [b"rate", 0]  # refused, then never seen again
-    assert r.hlen(t.keys.waiters) == 1
+    assert r.zcard(t.keys.waiters) == 1
     _free_room(t, 2)
     t0 = time.monotonic()
     t.insert([traj(20), traj(21)], timeout_s=5)  # held back until the crashed call's place expires (1 s)
     assert 0.7 < time.monotonic() - t0 < 3
-    assert r.hlen(t.keys.waiters) == 0
+    assert r.zcard(t.keys.waiters) == 0
+
+
+def test_a_long_line_gives_the_room_to_its_head_only(r: redis.Redis) -> None:
+    t = make(r, rate_limiter=RateLimiterConfig(samples_per_insert=1.0, error_buffer=2.0))
+    t.insert([traj(i) for i in range(3)])  # no room
+    calls = [f"c{i:02d}" for i in range(40)]  # more than one read of the line (16 at a time)
+    for c in calls:  # each refused in turn, wanting one item
+        assert t._run("update", ["probe", 1, c, 1]) == [b"rate", 0]
+    assert t.stats().extra["rate_limiter"]["waiting_inserts"] == 40
+
+    def allowed(call: str) -> int:
+        return int(t._run("update", ["probe", 1, call, 1])[1])
+
+    _free_room(t, 3)  # room for 3: the first three calls in line, nobody else
+    assert [allowed(c) for c in calls] == [1, 1, 1] + [0] * 37
+    assert allowed("newcomer") == 0
+    assert r.zrange(t.keys.waiters, 0, -1) == [c.encode() for c in calls] + [b"newcomer"]  # in order; it joined last
 
 
 def test_dropped_items_credit_the_limiter(r: redis.Redis) -> None:
