@@ -8,7 +8,8 @@
 --   'reclaim' return expired leases' items to the pool; returns the number of items returned
 --   'probe'   ARGV[10] n, [11] insert call id, [12] items the call still wants -> {status, allowed}: could n items be
 --             inserted now (no side effects but reclaim and the call's place in the line of blocked inserters)
---   'leave'   ARGV[10] insert call id -> the call leaves the line of blocked inserters (it gave up); returns 1 if it was in it
+--   'leave'   ARGV[10] insert call id -> the call leaves the line of blocked inserters (it gave up); returns 1 if it
+--             was in it
 --   'renew'   ARGV[10] lease seconds, ARGV[11..] lease ids -> every lease that has not expired yet now expires at
 --             now + lease seconds; returns how many leases were renewed (an expired one was reclaimed first)
 --   'release' ARGV[10..] lease ids -> those leases end now, unacked: their items return to the pool at once, as
