@@ -19,6 +19,7 @@ from redis.exceptions import NoScriptError
 
 from buffer import codec, resp
 from buffer.schema import SampleBatch, SampledItem, SampleInfo, Trajectory
+from buffer.table_types import LEASE_ARG
 
 log = logging.getLogger(__name__)
 
@@ -169,7 +170,7 @@ class BatchStream:
             out = self._send(ids, [("sample", nxt)], refs=int(res[6]) == 1)
             payloads, refs, got = out[0], out[1], out[-1]
             ok = _id(got[0]) == "ok"
-            self._pending = (got, nxt[4]) if ok else None
+            self._pending = (got, nxt[LEASE_ARG]) if ok else None
             if int(got[5] if ok else got[4]) == 1:
                 return self.table.columns(res, lease_id, learner_version, payloads, refs)
             log.warning("the prefetched lease %s expired before its step (raise lease_s above two steps): its %d "
@@ -201,7 +202,7 @@ class BatchStream:
             args = self._sample_args(learner_version)
             got = self.table.lease_batch(args, self.timeout_s)
         self._request_id = None
-        return got, args[4]
+        return got, args[LEASE_ARG]
 
     def _sample_args(self, version: int, renew: str | None = None) -> list[Any]:
         self._request_id = self._request_id or uuid.uuid4().hex

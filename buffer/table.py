@@ -68,6 +68,8 @@ from buffer.columns import ColumnBatch
 from buffer.keys import TableKeys
 from buffer.schema import SampleBatch, TableConfig, Trajectory
 from buffer.table_types import (  # noqa: F401  (re-exported: buffer.table is where callers import them)
+    LEASE_ARG,
+    RENEW_ARG,
     BufferFull,
     EncodedBatch,
     InsertResult,
@@ -388,12 +390,12 @@ class ReplayTable(TableViews):
         """`sample` as a `ColumnBatch`: numpy columns and zero-copy token views, Trajectory objects on demand."""
         args = self.sample_args(batch_size, learner_version, lease_s, request_id, ack)
         res = self.lease_batch(args, timeout_s)
-        return self.fetch_batch(res, args[4], learner_version)
+        return self.fetch_batch(res, args[LEASE_ARG], learner_version)
 
     def sample_args(self, batch_size: int, learner_version: int, lease_s: float | None = None,
                     request_id: str | None = None, ack: list[str] | None = None, renew: str | None = None,
                     ) -> list[Any]:
-        """Validated arguments of the sample script (the lease id is args[4]; `renew`: a lease the script renews
+        """Validated arguments of the sample script (the lease id is args[LEASE_ARG]; `renew`: a lease the script renews
         to now + lease_s first, if it has not expired; `ack`: leases it acks in full before sampling)."""
         if request_id is not None and (not isinstance(request_id, str) or not 0 < len(request_id) <= 200):
             raise ValueError(f"request_id={request_id!r} must be a string of 1-200 characters")
@@ -417,8 +419,8 @@ class ReplayTable(TableViews):
                 f"error_buffer={rl.error_buffer}: needs error_buffer >= (samples_per_insert + batch_size) / 2"
             )
         max_st = -1 if self.config.max_staleness_versions is None else self.config.max_staleness_versions
-        return [self.config.sampler.kind, batch_size, learner_version, max_st, request_id or uuid.uuid4().hex,
-                repr(float(lease)), self._rng.randrange(1, 2**31 - 1), MAX_STALE_DROP, renew or "", *(ack or [])]
+        return [batch_size, learner_version, max_st, request_id or uuid.uuid4().hex, repr(float(lease)),
+                self._rng.randrange(1, 2**31 - 1), MAX_STALE_DROP, renew or "", *(ack or [])]
 
     def lease_batch(self, args: list[Any], timeout_s: float | None) -> list[Any]:
         """Run the sample script until it leases (polling with backoff); its 'ok' reply."""
@@ -434,12 +436,12 @@ class ReplayTable(TableViews):
                 rl = self.config.rate_limiter
                 why = {"paused": "sampling paused by an operator", "rate": "rate limiter (learner ahead of actors)",
                        "min_size": f"fewer than min_size_to_sample={rl.min_size_to_sample} items",
-                       "empty": f"fewer than batch_size={args[1]} available items"}.get(status, status)
+                       "empty": f"fewer than batch_size={args[0]} available items"}.get(status, status)
                 raise RateLimitTimeout(
                     f"sample from {self.keys.name!r} timed out after {timeout_s}s: {why} "
                     f"(size {int(res[1])}, available {int(res[2])})"
                 )
-            args[8:] = [""]  # the lease to renew and those to ack were done by the first call
+            args[RENEW_ARG:] = [""]  # the lease to renew and those to ack were done by the first call
             time.sleep(pause if deadline is None else min(pause, max(0.0, deadline - time.monotonic())))
             pause = min(pause * 2, 0.05)
 

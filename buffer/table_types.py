@@ -6,6 +6,10 @@ import dataclasses
 import struct
 from typing import Any
 
+LEASE_ARG, RENEW_ARG = 3, 7
+"""Where `ReplayTable.sample_args` puts the lease id (the caller's request id), and the lease to renew (the leases to
+ack follow it)."""
+
 
 class RateLimitTimeout(TimeoutError):
     """insert/sample waited `timeout_s` on the rate limiter (or a pause, or too few items) and gave up."""

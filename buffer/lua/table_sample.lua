@@ -1,11 +1,11 @@
 -- tbrm replay table: sample a batch under a lease (body; the prelude table_common.lua comes first).
--- KEYS: the table keys.  ARGV[9] sampler ('fifo'|'lifo'|'uniform'|'prioritized'), [10] batch size B,
---   [11] learner_version, [12] max_staleness_versions (-1 = off), [13] lease id (the client's request id),
---   [14] lease seconds, [15] seed, [16] most stale items dropped per call (bounds the work of one call),
---   [17] a lease to renew first ('' = none: the batch the caller trains next, leased by its previous call),
---   [18..] leases to ack in full first (the previous step's: renewal, ack and next sample in one round trip).
--- Order: expired leases return; the lease in [17], if not expired, now expires at now + lease seconds; the leases
--- in [18..] are acked; stale available items (learner_version - policy_version > max) are dropped
+-- KEYS: the table keys.  ARGV[9] batch size B (the sampler is the header's ARGV[1]), [10] learner_version,
+--   [11] max_staleness_versions (-1 = off), [12] lease id (the client's request id), [13] lease seconds, [14] seed,
+--   [15] most stale items dropped per call (bounds the work of one call), [16] a lease to renew first ('' = none: the
+--   batch the caller trains next, leased by its previous call), [17..] leases to ack in full first (the previous
+--   step's: renewal, ack and next sample in one round trip).
+-- Order: expired leases return; the lease in [16], if not expired, now expires at now + lease seconds; the leases
+-- in [17..] are acked; stale available items (learner_version - policy_version > max) are dropped
 -- (counter dropped_stale); then all-or-nothing: B items are leased if the table holds >= min_size_to_sample
 -- items, >= B are available and the rate limiter allows B samples. Leased items are not sampleable until acked
 -- or expired. Returns {'ok', lease_expires_at, size, available_before, acked, renewed, refs, columns, id_1, ...,
@@ -15,29 +15,29 @@
 -- texts and a ZMSCORE here cost a fifth of the script); one string instead of 5 B replies, as Lua's reply
 -- conversion and the client's parsing were a large part of a step. The client HMGETs payloads and cached
 -- references outside Lua, and drops an item evicted by a concurrent insert in between. Otherwise
--- {'paused'|'min_size'|'empty'|'rate', size, available, acked, renewed} (acked: items acked via [18..]; renewed:
--- 1 if the lease in [17] was renewed, else 0).
+-- {'paused'|'min_size'|'empty'|'rate', size, available, acked, renewed} (acked: items acked via [17..]; renewed:
+-- 1 if the lease in [16] was renewed, else 0).
 -- A lease id that is still live replays that lease (its items still held, nothing changes): a client retry
 -- after a lost reply gets the same batch instead of stranding a second lease.
 -- probability: fifo and lifo 1; uniform B / available (inclusion probability of a draw without replacement);
 -- prioritized p_i^alpha / sum_j p_j^alpha over the items available at that draw.
 local now = now_s()
 reclaim(now)
-local sampler = ARGV[9]
-local B = tonumber(ARGV[10])
-local lv = tonumber(ARGV[11])
-local max_st = tonumber(ARGV[12])
-local lease = ARGV[13]
-local lease_s = tonumber(ARGV[14])
-math.randomseed(tonumber(ARGV[15]))
-local max_drop = tonumber(ARGV[16])
+local sampler = ARGV[1]
+local B = tonumber(ARGV[9])
+local lv = tonumber(ARGV[10])
+local max_st = tonumber(ARGV[11])
+local lease = ARGV[12]
+local lease_s = tonumber(ARGV[13])
+math.randomseed(tonumber(ARGV[14]))
+local max_drop = tonumber(ARGV[15])
 local renewed = 0
-if ARGV[17] ~= '' and redis.call('HEXISTS', K.leases, ARGV[17]) == 1 then
-  redis.call('ZADD', K.lease_exp, fmt(now + lease_s), ARGV[17])
+if ARGV[16] ~= '' and redis.call('HEXISTS', K.leases, ARGV[16]) == 1 then
+  redis.call('ZADD', K.lease_exp, fmt(now + lease_s), ARGV[16])
   renewed = 1
 end
 local acked = 0
-for i = 18, #ARGV do acked = acked + ack_lease(ARGV[i], nil) end
+for i = 17, #ARGV do acked = acked + ack_lease(ARGV[i], nil) end
 
 -- inserted_at and policy_version of `ids`, 16 bytes each: the binary head of their `meta` entries (entries written
 -- before the head was binary, "inserted_at|reward|actor_id", are converted here, their versions read from byver).
