@@ -42,6 +42,21 @@ def test_packed_commands_round_trip_with_errors_in_place(r: redis.Redis) -> None
     assert r.ping()  # the connection is still in step after an error reply
 
 
+def test_a_large_request_of_many_pieces_goes_out_whole(r: redis.Redis) -> None:
+    # 600 SETs of distinct 10 KB values: 2,400 pieces (several sendmsg calls) and 6 MB through a small send
+    # buffer, so the kernel takes each call in part and the rest must follow from where it stopped
+    values = [bytes([i % 251]) * 10_000 + str(i).encode() for i in range(600)]
+    request: list[bytes] = []
+    for i, v in enumerate(values):
+        resp.Prefix("SET", f"k{i}").add(request, v)
+    conn = r.connection_pool.get_connection()
+    conn._sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    r.connection_pool.release(conn)
+    out = resp.roundtrip(r, request, len(values))
+    assert all(x in (b"OK", "OK", True) for x in out)
+    assert r.mget([f"k{i}" for i in range(600)]) == values
+
+
 def test_a_connection_dropped_mid_request_is_retried(r: redis.Redis, monkeypatch: pytest.MonkeyPatch) -> None:
     t = ReplayTable(r, TableConfig(max_times_sampled=1))
     t.insert([traj("a")])
