@@ -8,6 +8,8 @@ Starts its own redis-server on a free port (AOF off), then for 1 and 4 client pr
 - table insert: `ReplayTable.insert` of 1K-token trajectories (encoding included), one item per call ("single")
   and `--batch` items per call ("batched"); the same cell also times its encoding (`encode_batch`) apart, and
   reports the rate with the encoding time taken out ("encode excluded": what `insert_encoded` costs);
+- table insert of the same bytes: `insert_encoded` of the one pre-encoded payload the raw SETs send, under fresh ids
+  (no encoding in the loop at all, as on the raw side, whose caches the encoding does not disturb either);
 - raw insert: SET of the same bytes, pre-encoded (no encoding), one per round trip / a pipeline of `--batch`;
 - table sample: a learner step at one round trip (`BatchStream.next` with the previous lease acked in the same
   call; columnar: zero-copy token views, each item's token array decoded), batch 1 and `--batch`; the cell times
@@ -19,7 +21,7 @@ realistic trajectories (see bench/buffer_scale.py) stored as `--logprob-dtype` /
 say, and reports Redis memory at 100k and N items and the sample+ack p99 at N vs 100k. Prints rich tables and
 updates bench/results/buffer.json (with `sample_ack_batched_vs_raw_get` and `insert_batched_vs_raw_set`: 32 per
 call, 1 client; `insert_batched_vs_raw_set_encode_excluded` and `sample_ack_batched_vs_raw_get_decode_excluded` the
-same with the encoding / token decoding time taken out;
+same with the encoding / token decoding time taken out; `insert_batched_vs_raw_set_same_bytes` the same-bytes insert;
 `memory_1m_bytes` and `sample_p99_1m_vs_100k` from a `--scale 1000000` run; `blocked_inserters`: how 4 inserter
 processes share a rate-limited table, bench/buffer_line.py); the keys of the parts not run are kept from the
 previous file.
@@ -55,7 +57,7 @@ from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from buffer import codec  # noqa: E402
-from buffer.client import BatchStream, ReplayTable, TableConfig, Trajectory, connect  # noqa: E402
+from buffer.client import BatchStream, EncodedBatch, ReplayTable, TableConfig, Trajectory, connect  # noqa: E402
 from buffer.schema import StorageConfig, UniformSampler  # noqa: E402
 
 log = logging.getLogger("buffer_bench")
@@ -124,6 +126,16 @@ def _worker(kind: str, url: str, batch: int, tokens: int, seconds: float, wid: i
             encoded = table.encode_batch(items)  # = table.insert(items), its encoding timed apart
             excluded += time.perf_counter() - t0
             table.insert_encoded(encoded, timeout_s=30)
+            n += batch
+    elif kind == "tablebytes_insert":  # the pre-encoded bytes the raw SETs send, inserted under fresh ids
+        table = ReplayTable(r)
+        ((_, data, meta),) = table.encode_batch([traj]).rows
+        start.wait()
+        t_start = time.monotonic()
+        t_end = t_start + seconds
+        while time.monotonic() < t_end:
+            ids = [f"w{wid}-{n + j}" for j in range(batch)]
+            table.insert_encoded(EncodedBatch(rows=[(i, data, [i, *meta[1:]]) for i in ids]), timeout_s=30)
             n += batch
     elif kind == "raw_insert":  # SET of the pre-encoded bytes (keys rotate, so memory stays bounded)
         start.wait()
@@ -267,6 +279,8 @@ def run_rates(url: str, args: argparse.Namespace, storage: StorageConfig) -> lis
                 runs: dict[str, list[float]] = {"table": [], "raw": [], "rawcodec": []}
                 if op == "sample":
                     runs["tabledecode"] = []
+                else:
+                    runs["tablebytes"] = []
                 excluded: list[float] = []  # the table's rate with its encoding / token decoding taken out
                 for _ in range(args.repeats):
                     for impl in runs:
@@ -286,6 +300,10 @@ def run_rates(url: str, args: argparse.Namespace, storage: StorageConfig) -> lis
                            t / rc for t, rc in zip(runs["table"], runs["rawcodec"], strict=True))}
                 if "tabledecode" in rates:
                     row["table_decode_per_s"] = rates["tabledecode"]
+                if "tablebytes" in rates:  # no encoding in the loop at all, as on the raw side
+                    row["table_same_bytes_per_s"] = rates["tablebytes"]
+                    row["ratio_same_bytes"] = statistics.median(
+                        t / raw for t, raw in zip(runs["tablebytes"], runs["raw"], strict=True))
                 row["table_codec_excluded_per_s"] = statistics.median(excluded)
                 row["ratio_codec_excluded"] = statistics.median(
                     ex / raw for ex, raw in zip(excluded, runs["raw"], strict=True))
@@ -309,6 +327,11 @@ def print_rates(console: Console, rows: list[dict[str, Any]], args: argparse.Nam
                   "-" if dec is None else f"{dec:,.0f}",
                   "yes" if row["ratio"] >= 0.5 else "no")
     console.print(t)
+    for row in rows:
+        if "ratio_same_bytes" in row:
+            console.print(f"insert of the raw SET's own pre-encoded bytes under fresh ids ({row['procs']} client, "
+                          f"{row['batch']} per call): {row['table_same_bytes_per_s']:,.0f} items/s, "
+                          f"{row['ratio_same_bytes']:.2f} of raw SET")
 
 
 def headline(rows: list[dict[str, Any]], batch: int) -> dict[str, float | None]:
@@ -318,7 +341,8 @@ def headline(rows: list[dict[str, Any]], batch: int) -> dict[str, float | None]:
 
     return {"sample_ack_batched_vs_raw_get": ratio("sample"), "insert_batched_vs_raw_set": ratio("insert"),
             "insert_batched_vs_raw_set_encode_excluded": ratio("insert", "ratio_codec_excluded"),
-            "sample_ack_batched_vs_raw_get_decode_excluded": ratio("sample", "ratio_codec_excluded")}
+            "sample_ack_batched_vs_raw_get_decode_excluded": ratio("sample", "ratio_codec_excluded"),
+            "insert_batched_vs_raw_set_same_bytes": ratio("insert", "ratio_same_bytes")}
 
 
 def print_scale(console: Console, s: dict[str, Any]) -> None:
