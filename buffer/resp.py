@@ -69,12 +69,12 @@ pieces cost sendmsg more than one copy."""
 
 
 def _send(conn: Any, request: list[bytes]) -> None:
-    """Write the pieces of `request` with sendmsg (a large request gathered by the kernel: an insert's 32 payloads
-    are not first copied into one buffer, 3-7% of an insert), raising redis-py's errors as its own writes do."""
+    """Write `request`: joined, with redis-py's own write, or if large with sendmsg (gathered by the kernel: an
+    insert's 32 payloads are not first copied into one buffer, 3-7% of an insert), raising redis-py's errors."""
+    if sum(map(len, request)) < _GATHER_MIN:
+        return conn.send_packed_command([b"".join(request)])
     if conn._sock is None:
         conn.connect()
-    if sum(map(len, request)) < _GATHER_MIN:
-        request = [b"".join(request)]
     views, i = [memoryview(b) for b in request], 0
     try:
         while i < len(views):
