@@ -57,19 +57,22 @@ def test_a_large_request_of_many_pieces_goes_out_whole(r: redis.Redis) -> None:
     assert r.mget([f"k{i}" for i in range(600)]) == values
 
 
-def test_a_connection_dropped_mid_request_is_retried(r: redis.Redis, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("new", [1, 30], ids=["joined", "gathered"])  # 30 payloads: over resp._GATHER_MIN
+def test_a_connection_dropped_mid_request_is_retried(r: redis.Redis, monkeypatch: pytest.MonkeyPatch, new: int) -> None:
     t = ReplayTable(r, TableConfig(max_times_sampled=1))
     t.insert([traj("a")])
     drops, real = [], resp._send_read
+    batch = [traj(f"b{i}") for i in range(new)] + [traj("a")]
+    assert (sum(len(p) for _, p, _ in t.encode_batch(batch).rows) >= resp._GATHER_MIN) == (new > 1)
 
-    def drop_first(conn: Any, data: bytes, replies: int) -> Any:
+    def drop_first(conn: Any, request: list[bytes], replies: int) -> Any:
         if not drops:  # the connection breaks under the first attempt (a restart, a network blip)
             drops.append(conn._sock.shutdown(socket.SHUT_RDWR))
-        return real(conn, data, replies)
+        return real(conn, request, replies)
 
     monkeypatch.setattr(resp, "_send_read", drop_first)
-    assert t.insert_batch([traj("b"), traj("a")]).admitted == ["b"]  # resent whole: still idempotent
-    assert drops and t.stats().size == 2
+    assert t.insert_batch(batch).admitted == [f"b{i}" for i in range(new)]  # resent whole: still idempotent
+    assert drops and t.stats().size == new + 1
 
 
 def test_a_lost_script_cache_is_reloaded_by_insert_and_stream(r: redis.Redis) -> None:
