@@ -306,10 +306,18 @@ end
 -- O(room + expired calls), not O(calls waiting).
 local WAIT_TTL_S = 1
 
+-- When call `who` was first refused (false: not in line).
+local function waiting_since(who) return redis.call('ZSCORE', K.waiters, who) end
+
+local function leave_line(calls)
+  bulk('ZREM', K.waiters, calls)
+  bulk('HDEL', K.waiter_info, calls)
+end
+
 -- The items wanted by live calls ahead of `who`, counted until they reach `free` (at least one call: whether anyone
 -- is ahead), and when `who` was first refused (false: not waiting). Expired calls met on the way leave the line.
 local function wait_line(who, free, now)
-  local mine = redis.call('ZSCORE', K.waiters, who)
+  local mine = waiting_since(who)
   local ahead, start, met = 0, 0, false
   while ahead < math.max(free, 1) and not met do
     local ids = redis.call('ZRANGE', K.waiters, start, start + 15)
@@ -323,10 +331,7 @@ local function wait_line(who, free, now)
       if info[i] then last, want = struct.unpack('<dd', info[i]) end
       if last < now - WAIT_TTL_S then gone[#gone + 1] = id else ahead = ahead + want end
     end
-    if #gone > 0 then
-      redis.call('ZREM', K.waiters, unpack(gone))
-      redis.call('HDEL', K.waiter_info, unpack(gone))
-    end
+    if #gone > 0 then leave_line(gone) end
     start = start + #ids - #gone
   end
   return ahead, mine
@@ -340,8 +345,7 @@ local function wait_in_line(who, first, left, refused, now)
     if not first then redis.call('ZADD', K.waiters, fmt(now), who) end
     redis.call('HSET', K.waiter_info, who, struct.pack('<dd', now, left))
   elseif first then
-    redis.call('ZREM', K.waiters, who)
-    redis.call('HDEL', K.waiter_info, who)
+    leave_line({who})
   end
 end
 

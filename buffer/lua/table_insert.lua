@@ -35,7 +35,7 @@ local status, allowed, first = 'ok', 0, nil
 if #cand > 0 then
   status, allowed, first = insert_allowance(#cand, who, now)
 elseif who ~= '' and SPI then  -- only duplicates: nothing to hold back, but the call may be waiting in line
-  first = redis.call('ZSCORE', K.waiters, who)
+  first = waiting_since(who)
 end
 local fresh, undo = {}, {}
 for j, k in ipairs(cand) do

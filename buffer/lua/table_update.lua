@@ -19,14 +19,15 @@ local op = ARGV[9]
 if op == 'reclaim' then return reclaim(now) end
 if op == 'probe' then
   reclaim(now)
-  local n = tonumber(ARGV[10])
-  local status, allowed, first = insert_allowance(n, ARGV[11] or '', now)
-  wait_in_line(ARGV[11] or '', first, tonumber(ARGV[12] or n), status == 'rate', now)
+  local n, who = tonumber(ARGV[10]), ARGV[11] or ''
+  local status, allowed, first = insert_allowance(n, who, now)
+  wait_in_line(who, first, tonumber(ARGV[12] or n), status == 'rate', now)
   return {status, allowed}
 end
 if op == 'leave' then
-  redis.call('HDEL', K.waiter_info, ARGV[10])
-  return redis.call('ZREM', K.waiters, ARGV[10])
+  local was = waiting_since(ARGV[10]) and 1 or 0
+  leave_line({ARGV[10]})
+  return was
 end
 if op == 'renew' then
   reclaim(now)
