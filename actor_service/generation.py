@@ -6,7 +6,7 @@ import logging
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -77,8 +77,9 @@ class Call:
     """A weight update in between-batches mode: runs only when no request is in flight."""
 
 
-def samples_of(out: Any, version: int) -> list[Sample]:
-    """vLLM's finished RequestOutput -> Samples; versions from its weight-version spans (`version` if none)."""
+def samples_of(out: Any, version: int, texts: Iterator[str]) -> list[Sample]:
+    """vLLM's finished RequestOutput -> Samples; versions from its weight-version spans (`version` if none); the
+    responses' texts are the next len(out.outputs) of `texts` (decoded by the caller, in order)."""
     group = []
     for comp in out.outputs:
         ids = list(comp.token_ids)
@@ -86,7 +87,7 @@ def samples_of(out: Any, version: int) -> list[Sample]:
         spans = comp.weight_versions or []
         first = int(spans[0].version) if spans else version
         last = int(spans[-1].version) if spans else version
-        group.append(Sample(ids, lps, comp.text, comp.finish_reason or "length", first, last))
+        group.append(Sample(ids, lps, next(texts), comp.finish_reason or "length", first, last))
     return group
 
 

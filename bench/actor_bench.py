@@ -8,8 +8,11 @@ weight push vs raw loopback TCP, and the learner's step time with a push every s
    warmed-up toy model at `--temperature` (1.6) answers most prompts in a few dozen tokens and rambles to
    `--tail-max-tokens` on some (the run reports median and max response length; max >= 4x median is required):
    - engine: vLLM's own continuous batching, `LLM.generate` of all requests at once with at most K sequences
-     in flight (`max_num_seqs = K`);
+     in flight (`max_num_seqs = K`), with the service's sampling parameters: no incremental detokenizer, the
+     responses' texts decoded in one call at the end (inside the timed run: the same outputs as the service);
    - per_batch: today's old path, `LLM.generate` of K-sequence batches one after another (waits for the longest);
+   - engine_detok: the engine with vLLM's default parameters, which detokenize every token as it is sampled (the
+     service sampled that way until 2026-12-06: ~10% of a toy engine's time);
    - service: the actor's sampling loop (K sequences in flight, refilled as they finish) draining the same
      prompts from a real prompt queue (own redis-server), grading through a real reward service, inserting into
      a real replay table; from loop start to the last insert (stamped by that insert: the bench waits on an
@@ -177,14 +180,20 @@ def bench_tail(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         prompts = make_toy_task(args.tail_prompts, seed=1)
         system = ActorSettings().system_prompt
         ids = [{"prompt_token_ids": t} for t in engine.chat_token_ids_batch([p.messages for p in prompts], system)]
-        params = SamplingParams(n=n, temperature=args.temperature, max_tokens=args.tail_max_tokens, logprobs=0)
+        # The service's own sampling parameters (no incremental detokenizer: texts decoded once at the end)...
+        params = SamplingParams(n=n, temperature=args.temperature, max_tokens=args.tail_max_tokens, logprobs=0,
+                                detokenize=False)
+        # ... and vLLM's defaults, which detokenize every token as it is sampled (the service's way before).
+        detok_params = SamplingParams(n=n, temperature=args.temperature, max_tokens=args.tail_max_tokens, logprobs=0)
 
-        def bare(batch_prompts: int) -> dict[str, float]:
+        def bare(batch_prompts: int, params: SamplingParams = params) -> dict[str, float]:
             t0 = time.perf_counter()
             outs = []
             for b in range(0, len(ids), batch_prompts):
                 chunk = ids[b:b + batch_prompts]
                 outs += engine._call(lambda chunk=chunk: engine.llm.generate(chunk, params, use_tqdm=False))
+            if not params.detokenize:  # the same outputs as the service: texts included
+                engine.tokenizer.batch_decode([c.token_ids for o in outs for c in o.outputs], skip_special_tokens=True)
             wall = time.perf_counter() - t0
             lengths = [len(c.token_ids) for o in outs for c in o.outputs]
             return {"tokens_per_s": sum(lengths) / wall, "wall_s": wall, "tokens": sum(lengths),
@@ -217,22 +226,28 @@ def bench_tail(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
             return {"tokens_per_s": tokens / wall, "wall_s": wall, "tokens": tokens}
 
         bare(max(1, k // n))  # warm-up
-        runs: dict[str, list[dict[str, float]]] = {"engine": [], "per_batch": [], "service": []}
+        runs: dict[str, list[dict[str, float]]] = {"engine": [], "per_batch": [], "service": [], "engine_detok": []}
         for rep in range(args.repeats):
             runs["engine"].append(bare(len(ids)))
             runs["service"].append(service(rep))
             runs["per_batch"].append(bare(max(1, k // n)))
-            log.info("repeat %d: engine %.0f, service %.0f, per-batch %.0f tok/s", rep,
-                     *(runs[x][-1]["tokens_per_s"] for x in ("engine", "service", "per_batch")))
+            runs["engine_detok"].append(bare(len(ids), detok_params))
+            log.info("repeat %d: engine %.0f, service %.0f, per-batch %.0f, engine detokenizing %.0f tok/s", rep,
+                     *(runs[x][-1]["tokens_per_s"] for x in ("engine", "service", "per_batch", "engine_detok")))
         med = {key: {m: statistics.median(x[m] for x in v) for m in v[0]} for key, v in runs.items()}
-        paired = [s_["tokens_per_s"] / e["tokens_per_s"] for e, s_ in zip(runs["engine"], runs["service"], strict=True)]
-        batch_paired = [b["tokens_per_s"] / e["tokens_per_s"]
-                        for e, b in zip(runs["engine"], runs["per_batch"], strict=True)]
+
+        def vs_engine(side: str) -> list[float]:
+            return [x["tokens_per_s"] / e["tokens_per_s"] for e, x in zip(runs["engine"], runs[side], strict=True)]
+
+        paired = vs_engine("service")
         return {"config": {"prompts": len(prompts), "n": n, "k": k, "max_tokens": args.tail_max_tokens,
                            "repeats": args.repeats, "temperature": args.temperature, "model": "warmed-up toy (tiny Qwen2)"},
                 "median": med, "runs": runs, "paired_service_vs_engine": paired,
                 "tail_throughput_vs_engine": statistics.median(paired),
-                "per_batch_vs_engine": statistics.median(batch_paired),
+                "per_batch_vs_engine": statistics.median(vs_engine("per_batch")),
+                "detokenizing_engine_vs_engine": statistics.median(vs_engine("engine_detok")),
+                "tail_throughput_vs_detokenizing_engine": statistics.median(
+                    x["tokens_per_s"] / d["tokens_per_s"] for d, x in zip(runs["engine_detok"], runs["service"], strict=True)),
                 "max_over_median_length": med["engine"]["len_max"] / max(1.0, med["engine"]["len_median"])}
     finally:
         engine.close()
@@ -524,6 +539,8 @@ def add_rows(table: Table, result: dict[str, Any]) -> None:
                       f"{t['tail_throughput_vs_engine']:.2f}", ">= 0.9")
         table.add_row("  old per-batch path (generate per K sequences)", f"{e['tokens_per_s']:.0f}",
                       f"{med['per_batch']['tokens_per_s']:.0f}", f"{t['per_batch_vs_engine']:.2f}", "")
+        table.add_row("  vLLM detokenizing every token (its default)", f"{e['tokens_per_s']:.0f}",
+                      f"{med['engine_detok']['tokens_per_s']:.0f}", f"{t['detokenizing_engine_vs_engine']:.2f}", "")
     if "push" in result:
         m, c = result["push"]["median"], result["push"]["config"]
         table.add_row(f"push receive+verify MB/s ({c['bytes'] / 1e6:.0f} MB)",

@@ -153,6 +153,34 @@ class CountingQueue(queue.Queue):
         return super().get(block, timeout)
 
 
+def test_responses_decoded_once_read_as_vllms_own_detokenizer_writes_them(actor_engine, make_variant) -> None:
+    """The engine samples without vLLM's per-token detokenizer and decodes each finished response once, in one
+    call per step for all of them. The texts are those vLLM's own detokenizer writes for the same tokens (seeded
+    requests sampled both ways), special tokens (eos) left out, each with its own sample (16 prompts x 2 finishing
+    in shared steps: a text handed to the wrong sample shows), except for one documented difference: bytes at the
+    end that form no character, which vLLM's stream holds back and drops, are kept as U+FFFD."""
+    from vllm import SamplingParams
+
+    # Weights whose samples differ per prompt and end in eos or in broken bytes (the tiny model's own ignore it).
+    actor_engine.update_weights(make_variant(1) / "model.safetensors", actor_engine.version + 1)
+    prompts = [actor_engine.chat_token_ids(p.messages, DEFAULT_SYSTEM_PROMPT) for p in make_toy_task(16, seed=5)]
+    seeded = dict(n=2, temperature=1.0, max_tokens=24, seed=123)
+    mine = [s for g in actor_engine.generate(prompts, **seeded).samples for s in g]
+    params = SamplingParams(**seeded, logprobs=0, skip_special_tokens=True)  # detokenize=True: vLLM's default
+    theirs = [c for out in actor_engine._call(lambda: actor_engine.llm.generate(
+        [{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)) for c in out.outputs]
+    assert [s.token_ids for s in mine] == [list(c.token_ids) for c in theirs]  # same seeds, same tokens
+    assert len({s.text for s in mine}) == len(mine), "the samples should all differ"
+    broken_tails = 0
+    for s, c in zip(mine, theirs, strict=True):
+        assert s.text.startswith(c.text) and set(s.text[len(c.text):]) <= {"\ufffd"}, (s.text, c.text)
+        broken_tails += s.text != c.text
+    tok = actor_engine.tokenizer
+    eos = [s for s in mine if s.token_ids[-1] == tok.eos_token_id]
+    assert broken_tails and eos, "no sample ended in broken bytes or in eos: the checks of them prove nothing"
+    assert all(tok.eos_token not in s.text for s in eos)
+
+
 def test_post_thread_takes_the_groups_of_a_linger_with_one_wait_and_stops_when_the_engine_empties(
         redis_url, reward_service, actor_engine) -> None:
     """Groups finishing while the post thread lingers are taken together after one wait, not one wake-up each (each
