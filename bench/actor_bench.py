@@ -12,7 +12,7 @@ weight push vs raw loopback TCP, and the learner's step time with a push every s
      responses' texts decoded in one call at the end (inside the timed run: the same outputs as the service);
    - per_batch: today's old path, `LLM.generate` of K-sequence batches one after another (waits for the longest);
    - engine_detok: the engine with vLLM's default parameters, which detokenize every token as it is sampled (the
-     service sampled that way until 2026-12-06: ~10% of a toy engine's time);
+     service sampled that way until 2026-12-06: 10-20% of a toy engine's time);
    - service: the actor's sampling loop (K sequences in flight, refilled as they finish) draining the same
      prompts from a real prompt queue (own redis-server), grading through a real reward service, inserting into
      a real replay table; from loop start to the last insert (stamped by that insert: the bench waits on an
