@@ -186,13 +186,13 @@ def bench_tail(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         # ... and vLLM's defaults, which detokenize every token as it is sampled (the service's way before).
         detok_params = SamplingParams(n=n, temperature=args.temperature, max_tokens=args.tail_max_tokens, logprobs=0)
 
-        def bare(batch_prompts: int, params: SamplingParams = params) -> dict[str, float]:
+        def bare(batch_prompts: int, sampling: SamplingParams = params) -> dict[str, float]:
             t0 = time.perf_counter()
             outs = []
             for b in range(0, len(ids), batch_prompts):
                 chunk = ids[b:b + batch_prompts]
-                outs += engine._call(lambda chunk=chunk: engine.llm.generate(chunk, params, use_tqdm=False))
-            if not params.detokenize:  # the same outputs as the service: texts included
+                outs += engine._call(lambda chunk=chunk: engine.llm.generate(chunk, sampling, use_tqdm=False))
+            if not sampling.detokenize:  # the same outputs as the service: texts included
                 engine.tokenizer.batch_decode([c.token_ids for o in outs for c in o.outputs], skip_special_tokens=True)
             wall = time.perf_counter() - t0
             lengths = [len(c.token_ids) for o in outs for c in o.outputs]
@@ -236,18 +236,17 @@ def bench_tail(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
                      *(runs[x][-1]["tokens_per_s"] for x in ("engine", "service", "per_batch", "engine_detok")))
         med = {key: {m: statistics.median(x[m] for x in v) for m in v[0]} for key, v in runs.items()}
 
-        def vs_engine(side: str) -> list[float]:
-            return [x["tokens_per_s"] / e["tokens_per_s"] for e, x in zip(runs["engine"], runs[side], strict=True)]
+        def paired_ratios(side: str, base: str = "engine") -> list[float]:
+            return [x["tokens_per_s"] / b["tokens_per_s"] for b, x in zip(runs[base], runs[side], strict=True)]
 
-        paired = vs_engine("service")
+        paired = paired_ratios("service")
         return {"config": {"prompts": len(prompts), "n": n, "k": k, "max_tokens": args.tail_max_tokens,
                            "repeats": args.repeats, "temperature": args.temperature, "model": "warmed-up toy (tiny Qwen2)"},
                 "median": med, "runs": runs, "paired_service_vs_engine": paired,
                 "tail_throughput_vs_engine": statistics.median(paired),
-                "per_batch_vs_engine": statistics.median(vs_engine("per_batch")),
-                "detokenizing_engine_vs_engine": statistics.median(vs_engine("engine_detok")),
-                "tail_throughput_vs_detokenizing_engine": statistics.median(
-                    x["tokens_per_s"] / d["tokens_per_s"] for d, x in zip(runs["engine_detok"], runs["service"], strict=True)),
+                "per_batch_vs_engine": statistics.median(paired_ratios("per_batch")),
+                "detokenizing_engine_vs_engine": statistics.median(paired_ratios("engine_detok")),
+                "tail_throughput_vs_detokenizing_engine": statistics.median(paired_ratios("service", "engine_detok")),
                 "max_over_median_length": med["engine"]["len_max"] / max(1.0, med["engine"]["len_median"])}
     finally:
         engine.close()
