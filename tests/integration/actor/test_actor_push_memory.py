@@ -69,7 +69,6 @@ def test_failed_apply_rolls_back_to_the_weights_in_memory(server, actor_engine, 
     from safetensors.torch import load_file
 
     from actor_service.engine import WeightsApplyError
-    from actor_service.generation import abandon_partial_reload
 
     good, other = make_variant(52), make_variant(54)
     actor_engine.update_weights(good / "model.safetensors", actor_engine.version + 1)
@@ -91,7 +90,7 @@ def test_failed_apply_rolls_back_to_the_weights_in_memory(server, actor_engine, 
     #    reload state and reloads the weights it served, from memory (what apply_weights does on such a failure)
     with pytest.raises(AssertionError, match="Attempted to load weight"):
         actor_engine._call(lambda: actor_engine._reload(bad))
-    actor_engine._call(lambda: actor_engine.llm.collective_rpc(abandon_partial_reload))
+    actor_engine._call(lambda: actor_engine.llm.collective_rpc("tbrm_abandon_partial_reload"))
     actor_engine._call(lambda: actor_engine._reload(actor_engine._current))
     assert actor_engine.version == before and served() == expected
 
