@@ -80,7 +80,7 @@ class ActorSettings(RunTomlSettings):
     """vLLM's engine core (scheduler and model) in processes of its own (True) or in the actor's (False); None:
     its own where a GPU is visible (as vLLM runs it), the actor's on CPU. In its own processes the actor's threads
     (prompts, grading, inserts, pushes) never hold the interpreter lock the engine's steps need (in one process
-    they take it ~4 times per engine step; the engine's thread was off CPU 4.5-5% of a run). On CPU vLLM then
+    they take it ~4 times per engine step; the engine's thread was off CPU 4-5.6% of a run). On CPU vLLM then
     needs a third process, and its engine core polls that one on a core of its own: a 2-core `tbrm up` trained
     1,197 learner steps in 5 minutes (+37.0 points) against 2,302 (+43.0) in one process on the same machine, and
     `make bench-actor`'s tail ratio moved only from 0.88 to 0.90 (medians of 13 paired repeats each, 2026-12-06). Pushed tensors reach the
