@@ -83,9 +83,9 @@ class ActorSettings(RunTomlSettings):
     they take it ~4 times per engine step; the engine's thread was off CPU 4-5.6% of a run). On CPU vLLM then
     needs a third process, and its engine core polls that one on a core of its own: a 2-core `tbrm up` trained
     1,197 learner steps in 5 minutes (+37.0 points) against 2,302 (+43.0) in one process on the same machine, and
-    `make bench-actor`'s tail ratio moved only from 0.88 to 0.90 (medians of 13 paired repeats each, 2026-12-06). Pushed tensors reach the
-    engine-core process through one shared-memory segment (/dev/shm, the model's size; containers need
-    `shm_size` above it)."""
+    `make bench-actor`'s tail ratio moved only from 0.88 to 0.90 (medians of 13 paired repeats each, 2026-12-06).
+    Pushed tensors reach the engine-core process through one shared-memory segment (/dev/shm, the model's size;
+    containers need `shm_size` above it)."""
     initial_policy_version: int = Field(default=0, ge=0)
     """Version of the weights in `model_dir` (the learner's version 0 is the same base model)."""
 

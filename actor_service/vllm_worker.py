@@ -17,6 +17,8 @@ from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
+from actor_service.weights import view_of
+
 SHM_PREFIX = "tbrm-weights-"
 """Name prefix of the actor's shared weight segments (/dev/shm); a crashed actor's are removed at start."""
 SHM_DIR = Path("/dev/shm")
@@ -73,14 +75,7 @@ class TbrmWorker:
 
         mapped = self._tbrm_map(segment)
         for name, dtype, shape, offset in entries:
-            dt = getattr(torch, dtype)
-            count = 1
-            for d in shape:
-                count *= d
-            nbytes = count * dt.itemsize
-            flat = torch.frombuffer(mapped, dtype=torch.uint8, count=nbytes, offset=offset) if nbytes else (
-                torch.empty(0, dtype=torch.uint8))
-            yield name, flat.view(dt).reshape(shape)
+            yield name, view_of(mapped, getattr(torch, dtype), shape, offset)
 
     def _tbrm_map(self, segment: str) -> mmap.mmap:
         """The segment mapped in this process (once per segment: a new mapping costs a page fault per page)."""
@@ -114,26 +109,19 @@ class SharedWeights:
     def stage(self, tensors: Iterable[tuple[str, Any]]) -> list[Entry]:
         import torch
 
-        items = list(tensors)
-        offsets: dict[int, int] = {}  # a tensor yielded twice (a tied head) is copied once
+        placed: dict[int, tuple[int, Any]] = {}  # id -> (offset, tensor): a tensor yielded twice (a tied head) once
         entries: list[Entry] = []
         size = 0
-        for name, t in items:
-            key = id(t)
-            if key not in offsets:
-                offsets[key] = size
+        for name, t in tensors:
+            if id(t) not in placed:
+                placed[id(t)] = (size, t)
                 size += -(-t.numel() * t.element_size() // 64) * 64  # 64-byte aligned
-            entries.append((name, str(t.dtype).removeprefix("torch."), list(t.shape), offsets[key]))
+            entries.append((name, str(t.dtype).removeprefix("torch."), list(t.shape), placed[id(t)][0]))
         self._ensure(size)
-        done: set[int] = set()
-        for _name, t in items:
-            if id(t) in done or t.numel() == 0:
-                continue
-            done.add(id(t))
-            nbytes = t.numel() * t.element_size()
-            dst = torch.frombuffer(self._shm.buf, dtype=torch.uint8, count=nbytes, offset=offsets[id(t)])
-            dst.copy_(t.detach().reshape(-1).view(torch.uint8))
-            del dst
+        for offset, t in placed.values():
+            if t.numel():
+                view_of(self._shm.buf, torch.uint8, [t.numel() * t.element_size()], offset).copy_(
+                    t.detach().reshape(-1).view(torch.uint8))
         return entries
 
     def _ensure(self, size: int) -> None:

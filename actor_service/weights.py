@@ -88,12 +88,17 @@ def parse_weights(
     out: dict[str, Any] = {}
     for name, spec in specs.items():
         begin = header[name]["data_offsets"][0]
-        count = math.prod(spec.shape)
-        dtype = getattr(torch, TORCH_DTYPES[spec.dtype])
-        flat = torch.frombuffer(data, dtype=dtype, count=count, offset=base + begin) if count else torch.empty(
-            0, dtype=dtype)
-        out[name] = flat.reshape(spec.shape)
+        out[name] = view_of(data, getattr(torch, TORCH_DTYPES[spec.dtype]), spec.shape, base + begin)
     return out
+
+
+def view_of(data: Any, dtype: Any, shape: tuple[int, ...] | list[int], offset: int) -> Any:
+    """The tensor of `dtype` and `shape` whose bytes start at `offset` of the buffer `data`, without a copy."""
+    import torch
+
+    count = math.prod(shape)
+    flat = torch.frombuffer(data, dtype=dtype, count=count, offset=offset) if count else torch.empty(0, dtype=dtype)
+    return flat.reshape(shape)
 
 
 def alloc_buffer(nbytes: int, touch: bool = False) -> Buffer:

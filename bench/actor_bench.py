@@ -165,7 +165,7 @@ def stamp_when_inserted(metrics: Any, target: int) -> Stamp:
 def bench_tail(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     from vllm import SamplingParams
 
-    from actor_service.engine import ActorEngine, default_engine_process
+    from actor_service.engine import ActorEngine
     from actor_service.loop import ActorLoop
     from actor_service.settings import ActorSettings
     from buffer.client import PromptQueue, ReplayTable, TableConfig, connect
@@ -173,8 +173,6 @@ def bench_tail(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     from problems.toy import make_toy_task
 
     k, n = args.k, args.n
-    if args.engine_process is None:
-        args.engine_process = default_engine_process()
     if args.threads:
         os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
     engine = ActorEngine(ensure_toy_model(), max_model_len=args.tail_max_tokens + 128, kv_cache_bytes=256 * 2**20,
@@ -396,13 +394,13 @@ def push_files(args: argparse.Namespace, tmp: Path) -> tuple[Path, int, list[Pat
     return model, n_params, files
 
 
-def start_actor(model: Path, port: int, log_file: Any, engine_process: bool | None) -> subprocess.Popen[bytes]:
+def start_actor(model: Path, port: int, log_file: Any, engine_process: bool) -> subprocess.Popen[bytes]:
     """`python -m actor_service --no-run-loop` serving `model` on loopback (push bench, fan-out bench)."""
     env = dict(os.environ, TBRM_AUTH_TOKEN=TOKEN)
     return subprocess.Popen(
         [sys.executable, "-m", "actor_service", "--port", str(port), "--model-dir", str(model), "--no-run-loop",
          "--max-model-len", "256", "--kv-cache-bytes", str(64 * 2**20), "--log-level", "warning",
-         *([] if engine_process is None else ["--engine-process", str(engine_process).lower()])],
+         "--engine-process", str(engine_process).lower()],
         cwd=REPO, env=env, stdout=log_file, stderr=subprocess.STDOUT,
     )
 
@@ -593,6 +591,10 @@ def main() -> None:
     p.add_argument("--skip-push", action="store_true")
     p.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "actor.json")
     args = p.parse_args()
+    if args.engine_process is None:  # the actor's default here
+        from actor_service.engine import default_engine_process
+
+        args.engine_process = default_engine_process()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("vllm", "httpx", "actor_service"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
