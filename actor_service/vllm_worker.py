@@ -1,7 +1,7 @@
 """The actor's side of vLLM's worker: weight reloads and their rollback, by name (`collective_rpc("tbrm_...")`).
 
 vLLM mixes `TbrmWorker` into its worker (`worker_extension_cls`), so these methods run where the model lives: in
-the actor's process with the in-process engine core, or in vLLM's engine-core process (the actor's default, see
+the actor's process with the in-process engine core, or in vLLM's engine-core process (`engine_process`, see
 actor_service.engine). A method called by name crosses that process boundary as a small message; the tensors of a
 reload do not: the actor copies them into one shared-memory segment (`SharedWeights`, RAM under /dev/shm, reused
 by every push) and names each tensor by offset, dtype and shape; the worker maps the segment once and reads the
@@ -29,8 +29,8 @@ Entry = tuple[str, str, list[int], int]
 
 def die_with_parent() -> None:
     """A vLLM general plugin (the `vllm.general_plugins` entry point in pyproject.toml), which vLLM runs in each
-    of its processes. In the engine-core and worker processes the actor's engine starts (multiprocessing
-    children), it asks Linux to SIGKILL the process when the thread that started it ends: without it they outlive
+    of its processes. In the processes the actor's engine starts (multiprocessing children: the engine core,
+    and workers where vLLM starts any), it asks Linux to SIGKILL the process when the thread that started it ends: without it they outlive
     an actor killed with SIGKILL and keep using the cores. The actor's engine shuts them down from that thread
     when it closes (actor_service.engine). Elsewhere (the actor's own process, tests) it does nothing."""
     import ctypes

@@ -1,9 +1,9 @@
-"""The actor's default engine: vLLM's engine core in its own processes (`engine_process=True`).
+"""vLLM's engine core in a process of its own (`engine_process=True`, the actor's default on GPUs).
 
 Pushed tensors reach the engine-core process through one shared-memory segment (actor_service.vllm_worker); the
 served weights must be exactly what the in-process engine serves for the same push, a failed reload must leave the
 previous weights served, the segment must go with the engine, and vLLM's processes must not outlive an actor
-killed with SIGKILL.
+killed with SIGKILL; the model runs in the engine core's process (no worker process beside it).
 """
 
 from __future__ import annotations
@@ -141,9 +141,10 @@ def test_engine_processes_die_with_an_actor_killed_by_sigkill(tiny_model_dir: Pa
     try:
         assert proc.stdout is not None
         assert any(line.strip() == "READY" for line in proc.stdout), "the engine did not start"  # after vLLM's log
-        vllm = {c for c in _children(proc.pid)
-                if Path(f"/proc/{c}/comm").read_text().strip().startswith("VLLM::")}
-        assert len(vllm) >= 1  # the engine core (and on CPU its worker)
+        names = {c: Path(f"/proc/{c}/comm").read_text().strip() for c in _children(proc.pid)}
+        vllm = {c for c, name in names.items() if name.startswith("VLLM::")}
+        # One: the engine core runs the model itself (no worker process for it to poll, see ActorEngine._build).
+        assert [names[c] for c in vllm] == ["VLLM::EngineCor"], names
     finally:
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
