@@ -81,7 +81,7 @@ class ActorSettings(RunTomlSettings):
     its own where a GPU is visible (as vLLM runs it), the actor's on CPU. In its own process the actor's threads
     (prompts, grading, inserts, pushes) never hold the interpreter lock the engine's steps need (in one process
     they take it ~4 times per engine step; the engine's thread was off CPU 4-5.6% of a run): `make bench-actor`'s
-    tail ratio read 0.94 that way against 0.85 in one process (medians of 13 and 15 paired repeats, alternating,
+    tail ratio read 0.94 that way against 0.88 in one process (medians of 16 and 18 paired repeats, alternating,
     2026-12-06). On a 2-core CPU shared with the learner its messages cost more than that gains: `tbrm up`
     trained 2,519 / 2,383 learner steps in 5 minutes (+47.0 / +44.0 points) with its own process, 2,789 / 2,721
     (+45.5 / +45.0) in one (alternating, the same hour). Pushed tensors reach the engine-core process through one

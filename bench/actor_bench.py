@@ -20,8 +20,8 @@ weight push vs raw loopback TCP, and the learner's step time with a push every s
    `tail_throughput_vs_engine` = median of paired service / engine response tokens/s (goal >= 0.9).
    Both run the engine as the actor does by default (in the bench's process on CPU, where the service's threads
    take the interpreter lock from the engine's driver ~4 times per step); `--engine-process`: vLLM's engine core
-   (scheduler and model) in a process of its own, as on GPUs (2026-12-06, alternating: median 0.94 of 13 paired
-   repeats with its own process, 0.85 of 15 in one).
+   (scheduler and model) in a process of its own, as on GPUs (2026-12-06, alternating: median 0.94 of 16 paired
+   repeats with its own process, 0.88 of 18 in one).
    The engine runs as `tbrm up` runs an actor on CPU (`--threads 1`, `VLLM_CPU_OMP_THREADS_BIND=nobind`): with
    vLLM's default placement its second OpenMP thread spins on the other core (a full core busy, no faster on the
    toy: 7.3 vs 7.4 ms a step), which the engine alone can afford and the service, grading and inserting on the
