@@ -178,12 +178,12 @@ class ActorEngine:
         # Read by vLLM when the engine is built: the engine core in its own process, or in this one.
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if self.engine_process else "0"
         from vllm import LLM
+        from vllm.model_executor.layers import rotary_embedding
         from vllm.v1.executor.uniproc_executor import UniProcExecutor
 
         # The model runs in the engine core's process. Named as a class: vLLM's CPU platform turns the name "uni"
         # into its multiprocess executor, a third process that the engine core polls on the other core.
         kwargs = dict(kwargs, distributed_executor_backend=UniProcExecutor)
-        from vllm.model_executor.layers import rotary_embedding
 
         with _BUILD_LOCK:
             # vLLM caches rotary-embedding modules per process and hands the same one to every model built there;

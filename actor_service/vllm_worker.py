@@ -29,10 +29,11 @@ Entry = tuple[str, str, list[int], int]
 
 def die_with_parent() -> None:
     """A vLLM general plugin (the `vllm.general_plugins` entry point in pyproject.toml), which vLLM runs in each
-    of its processes. In the processes the actor's engine starts (multiprocessing children: the engine core,
-    and workers where vLLM starts any), it asks Linux to SIGKILL the process when the thread that started it ends: without it they outlive
-    an actor killed with SIGKILL and keep using the cores. The actor's engine shuts them down from that thread
-    when it closes (actor_service.engine). Elsewhere (the actor's own process, tests) it does nothing."""
+    of its processes. In the processes the actor's engine starts (multiprocessing children: the engine core, and
+    workers where vLLM starts any), it asks Linux to SIGKILL the process when the thread that started it ends:
+    without it they outlive an actor killed with SIGKILL and keep using the cores. The actor's engine shuts them
+    down from that thread when it closes (actor_service.engine). Elsewhere (the actor's own process, tests) it does
+    nothing."""
     import ctypes
     import multiprocessing
     import signal
