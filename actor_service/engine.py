@@ -454,8 +454,7 @@ class ActorEngine:
                 self._reload(tensors)
             except Exception as e:  # any loader failure: restore, then report
                 log.exception("reload_weights failed for version %d; restoring the previous weights", version)
-                self.llm.collective_rpc("tbrm_abandon_partial_reload")
-                self._reload(self._current)
+                self._restore()
                 raise WeightsApplyError(f"vLLM could not load the weights of version {version}: {e}") from e
             self._current = tensors
             self._version = version
@@ -508,6 +507,12 @@ class ActorEngine:
         # KV blocks cached under the old weights must not be reused for equal prefixes of new requests (with
         # in-flight updates prefix caching is off: blocks of running requests cannot be dropped).
         self.llm.reset_prefix_cache()
+
+    def _restore(self) -> None:
+        """After a reload failed halfway (earlier layers already hold new values): drop vLLM's partial reload state
+        and reload the weights served before, from memory."""
+        self.llm.collective_rpc("tbrm_abandon_partial_reload")
+        self._reload(self._current)
 
     def close(self) -> None:
         """Stop the driver (requests in flight fail with EngineClosed) and drop the engine."""

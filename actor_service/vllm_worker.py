@@ -44,21 +44,6 @@ def die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG (Linux only)
 
 
-def abandon_partial_reload(worker: Any) -> None:
-    """After `reload_weights` failed halfway: put every layer's kernel tensors back and forget the buffered
-    weights, so the next reload starts clean (vLLM keeps per-layer reload state between calls; without this the
-    failed tensors are replayed and layers stay on the meta device)."""
-    from vllm.model_executor.model_loader.reload import layerwise
-
-    for layer in worker.get_model().modules():
-        info = layerwise.get_layerwise_info(layer)
-        if info.can_load():
-            if info.kernel_tensors is not None:
-                layerwise._place_kernel_tensors(layer, info)
-            info.reset()
-    layerwise.LOADING_LAYERS.clear()
-
-
 class TbrmWorker:
     """Methods vLLM adds to its worker (`LLM(worker_extension_cls=...)`)."""
 
@@ -69,7 +54,18 @@ class TbrmWorker:
         self.reload_weights(weights_iterator=self._tbrm_tensors(segment, entries))  # type: ignore[attr-defined]
 
     def tbrm_abandon_partial_reload(self) -> None:
-        abandon_partial_reload(self)
+        """After `reload_weights` failed halfway: put every layer's kernel tensors back and forget the buffered
+        weights, so the next reload starts clean (vLLM keeps per-layer reload state between calls; without this
+        the failed tensors are replayed and layers stay on the meta device)."""
+        from vllm.model_executor.model_loader.reload import layerwise
+
+        for layer in self.get_model().modules():  # type: ignore[attr-defined]
+            info = layerwise.get_layerwise_info(layer)
+            if info.can_load():
+                if info.kernel_tensors is not None:
+                    layerwise._place_kernel_tensors(layer, info)
+                info.reset()
+        layerwise.LOADING_LAYERS.clear()
 
     def _tbrm_tensors(self, segment: str, entries: list[Entry]) -> Iterator[tuple[str, Any]]:
         import torch

@@ -20,7 +20,6 @@ from actor_helpers import REPO, free_port
 @pytest.fixture(scope="session")
 def actor_engine(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     """One in-process vLLM engine on the tiny random model, shared by every actor test module."""
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     from actor_service.engine import ActorEngine
 
     engine = ActorEngine(tiny_model_dir, max_model_len=256, kv_cache_bytes=32 * 2**20, seed=0,

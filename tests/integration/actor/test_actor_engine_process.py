@@ -67,8 +67,7 @@ def test_failed_reload_in_the_engine_process_serves_the_previous_weights(process
         try:
             process_engine._reload(bad)
         except Exception:  # noqa: BLE001  (the loader's error, raised again by vLLM's engine core)
-            process_engine.llm.collective_rpc("tbrm_abandon_partial_reload")
-            process_engine._reload(process_engine._current)
+            process_engine._restore()
             raise WeightsApplyError("restored") from None
 
     with pytest.raises(WeightsApplyError):

@@ -2,8 +2,8 @@
 
 A push applied while sequences run lands between two engine steps: those sequences finish on the new weights and
 record different versions at their first and last token (with the engine core in this process or in its own); new
-requests are served by the new weights exactly (greedy equals transformers with them). In between-batches mode the same push waits for the sequences in flight.
-The sampling loop keeps sequences in flight and inserts trajectories that carry both versions."""
+requests are served by the new weights exactly (greedy equals transformers with them). In between-batches mode the
+same push waits for the sequences in flight. The sampling loop keeps sequences in flight and inserts trajectories that carry both versions."""
 
 from __future__ import annotations
 

@@ -40,7 +40,7 @@ def test_actor_process_end_to_end_and_sigterm(redis_url, reward_service, tiny_mo
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     env = dict(os.environ, TBRM_AUTH_TOKEN=TOKEN, TBRM_REDIS_URL=redis_url, TBRM_REWARD_URL=reward_service,
-               VLLM_ENABLE_V1_MULTIPROCESSING="0", TBRM_ACTOR_ACTOR_ID="proc-actor")
+               TBRM_ACTOR_ACTOR_ID="proc-actor")
     log_path = tmp_path / "actor.log"
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(

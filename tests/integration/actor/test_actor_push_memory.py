@@ -90,8 +90,7 @@ def test_failed_apply_rolls_back_to_the_weights_in_memory(server, actor_engine, 
     #    reload state and reloads the weights it served, from memory (what apply_weights does on such a failure)
     with pytest.raises(AssertionError, match="Attempted to load weight"):
         actor_engine._call(lambda: actor_engine._reload(bad))
-    actor_engine._call(lambda: actor_engine.llm.collective_rpc("tbrm_abandon_partial_reload"))
-    actor_engine._call(lambda: actor_engine._reload(actor_engine._current))
+    actor_engine._call(actor_engine._restore)
     assert actor_engine.version == before and served() == expected
 
 

@@ -94,7 +94,7 @@ def cluster(tmp_path: Path, redis_url: str, smollm2_dir: Path) -> Iterator[dict]
     env = {
         **os.environ, "TBRM_RUN_CONFIG": str(run_toml), "TBRM_REDIS_URL": redis_url, "TBRM_AUTH_TOKEN": TOKEN,
         "TBRM_REWARD_URL": f"http://127.0.0.1:{reward_port}", "OMP_NUM_THREADS": "1",
-        "VLLM_CPU_OMP_THREADS_BIND": "nobind", "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+        "VLLM_CPU_OMP_THREADS_BIND": "nobind",
     }  # fmt: skip
     procs: list[Proc] = []
     try:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import struct
 from collections.abc import Iterator
 from pathlib import Path
@@ -43,7 +42,6 @@ REQUEST_LIMIT = 16 * 1024
 @pytest.fixture(scope="module")
 def engine(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     """One in-process vLLM engine on the tiny random model (built as tests/integration/actor builds it)."""
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     from actor_service.engine import ActorEngine
 
     eng = ActorEngine(tiny_model_dir, max_model_len=256, kv_cache_bytes=32 * 2**20, seed=0)

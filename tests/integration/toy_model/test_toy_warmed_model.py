@@ -7,7 +7,6 @@ later sessions fast. Run with `pytest -m slow tests/integration/toy_model`.
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 
@@ -43,7 +42,6 @@ def test_vllm_greedy_accuracy_matches_the_report(toy_model_dir: Path) -> None:
     from transformers import AutoTokenizer
     from vllm import LLM, SamplingParams
 
-    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     tok = AutoTokenizer.from_pretrained(toy_model_dir)
     _, test = toy_splits(n_test=WARMUP["n_test"], digits=WARMUP["digits"], ops=WARMUP["ops"], seed=WARMUP["seed"])
     prompts = [
